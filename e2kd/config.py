@@ -1,0 +1,193 @@
+"""One YAML file = one experiment, validated by pydantic.
+
+Plugins are named by string; their options are validated by the plugin's own
+``Options`` model when the config is loaded, so a typo fails before anything runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError, E2KDError
+from .registry import format_validation_error, validate_options
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginRef(StrictModel):
+    """A registered item by name, with its options. YAML may give just the name."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class ModelConfig(PluginRef):
+    """A registered model builder, optionally with a local checkpoint (state dict file)."""
+
+    checkpoint: Path | None = None
+
+
+class DataConfig(StrictModel):
+    """The built-in synthetic data (see :class:`e2kd.data.SyntheticShapes`)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    num_classes: int = Field(4, ge=2, le=6)
+    image_size: int = Field(32, ge=16)
+    train_per_class: int = Field(100, ge=1)
+    test_per_class: int = Field(100, ge=1)
+    bias: float = Field(0.0, ge=0.0, le=1.0, description="background/class correlation of train and in-distribution test")
+    seed: int = 0
+
+
+class DistillConfig(StrictModel):
+    temperature: float = Field(1.0, gt=0)
+    lam: float = Field(1.0, ge=0, description="weight of the explanation term (0 = plain KD)")
+    ce_weight: float = Field(0.0, ge=0, description="weight of the label cross-entropy (the paper uses 0)")
+    explainer: PluginRef = PluginRef(name="gradcam")
+    similarity: PluginRef = PluginRef(name="cosine")
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    augment: Literal["none", "flip", "flip_crop"] = "flip_crop"
+    device: str = "cpu"
+    progress: bool = True
+
+
+class EvalConfig(StrictModel):
+    metrics: list[PluginRef] = Field(
+        default_factory=lambda: [PluginRef(name=n) for n in ("accuracy", "agreement", "explanation_similarity")]
+    )
+    explainer: PluginRef | None = Field(None, description="explainer for explanation metrics (default: distill.explainer)")
+
+
+class ExperimentConfig(StrictModel):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig(name="small_resnet")
+    teacher: ModelConfig | None = None
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    out_dir: Path = Path("runs/experiment")
+
+    def plugin_refs(self) -> list[tuple[str, str, PluginRef]]:
+        """(field path, kind, ref) of every plugin the config names."""
+        refs = [("model", "model", self.model), ("distill.explainer", "explainer", self.distill.explainer),
+                ("distill.similarity", "similarity", self.distill.similarity)]
+        if self.teacher is not None:
+            refs.append(("teacher", "model", self.teacher))
+        if self.eval.explainer is not None:
+            refs.append(("eval.explainer", "explainer", self.eval.explainer))
+        refs += [(f"eval.metrics.{i}", "metric", ref) for i, ref in enumerate(self.eval.metrics)]
+        return refs
+
+
+def validate_plugins(config: ExperimentConfig, source: str = "config") -> None:
+    """Check every named plugin exists and its options validate; one-line ConfigError otherwise."""
+    for path, kind, ref in config.plugin_refs():
+        try:
+            validate_options(kind, ref.name, ref.options, source=source, path=f"{path}.options")
+        except E2KDError as exc:
+            text = str(exc)
+            raise ConfigError(text if text.startswith(f"{source}: ") else f"{source}: {path}.name: {text}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set distill.lam=0")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            child = node.get(key)
+            if child is None or isinstance(child, str):
+                # a bare plugin name becomes {name: ...} so its options can be set
+                child = {} if child is None else {"name": child}
+                node[key] = child
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {key!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_config_dict(data: dict[str, Any], *, source: str = "config", overrides: list[str] | None = None) -> ExperimentConfig:
+    """Validate a config given as a dict, then apply ``--set`` style overrides over the resolved values."""
+    config = _validate(data or {}, source)
+    if overrides:
+        resolved = config.model_dump(mode="json")
+        config = _validate(apply_overrides(resolved, overrides), f"{source} (with --set)")
+    validate_plugins(config, source)
+    return config
+
+
+def _validate(data: dict[str, Any], source: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source, known=_known_keys(exc))) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, validate and return the experiment config in the YAML file ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (seed, data, model, ...) at the top level")
+    return load_config_dict(data, source=str(path), overrides=overrides)
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    """The resolved config as YAML (what a run directory stores)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _known_keys(exc: ValidationError) -> list[str]:
+    """Field names valid where the first error occurred (for did-you-mean hints)."""
+    loc = exc.errors()[0]["loc"]
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)

@@ -1,0 +1,17 @@
+"""Exceptions raised by e2kd. Each carries a one-line message that names the fix."""
+
+
+class E2KDError(Exception):
+    """Base class of every error e2kd raises on bad input."""
+
+
+class ConfigError(E2KDError):
+    """A configuration file or override is missing, malformed or invalid."""
+
+
+class PluginError(E2KDError):
+    """A plugin is unknown, misdeclared, or registered twice."""
+
+
+class ModelError(E2KDError):
+    """A model cannot be used as asked (missing layer, bad checkpoint, ...)."""

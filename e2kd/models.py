@@ -1,0 +1,68 @@
+"""Model helpers: build from the registry, load checkpoints, find layers by name."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+
+def resolve_layer(model: nn.Module, name: str | None, *, who: str = "explainer") -> nn.Module:
+    """The submodule called ``name`` (``model.named_modules()`` naming); None = last feature stage."""
+    if name is None:
+        name = default_layer_name(model, who=who)
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    hint = difflib.get_close_matches(name, [n for n in modules if n], n=1)
+    did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ModelError(
+        f"{who}: model {type(model).__name__} has no layer {name!r}{did_you_mean} "
+        f"(set option 'layer' to a name from model.named_modules())"
+    )
+
+
+def default_layer_name(model: nn.Module, *, who: str = "explainer") -> str:
+    """Name of the last feature stage, from timm-style ``model.feature_info``."""
+    info = getattr(model, "feature_info", None)
+    entries = getattr(info, "info", info)  # timm FeatureInfo object or plain list of dicts
+    if isinstance(entries, (list, tuple)) and entries and isinstance(entries[-1], dict) and "module" in entries[-1]:
+        return str(entries[-1]["module"])
+    raise ModelError(
+        f"{who}: model {type(model).__name__} declares no feature stages (feature_info); "
+        f"set option 'layer' to a module name"
+    )
+
+
+def build_model(name: str, options: dict[str, Any] | None, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:
+    """Build a registered model; load ``checkpoint`` (a state dict file) if given."""
+    from .registry import create
+
+    model = create("model", name, options).build(num_classes)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict saved by e2kd (or a plain ``torch.save(state_dict)``) into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path}: file not found (train it first or fix the path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}); is it a torch state dict?") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:2])
+        raise ModelError(f"checkpoint {path}: does not fit {type(model).__name__} ({detail[:300]})") from None

@@ -1,0 +1,255 @@
+"""Plugin discovery and the typed facade over it.
+
+Plugins are found through the entry-point group ``e2kd`` (built-ins included), loaded
+lazily and once. ``E2KD_PLUGINS`` restricts which entry points load: unset loads all,
+a comma-separated list loads those names, an empty value loads none.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as metadata
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from . import hookspecs
+from .api import Explainer, Metric, ModelBuilder, PluginItem, Similarity
+from .errors import PluginError
+
+ENTRY_POINT_GROUP = "e2kd"
+ENV_VAR = "E2KD_PLUGINS"
+
+#: kind -> (hook name, base class every registered class must subclass)
+KINDS: dict[str, tuple[str, type[PluginItem]]] = {
+    "explainer": ("register_explainers", Explainer),
+    "similarity": ("register_similarities", Similarity),
+    "metric": ("register_metrics", Metric),
+    "model": ("register_models", ModelBuilder),
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered item, as ``e2kd plugins`` lists it."""
+
+    kind: str
+    name: str
+    description: str
+    distribution: str
+    plugin: str
+    options: dict[str, Any] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    cls: type[PluginItem] | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "description": self.description,
+            "distribution": self.distribution,
+            "plugin": self.plugin,
+            "options": self.options,
+            "capabilities": self.capabilities,
+        }
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self._entry_points_loaded = False
+        self._distributions: dict[str, str] = {}  # plugin name -> distribution name
+        self._items: dict[str, dict[str, PluginInfo]] | None = None
+
+    # -- discovery -----------------------------------------------------------------
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        allowed = os.environ.get(ENV_VAR)
+        wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+        seen: set[str] = set()
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in seen or (wanted is not None and ep.name not in wanted):
+                continue
+            seen.add(ep.name)
+            if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not hide the rest
+                warnings.warn(f"e2kd: could not load plugin entry point {ep.name!r} ({ep.value}): {exc}")
+                continue
+            self.pm.register(plugin, name=ep.name)
+            dist = getattr(ep, "dist", None)
+            self._distributions[ep.name] = dist.metadata["Name"] if dist is not None else "?"
+        if wanted:
+            missing = sorted(wanted - seen)
+            if missing:
+                warnings.warn(f"e2kd: {ENV_VAR} names entry points that are not installed: {', '.join(missing)}")
+        self.pm.check_pending()
+
+    def _collect(self) -> dict[str, dict[str, PluginInfo]]:
+        if self._items is not None:
+            return self._items
+        self._load_entry_points()
+        items: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
+        for kind, (hook_name, base) in KINDS.items():
+            # Call each implementation separately to know which plugin registered what.
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                dist = self._distributions.get(impl.plugin_name, "(registered at run time)")
+
+                def register(cls: type, *, _impl=impl, _dist=dist, _kind=kind, _base=base) -> None:
+                    info = _describe(cls, _kind, _base, _impl.plugin_name, _dist)
+                    previous = items[_kind].get(info.name)
+                    if previous is not None:
+                        raise PluginError(
+                            f"{_kind} {info.name!r} is registered twice: by plugin {previous.plugin!r} "
+                            f"({previous.distribution}) and by {info.plugin!r} ({info.distribution}); "
+                            f"rename one or restrict loading with {ENV_VAR}"
+                        )
+                    items[_kind][info.name] = info
+
+                impl.function(register=register)
+        self._items = items
+        return items
+
+    # -- run-time registration (tests, notebooks) -------------------------------------
+    def register_plugin(self, plugin: object, name: str | None = None) -> str:
+        self._load_entry_points()
+        registered = self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+        self._items = None
+        return registered
+
+    def unregister_plugin(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self._items = None
+
+    def reset(self) -> None:
+        """Forget everything; the next use rediscovers entry points (honours a new E2KD_PLUGINS)."""
+        self.__init__()
+
+    # -- lookup --------------------------------------------------------------------
+    def info(self, kind: str, name: str) -> PluginInfo:
+        items = self._collect()[kind]
+        if name in items:
+            return items[name]
+        known = sorted(items)
+        hint = difflib.get_close_matches(name, known, n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        known_text = ", ".join(known) if known else f"none (check {ENV_VAR} and installed plugins)"
+        raise PluginError(f"unknown {kind} {name!r}{did_you_mean} (known: {known_text})")
+
+    def all(self) -> list[PluginInfo]:
+        return [info for kind in KINDS for info in sorted(self._collect()[kind].values(), key=lambda i: i.name)]
+
+
+def _describe(cls: type, kind: str, base: type[PluginItem], plugin: str, dist: str) -> PluginInfo:
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it does not subclass {base.__name__}")
+    if not cls.name or not cls.description:
+        raise PluginError(f"plugin {plugin!r}: {cls.__name__} must set class attributes 'name' and 'description'")
+    options_model = cls.Options
+    if not (isinstance(options_model, type) and issubclass(options_model, BaseModel)):
+        raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Options must be a pydantic model")
+    if options_model.model_config.get("extra") != "forbid":
+        raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Options must set model_config extra='forbid'")
+    options = {
+        key: {"type": _type_name(f.annotation), "default": None if f.is_required() else f.get_default(), "help": f.description or ""}
+        for key, f in options_model.model_fields.items()
+    }
+    return PluginInfo(kind, cls.name, cls.description, dist, plugin, options, cls.capabilities(), cls)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def format_validation_error(exc: ValidationError, *, source: str, path: str = "", known: Iterable[str] = ()) -> str:
+    """One line from a pydantic error: ``source: field.path: problem``, with a did-you-mean hint."""
+    errors = exc.errors()
+    first = errors[0]
+    field_path = ".".join([path] * bool(path) + [str(p) for p in first["loc"]])
+    if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        hint = difflib.get_close_matches(key, list(known), n=1)
+        extra = f"; did you mean {hint[0]!r}?" if hint else ""
+        text = f"{source}: {field_path}: unknown key{extra} (known: {', '.join(sorted(known)) or 'none'})"
+    else:
+        text = f"{source}: {field_path}: {first['msg']} (got {first.get('input')!r})"
+    if len(errors) > 1:
+        text += f" [+{len(errors) - 1} more problem(s)]"
+    return text
+
+
+_REGISTRY = _Registry()
+
+
+def registry() -> _Registry:
+    """The process-wide registry (for tests: ``registry().reset()``)."""
+    return _REGISTRY
+
+
+def validate_options(
+    kind: str, name: str, options: dict[str, Any] | None, *, source: str | None = None, path: str = "options"
+) -> BaseModel:
+    """Validate ``options`` with the item's own Options model; one-line PluginError on failure."""
+    info = _REGISTRY.info(kind, name)
+    assert info.cls is not None
+    try:
+        return info.cls.Options(**(options or {}))
+    except ValidationError as exc:
+        source = source or f"{kind} {name!r}"
+        raise PluginError(format_validation_error(exc, source=source, path=path, known=info.cls.Options.model_fields)) from None
+
+
+def create(kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> Any:
+    """Instantiate a registered item with validated options."""
+    info = _REGISTRY.info(kind, name)
+    assert info.cls is not None
+    if not isinstance(options, BaseModel):
+        options = validate_options(kind, name, options)
+    return info.cls(options)
+
+
+def get_explainer(name: str, **options: Any) -> Explainer:
+    """The explainer registered as ``name``, configured with ``options``."""
+    return create("explainer", name, options)
+
+
+def get_similarity(name: str, **options: Any) -> Similarity:
+    """The similarity registered as ``name``, configured with ``options``."""
+    return create("similarity", name, options)
+
+
+def get_metric(name: str, **options: Any) -> Metric:
+    """The metric registered as ``name``, configured with ``options``."""
+    return create("metric", name, options)
+
+
+def get_model_builder(name: str, **options: Any) -> ModelBuilder:
+    """The model builder registered as ``name``, configured with ``options``."""
+    return create("model", name, options)
+
+
+def list_plugins(kind: str | None = None) -> list[PluginInfo]:
+    """Every registered item (of one ``kind`` if given), with its source distribution."""
+    if kind is not None and kind not in KINDS:
+        raise PluginError(f"unknown plugin kind {kind!r} (known: {', '.join(KINDS)})")
+    return [i for i in _REGISTRY.all() if kind is None or i.kind == kind]
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object at run time (notebooks, tests); returns its name."""
+    return _REGISTRY.register_plugin(plugin, name)
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    _REGISTRY.unregister_plugin(name)

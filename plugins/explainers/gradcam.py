@@ -1,0 +1,88 @@
+"""Grad-CAM (Selvaraju et al., 2017), taken from the training forward.
+
+CAM = ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of d z_c / d A_k, bilinearly
+upsampled to the input size (the paper upsamples before the cosine, no normalisation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from e2kd import hookimpl
+from e2kd.api import Capture, Explainer
+from e2kd.errors import ModelError
+from e2kd.models import resolve_layer
+
+
+class GradCAMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: str | None = Field(None, description="module name of the feature map; default: the last feature stage")
+    relu: bool = Field(True, description="apply ReLU to the map (the paper's positive Grad-CAM)")
+    upsample: bool = Field(True, description="bilinearly upsample the map to the input size")
+
+
+class _GradCAMCapture(Capture):
+    def __init__(self, inputs: torch.Tensor, options: GradCAMOptions, layer_name: str, trainable: bool) -> None:
+        super().__init__(inputs)
+        self.options = options
+        self.layer_name = layer_name
+        self.trainable = trainable
+        self.activations: torch.Tensor | None = None
+
+    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+        acts = self.activations
+        if acts is None:
+            raise RuntimeError(f"gradcam: layer {self.layer_name!r} was not run; call the model inside capture()")
+        score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
+        (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph, retain_graph=create_graph or self.trainable)
+        weights = grads.mean(dim=(2, 3), keepdim=True)
+        cam = (weights * acts).sum(dim=1, keepdim=True)
+        if self.options.relu:
+            cam = F.relu(cam)
+        if self.options.upsample:
+            cam = F.interpolate(cam, size=self.inputs.shape[-2:], mode="bilinear", align_corners=False)
+        return cam
+
+
+class GradCAM(Explainer):
+    name = "gradcam"
+    description = "Grad-CAM of a feature layer (default: last stage), from the training forward"
+    Options = GradCAMOptions
+    needs_layer = True
+    output_channels = 1
+
+    def check_model(self, model: nn.Module) -> None:
+        resolve_layer(model, self.options.layer, who="gradcam")
+
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
+        layer = resolve_layer(model, self.options.layer, who="gradcam")
+        name = self.options.layer or next(n for n, m in model.named_modules() if m is layer)
+        cap = _GradCAMCapture(inputs, self.options, name, trainable)
+
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+            if not torch.is_tensor(output) or output.dim() != 4:
+                shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
+                raise ModelError(f"gradcam: layer {name!r} outputs {shape}, expected a (B, C, h, w) feature map")
+            if not trainable:
+                # Frozen model: the map only needs the graph from this layer to the logits.
+                output = output.detach().requires_grad_(True)
+            cap.activations = output
+            return output
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            yield cap
+        finally:
+            handle.remove()
+
+
+@hookimpl
+def register_explainers(register) -> None:
+    register(GradCAM)

@@ -1,0 +1,48 @@
+"""Any timm architecture, always with random initialisation (nothing is downloaded).
+
+Load trained weights with the config's ``checkpoint`` field instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from e2kd import hookimpl
+from e2kd.api import ModelBuilder
+
+
+class TimmOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    arch: str = Field("resnet18", description="timm model name, e.g. resnet18")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of timm.create_model")
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_downloads(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("pretrained") or "pretrained_cfg_overlay" in value:
+            raise ValueError("pretrained weights are never downloaded; give a local file in 'checkpoint' instead")
+        return value
+
+
+class TimmBuilder(ModelBuilder):
+    name = "timm"
+    description = "a timm architecture by name (option arch), randomly initialised"
+    Options = TimmOptions
+
+    def build(self, num_classes: int) -> nn.Module:
+        import timm
+
+        kwargs = {k: v for k, v in self.options.kwargs.items() if k != "pretrained"}
+        if not timm.is_model(self.options.arch):
+            from e2kd.errors import ModelError
+
+            raise ModelError(f"timm: unknown arch {self.options.arch!r} (see timm.list_models())")
+        return timm.create_model(self.options.arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+@hookimpl
+def register_models(register) -> None:
+    register(TimmBuilder)

@@ -1,0 +1,46 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from e2kd.registry import registry  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def fresh_registry():
+    """A registry rebuilt from scratch before and after the test (for env-var and ad-hoc plugins)."""
+    registry().reset()
+    yield registry()
+    registry().reset()
+
+
+class TinyCNN(nn.Module):
+    """conv -> relu -> conv ('feat') -> relu -> GAP -> fc, small enough for finite differences."""
+
+    def __init__(self, num_classes: int = 3, width: int = 4, bn: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width) if bn else nn.Identity(), nn.ReLU())
+        self.feat = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(width, num_classes)
+        self.feature_info = [{"num_chs": width, "reduction": 2, "module": "feat"}]
+
+    def forward(self, x):
+        return self.fc(self.feat(self.stem(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny_pair():
+    torch.manual_seed(1)
+    teacher = TinyCNN(width=6).double()
+    student = TinyCNN(width=4).double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    return teacher, student, x

@@ -1,0 +1,20 @@
+"""Smoke tests: the benchmarks run end to end on tiny settings (timings are not checked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_distill_step_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_distill_step.py"), "--teacher-arch", "resnet18",
+         "--image-size", "64", "--batch-size", "2", "--num-classes", "5", "--repeats", "2", "--warmup", "0",
+         "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert result["ratio_e2kd_over_kd"] > 0 and len(result["per_repeat_ratios"]) == 2

@@ -1,0 +1,138 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from e2kd.cli import main
+
+TINY = {
+    "seed": 0,
+    "data": {"num_classes": 3, "image_size": 16, "train_per_class": 6, "test_per_class": 4, "bias": 0.9},
+    "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
+    "train": {"epochs": 2, "batch_size": 8, "progress": False},
+}
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_plugins_json_lists_kind_name_distribution_description():
+    out = subprocess.run([sys.executable, "-m", "e2kd", "plugins", "--json"], capture_output=True, text=True, check=True)
+    items = json.loads(out.stdout)
+    assert {"kind", "name", "distribution", "description"} <= set(items[0])
+    assert ("explainer", "gradcam") in {(i["kind"], i["name"]) for i in items}
+
+
+def test_train_distill_evaluate_round_trip(tmp_path, capsys):
+    teacher_cfg = _write(tmp_path / "teacher.yaml", {**TINY, "out_dir": str(tmp_path / "teacher")})
+    assert main(["train-teacher", str(teacher_cfg)]) == 0
+    teacher_dir = tmp_path / "teacher"
+    for name in ("config.yaml", "env.json", "metrics.json", "model.pt", "checkpoint.pt"):
+        assert (teacher_dir / name).is_file(), name
+    env = json.loads((teacher_dir / "env.json").read_text())
+    assert env["seed"] == 0 and env["packages"]["torch"]
+
+    student_cfg = _write(tmp_path / "student.yaml", {
+        **TINY, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+        "teacher": {**TINY["model"], "checkpoint": str(teacher_dir / "model.pt")},
+        "distill": {"lam": 1.0}, "out_dir": str(tmp_path / "unused"),
+    })
+    assert main(["distill", str(student_cfg), "--set", "distill.temperature=2", "--out", str(tmp_path / "student")]) == 0
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"test_id", "test_ood"}
+    assert set(metrics["splits"]["test_ood"]) == {"accuracy", "agreement", "explanation_similarity"}
+    assert len(metrics["history"]) == 2 and metrics["history"][0]["explanation"] > 0
+    saved = yaml.safe_load((tmp_path / "student" / "config.yaml").read_text())
+    assert saved["distill"]["temperature"] == 2.0
+
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "student")]) == 0
+    printed = capsys.readouterr().out
+    assert "test_ood: accuracy" in printed
+    again = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert again["splits"] == metrics["splits"]  # deterministic re-evaluation
+
+
+def test_teacher_alone_skips_teacher_metrics(tmp_path):
+    cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")})
+    assert main(["train-teacher", str(cfg)]) == 0
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert set(metrics["splits"]["test_id"]) == {"accuracy"}
+    assert metrics["skipped"] == {"agreement": "needs teacher", "explanation_similarity": "needs explanations"}
+
+
+def test_interrupted_training_resumes(tmp_path, monkeypatch):
+    from e2kd import train as train_mod
+
+    cfg = {**TINY, "train": {**TINY["train"], "epochs": 3}, "out_dir": str(tmp_path / "a")}
+    assert main(["train-teacher", str(_write(tmp_path / "a.yaml", cfg))]) == 0
+    straight = json.loads((tmp_path / "a" / "metrics.json").read_text())
+
+    calls = {"n": 0}
+    real_save = train_mod.atomic_torch_save
+
+    def crash_after_two_epochs(obj, path):
+        real_save(obj, path)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    cfg_b = {**cfg, "out_dir": str(tmp_path / "b")}
+    path_b = _write(tmp_path / "b.yaml", cfg_b)
+    monkeypatch.setattr(train_mod, "atomic_torch_save", crash_after_two_epochs)
+    assert main(["train-teacher", str(path_b)]) == 130
+    assert not (tmp_path / "b" / "model.pt").exists()
+    monkeypatch.setattr(train_mod, "atomic_torch_save", real_save)
+    assert main(["train-teacher", str(path_b)]) == 0
+    resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["history"][2]["loss"] == pytest.approx(straight["history"][2]["loss"], rel=1e-5)
+    assert resumed["splits"] == pytest.approx(straight["splits"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["distill", "missing.yaml"], "missing.yaml: config file not found"),
+        (["train-teacher", "{bad}"], None),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, args, message):
+    if message is None:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("train: {epochs: [\n")
+        args, message = ["train-teacher", str(bad)], "malformed YAML"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("e2kd: error:") and message in err and "\n" not in err
+
+
+def test_distill_without_trained_teacher_is_refused(tmp_path, capsys):
+    cfg = _write(tmp_path / "s.yaml", {**TINY, "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "none.pt")},
+                                       "out_dir": str(tmp_path / "s")})
+    assert main(["distill", str(cfg)]) == 2
+    assert "none.pt: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_run_dir_with_other_config_is_refused(tmp_path, capsys):
+    cfg = {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "r")}
+    assert main(["train-teacher", str(_write(tmp_path / "r.yaml", cfg))]) == 0
+    assert main(["train-teacher", str(_write(tmp_path / "r.yaml", cfg)), "--set", "seed=5"]) == 2
+    assert "holds a different config.yaml" in capsys.readouterr().err
+
+
+def test_demo_quick_smoke(tmp_path):
+    from e2kd.demo import run_demo
+
+    lines = []
+    results = run_demo(tmp_path / "demo", seeds=[0], quick=True, log=lines.append)
+    assert (tmp_path / "demo" / "results.json").is_file()
+    assert (tmp_path / "demo" / "explanations.png").stat().st_size > 10_000
+    assert set(results["runs"]) == {"teacher", "KD", "e2KD"}
+    assert "| e2KD |" in results["table_percent"]
+    assert any("e2KD - KD" in line for line in lines)

@@ -1,0 +1,95 @@
+import pytest
+import timm
+import torch
+from captum.attr import LayerAttribution, LayerGradCam
+
+import e2kd
+from e2kd.errors import ModelError
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+
+
+def _captum_map(model, x, target, size):
+    ref = LayerGradCam(model, model.layer4).attribute(
+        x, target=target, relu_attributions=True, grad_kwargs={"create_graph": True}
+    )
+    return LayerAttribution.interpolate(ref, size, "bilinear")
+
+
+def test_matches_captum_layergradcam_on_timm_resnet(resnet):
+    x = torch.randn(3, 3, 96, 96)
+    target = torch.tensor([0, 3, 1])
+    ours = e2kd.get_explainer("gradcam").explain(resnet, x, target)
+    ref = _captum_map(resnet, x, target, (96, 96)).detach()
+    assert ours.shape == (3, 1, 96, 96)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_trainable_map_and_its_gradient_match_captum(resnet):
+    """The student path (create_graph=True) gives captum's map and captum's second-order gradient."""
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.tensor([2, 4])
+    explainer = e2kd.get_explainer("gradcam", layer="layer4")
+    with explainer.capture(resnet, x, trainable=True) as cap:
+        logits = resnet(cap.inputs)
+    ours = cap.explain(logits, target, create_graph=True)
+    ref = _captum_map(resnet, x, target, (64, 64))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+    # timm zero-initialises the last BN of each block, so pick parameters with non-zero gradients
+    params = [resnet.fc.weight, resnet.layer4[1].bn2.weight, resnet.layer4[0].downsample[0].weight]
+    g_ours = torch.autograd.grad((ours**2).sum(), params)
+    g_ref = torch.autograd.grad((ref**2).sum(), params)
+    for a, b in zip(g_ours, g_ref):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_default_layer_is_last_feature_stage(resnet):
+    x = torch.randn(1, 3, 64, 64)
+    default = e2kd.get_explainer("gradcam").explain(resnet, x, 1)
+    explicit = e2kd.get_explainer("gradcam", layer="layer4").explain(resnet, x, 1)
+    assert torch.equal(default, explicit)
+
+
+def test_signed_and_low_resolution_options(resnet):
+    x = torch.randn(2, 3, 64, 64)
+    signed = e2kd.get_explainer("gradcam", relu=False, upsample=False).explain(resnet, x, 0)
+    positive = e2kd.get_explainer("gradcam", upsample=False).explain(resnet, x, 0)
+    assert signed.shape == (2, 1, 2, 2)
+    torch.testing.assert_close(positive, signed.clamp(min=0))
+
+
+def test_hooks_are_released_even_on_error(resnet):
+    explainer = e2kd.get_explainer("gradcam")
+    x = torch.randn(1, 3, 32, 32)
+    with explainer.capture(resnet, x) as cap:
+        resnet(cap.inputs)
+    assert not resnet.layer4._forward_hooks
+    with pytest.raises(RuntimeError, match="boom"):
+        with explainer.capture(resnet, x):
+            raise RuntimeError("boom")
+    assert not resnet.layer4._forward_hooks
+
+
+def test_missing_layer_is_a_one_line_error(resnet):
+    explainer = e2kd.get_explainer("gradcam", layer="layer5")
+    with pytest.raises(ModelError, match=r"no layer 'layer5'; did you mean 'layer\d'") as info:
+        explainer.check_model(resnet)
+    assert "\n" not in str(info.value)
+
+
+def test_model_without_feature_info_needs_a_layer():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with pytest.raises(ModelError, match="set option 'layer'"):
+        e2kd.get_explainer("gradcam").check_model(model)
+
+
+def test_non_feature_map_layer_is_refused():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    with pytest.raises(ModelError, match="expected a \\(B, C, h, w\\) feature map"):
+        e2kd.get_explainer("gradcam", layer="1").explain(model, torch.randn(1, 3, 2, 2), 0)
