@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import ModelError
 from .runs import atomic_torch_save
 
 StepFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -49,8 +50,13 @@ def fit(
     """
     start, history = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+        except Exception as exc:
+            raise ModelError(
+                f"{checkpoint}: cannot resume from this checkpoint ({type(exc).__name__}); delete it to start over"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])

@@ -83,3 +83,9 @@ def test_plugin_is_usable_from_a_config(site):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["finite"] and out["grad_norm"] > 0
     assert abs(out["explanation"] - out["expected"]) < 1e-5 and out["explanation"] > 1.0
+
+
+def test_plugin_own_test_suite_passes(site):
+    result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")], site)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
