@@ -56,6 +56,12 @@ class DistillConfig(StrictModel):
     ce_weight: float = Field(0.0, ge=0, description="weight of the label cross-entropy (the paper uses 0)")
     explainer: PluginRef = PluginRef(name="gradcam")
     similarity: PluginRef = PluginRef(name="cosine")
+    teacher_mode: Literal["live", "frozen"] = Field(
+        "live", description="frozen: replay teacher logits and maps precomputed once per training image")
+    cache_dir: Path | None = Field(
+        None, description="frozen-teacher cache (default: next to the teacher checkpoint, named by fingerprint)")
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    shard_size: int = Field(512, ge=1, description="samples per cache shard")
 
 
 class TrainConfig(StrictModel):
@@ -65,7 +71,8 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     schedule: Literal["cosine", "constant"] = "cosine"
-    augment: Literal["none", "flip", "flip_crop"] = "flip_crop"
+    augment: Literal["none", "flip", "flip_crop", "resized_crop_flip"] = "flip_crop"
+    color_jitter: float = Field(0.0, ge=0, description="photometric jitter strength (image only, never the teacher map)")
     device: str = "cpu"
     progress: bool = True
 

@@ -29,12 +29,13 @@ class Distiller:
     """Computes ``{"loss", "kd", "explanation", "ce", ...}`` for a batch; knows no training loop.
 
     The teacher is frozen and kept in eval mode; the student is run exactly once per call.
-    ``lam == 0`` is plain KD and does no explanation work at all.
+    ``lam == 0`` is plain KD and does no explanation work at all. ``teacher=None`` makes a
+    distiller for a frozen teacher whose outputs every call passes in.
     """
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         student: nn.Module,
         *,
         explainer: Explainer | None = None,
@@ -47,7 +48,7 @@ class Distiller:
             raise ValueError(f"temperature must be > 0 (got {temperature})")
         if lam < 0 or ce_weight < 0:
             raise ValueError(f"lam and ce_weight must be >= 0 (got lam={lam}, ce_weight={ce_weight})")
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.student = student
         self.temperature = float(temperature)
         self.lam = float(lam)
@@ -56,32 +57,42 @@ class Distiller:
         self.similarity = similarity
         if self.lam > 0:
             check_trainable(explainer, similarity)
-            explainer.check_model(teacher)
-            explainer.check_model(student)
+            for model in (teacher, student):
+                if model is not None:
+                    explainer.check_model(model)
 
     @property
     def explains(self) -> bool:
         return self.lam > 0
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        self.teacher.eval()
-        if self.explains:
-            s_ctx = self.explainer.capture(self.student, images, trainable=True)
-            t_ctx = self.explainer.capture(self.teacher, images, trainable=False)
-        else:
-            s_ctx = t_ctx = contextlib.nullcontext()
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        teacher_logits: torch.Tensor | None = None,
+        teacher_maps: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for one batch.
+
+        With ``teacher_logits`` (and, when explaining, ``teacher_maps``) given — a frozen
+        teacher replayed from a cache — the teacher is not run at all.
+        """
+        frozen = teacher_logits is not None
+        if frozen and self.explains and teacher_maps is None:
+            raise ValueError("a frozen teacher needs teacher_maps when lam > 0")
+        if not frozen and self.teacher is None:
+            raise ValueError("this distiller has no teacher model: pass teacher_logits (and teacher_maps)")
+        s_ctx = self.explainer.capture(self.student, images, trainable=True) if self.explains else contextlib.nullcontext()
         with s_ctx as s_cap:
             student_logits = self.student(s_cap.inputs if s_cap is not None else images)
-        grad_mode = torch.enable_grad() if self.explains else torch.no_grad()
-        with grad_mode, t_ctx as t_cap:
-            teacher_logits = self.teacher(t_cap.inputs if t_cap is not None else images)
+        if not frozen:
+            teacher_logits, teacher_maps = teacher_outputs(self.teacher, images, self.explainer if self.explains else None)
         out = self.losses(student_logits, teacher_logits.detach(), labels)
         if self.explains:
             target = teacher_logits.argmax(dim=1)
-            with torch.enable_grad():
-                teacher_maps = t_cap.explain(teacher_logits, target, create_graph=False).detach()
             student_maps = s_cap.explain(student_logits, target, create_graph=True)
-            explanation = self.similarity.loss(student_maps, teacher_maps).mean()
+            explanation = self.similarity.loss(student_maps, teacher_maps.detach()).mean()
             out["explanation"] = explanation
             out["loss"] = out["loss"] + self.lam * explanation
         return out
@@ -105,6 +116,21 @@ class Distiller:
             "student_logits": student_logits.detach(),
             "teacher_logits": teacher_logits,
         }
+
+
+def teacher_outputs(
+    teacher: nn.Module, images: torch.Tensor, explainer: Explainer | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen teacher's logits and (with an explainer) its detached map for its top-1 class."""
+    teacher.eval()
+    if explainer is None:
+        with torch.no_grad():
+            return teacher(images), None
+    with torch.enable_grad():
+        with explainer.capture(teacher, images, trainable=False) as cap:
+            logits = teacher(cap.inputs)
+        maps = cap.explain(logits, logits.argmax(dim=1), create_graph=False)
+    return logits.detach(), maps.detach()
 
 
 def check_trainable(explainer: Explainer | None, similarity: Similarity | None) -> None:

@@ -15,3 +15,11 @@ class PluginError(E2KDError):
 
 class ModelError(E2KDError):
     """A model cannot be used as asked (missing layer, bad checkpoint, ...)."""
+
+
+class CacheError(E2KDError):
+    """A frozen-teacher cache is missing, stale (made for another setting) or corrupt."""
+
+
+class StaleCacheError(CacheError):
+    """A frozen-teacher cache was made for another teacher, explainer, dataset or preprocessing."""

@@ -15,7 +15,8 @@ from .config import ExperimentConfig, dump_config, load_config
 from .data import SyntheticShapes
 from .data.augment import make_augment
 from .distill import Distiller
-from .errors import ConfigError
+from .errors import CacheError, ConfigError, StaleCacheError
+from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint_hash, make_fingerprint
 from .evaluate import evaluate
 from .models import build_model
 from .registry import create
@@ -29,7 +30,7 @@ def make_datasets(config: ExperimentConfig, *, augment: bool = True) -> dict[str
     """train (augmented), test_id (same background bias) and test_ood (mismatched backgrounds)."""
     d = config.data
     common = dict(num_classes=d.num_classes, image_size=d.image_size, seed=d.seed)
-    transform = make_augment(config.train.augment, d.image_size) if augment else None
+    transform = make_augment(config.train.augment, d.image_size, config.train.color_jitter) if augment else None
     return {
         "train": SyntheticShapes(d.train_per_class, bias=d.bias, stream=0, transform=transform, **common),
         "test_id": SyntheticShapes(d.test_per_class, bias=d.bias, stream=1, **common),
@@ -53,13 +54,17 @@ def _eval_loader(dataset: SyntheticShapes, batch_size: int = 256) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
+def _progress(config: ExperimentConfig) -> bool:
+    return config.train.progress and sys.stderr.isatty()
+
+
 def _fit(config: ExperimentConfig, model: nn.Module, step, dataset: SyntheticShapes, out: Path, desc: str) -> list[dict]:
     loader = _train_loader(config, dataset)
     t = config.train
     optimizer = make_optimizer(model.parameters(), t.optimizer, t.lr, t.weight_decay)
     scheduler = make_schedule(optimizer, t.schedule, t.epochs * len(loader))
     return fit(model, step, loader, epochs=t.epochs, optimizer=optimizer, scheduler=scheduler,
-               checkpoint=out / "checkpoint.pt", progress=t.progress and sys.stderr.isatty(), desc=desc)
+               checkpoint=out / "checkpoint.pt", progress=_progress(config), desc=desc)
 
 
 def finished_results(config: ExperimentConfig) -> dict[str, Any] | None:
@@ -107,10 +112,45 @@ def make_distiller(config: ExperimentConfig, teacher: nn.Module, student: nn.Mod
     explains = d.lam > 0
     return Distiller(
         teacher, student,
-        explainer=create("explainer", d.explainer.name, d.explainer.options) if explains else None,
+        explainer=_explainer(config) if explains else None,
         similarity=create("similarity", d.similarity.name, d.similarity.options) if explains else None,
         temperature=d.temperature, lam=d.lam, ce_weight=d.ce_weight,
     )
+
+
+def _explainer(config: ExperimentConfig):
+    return create("explainer", config.distill.explainer.name, config.distill.explainer.options)
+
+
+def prepare_cache(
+    config: ExperimentConfig, teacher: nn.Module, train: SyntheticShapes | None = None, *, force: bool = False
+) -> TeacherCache:
+    """Build (or resume, or reuse) the frozen-teacher cache for ``config`` and open it verified.
+
+    ``train`` is the un-augmented training set (made from ``config`` when not given).
+    """
+    d = config.distill
+    explainer = _explainer(config)
+    explainer.check_model(teacher)
+    train = train if train is not None else make_datasets(config, augment=False)["train"]
+    ref = {"name": config.teacher.name, "options": config.teacher.options}
+    fingerprint = make_fingerprint(teacher, ref, explainer, train.identity(), d.cache_dtype)
+    root = d.cache_dir or Path(config.teacher.checkpoint).parent / f"teacher-cache-{fingerprint_hash(fingerprint)[:12]}"
+    if not force:
+        try:
+            return TeacherCache.open(root, fingerprint)
+        except StaleCacheError:
+            raise
+        except CacheError:
+            pass  # missing, incomplete or damaged: (re)build below, keeping the intact shards
+    build_cache(root, teacher, explainer, train.images, fingerprint, dtype=d.cache_dtype, shard_size=d.shard_size,
+                batch_size=config.train.batch_size, device=_device(config), progress=_progress(config), force=force)
+    return TeacherCache.open(root, fingerprint)
+
+
+def precompute(config: ExperimentConfig, *, force: bool = False) -> TeacherCache:
+    """``e2kd precompute``: the frozen-teacher cache of ``config``'s training set."""
+    return prepare_cache(config, load_teacher(config), force=force)
 
 
 def distill(config: ExperimentConfig) -> dict[str, Any]:
@@ -121,18 +161,28 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     if (done := finished_results(config)) is not None:
         return done
     teacher = load_teacher(config)  # fail on a missing teacher before creating the run dir
+    data = make_datasets(config)
+    frozen = config.distill.teacher_mode == "frozen"
+    cache = prepare_cache(config, teacher, data["train"].without_transform()) if frozen else None
     out = prepare_run_dir(config.out_dir, dump_config(config), config.seed)
     torch.manual_seed(config.seed)
     device = _device(config)
-    data = make_datasets(config)
     student = build_model(config.model.name, config.model.options, config.data.num_classes, config.model.checkpoint)
     teacher, student = teacher.to(device), student.to(device)
-    distiller = make_distiller(config, teacher, student)
+    # a frozen teacher is replayed from the cache: the distiller gets no teacher model at all
+    distiller = make_distiller(config, None if frozen else teacher, student)
+    train = data["train"]
+    if frozen:
+        train = FrozenTeacherDataset(train.without_transform(), cache, train.transform)
 
     def step(batch):
-        return distiller(batch["image"].to(device), batch["label"].to(device))
+        replay = {}
+        if frozen:
+            replay["teacher_logits"] = batch["teacher_logits"].to(device)
+            replay["teacher_maps"] = batch["teacher_map"].to(device) if distiller.explains else None
+        return distiller(batch["image"].to(device), batch["label"].to(device), **replay)
 
-    history = _fit(config, student, step, data["train"], out, desc=f"distill {out.name}")
+    history = _fit(config, student, step, train, out, desc=f"distill {out.name}")
     atomic_torch_save(student.state_dict(), out / "model.pt")
     return _finish(config, out, student, teacher, data, history)
 

@@ -17,4 +17,6 @@ def test_distill_step_benchmark_smoke(tmp_path):
         check=True, capture_output=True, text=True, timeout=300,
     )
     result = json.loads(out.read_text())
-    assert result["ratio_e2kd_over_kd"] > 0 and len(result["per_repeat_ratios"]) == 2
+    for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd"):
+        assert result[key] > 0
+    assert all(len(t) == 2 for t in result["step_times_s"].values())

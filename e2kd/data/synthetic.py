@@ -8,12 +8,15 @@ dataset is reproducible bit for bit and independent of how many samples are draw
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+#: Bump when rendering changes, so caches made from older images are refused.
+GENERATOR_VERSION = 1
 SHAPES = ("square", "disk", "triangle", "cross", "ring", "diamond")
 BACKGROUNDS = ("h-stripes", "v-stripes", "checker", "diagonal", "dots", "grid")
 
@@ -109,6 +112,7 @@ class SyntheticShapes(Dataset):
         if per_class < 1 or image_size < 16:
             raise ValueError(f"per_class must be >= 1 and image_size >= 16 (got {per_class}, {image_size})")
         self.num_classes, self.image_size, self.bias, self.mismatched = num_classes, image_size, bias, mismatched
+        self.per_class, self.seed, self.stream = per_class, seed, stream
         self.transform = transform
         n = per_class * num_classes
         images = np.empty((n, 3, image_size, image_size), np.float32)
@@ -137,6 +141,18 @@ class SyntheticShapes(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = {"image": self.images[index], "label": self.labels[index], "mask": self.masks[index], "group": self.groups[index]}
         return self.transform(item) if self.transform is not None else item
+
+    def without_transform(self) -> "SyntheticShapes":
+        """The same samples (shared tensors), un-augmented."""
+        plain = copy.copy(self)
+        plain.transform = None
+        return plain
+
+    def identity(self) -> dict:
+        """What determines the samples (for cache fingerprints); the transform is not part of it."""
+        return {"kind": "synthetic_shapes", "generator_version": GENERATOR_VERSION, "per_class": self.per_class,
+                "num_classes": self.num_classes, "image_size": self.image_size, "bias": self.bias,
+                "mismatched": self.mismatched, "seed": self.seed, "stream": self.stream}
 
     @property
     def matched_fraction(self) -> float:

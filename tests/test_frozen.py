@@ -1,0 +1,241 @@
+import copy
+import json
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+import e2kd
+from e2kd import frozen
+from e2kd.cli import main
+from e2kd.data import SyntheticShapes
+from e2kd.data.augment import make_augment
+from e2kd.distill import Distiller
+from e2kd.errors import CacheError, StaleCacheError
+from e2kd.frozen import FrozenTeacherDataset, TeacherCache, build_cache, make_fingerprint
+from e2kd.models import build_model
+
+TEACHER_REF = {"name": "small_resnet", "options": {"widths": [8, 16]}}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_model(TEACHER_REF["name"], TEACHER_REF["options"], 4).eval()
+    data = SyntheticShapes(2, num_classes=4, image_size=16, bias=0.5, seed=1)
+    explainer = e2kd.get_explainer("gradcam")
+    return teacher, data, explainer
+
+
+def _build(root, teacher, data, explainer, dtype="float32", shard_size=3, batch_size=8, **kw):
+    fp = make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), dtype)
+    build_cache(root, teacher, explainer, data.images, fp, dtype=dtype, shard_size=shard_size,
+                batch_size=batch_size, progress=False, **kw)
+    return fp
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_identity_augmentation_frozen_equals_live_exactly(tmp_path, setup, lam):
+    teacher, data, explainer = setup
+    fp = _build(tmp_path / "cache", teacher, data, explainer, batch_size=len(data))
+    cache = TeacherCache.open(tmp_path / "cache", fp)
+    batch = torch.utils.data.default_collate([FrozenTeacherDataset(data, cache)[i] for i in range(len(data))])
+    student = build_model("small_resnet", {"widths": [4, 8]}, 4)
+    students = [student, copy.deepcopy(student)]
+    sim = e2kd.get_similarity("cosine")
+    live = Distiller(teacher, students[0], explainer=explainer, similarity=sim, lam=lam)(batch["image"], batch["label"])
+    replay = Distiller(None, students[1], explainer=explainer, similarity=sim, lam=lam)(
+        batch["image"], batch["label"], teacher_logits=batch["teacher_logits"], teacher_maps=batch["teacher_map"])
+    for key in ("loss", "kd", "explanation"):
+        assert torch.equal(live[key], replay[key]), key
+    g_live = torch.autograd.grad(live["loss"], list(students[0].parameters()))
+    g_replay = torch.autograd.grad(replay["loss"], list(students[1].parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g_live, g_replay))
+
+
+def test_float16_cache_is_close_to_float32(tmp_path, setup):
+    teacher, data, explainer = setup
+    fp32 = _build(tmp_path / "a", teacher, data, explainer, dtype="float32")
+    fp16 = _build(tmp_path / "b", teacher, data, explainer, dtype="float16")
+    a, b = TeacherCache.open(tmp_path / "a", fp32), TeacherCache.open(tmp_path / "b", fp16)
+    for i in range(len(data)):
+        for x, y in zip(a[i], b[i]):
+            torch.testing.assert_close(y, x, rtol=2e-3, atol=1e-4)
+    assert (tmp_path / "b" / "shard-00000.maps.npy").stat().st_size < (tmp_path / "a" / "shard-00000.maps.npy").stat().st_size
+
+
+def _item(size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, size, size, generator=g)
+    ramp = torch.linspace(0, 1, size)
+    teacher_map = (ramp[None, :, None] * ramp[None, None, :] ** 2) + 0.1 * image[:1]  # asymmetric in x and y
+    mask = (image[:1] > 0.5).float()
+    return {"image": image, "teacher_map": teacher_map, "mask": mask, "label": torch.tensor(0)}
+
+
+@pytest.mark.parametrize("kind", ["flip", "flip_crop", "resized_crop_flip"])
+def test_map_channel_goes_through_the_image_geometry(kind):
+    """A map that is a function of the image stays that function after augmentation."""
+    augment = make_augment(kind, 16)
+    for seed in range(8):
+        item = _item(seed=seed)
+        item["teacher_map"] = 2 * item["image"][1:2] - item["image"][:1]
+        torch.manual_seed(seed)
+        out = augment(item)
+        torch.testing.assert_close(out["teacher_map"], 2 * out["image"][1:2] - out["image"][:1], atol=1e-5, rtol=0)
+        if kind != "resized_crop_flip":  # pure index operations: the mask moves pixel for pixel
+            assert torch.equal(out["mask"], (out["image"][:1] > 0.5).float())
+
+
+def test_flip_crop_of_stored_map_equals_same_op_on_the_explanation():
+    """Recover the crop offset and flip from the image, apply them to the map directly, compare."""
+    augment = make_augment("flip_crop", 16)
+    pad = 2
+    for seed in range(6):
+        item = _item(seed=seed)
+        torch.manual_seed(seed)
+        out = augment(item)
+        padded_img = TF.pad(item["image"], [pad], padding_mode="reflect")
+        padded_map = TF.pad(item["teacher_map"], [pad], padding_mode="reflect")
+        found = 0
+        for top in range(2 * pad + 1):
+            for left in range(2 * pad + 1):
+                for flip in (False, True):
+                    img = TF.crop(padded_img, top, left, 16, 16)
+                    img = TF.horizontal_flip(img) if flip else img
+                    if torch.equal(img, out["image"]):
+                        found += 1
+                        expected = TF.crop(padded_map, top, left, 16, 16)
+                        expected = TF.horizontal_flip(expected) if flip else expected
+                        assert torch.equal(out["teacher_map"], expected)
+        assert found == 1
+
+
+def test_photometric_augmentation_leaves_the_map_alone():
+    item = _item()
+    torch.manual_seed(3)
+    geometric = make_augment("flip_crop", 16)(item)
+    torch.manual_seed(3)
+    jittered = make_augment("flip_crop", 16, color_jitter=0.4)(item)
+    assert torch.equal(jittered["teacher_map"], geometric["teacher_map"])
+    assert not torch.equal(jittered["image"], geometric["image"])
+
+
+def test_low_resolution_map_is_resized_to_the_image(tmp_path, setup):
+    teacher, data, _ = setup
+    explainer = e2kd.get_explainer("gradcam", upsample=False)
+    fp = _build(tmp_path / "c", teacher, data, explainer)
+    cache = TeacherCache.open(tmp_path / "c", fp)
+    assert cache[0][1].shape == (1, 8, 8)
+    item = FrozenTeacherDataset(data, cache)[0]
+    expected = torch.nn.functional.interpolate(cache[0][1][None], size=(16, 16), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(item["teacher_map"], expected)
+
+
+def test_stale_cache_names_what_changed(tmp_path, setup):
+    teacher, data, explainer = setup
+    fp = _build(tmp_path / "c", teacher, data, explainer)
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.fc.bias[0] += 1e-3
+    cases = [
+        (make_fingerprint(other, TEACHER_REF, explainer, data.identity(), "float32"), "teacher.weights"),
+        (make_fingerprint(teacher, TEACHER_REF, e2kd.get_explainer("gradcam", relu=False), data.identity(), "float32"),
+         "explainer.options.relu (True in the cache, False now)"),
+        (make_fingerprint(teacher, TEACHER_REF, explainer, {**data.identity(), "seed": 2}, "float32"), "dataset.seed (1 in the cache, 2 now)"),
+        (make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), "float16"), "preprocessing.storage_dtype"),
+    ]
+    for current, expected in cases:
+        with pytest.raises(StaleCacheError, match="made for another setting") as info:
+            TeacherCache.open(tmp_path / "c", current)
+        assert expected in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(StaleCacheError):
+        build_cache(tmp_path / "c", other, explainer, data.images, cases[0][0], dtype="float32", shard_size=3, progress=False)
+    assert TeacherCache.open(tmp_path / "c", fp)  # the refused rebuild left the cache intact
+
+
+def test_corrupt_truncated_and_missing_caches_are_refused(tmp_path, setup):
+    teacher, data, explainer = setup
+    fp = _build(tmp_path / "c", teacher, data, explainer)
+    maps = tmp_path / "c" / "shard-00001.maps.npy"
+    original = maps.read_bytes()
+    damaged = bytearray(original)
+    damaged[-1] ^= 0xFF
+    maps.write_bytes(bytes(damaged))
+    with pytest.raises(CacheError, match="shard-00001.maps.npy is corrupt"):
+        TeacherCache.open(tmp_path / "c", fp)
+    maps.write_bytes(original[:-10])
+    with pytest.raises(CacheError, match="truncated"):
+        TeacherCache.open(tmp_path / "c", fp)
+    maps.unlink()
+    with pytest.raises(CacheError, match="missing"):
+        TeacherCache.open(tmp_path / "c", fp)
+    with pytest.raises(CacheError, match="no teacher cache"):
+        TeacherCache.open(tmp_path / "nowhere", fp)
+    (tmp_path / "c" / "index.json").write_text("{not json")
+    with pytest.raises(CacheError, match="unreadable cache index"):
+        TeacherCache.open(tmp_path / "c", fp)
+
+
+def test_interrupted_precompute_resumes_to_the_same_cache(tmp_path, setup, monkeypatch):
+    teacher, data, explainer = setup
+    _build(tmp_path / "straight", teacher, data, explainer)
+    calls = {"n": 0}
+    real = frozen._save_npy
+
+    def killed_in_third_shard(path, array):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(path, array)
+
+    monkeypatch.setattr(frozen, "_save_npy", killed_in_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _build(tmp_path / "resumed", teacher, data, explainer)
+    index = json.loads((tmp_path / "resumed" / "index.json").read_text())
+    assert sorted(index["shards"]) == ["0", "1"] and not index["complete"]
+    with pytest.raises(CacheError, match="incomplete"):
+        TeacherCache.open(tmp_path / "resumed")
+    monkeypatch.setattr(frozen, "_save_npy", real)
+    computed = []
+    real_outputs = frozen.teacher_outputs
+    monkeypatch.setattr(frozen, "teacher_outputs", lambda t, x, e: computed.append(x.shape[0]) or real_outputs(t, x, e))
+    _build(tmp_path / "resumed", teacher, data, explainer)
+    assert sum(computed) == len(data) - 6  # only the missing shards were computed
+    straight = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert straight == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    for name in straight:
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+TINY = {
+    "seed": 0,
+    "data": {"num_classes": 3, "image_size": 16, "train_per_class": 6, "test_per_class": 4, "bias": 0.9},
+    "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
+    "train": {"epochs": 2, "batch_size": 8, "progress": False},
+}
+
+
+def test_cli_precompute_then_frozen_distill(tmp_path, capsys):
+    import yaml
+
+    teacher_cfg = tmp_path / "t.yaml"
+    teacher_cfg.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "teacher")}))
+    assert main(["train-teacher", str(teacher_cfg)]) == 0
+    cfg = {**TINY, "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "teacher" / "model.pt")},
+           "distill": {"lam": 1.0, "teacher_mode": "frozen", "cache_dir": str(tmp_path / "cache")},
+           "out_dir": str(tmp_path / "student")}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["precompute", str(path)]) == 0
+    assert "18 samples" in capsys.readouterr().out
+    assert main(["distill", str(path)]) == 0
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert metrics["history"][-1]["explanation"] > 0
+    assert set(metrics["splits"]["test_ood"]) == {"accuracy", "agreement", "explanation_similarity"}
+    # a different explainer setting with the same cache_dir is refused before training
+    assert main(["distill", str(path), "--set", "distill.explainer.options.relu=false", "--out", str(tmp_path / "s2")]) == 2
+    err = capsys.readouterr().err
+    assert "explainer.options.relu" in err and "precompute --force" in err
+    assert main(["precompute", str(path), "--set", "distill.explainer.options.relu=false", "--force"]) == 0
