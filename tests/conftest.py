@@ -23,6 +23,15 @@ def fresh_registry():
     registry().reset()
 
 
+#: A tiny experiment config (seconds to train) for CLI and run-directory tests.
+TINY = {
+    "seed": 0,
+    "data": {"num_classes": 3, "image_size": 16, "train_per_class": 6, "test_per_class": 4, "bias": 0.9},
+    "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
+    "train": {"epochs": 2, "batch_size": 8, "progress": False},
+}
+
+
 class TinyCNN(nn.Module):
     """conv -> relu -> conv ('feat') -> relu -> GAP -> fc, small enough for finite differences."""
 

@@ -7,12 +7,8 @@ import yaml
 
 from e2kd.cli import main
 
-TINY = {
-    "seed": 0,
-    "data": {"num_classes": 3, "image_size": 16, "train_per_class": 6, "test_per_class": 4, "bias": 0.9},
-    "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
-    "train": {"epochs": 2, "batch_size": 8, "progress": False},
-}
+from .conftest import TINY
+
 
 
 def _write(path, data):

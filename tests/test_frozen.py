@@ -15,6 +15,8 @@ from e2kd.errors import CacheError, StaleCacheError
 from e2kd.frozen import FrozenTeacherDataset, TeacherCache, build_cache, make_fingerprint
 from e2kd.models import build_model
 
+from .conftest import TINY
+
 TEACHER_REF = {"name": "small_resnet", "options": {"widths": [8, 16]}}
 
 
@@ -208,12 +210,6 @@ def test_interrupted_precompute_resumes_to_the_same_cache(tmp_path, setup, monke
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
 
-TINY = {
-    "seed": 0,
-    "data": {"num_classes": 3, "image_size": 16, "train_per_class": 6, "test_per_class": 4, "bias": 0.9},
-    "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
-    "train": {"epochs": 2, "batch_size": 8, "progress": False},
-}
 
 
 def test_cli_precompute_then_frozen_distill(tmp_path, capsys):
