@@ -136,37 +136,53 @@ class Similarity(PluginItem):
 
 @dataclass
 class EvalBatch:
-    """One evaluated batch; fields a dataset or setting lacks are None."""
+    """One evaluated batch; fields a dataset or setting lacks are None.
+
+    ``explanations``/``teacher_explanations`` are the model's and the teacher's maps for the
+    teacher's top-1 class; ``label_explanations`` the model's maps for the label class.
+    ``images``, ``model`` and ``explainer`` let a metric run the model itself (e.g. on
+    shifted images).
+    """
 
     logits: torch.Tensor
     labels: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
     explanations: torch.Tensor | None = None
     teacher_explanations: torch.Tensor | None = None
+    label_explanations: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    model: nn.Module | None = None
+    explainer: "Explainer | None" = None
 
     def available(self) -> set[str]:
         """Names of the requirements this batch can satisfy."""
-        have = set()
-        if self.labels is not None:
-            have.add("labels")
-        if self.teacher_logits is not None:
-            have.add("teacher")
-        if self.explanations is not None and self.teacher_explanations is not None:
-            have.add("explanations")
-        if self.masks is not None:
-            have.add("masks")
-        if self.groups is not None:
-            have.add("groups")
-        return have
+        have = {
+            "labels": self.labels is not None,
+            "teacher": self.teacher_logits is not None,
+            "explanations": self.explanations is not None and self.teacher_explanations is not None,
+            "label_explanations": self.label_explanations is not None,
+            "masks": self.masks is not None,
+            "groups": self.groups is not None,
+            "model": self.images is not None and self.model is not None and self.explainer is not None,
+        }
+        return {name for name, ok in have.items() if ok}
+
+
+#: Every requirement a metric may declare (see :meth:`EvalBatch.available`).
+REQUIREMENTS = frozenset({"labels", "teacher", "explanations", "label_explanations", "masks", "groups", "model"})
 
 
 class Metric(PluginItem):
-    """A metric accumulated over batches. The default averages ``per_sample`` values."""
+    """A metric accumulated over batches. The default averages ``per_sample`` values.
+
+    Override ``update``/``compute`` for metrics that are not sample means; ``compute`` may
+    return a dict of named values (e.g. per group).
+    """
 
     kind = "metric"
-    #: Data the metric needs: any of labels, teacher, explanations, masks, groups.
+    #: Data the metric needs: any of :data:`REQUIREMENTS`.
     requires: ClassVar[frozenset[str]] = frozenset()
     higher_is_better: ClassVar[bool] = True
 
@@ -191,7 +207,7 @@ class Metric(PluginItem):
         self._total += float(values.sum())
         self._count += values.numel()
 
-    def compute(self) -> float:
+    def compute(self) -> float | dict[str, float]:
         return self._total / self._count if self._count else float("nan")
 
 

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .api import EvalBatch, Explainer, Metric
-
-
-@torch.no_grad()
-def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return model(images)
 
 
 def explain_pair(
@@ -38,7 +33,7 @@ def evaluate(
     teacher: nn.Module | None = None,
     explainer: Explainer | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[dict[str, float], dict[str, str]]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Run ``metrics`` over ``batches``; returns (values, skipped metric -> reason).
 
     A metric whose requirements the data or setting cannot meet is skipped, not failed.
@@ -50,20 +45,26 @@ def evaluate(
         teacher.eval()
     for metric in metrics.values():
         metric.reset()
-    need_maps = any("explanations" in m.requires for m in metrics.values()) and teacher is not None and explainer is not None
+    needs = set().union(*(m.requires for m in metrics.values())) if metrics else set()
+    pair_maps = "explanations" in needs and teacher is not None and explainer is not None
+    label_maps = "label_explanations" in needs and explainer is not None
     active: dict[str, Metric] | None = None
     skipped: dict[str, str] = {}
     for batch in batches:
         images = batch["image"].to(device)
-        if need_maps:
+        labels = _get(batch, "label", device)
+        maps = t_maps = None
+        if pair_maps:
             logits, t_logits, maps, t_maps = explain_pair(explainer, model, teacher, images)
         else:
-            logits = _forward(model, images)
-            t_logits = _forward(teacher, images) if teacher is not None else None
-            maps = t_maps = None
+            with torch.no_grad():
+                logits = model(images)
+                t_logits = teacher(images) if teacher is not None else None
         eval_batch = EvalBatch(
             logits=logits, teacher_logits=t_logits, explanations=maps, teacher_explanations=t_maps,
-            labels=_get(batch, "label", device), masks=_get(batch, "mask", device), groups=_get(batch, "group", device),
+            label_explanations=explainer.explain(model, images, labels) if label_maps and labels is not None else None,
+            labels=labels, masks=_get(batch, "mask", device), groups=_get(batch, "group", device),
+            images=images, model=model, explainer=explainer,
         )
         if active is None:
             have = eval_batch.available()
@@ -78,6 +79,17 @@ def evaluate(
             metric.update(eval_batch)
     model.train(was_training)
     return {name: metric.compute() for name, metric in (active or {}).items()}, skipped
+
+
+def flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """``{"a": 1, "g": {"worst": 2}}`` -> ``{"a": 1, "g.worst": 2}``."""
+    flat: dict[str, float] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{k}": v for k, v in flatten_metrics(value).items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 def _get(batch: dict[str, torch.Tensor], key: str, device: str | torch.device) -> torch.Tensor | None:

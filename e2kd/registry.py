@@ -18,7 +18,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
-from .api import Explainer, Metric, ModelBuilder, PluginItem, Similarity
+from .api import REQUIREMENTS, Explainer, Metric, ModelBuilder, PluginItem, Similarity
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "e2kd"
@@ -155,6 +155,9 @@ def _describe(cls: type, kind: str, base: type[PluginItem], plugin: str, dist: s
         raise PluginError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it does not subclass {base.__name__}")
     if not cls.name or not cls.description:
         raise PluginError(f"plugin {plugin!r}: {cls.__name__} must set class attributes 'name' and 'description'")
+    if kind == "metric" and not set(cls.requires) <= REQUIREMENTS:
+        unknown = sorted(set(cls.requires) - REQUIREMENTS)
+        raise PluginError(f"plugin {plugin!r}: metric {cls.name!r} requires unknown data {unknown} (known: {sorted(REQUIREMENTS)})")
     options_model = cls.Options
     if not (isinstance(options_model, type) and issubclass(options_model, BaseModel)):
         raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Options must be a pydantic model")

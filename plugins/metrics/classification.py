@@ -1,8 +1,9 @@
-"""Accuracy against labels and top-1 agreement with the teacher."""
+"""Accuracy against labels, top-1 agreement with the teacher, KL(teacher || model)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from e2kd import hookimpl
@@ -35,7 +36,27 @@ class Agreement(Metric):
         return (batch.logits.argmax(1) == batch.teacher_logits.argmax(1)).float()
 
 
+class KLOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions")
+
+
+class KLDivergence(Metric):
+    name = "kl_divergence"
+    description = "KL(p_teacher || p_model) of the predictive distributions, in nats (lower is better)"
+    Options = KLOptions
+    requires = frozenset({"teacher"})
+    higher_is_better = False
+
+    def per_sample(self, batch: EvalBatch) -> torch.Tensor:
+        t = self.options.temperature
+        log_p = F.log_softmax(batch.teacher_logits.double() / t, dim=1)
+        log_q = F.log_softmax(batch.logits.double() / t, dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
 @hookimpl
 def register_metrics(register) -> None:
     register(Accuracy)
     register(Agreement)
+    register(KLDivergence)

@@ -1,0 +1,82 @@
+"""Accuracy and agreement per (label, group) cell, with worst-group and ID/OOD summaries.
+
+A cell is a (label, group id) pair; for the built-in synthetic data the group is the
+background type, for Waterbirds-style data ``group = 2 * label + place``. A cell is
+in distribution when its group id equals its label (the synthetic data's "matching
+background"), or when listed in the ``in_distribution`` option.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from e2kd import hookimpl
+from e2kd.api import EvalBatch, Metric
+
+
+class GroupOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    in_distribution: list[int] | None = Field(
+        None, description="group ids that are in distribution (default: cells whose group equals the label)")
+
+
+class _GroupMetric(Metric):
+    Options = GroupOptions
+    requires = frozenset({"labels", "groups"})
+
+    def hits(self, batch: EvalBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self._cells: dict[tuple[int, int], list[float]] = {}
+
+    def update(self, batch: EvalBatch) -> None:
+        keys = torch.stack([batch.labels.view(-1), batch.groups.view(-1)], dim=1).cpu()
+        hits = self.hits(batch).double().cpu()
+        cells, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        sums = torch.zeros(len(cells), dtype=torch.float64).index_add_(0, inverse, hits)
+        counts = torch.bincount(inverse, minlength=len(cells)).double()
+        for (label, group), s, n in zip(cells.tolist(), sums.tolist(), counts.tolist()):
+            total = self._cells.setdefault((label, group), [0.0, 0.0])
+            total[0] += s
+            total[1] += n
+
+    def _is_id(self, label: int, group: int) -> bool:
+        listed = self.options.in_distribution
+        return group in listed if listed is not None else group == label
+
+    def compute(self) -> dict[str, float]:
+        if not self._cells:
+            return {}
+        values = {cell: s / n for cell, (s, n) in self._cells.items()}
+        out = {"worst_group": min(values.values()), "mean_group": sum(values.values()) / len(values)}
+        for name, want in (("in_distribution", True), ("out_of_distribution", False)):
+            chosen = [(s, n) for cell, (s, n) in self._cells.items() if self._is_id(*cell) == want]
+            if chosen:
+                out[name] = sum(s for s, _ in chosen) / sum(n for _, n in chosen)
+        out.update({f"y{label}_g{group}": v for (label, group), v in sorted(values.items())})
+        return out
+
+
+class GroupAccuracy(_GroupMetric):
+    name = "group_accuracy"
+    description = "accuracy per (label, group) cell; worst-group, mean-group, in- and out-of-distribution"
+
+    def hits(self, batch: EvalBatch) -> torch.Tensor:
+        return batch.logits.argmax(1) == batch.labels
+
+
+class GroupAgreement(_GroupMetric):
+    name = "group_agreement"
+    description = "teacher agreement per (label, group) cell; worst-group, mean-group, in- and out-of-distribution"
+    requires = frozenset({"labels", "groups", "teacher"})
+
+    def hits(self, batch: EvalBatch) -> torch.Tensor:
+        return batch.logits.argmax(1) == batch.teacher_logits.argmax(1)
+
+
+@hookimpl
+def register_metrics(register) -> None:
+    register(GroupAccuracy)
+    register(GroupAgreement)

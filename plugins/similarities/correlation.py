@@ -1,0 +1,57 @@
+"""Pearson and Spearman correlation of flattened explanation maps."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from e2kd import hookimpl
+from e2kd.api import Similarity
+
+
+class CorrelationOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eps: float = Field(1e-8, gt=0, description="guards against constant maps (their correlation is 0)")
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample Pearson correlation of (B, ...) tensors flattened to (B, N)."""
+    a = a.flatten(1) - a.flatten(1).mean(dim=1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(dim=1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ordinal ranks 0..N-1 along dim 1 (ties broken by position)."""
+    order = x.argsort(dim=1, stable=True)
+    out = torch.empty_like(order)
+    out.scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order).contiguous())
+    return out.to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+class Pearson(Similarity):
+    name = "pearson"
+    description = "Pearson correlation of maps flattened over C x H x W"
+    Options = CorrelationOptions
+    differentiable = True
+    higher_is_better = True
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return pearson(a, b, self.options.eps)
+
+
+class Spearman(Similarity):
+    name = "spearman"
+    description = "Spearman rank correlation of flattened maps (ordinal ranks; evaluation only)"
+    Options = CorrelationOptions
+    differentiable = False
+    higher_is_better = True
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return pearson(ranks(a.flatten(1).detach()), ranks(b.flatten(1).detach()), self.options.eps)
+
+
+@hookimpl
+def register_similarities(register) -> None:
+    register(Pearson)
+    register(Spearman)

@@ -1,0 +1,70 @@
+"""Distances between explanation maps seen as distributions (lower is better)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from e2kd import hookimpl
+from e2kd.api import Similarity
+
+
+class NormalisedOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eps: float = Field(1e-12, gt=0, description="guards against all-zero maps")
+
+
+def unit_sum(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Flatten to (B, N) and divide by the sum of absolute values (= unit sum for maps >= 0)."""
+    x = x.flatten(1)
+    return x / x.abs().sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+class L1(Similarity):
+    name = "l1"
+    description = "L1 distance between maps normalised to unit sum (lower is better)"
+    Options = NormalisedOptions
+    higher_is_better = False
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (unit_sum(a, self.options.eps) - unit_sum(b, self.options.eps)).abs().sum(1)
+
+
+class L2(Similarity):
+    name = "l2"
+    description = "L2 distance between maps normalised to unit sum (lower is better)"
+    Options = NormalisedOptions
+    higher_is_better = False
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = unit_sum(a, self.options.eps) - unit_sum(b, self.options.eps)
+        return diff.pow(2).sum(1).clamp_min(1e-30).sqrt()
+
+
+class JSDOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature over the pixels")
+
+
+class JensenShannon(Similarity):
+    name = "jsd"
+    description = "Jensen-Shannon divergence of spatial softmax distributions (nats; lower is better)"
+    Options = JSDOptions
+    higher_is_better = False
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        t = self.options.temperature
+        log_p = F.log_softmax(a.flatten(1) / t, dim=1)
+        log_q = F.log_softmax(b.flatten(1) / t, dim=1)
+        log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, dtype=log_p.dtype, device=log_p.device))
+        kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
+        kl_qm = (log_q.exp() * (log_q - log_m)).sum(1)
+        return 0.5 * (kl_pm + kl_qm)
+
+
+@hookimpl
+def register_similarities(register) -> None:
+    register(L1)
+    register(L2)
+    register(JensenShannon)
