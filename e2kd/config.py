@@ -62,6 +62,15 @@ class DistillConfig(StrictModel):
         None, description="frozen-teacher cache (default: next to the teacher checkpoint, named by fingerprint)")
     cache_dtype: Literal["float16", "float32"] = "float16"
     shard_size: int = Field(512, ge=1, description="samples per cache shard")
+    explain_classes: Literal["top1", "label", "topk", "all"] = Field(
+        "top1", description="classes whose explanations are matched (loss averaged over them); the paper: top1")
+    top_k: int = Field(2, ge=1, description="k for explain_classes: topk")
+
+    @model_validator(mode="after")
+    def _frozen_is_top1(self) -> "DistillConfig":
+        if self.teacher_mode == "frozen" and self.explain_classes != "top1":
+            raise ValueError("a frozen teacher caches top-1 maps only: use explain_classes: top1 or teacher_mode: live")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -130,20 +139,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_value(data: dict[str, Any], keys: list[str], value: Any, *, what: str = "") -> None:
+    """Set ``data[k1][k2]...[kn] = value``, creating sections; a bare plugin name becomes {name: ...}."""
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None or isinstance(child, str):
+            child = {} if child is None else {"name": child}
+            node[key] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what or '.'.join(keys)}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            child = node.get(key)
-            if child is None or isinstance(child, str):
-                # a bare plugin name becomes {name: ...} so its options can be set
-                child = {} if child is None else {"name": child}
-                node[key] = child
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {key!r} is not a section")
-            node = child
-        node[keys[-1]] = value
+        set_value(data, keys, value, what=f"--set {text!r}")
     return data
 
 

@@ -8,6 +8,7 @@ both explanations for the teacher's top-1 class; the student's is built with
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,11 @@ from torch import nn
 
 from .api import Explainer, Similarity
 from .errors import PluginError
+
+
+#: Which classes' explanations are matched: the teacher's top-1 (the paper), the label, the
+#: teacher's top-k (loss averaged over the k classes), or every class.
+EXPLAIN_CLASSES = ("top1", "label", "topk", "all")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -43,6 +49,8 @@ class Distiller:
         temperature: float = 1.0,
         lam: float = 1.0,
         ce_weight: float = 0.0,
+        explain_classes: str = "top1",
+        top_k: int = 2,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (got {temperature})")
@@ -55,6 +63,9 @@ class Distiller:
         self.ce_weight = float(ce_weight)
         self.explainer = explainer
         self.similarity = similarity
+        if explain_classes not in EXPLAIN_CLASSES:
+            raise ValueError(f"explain_classes must be one of {', '.join(EXPLAIN_CLASSES)} (got {explain_classes!r})")
+        self.explain_classes, self.top_k = explain_classes, int(top_k)
         if self.lam > 0:
             check_trainable(explainer, similarity)
             for model in (teacher, student):
@@ -81,21 +92,43 @@ class Distiller:
         frozen = teacher_logits is not None
         if frozen and self.explains and teacher_maps is None:
             raise ValueError("a frozen teacher needs teacher_maps when lam > 0")
+        if frozen and self.explains and self.explain_classes != "top1":
+            raise ValueError("a frozen teacher stores top-1 maps only: use explain_classes='top1'")
         if not frozen and self.teacher is None:
             raise ValueError("this distiller has no teacher model: pass teacher_logits (and teacher_maps)")
         s_ctx = self.explainer.capture(self.student, images, trainable=True) if self.explains else contextlib.nullcontext()
         with s_ctx as s_cap:
             student_logits = self.student(s_cap.inputs if s_cap is not None else images)
-        if not frozen:
-            teacher_logits, teacher_maps = teacher_outputs(self.teacher, images, self.explainer if self.explains else None)
+        if frozen:
+            targets = teacher_logits.argmax(dim=1, keepdim=True)
+            teacher_maps = teacher_maps[:, None] if teacher_maps is not None else None
+        else:
+            choose = (lambda z: self.targets(z, labels)) if self.explains else None
+            teacher_logits, teacher_maps, targets = teacher_outputs(
+                self.teacher, images, self.explainer if self.explains else None, choose)
         out = self.losses(student_logits, teacher_logits.detach(), labels)
         if self.explains:
-            target = teacher_logits.argmax(dim=1)
-            student_maps = s_cap.explain(student_logits, target, create_graph=True)
-            explanation = self.similarity.loss(student_maps, teacher_maps.detach()).mean()
+            per_class = [
+                self.similarity.loss(s_cap.explain(student_logits, targets[:, j], create_graph=True), teacher_maps[:, j].detach())
+                for j in range(targets.shape[1])
+            ]
+            explanation = torch.stack(per_class, dim=1).mean()
             out["explanation"] = explanation
             out["loss"] = out["loss"] + self.lam * explanation
         return out
+
+    def targets(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """(B, k) classes whose explanations are matched (default: the teacher's top-1)."""
+        mode = self.explain_classes
+        if mode == "top1":
+            return teacher_logits.argmax(dim=1, keepdim=True)
+        if mode == "label":
+            if labels is None:
+                raise ValueError("explain_classes='label' needs labels")
+            return labels.view(-1, 1)
+        if mode == "topk":
+            return teacher_logits.topk(min(self.top_k, teacher_logits.shape[1]), dim=1).indices
+        return torch.arange(teacher_logits.shape[1], device=teacher_logits.device).expand(teacher_logits.shape[0], -1)
 
     def losses(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
@@ -119,18 +152,27 @@ class Distiller:
 
 
 def teacher_outputs(
-    teacher: nn.Module, images: torch.Tensor, explainer: Explainer | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The frozen teacher's logits and (with an explainer) its detached map for its top-1 class."""
+    teacher: nn.Module,
+    images: torch.Tensor,
+    explainer: Explainer | None,
+    choose_targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The frozen teacher's logits, its detached maps and the explained classes.
+
+    ``choose_targets(logits)`` returns (B, k) classes (default: the top-1); maps are
+    (B, k, C, H, W), or None without an explainer.
+    """
     teacher.eval()
     if explainer is None:
         with torch.no_grad():
-            return teacher(images), None
+            logits = teacher(images)
+        return logits, None, logits.argmax(dim=1, keepdim=True)
     with torch.enable_grad():
         with explainer.capture(teacher, images, trainable=False) as cap:
             logits = teacher(cap.inputs)
-        maps = cap.explain(logits, logits.argmax(dim=1), create_graph=False)
-    return logits.detach(), maps.detach()
+        targets = choose_targets(logits) if choose_targets is not None else logits.argmax(dim=1, keepdim=True)
+        maps = torch.stack([cap.explain(logits, targets[:, j]).detach() for j in range(targets.shape[1])], dim=1)
+    return logits.detach(), maps, targets
 
 
 def check_trainable(explainer: Explainer | None, similarity: Similarity | None) -> None:

@@ -170,9 +170,9 @@ def build_cache(
         logits, maps = [], []
         for start in range(lo, hi, batch_size):
             batch = images[start:min(hi, start + batch_size)].to(device)
-            z, m = teacher_outputs(teacher, batch, explainer)
+            z, m, _ = teacher_outputs(teacher, batch, explainer)
             logits.append(z.cpu())
-            maps.append(m.cpu())
+            maps.append(m[:, 0].cpu())
             bar.update(batch.shape[0])
         index["shards"][str(shard)] = {
             "count": hi - lo,

@@ -141,3 +141,50 @@ def test_missing_layer_fails_at_construction():
     with pytest.raises(e2kd.errors.ModelError, match="no layer 'nope'"):
         Distiller(TinyCNN(), TinyCNN(), explainer=e2kd.get_explainer("gradcam", layer="nope"),
                   similarity=e2kd.get_similarity("cosine"), lam=1.0)
+
+
+def _term(student, teacher, x, cls):
+    gradcam = e2kd.get_explainer("gradcam")
+    e_s, e_t = gradcam.explain(student, x, cls), gradcam.explain(teacher, x, cls)
+    return 1 - F.cosine_similarity(e_s.flatten(1), e_t.flatten(1), dim=1)
+
+
+@pytest.mark.parametrize("mode", ["label", "topk", "all"])
+def test_explained_classes_ablation_axis(tiny_pair, mode):
+    teacher, student, x = tiny_pair
+    labels = torch.tensor([2, 0, 1])
+    out = _distiller(teacher, student, lam=1.0, explain_classes=mode, top_k=2)(x, labels)
+    z = teacher(x)
+    if mode == "label":
+        classes = [labels]
+    elif mode == "topk":
+        top = z.topk(2, dim=1).indices
+        classes = [top[:, 0], top[:, 1]]
+    else:
+        classes = [torch.full((3,), c) for c in range(3)]
+    expected = torch.stack([_term(student, teacher, x, c) for c in classes], dim=1).mean()
+    assert out["explanation"].item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_all_classes_gradient_matches_finite_differences(tiny_pair):
+    teacher, student, x = tiny_pair
+    distiller = _distiller(teacher, student, lam=2.0, explain_classes="all")
+    w = student.fc.weight
+    g = torch.autograd.grad(distiller(x)["loss"], [w])[0]
+    eps = 1e-6
+    for i, j in [(0, 0), (1, 2), (2, 3)]:
+        orig = w.data[i, j].item()
+        w.data[i, j] = orig + eps
+        up = distiller(x)["loss"].item()
+        w.data[i, j] = orig - eps
+        down = distiller(x)["loss"].item()
+        w.data[i, j] = orig
+        assert g[i, j].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
+def test_frozen_teacher_refuses_other_explained_classes():
+    from e2kd.config import load_config_dict
+    from e2kd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="frozen teacher caches top-1 maps only"):
+        load_config_dict({"distill": {"teacher_mode": "frozen", "explain_classes": "all"}})

@@ -28,11 +28,10 @@ class GradCAMOptions(BaseModel):
 
 
 class _GradCAMCapture(Capture):
-    def __init__(self, inputs: torch.Tensor, options: GradCAMOptions, layer_name: str, trainable: bool) -> None:
+    def __init__(self, inputs: torch.Tensor, options: GradCAMOptions, layer_name: str) -> None:
         super().__init__(inputs)
         self.options = options
         self.layer_name = layer_name
-        self.trainable = trainable
         self.activations: torch.Tensor | None = None
 
     def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
@@ -40,7 +39,8 @@ class _GradCAMCapture(Capture):
         if acts is None:
             raise RuntimeError(f"gradcam: layer {self.layer_name!r} was not run; call the model inside capture()")
         score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
-        (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph, retain_graph=create_graph or self.trainable)
+        # keep the graph: the same forward may be explained for several classes
+        (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph, retain_graph=True)
         weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = (weights * acts).sum(dim=1, keepdim=True)
         if self.options.relu:
@@ -64,7 +64,7 @@ class GradCAM(Explainer):
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
         layer = resolve_layer(model, self.options.layer, who="gradcam")
         name = self.options.layer or next(n for n, m in model.named_modules() if m is layer)
-        cap = _GradCAMCapture(inputs, self.options, name, trainable)
+        cap = _GradCAMCapture(inputs, self.options, name)
 
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
             if not torch.is_tensor(output) or output.dim() != 4:
