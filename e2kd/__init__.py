@@ -14,6 +14,17 @@ from .registry import (
 
 __version__ = "0.1.0"
 
+_NOTEBOOK_API = ("load_run", "explain", "compare", "show", "sample_images")
+
+
+def __getattr__(name: str):
+    """The notebook API (``e2kd.explain``, ``e2kd.show``, ...) is imported on first use."""
+    if name in _NOTEBOOK_API:
+        from . import notebook
+
+        return getattr(notebook, name)
+    raise AttributeError(f"module 'e2kd' has no attribute {name!r}")
+
 __all__ = [
     "hookimpl",
     "get_explainer",
@@ -24,4 +35,5 @@ __all__ = [
     "register_plugin",
     "unregister_plugin",
     "__version__",
+    *_NOTEBOOK_API,
 ]

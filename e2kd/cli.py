@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import E2KDError
+from .errors import ConfigError, E2KDError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,8 +26,10 @@ def _load(args: argparse.Namespace):
 
 
 def _print_results(results: dict) -> None:
+    from .evaluate import flatten_metrics
+
     for split, values in results["splits"].items():
-        text = ", ".join(f"{k} {100 * v:.1f}%" for k, v in values.items())
+        text = ", ".join(f"{k} {v:.4g}" for k, v in flatten_metrics(values).items())
         print(f"{split}: {text}")
     for name, why in results.get("skipped", {}).items():
         print(f"(skipped metric {name}: {why})")
@@ -79,9 +81,14 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .experiment import evaluate_run
+    from .report import evaluate_report
 
-    _print_results(evaluate_run(args.run_dir))
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    report = evaluate_report(args.run_dirs, args.out, metrics=metrics, log=lambda _: None)
+    for name, results in report["results"].items():
+        print(f"== {name}")
+        _print_results(results)
+    print("wrote " + ", ".join([str(Path(report["out"]) / n) for n in ("metrics.json", "report.md")] + list(report["figures"].values())))
     return 0
 
 
@@ -90,6 +97,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     run_demo(args.out, seeds, quick=args.quick)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    try:
+        index, count = (int(v) for v in args.shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2") from None
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    rows = run_sweep(args.config, args.grid, seeds, args.out, shard=(index, count), overrides=args.overrides,
+                     plot_metric=args.plot_metric)
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"{done}/{len(rows)} runs finished; wrote {args.out / 'sweep.csv'}, sweep.md"
+          + (", sweep.png" if done else ""))
+    print((args.out / "sweep.md").read_text())
     return 0
 
 
@@ -116,9 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild a cache that was made for another setting")
     p.set_defaults(func=cmd_precompute)
 
-    p = sub.add_parser("evaluate", help="evaluate a finished run directory")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("evaluate", help="evaluate finished runs: metrics.json, report.md, explanation grid, "
+                       "shift curve")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="report directory (default: the run itself, or e2kd_report for several)")
+    p.add_argument("--metrics", help="comma-separated metric names replacing the config's eval.metrics, "
+                   "e.g. accuracy,agreement,epg,explanation_iou,group_accuracy,shift_equivariance")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="run the cross product of --grid values x --seeds; resumable; writes "
+                       "sweep.csv, sweep.md (mean ± std) and sweep.png")
+    p.add_argument("config", type=Path, help="base experiment YAML file")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
+                   help="a swept key and its values (repeatable), e.g. --grid distill.similarity=cosine,pearson")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value for every run")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
+    p.add_argument("--shard", default="0/1", help="run only runs i, i+N, ... (I/N), to split a sweep over processes")
+    p.add_argument("--plot-metric", help="SPLIT/METRIC for sweep.png (default: test_ood/accuracy)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="KD vs e2KD on built-in synthetic data (about 2.5 minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")

@@ -18,12 +18,11 @@ from typing import Any, Sequence
 import torch
 
 from .config import load_config_dict
-from .data import SHAPES
 from .experiment import distill, load_teacher, make_datasets, train_teacher
 from .models import build_model
 from .registry import create
+from .report import explanation_figure, sample_images
 from .runs import atomic_write_json, atomic_write_text
-from .viz import plot_explanations
 
 TEACHER_WIDTHS = [24, 48, 96]
 STUDENT_WIDTHS = [16, 32, 64]
@@ -135,27 +134,15 @@ def _mean(runs: list[dict[str, Any]], split: str, metric: str) -> float:
     return statistics.fmean(r["splits"][split][metric] for r in runs)
 
 
-def _figure(out: Path, configs: dict[str, dict[str, Any]], seed: int, n: int = 6) -> Path:
-    """Teacher, KD and e2KD Grad-CAMs on the same out-of-distribution images."""
+def _figure(out: Path, configs: dict[str, dict[str, Any]], seed: int) -> Path:
+    """Teacher and student Grad-CAMs (for the teacher's class) on the same out-of-distribution images."""
     kd_cfg = load_config_dict(configs["KD"])
-    teacher = load_teacher(kd_cfg).eval()
-    data = make_datasets(kd_cfg, augment=False)["test_ood"]
-    k = kd_cfg.data.num_classes
-    index = (torch.arange(n) * (k + 1)) % len(data)  # cycles through the classes
-    images, labels = data.images[index], data.labels[index]
-    explainer = create("explainer", "gradcam")
-    maps, preds = {}, {}
-    with torch.no_grad():
-        target = teacher(images).argmax(1)
-    models = {"teacher": teacher}
+    models = {"teacher": load_teacher(kd_cfg).eval()}
     for variant in VARIANTS:
         cfg = load_config_dict(configs[variant])
         models[variant] = build_model(cfg.model.name, cfg.model.options, cfg.data.num_classes, Path(cfg.out_dir) / "model.pt").eval()
-    for name, model in models.items():
-        maps[name] = explainer.explain(model, images, target)
-        with torch.no_grad():
-            preds[name] = model(images).argmax(1)
-    return plot_explanations(
-        images, maps, out / "explanations.png", labels=labels, predictions=preds, class_names=SHAPES,
+    images, labels = sample_images(make_datasets(kd_cfg, augment=False)["test_ood"])
+    return explanation_figure(
+        models, images, labels, create("explainer", "gradcam"), out / "explanations.png", reference="teacher",
         title=f"Grad-CAM for the teacher's class on out-of-distribution images (seed {seed}); red = wrong",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import ExperimentConfig, dump_config, load_config
+from .config import ExperimentConfig, dump_config, load_config, load_config_dict
 from .data import SyntheticShapes
 from .data.augment import make_augment
 from .distill import Distiller
@@ -115,6 +116,7 @@ def make_distiller(config: ExperimentConfig, teacher: nn.Module, student: nn.Mod
         explainer=_explainer(config) if explains else None,
         similarity=create("similarity", d.similarity.name, d.similarity.options) if explains else None,
         temperature=d.temperature, lam=d.lam, ce_weight=d.ce_weight,
+        explain_classes=d.explain_classes, top_k=d.top_k,
     )
 
 
@@ -197,7 +199,7 @@ def _finish(config, out, model, teacher, data, history) -> dict[str, Any]:
 def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Module | None, data: dict) -> dict[str, Any]:
     device = _device(config)
     ref = config.eval.explainer or config.distill.explainer
-    explainer = create("explainer", ref.name, ref.options) if teacher is not None else None
+    explainer = create("explainer", ref.name, ref.options)
     results: dict[str, Any] = {"splits": {}, "skipped": {}}
     for split in EVAL_SPLITS:
         metrics = {m.name: create("metric", m.name, m.options) for m in config.eval.metrics}
@@ -207,20 +209,51 @@ def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Modul
     return results
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, Any]:
-    """Re-evaluate a finished run from its directory; rewrites its metrics.json."""
+@dataclass
+class LoadedRun:
+    """A finished run directory, loaded: its config, trained model and (if any) teacher."""
+
+    path: Path
+    config: ExperimentConfig
+    model: nn.Module
+    teacher: nn.Module | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def datasets(self) -> dict[str, SyntheticShapes]:
+        """train / test_id / test_ood, un-augmented."""
+        return make_datasets(self.config, augment=False)
+
+    def explainer(self):
+        """The explainer the run evaluates with (eval.explainer, else distill.explainer)."""
+        ref = self.config.eval.explainer or self.config.distill.explainer
+        return create("explainer", ref.name, ref.options)
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Load a finished run (``config.yaml`` + ``model.pt``) for evaluation or a notebook."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     config = load_config(config_path)
+    device = _device(config)
     model = build_model(config.model.name, config.model.options, config.data.num_classes, run_dir / "model.pt")
     teacher = load_teacher(config) if config.teacher is not None else None
-    device = _device(config)
-    model = model.to(device)
-    teacher = teacher.to(device) if teacher is not None else None
-    results = evaluate_model(config, model, teacher, make_datasets(config, augment=False))
-    previous = run_dir / "metrics.json"
+    return LoadedRun(run_dir, config, model.to(device).eval(), teacher.to(device).eval() if teacher is not None else None)
+
+
+def evaluate_run(run_dir: str | Path, metrics: list[str] | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run (optionally with other metrics); rewrites its metrics.json."""
+    run = load_run(run_dir)
+    config = run.config
+    if metrics:
+        config = load_config_dict(config.model_dump(mode="json"), source=str(run.path / "config.yaml"),
+                                  overrides=[f"eval.metrics=[{', '.join(metrics)}]"])
+    results = evaluate_model(config, run.model, run.teacher, run.datasets())
+    previous = run.path / "metrics.json"
     if previous.is_file():
         results["history"] = json.loads(previous.read_text()).get("history", [])
     atomic_write_json(previous, results)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # the OO API: no global pyplot state, works under any backend
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .runs import atomic_write_bytes  # noqa: E402
+from .runs import atomic_write_bytes
 
 
 def _to_image(x: torch.Tensor):
@@ -30,7 +28,7 @@ def _to_heat(m: torch.Tensor):
 def plot_explanations(
     images: torch.Tensor,
     maps: dict[str, torch.Tensor],
-    path: str | Path,
+    path: str | Path | None = None,
     *,
     labels: torch.Tensor | None = None,
     predictions: dict[str, torch.Tensor] | None = None,
@@ -39,12 +37,15 @@ def plot_explanations(
 ) -> Path:
     """Grid: one row per image; columns = the input, then each model's map over the image.
 
+    Writes a PNG to ``path`` and returns the path, or returns the Figure when ``path`` is None.
+
     ``maps[name]`` is (N, C, H, W); channels are summed for display and each map is scaled
     by its own maximum. ``predictions[name]`` (N,) adds the predicted class under each map.
     """
     n = images.shape[0]
     cols = 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
+    fig = Figure(figsize=(1.9 * cols, 1.9 * n))
+    axes = fig.subplots(n, cols, squeeze=False)
     name_of = (lambda c: class_names[int(c)]) if class_names else (lambda c: str(int(c)))
     for i in range(n):
         ax = axes[i, 0]
@@ -67,10 +68,31 @@ def plot_explanations(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink()
+    return save_figure(fig, Path(path)) if path is not None else fig
+
+
+def plot_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *,
+    xlabel: str = "", ylabel: str = "", title: str | None = None,
+) -> Path:
+    """One line per name: ``curves[name] = (xs, ys)``."""
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a matplotlib figure as PNG, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -178,3 +178,30 @@ def test_demo_e2kd_beats_kd_over_three_seeds(tmp_path):
     # the frozen teacher keeps the benefit
     assert mean("e2KD frozen", "test_ood", "explanation_similarity") > mean("KD", "test_ood", "explanation_similarity") + 0.05
     assert mean("e2KD frozen", "test_ood", "accuracy") >= mean("KD", "test_ood", "accuracy")
+
+
+def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
+    teacher_cfg = _write(tmp_path / "t.yaml", {**TINY, "out_dir": str(tmp_path / "teacher")})
+    assert main(["train-teacher", str(teacher_cfg)]) == 0
+    base = {**TINY, "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "teacher" / "model.pt")}}
+    for name, lam in (("kd", 0.0), ("e2kd", 1.0)):
+        cfg = _write(tmp_path / f"{name}.yaml", {**base, "distill": {"lam": lam}, "out_dir": str(tmp_path / name)})
+        assert main(["distill", str(cfg)]) == 0
+    capsys.readouterr()
+    metrics = "accuracy,agreement,kl_divergence,explanation_similarity,epg,explanation_iou,group_accuracy,shift_equivariance"
+    assert main(["evaluate", str(tmp_path / "kd"), str(tmp_path / "e2kd"), "--out", str(tmp_path / "report"),
+                 "--metrics", metrics]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    ood = report["e2kd"]["splits"]["test_ood"]
+    assert set(ood) == set(metrics.split(","))
+    assert 0 <= ood["epg"] <= 1 and set(ood["shift_equivariance"]) == {f"shift_{t}" for t in range(9)}
+    assert ood["shift_equivariance"]["shift_0"] == pytest.approx(1.0)
+    assert ood["group_accuracy"]["out_of_distribution"] == pytest.approx(ood["accuracy"])  # OOD set: no matching background
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.startswith("| run | test_id/accuracy") and "| kd |" in md and "| e2kd |" in md
+    for name in ("explanations.png", "shift.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 5_000
+    # a teacher run alone: teacher-only metrics are skipped, the rest works
+    assert main(["evaluate", str(tmp_path / "teacher"), "--metrics", "accuracy,agreement,epg"]) == 0
+    alone = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert set(alone["splits"]["test_id"]) == {"accuracy", "epg"} and alone["skipped"] == {"agreement": "needs teacher"}
