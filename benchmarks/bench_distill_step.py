@@ -13,7 +13,6 @@ Reports the ratios of the median step times.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,7 @@ import timm
 import torch
 
 import e2kd
+from _report import emit
 from e2kd.distill import Distiller
 from e2kd.frozen import TeacherCache, build_cache
 
@@ -97,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
     result = measure(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text + "\n")
+    emit(result, args.json)
     print(f"{result['student']} <- {result['teacher']}, {args.image_size} px, batch {args.batch_size}: "
           f"e2KD/KD {result['ratio_e2kd_over_kd']:.3f}, frozen e2KD/frozen KD "
           f"{result['ratio_frozen_e2kd_over_frozen_kd']:.3f}, frozen e2KD/live e2KD "

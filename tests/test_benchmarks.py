@@ -20,3 +20,14 @@ def test_distill_step_benchmark_smoke(tmp_path):
     for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd"):
         assert result[key] > 0
     assert all(len(t) == 2 for t in result["step_times_s"].values())
+
+
+def test_localisation_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_localisation.py"), "--n", "200", "--size", "16",
+         "--repeats", "1", "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert result["maps"] == 200 and result["speedup_batch_over_loop"] > 0
