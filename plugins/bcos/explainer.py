@@ -1,0 +1,84 @@
+"""The B-cos explanation: the dynamic linear weights W(x), shape (B, 6, H, W).
+
+W(x) is the gradient of the logit w.r.t. the encoded 6-channel input, taken inside
+:func:`explanation_mode` so the dynamic factors count as constants; then
+``logit - bias = sum(W(x) * x6)``. Option ``contribution`` returns sum_c W(x) * x6 (B, 1, H, W)
+for display and localisation metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from e2kd import hookimpl
+from e2kd.api import Capture, Explainer
+from e2kd.errors import ModelError
+
+from .layers import AddInverse, explanation_mode
+
+
+class BcosOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    contribution: bool = Field(False, description="return the contribution map sum_c W(x) * x (B, 1, H, W)")
+
+
+def _encoder(model: nn.Module) -> AddInverse:
+    found = [m for m in model.modules() if isinstance(m, AddInverse)]
+    if not getattr(model, "bcos", False) or len(found) != 1:
+        raise ModelError(
+            f"bcos: {type(model).__name__} is not a B-cos network (needs bcos = True and one AddInverse input "
+            f"encoding); use a bcos_* model or another explainer")
+    return found[0]
+
+
+class _BcosCapture(Capture):
+    def __init__(self, inputs: torch.Tensor, contribution: bool) -> None:
+        super().__init__(inputs)
+        self.contribution = contribution
+        self.encoded: torch.Tensor | None = None
+
+    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+        if self.encoded is None:
+            raise RuntimeError("bcos: the model was not run inside capture()")
+        score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
+        with explanation_mode():
+            (weights,) = torch.autograd.grad(score, self.encoded, create_graph=create_graph, retain_graph=True)
+        return (weights * self.encoded).sum(1, keepdim=True) if self.contribution else weights
+
+
+class Bcos(Explainer):
+    name = "bcos"
+    description = "B-cos dynamic linear weights W(x) (6 x H x W), exact e2KD gradients; option contribution"
+    Options = BcosOptions
+    output_channels = 6
+
+    def check_model(self, model: nn.Module) -> None:
+        _encoder(model)
+
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
+        encoder = _encoder(model)
+        cap = _BcosCapture(inputs, self.options.contribution)
+
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:  # images need no grad: make the encoded input a leaf that does
+                output = output.detach().requires_grad_(True)
+            cap.encoded = output
+            return output
+
+        handle = encoder.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                yield cap
+        finally:
+            handle.remove()
+
+
+@hookimpl
+def register_explainers(register) -> None:
+    register(Bcos)

@@ -1,0 +1,72 @@
+"""Input-gradient explainers: plain gradient (saliency) and Input x Gradient.
+
+The input is made to require grad inside ``capture`` (on a detached copy, so the caller's
+tensor is untouched); the map is d z_c / d x (times x), taken from the training forward. With
+``create_graph=True`` it is differentiable w.r.t. the parameters (a full double backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from e2kd import hookimpl
+from e2kd.api import Capture, Explainer
+
+
+class GradientOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    absolute: bool = Field(False, description="return |gradient| (classic saliency) instead of the signed gradient")
+
+
+class _InputGradientCapture(Capture):
+    def __init__(self, inputs: torch.Tensor, times_input: bool, absolute: bool) -> None:
+        super().__init__(inputs)
+        self.times_input, self.absolute = times_input, absolute
+
+    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+        score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
+        (grad,) = torch.autograd.grad(score, self.inputs, create_graph=create_graph, retain_graph=True)
+        out = grad * self.inputs if self.times_input else grad
+        return out.abs() if self.absolute else out
+
+
+@contextlib.contextmanager
+def _input_capture(inputs: torch.Tensor, times_input: bool, absolute: bool) -> Iterator[Capture]:
+    with torch.enable_grad():
+        yield _InputGradientCapture(inputs.detach().requires_grad_(True), times_input, absolute)
+
+
+class Gradient(Explainer):
+    name = "gradient"
+    description = "input gradient d z_c / d x (saliency; option absolute)"
+    Options = GradientOptions
+    output_channels = None
+
+    def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True):
+        return _input_capture(inputs, False, self.options.absolute)
+
+
+class InputXGradientOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    absolute: bool = Field(False, description="return |x * gradient|")
+
+
+class InputXGradient(Explainer):
+    name = "input_x_gradient"
+    description = "Input x Gradient: x * d z_c / d x"
+    Options = InputXGradientOptions
+    output_channels = None
+
+    def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True):
+        return _input_capture(inputs, True, self.options.absolute)
+
+
+@hookimpl
+def register_explainers(register) -> None:
+    register(Gradient)
+    register(InputXGradient)

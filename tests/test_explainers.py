@@ -1,0 +1,214 @@
+"""Contract tests over every registered explainer, plus method-specific checks."""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import e2kd
+from e2kd.distill import Distiller
+from e2kd.errors import ModelError
+from e2kd.registry import list_plugins
+
+from .conftest import TinyCNN
+
+
+def _model_for(explainer, dtype=torch.float64, seed=0):
+    """A tiny model the explainer accepts: a plain CNN, else a small B-cos network."""
+    torch.manual_seed(seed)
+    plain = TinyCNN(width=4).to(dtype)
+    try:
+        explainer.check_model(plain)
+        return plain
+    except ModelError:
+        return e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3).to(dtype)
+
+
+EXPLAINERS = [i.name for i in list_plugins("explainer")]
+
+
+@pytest.mark.parametrize("name", EXPLAINERS)
+def test_contract_shape_dtype_finite_and_batch_consistency(name):
+    explainer = e2kd.get_explainer(name)
+    model = _model_for(explainer).eval()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    maps = explainer.explain(model, x, 1)
+    channels = explainer.output_channels or x.shape[1]
+    assert maps.shape == (4, channels, 8, 8) and maps.dtype == torch.float64
+    assert torch.isfinite(maps).all() and maps.abs().sum() > 0
+    one_by_one = torch.cat([explainer.explain(model, x[i:i + 1], 1) for i in range(4)])
+    torch.testing.assert_close(maps, one_by_one)
+
+
+@pytest.mark.parametrize("name", EXPLAINERS)
+def test_contract_hooks_released_and_no_memory_growth(name):
+    explainer = e2kd.get_explainer(name)
+    model = _model_for(explainer, torch.float32).eval()
+    x = torch.rand(2, 3, 8, 8)
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    for _ in range(3):
+        explainer.explain(model, x, 0)
+    before = live_tensors()
+    for _ in range(30):
+        explainer.explain(model, x, 0)
+    assert live_tensors() <= before + 2
+    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", [n for n in EXPLAINERS if e2kd.get_explainer(n).differentiable])
+def test_contract_e2kd_gradient_matches_finite_differences(name):
+    explainer = e2kd.get_explainer(name)
+    teacher, student = _model_for(explainer, seed=1), _model_for(explainer, seed=2)
+    distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=3.0)
+    student.eval()  # fixed normalisation statistics, so the loss is a plain function of the weights
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    params = [p for p in student.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(distiller(x)["explanation"], params, allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in grads)
+    gen = torch.Generator().manual_seed(0)
+    eps = 1e-6
+    for p, g in zip(params, grads):
+        g = torch.zeros_like(p) if g is None else g
+        for i in torch.randperm(p.numel(), generator=gen)[:3].tolist():
+            flat = p.data.view(-1)
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up = distiller(x)["explanation"].item()
+            flat[i] = orig - eps
+            down = distiller(x)["explanation"].item()
+            flat[i] = orig
+            assert g.reshape(-1)[i].item() == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", EXPLAINERS)
+def test_contract_short_distillation_run(name):
+    explainer = e2kd.get_explainer(name)
+    teacher, student = _model_for(explainer, torch.float32, 1), _model_for(explainer, torch.float32, 2)
+    distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=1.0)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    x = torch.rand(8, 3, 8, 8)
+    first = None
+    for _ in range(5):
+        out = distiller(x)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        first = first if first is not None else out["explanation"].item()
+    assert torch.isfinite(out["loss"]) and out["explanation"].item() < first
+
+
+def test_input_x_gradient_and_gradient_match_captum():
+    from captum.attr import InputXGradient, Saliency
+
+    model = TinyCNN().eval()
+    x = torch.rand(3, 3, 8, 8)
+    target = torch.tensor([0, 2, 1])
+    torch.testing.assert_close(e2kd.get_explainer("input_x_gradient").explain(model, x, target),
+                               InputXGradient(model).attribute(x, target=target))
+    torch.testing.assert_close(e2kd.get_explainer("gradient", absolute=True).explain(model, x, target),
+                               Saliency(model).attribute(x, target=target, abs=True))
+
+
+# ---- B-cos: the three proofs of the issue -----------------------------------------------------
+
+
+@pytest.fixture
+def bcos_net():
+    torch.manual_seed(0)
+    return e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(5).double()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bcos_dynamic_linear_identity(bcos_net, train):
+    """(a) logit - bias = sum(W(x) * x) per sample, for every class."""
+    bcos_net.train(train)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    explainer = e2kd.get_explainer("bcos")
+    with explainer.capture(bcos_net, x) as cap:
+        logits = bcos_net(cap.inputs)
+    encoded = torch.cat([x, 1 - x], dim=1)
+    for c in range(5):
+        w = cap.explain(logits, torch.full((3,), c))
+        assert w.shape == (3, 6, 8, 8)
+        torch.testing.assert_close((w * encoded).flatten(1).sum(1), logits[:, c] - bcos_net.logit_bias.value)
+    contribution = e2kd.get_explainer("bcos", contribution=True).explain(bcos_net.eval(), x, 2)
+    torch.testing.assert_close(contribution.flatten(1).sum(1), bcos_net(x)[:, 2] - bcos_net.logit_bias.value)
+
+
+def test_bcos_e2kd_gradient_matches_finite_differences_in_train_mode():
+    """(b) the exact double backward, BatchNorm with batch statistics included."""
+    torch.manual_seed(3)
+    build = e2kd.get_model_builder("bcos_small", widths=[4, 6])
+    teacher, student = build.build(3).double(), build.build(3).double()
+    distiller = Distiller(teacher, student, explainer=e2kd.get_explainer("bcos"),
+                          similarity=e2kd.get_similarity("cosine"), lam=2.0, temperature=2.0)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    weights = [student.stages[1][0].body[0][0].weight, student.classifier.weight, student.stem[1].weight]
+    grads = torch.autograd.grad(distiller(x)["loss"], weights)
+    eps = 1e-6
+    for w, g in zip(weights, grads):
+        for i in range(min(4, w.numel())):
+            flat = w.data.view(-1)
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up = distiller(x)["loss"].item()
+            flat[i] = orig - eps
+            down = distiller(x)["loss"].item()
+            flat[i] = orig
+            assert g.reshape(-1)[i].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9)
+
+
+def test_bcos_gradients_outside_explanation_equal_an_ordinary_network(bcos_net, monkeypatch):
+    """(c) the switch only acts inside explanation_mode: training gradients are ordinary."""
+    from e2kd_plugins.bcos import layers
+
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    bcos_net.train()
+    params = list(bcos_net.parameters())
+    ours = torch.autograd.grad((bcos_net(x) ** 2).sum(), params + [])
+    state = {k: v.clone() for k, v in bcos_net.state_dict().items()}
+    monkeypatch.setattr(layers, "dynamic_mul", lambda linear, factor: linear * factor)
+    bcos_net.load_state_dict(state)
+    plain = torch.autograd.grad((bcos_net(x) ** 2).sum(), params)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_bcos_explainer_refuses_other_models_before_training():
+    with pytest.raises(ModelError, match="not a B-cos network"):
+        Distiller(TinyCNN(), TinyCNN(), explainer=e2kd.get_explainer("bcos"),
+                  similarity=e2kd.get_similarity("cosine"), lam=1.0)
+
+
+def test_bcos_resnets_build_and_explain():
+    for name in ("bcos_resnet18", "bcos_resnet50"):
+        model = e2kd.get_model_builder(name, small_input=True).build(4).eval()
+        w = e2kd.get_explainer("bcos").explain(model, torch.rand(1, 3, 32, 32), 0)
+        assert w.shape == (1, 6, 32, 32) and torch.isfinite(w).all()
+
+
+def test_detaching_the_factor_in_the_forward_would_be_wrong(monkeypatch):
+    """Why the switch is read at backward time: the `bcos` package's forward-detach gives the same
+    W(x) values but a different e2KD gradient, far from the finite difference."""
+    from e2kd_plugins.bcos import layers
+
+    torch.manual_seed(3)
+    build = e2kd.get_model_builder("bcos_small", widths=[4, 6])
+    teacher, student = build.build(3).double().eval(), build.build(3).double().eval()
+    distiller = Distiller(teacher, student, explainer=e2kd.get_explainer("bcos"),
+                          similarity=e2kd.get_similarity("cosine"), lam=1.0)
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    w = student.classifier.weight
+    exact_value = distiller(x)["explanation"]
+    exact = torch.autograd.grad(exact_value, [w])[0]
+    monkeypatch.setattr(layers, "dynamic_mul", lambda linear, factor: linear * factor.detach())
+    value = distiller(x)["explanation"]
+    detached = torch.autograd.grad(value, [w])[0]
+    assert value.item() == pytest.approx(exact_value.item(), rel=1e-12)  # same loss value
+    relative_error = (detached - exact).norm() / exact.norm()
+    assert relative_error > 0.1, relative_error.item()
