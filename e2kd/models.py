@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -66,3 +67,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:2])
         raise ModelError(f"checkpoint {path}: does not fit {type(model).__name__} ({detail[:300]})") from None
+
+
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Switch timm's fused attention off inside ``model`` (restored on exit).
+
+    Fused attention kernels have no double backward, which e2KD needs through the student, and
+    they never materialise the attention probabilities that rollout reads.
+    """
+    modules = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in modules:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.fused_attn = True

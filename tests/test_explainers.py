@@ -14,15 +14,25 @@ from e2kd.registry import list_plugins
 from .conftest import TinyCNN
 
 
+def tiny_vit(num_classes=3, img=8, depth=2):
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=img,
+                             patch_size=4, embed_dim=16, depth=depth, num_heads=2)
+
+
 def _model_for(explainer, dtype=torch.float64, seed=0):
-    """A tiny model the explainer accepts: a plain CNN, else a small B-cos network."""
-    torch.manual_seed(seed)
-    plain = TinyCNN(width=4).to(dtype)
-    try:
-        explainer.check_model(plain)
-        return plain
-    except ModelError:
-        return e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3).to(dtype)
+    """A tiny model the explainer accepts: a plain CNN, else a small B-cos network, else a tiny ViT."""
+    candidates = [lambda: TinyCNN(width=4), lambda: e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3), tiny_vit]
+    for make in candidates:
+        torch.manual_seed(seed)
+        model = make().to(dtype)
+        try:
+            explainer.check_model(model)
+            return model
+        except ModelError:
+            continue
+    raise AssertionError(f"no test model fits explainer {explainer.name}")
 
 
 EXPLAINERS = [i.name for i in list_plugins("explainer")]
@@ -58,6 +68,8 @@ def test_contract_hooks_released_and_no_memory_growth(name):
         explainer.explain(model, x, 0)
     assert live_tensors() <= before + 2
     assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    assert all(fused)  # timm's default, switched off only while explaining
 
 
 @pytest.mark.parametrize("name", [n for n in EXPLAINERS if e2kd.get_explainer(n).differentiable])
@@ -212,3 +224,92 @@ def test_detaching_the_factor_in_the_forward_would_be_wrong(monkeypatch):
     assert value.item() == pytest.approx(exact_value.item(), rel=1e-12)  # same loss value
     relative_error = (detached - exact).norm() / exact.norm()
     assert relative_error > 0.1, relative_error.item()
+
+
+@pytest.mark.parametrize("baseline", ["zeros", "mean", 0.5])
+def test_integrated_gradients_trainable_mode_equals_captum(baseline):
+    from captum.attr import IntegratedGradients
+
+    model = TinyCNN().double().eval()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    explainer = e2kd.get_explainer("integrated_gradients", n_steps=8, baseline=baseline)
+    with explainer.capture(model, x) as cap:
+        logits = model(cap.inputs)
+    ours = cap.explain(logits, target, create_graph=True)
+    frozen = cap.explain(logits, target, create_graph=False)
+    base = cap.baselines()
+    ref = IntegratedGradients(model).attribute(x, baselines=base, target=target, n_steps=8, method="gausslegendre")
+    torch.testing.assert_close(ours.detach(), ref)
+    torch.testing.assert_close(frozen, ref)
+    assert ours.requires_grad and not frozen.requires_grad
+
+
+def test_integrated_gradients_keeps_batchnorm_statistics():
+    model = TinyCNN(bn=True).train()
+    explainer = e2kd.get_explainer("integrated_gradients", n_steps=4)
+    bn = model.stem[1]
+    with explainer.capture(model, torch.rand(2, 3, 8, 8)) as cap:
+        logits = model(cap.inputs)
+    after_forward = (bn.running_mean.clone(), bn.num_batches_tracked.item())
+    cap.explain(logits, torch.tensor([0, 1]), create_graph=True)
+    assert torch.equal(bn.running_mean, after_forward[0]) and bn.num_batches_tracked.item() == after_forward[1] == 1
+    assert explainer.extra_forwards == 4 and e2kd.list_plugins("explainer")
+
+
+# ---- vision transformers -------------------------------------------------------------------------
+
+
+def test_gradcam_on_timm_vit_default_layer_is_non_zero_and_matches_hand_computation():
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    maps = e2kd.get_explainer("gradcam", upsample=False).explain(vit, x, 1)
+    assert maps.shape == (2, 1, 4, 4) and maps.abs().sum() > 0
+    # by hand: tokens after the second-to-last block, patch tokens on the 4 x 4 grid
+    store = {}
+    handle = vit.blocks[10].register_forward_hook(lambda m, a, out: store.update(t=out))
+    logits = vit(x)
+    handle.remove()
+    grads = torch.autograd.grad(logits[:, 1].sum(), store["t"])[0]
+    acts, grads = store["t"][:, 1:].transpose(1, 2).reshape(2, 192, 4, 4), grads[:, 1:].transpose(1, 2).reshape(2, 192, 4, 4)
+    expected = F.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1, keepdim=True))
+    torch.testing.assert_close(maps, expected.detach())
+    # after the last token mixing only the class token reaches the head: the map is zero there
+    last = e2kd.get_explainer("gradcam", layer="blocks.11").explain(vit, x, 1)
+    assert last.abs().max() == 0
+
+
+def test_rollout_by_hand_on_a_one_block_vit_and_fused_attention_restored():
+    vit = tiny_vit(depth=1).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    fused_logits = vit(x)
+    maps = e2kd.get_explainer("rollout", upsample=False).explain(vit, x)
+    assert all(b.attn.fused_attn for b in vit.blocks)  # restored
+    store = {}
+    handle = vit.blocks[0].register_forward_pre_hook(lambda m, a: store.update(t=a[0]))
+    torch.testing.assert_close(vit(x), fused_logits)
+    handle.remove()
+    attn = vit.blocks[0].attn
+    qkv = attn.qkv(vit.blocks[0].norm1(store["t"])).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    probs = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1).mean(1)  # (B, N, N)
+    expected = (0.5 * (probs + torch.eye(5, dtype=torch.float64)))[:, 0, 1:].reshape(2, 1, 2, 2)
+    torch.testing.assert_close(maps, expected)
+
+
+def test_rollout_refuses_a_cnn_before_training():
+    with pytest.raises(ModelError, match="not a timm vision transformer"):
+        Distiller(TinyCNN(), TinyCNN(), explainer=e2kd.get_explainer("rollout"),
+                  similarity=e2kd.get_similarity("cosine"), lam=1.0)
+
+
+def test_cnn_teacher_to_vit_student_with_gradcam():
+    """Grad-CAM maps at input resolution let a CNN teacher guide a ViT student."""
+    teacher, student = TinyCNN(), tiny_vit()
+    distiller = Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"),
+                          similarity=e2kd.get_similarity("cosine"), lam=1.0)
+    out = distiller(torch.rand(4, 3, 8, 8))
+    out["loss"].backward()
+    assert out["explanation"] > 0 and student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0

@@ -2,6 +2,11 @@
 
 CAM = ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of d z_c / d A_k, bilinearly
 upsampled to the input size (the paper upsamples before the cosine, no normalisation).
+
+Vision transformers (timm ``VisionTransformer``): a layer that outputs tokens (B, N, D) is read
+as a feature map by dropping the prefix (class/register) tokens and reshaping the patch tokens
+to the patch grid. The default layer is then the output of the second-to-last block: after the
+last block's token mixing only the class token reaches the head, so a later map would be zero.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from torch import nn
 from e2kd import hookimpl
 from e2kd.api import Capture, Explainer
 from e2kd.errors import ModelError
-from e2kd.models import resolve_layer
+from e2kd.models import resolve_layer, unfused_attention
 
 
 class GradCAMOptions(BaseModel):
@@ -28,11 +33,19 @@ class GradCAMOptions(BaseModel):
 
 
 class _GradCAMCapture(Capture):
-    def __init__(self, inputs: torch.Tensor, options: GradCAMOptions, layer_name: str) -> None:
+    def __init__(self, inputs: torch.Tensor, options: GradCAMOptions, layer_name: str,
+                 token_grid: tuple[int, tuple[int, int]] | None) -> None:
         super().__init__(inputs)
         self.options = options
         self.layer_name = layer_name
+        self.token_grid = token_grid  # (prefix tokens, (h, w)) for transformer tokens
         self.activations: torch.Tensor | None = None
+
+    def _as_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() == 4:
+            return tokens
+        prefix, (h, w) = self.token_grid
+        return tokens[:, prefix:, :].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
     def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
         acts = self.activations
@@ -41,6 +54,7 @@ class _GradCAMCapture(Capture):
         score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
         # keep the graph: the same forward may be explained for several classes
         (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph, retain_graph=True)
+        grads, acts = self._as_map(grads), self._as_map(acts)
         weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = (weights * acts).sum(dim=1, keepdim=True)
         if self.options.relu:
@@ -50,6 +64,14 @@ class _GradCAMCapture(Capture):
         return cam
 
 
+def _token_grid(model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+    """(number of prefix tokens, patch grid) of a timm vision transformer, else None."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(model, "blocks") or not hasattr(embed, "grid_size"):
+        return None
+    return int(getattr(model, "num_prefix_tokens", 1)), tuple(embed.grid_size)
+
+
 class GradCAM(Explainer):
     name = "gradcam"
     description = "Grad-CAM of a feature layer (default: last stage), from the training forward"
@@ -57,19 +79,27 @@ class GradCAM(Explainer):
     needs_layer = True
     output_channels = 1
 
+    def _layer_name(self, model: nn.Module) -> str | None:
+        if self.options.layer is None and _token_grid(model) is not None:
+            return f"blocks.{len(model.blocks) - 2}"  # before the last token mixing
+        return self.options.layer
+
     def check_model(self, model: nn.Module) -> None:
-        resolve_layer(model, self.options.layer, who="gradcam")
+        resolve_layer(model, self._layer_name(model), who="gradcam")
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
-        layer = resolve_layer(model, self.options.layer, who="gradcam")
-        name = self.options.layer or next(n for n, m in model.named_modules() if m is layer)
-        cap = _GradCAMCapture(inputs, self.options, name)
+        layer = resolve_layer(model, self._layer_name(model), who="gradcam")
+        name = next(n for n, m in model.named_modules() if m is layer)
+        grid = _token_grid(model)
+        cap = _GradCAMCapture(inputs, self.options, name, grid)
 
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
-            if not torch.is_tensor(output) or output.dim() != 4:
+            ok = torch.is_tensor(output) and (output.dim() == 4 or (output.dim() == 3 and grid is not None))
+            if not ok:
                 shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
-                raise ModelError(f"gradcam: layer {name!r} outputs {shape}, expected a (B, C, h, w) feature map")
+                raise ModelError(f"gradcam: layer {name!r} outputs {shape}, expected a (B, C, h, w) feature map "
+                                 f"(or ViT tokens)")
             if not trainable:
                 # Frozen model: the map only needs the graph from this layer to the logits.
                 output = output.detach().requires_grad_(True)
@@ -78,7 +108,8 @@ class GradCAM(Explainer):
 
         handle = layer.register_forward_hook(hook)
         try:
-            yield cap
+            with unfused_attention(model):  # ViT students need the double backward through attention
+                yield cap
         finally:
             handle.remove()
 

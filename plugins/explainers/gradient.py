@@ -16,6 +16,7 @@ from torch import nn
 
 from e2kd import hookimpl
 from e2kd.api import Capture, Explainer
+from e2kd.models import unfused_attention
 
 
 class GradientOptions(BaseModel):
@@ -36,8 +37,8 @@ class _InputGradientCapture(Capture):
 
 
 @contextlib.contextmanager
-def _input_capture(inputs: torch.Tensor, times_input: bool, absolute: bool) -> Iterator[Capture]:
-    with torch.enable_grad():
+def _input_capture(model: nn.Module, inputs: torch.Tensor, times_input: bool, absolute: bool) -> Iterator[Capture]:
+    with torch.enable_grad(), unfused_attention(model):
         yield _InputGradientCapture(inputs.detach().requires_grad_(True), times_input, absolute)
 
 
@@ -48,7 +49,7 @@ class Gradient(Explainer):
     output_channels = None
 
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True):
-        return _input_capture(inputs, False, self.options.absolute)
+        return _input_capture(model, inputs, False, self.options.absolute)
 
 
 class InputXGradientOptions(BaseModel):
@@ -63,7 +64,7 @@ class InputXGradient(Explainer):
     output_channels = None
 
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True):
-        return _input_capture(inputs, True, self.options.absolute)
+        return _input_capture(model, inputs, True, self.options.absolute)
 
 
 @hookimpl
