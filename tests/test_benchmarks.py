@@ -31,3 +31,16 @@ def test_localisation_benchmark_smoke(tmp_path):
     )
     result = json.loads(out.read_text())
     assert result["maps"] == 200 and result["speedup_batch_over_loop"] > 0
+
+
+def test_explainers_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_explainers.py"), "--image-size", "32", "--batch-size", "2",
+         "--repeats", "1", "--throughput-batch", "1", "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert set(result["step_ratios"]) == {"gradcam", "gradient", "input_x_gradient", "integrated_gradients", "bcos", "rollout"}
+    assert all(r["ratio_e2kd_over_kd"] > 0 for r in result["step_ratios"].values())
+    assert result["gradcam_throughput"]["ours_over_captum"] > 0
