@@ -313,3 +313,61 @@ def test_cnn_teacher_to_vit_student_with_gradcam():
     out = distiller(torch.rand(4, 3, 8, 8))
     out["loss"].backward()
     assert out["explanation"] > 0 and student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def _bcos_vit(seed=0, zero_constants=False):
+    torch.manual_seed(seed)
+    vit = e2kd.get_model_builder("bcos_vit_tiny", img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2).build(3)
+    if zero_constants:
+        with torch.no_grad():
+            vit.pos_embed.zero_()
+            vit.cls_token.zero_()
+    return vit.double()
+
+
+@pytest.mark.parametrize("name", ["densenet", "vit"])
+def test_bcos_densenet_and_vit_dynamic_linear_identity(name):
+    if name == "densenet":
+        torch.manual_seed(0)
+        model = e2kd.get_model_builder("bcos_densenet121", small_input=True, growth=4, init=8).build(3).double()
+    else:  # class token and positional embeddings are additive constants: zero them for the exact identity
+        model = _bcos_vit(zero_constants=True)
+    model.eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    explainer = e2kd.get_explainer("bcos")
+    with explainer.capture(model, x) as cap:
+        logits = model(cap.inputs)
+    encoded = torch.cat([x, 1 - x], dim=1)
+    for c in range(3):
+        w = cap.explain(logits, torch.full((2,), c))
+        torch.testing.assert_close((w * encoded).flatten(1).sum(1), logits[:, c] - model.logit_bias.value)
+
+
+def test_bcos_cnn_teacher_to_bcos_vit_student_exact_gradient_and_training():
+    torch.manual_seed(5)
+    teacher = e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3).double().eval()
+    student = _bcos_vit(seed=6)
+    distiller = Distiller(teacher, student, explainer=e2kd.get_explainer("bcos"),
+                          similarity=e2kd.get_similarity("cosine"), lam=1.0)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    weights = [student.blocks[0].attn.qkv.weight, student.patch_embed.proj.weight, student.blocks[1].norm2.weight]
+    grads = torch.autograd.grad(distiller(x)["loss"], weights)
+    eps = 1e-6
+    for w, g in zip(weights, grads):
+        for i in range(3):
+            flat = w.data.view(-1)
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up = distiller(x)["loss"].item()
+            flat[i] = orig - eps
+            down = distiller(x)["loss"].item()
+            flat[i] = orig
+            assert g.reshape(-1)[i].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    first = distiller(x)["explanation"].item()
+    for _ in range(5):
+        out = distiller(x)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert distiller(x)["explanation"].item() < first

@@ -122,3 +122,51 @@ class LogitBias(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.value
+
+
+class DynamicMatmul(torch.autograd.Function):
+    """``weights @ values`` with data-dependent ``weights`` (attention); in explanation mode the
+    weights count as constants, exactly like the factor of :class:`DynamicMultiplication`."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weights, values)
+        return weights @ values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, values = ctx.saved_tensors
+        grad_values = weights.transpose(-2, -1) @ grad
+        if in_explanation_mode():
+            return None, grad_values
+        return grad @ values.transpose(-2, -1), grad_values
+
+
+class BcosLinear(nn.Module):
+    """The B-cos transform on the last dimension: (w^T x) |w^T x| / ||x|| with unit-norm w (B = 2)."""
+
+    def __init__(self, in_features: int, out_features: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_normal_(self.weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight / self.weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        linear = x @ w.t()
+        norm = (x.pow(2).sum(-1, keepdim=True) + self.eps).sqrt()
+        return dynamic_mul(linear, linear.abs() / norm)
+
+
+class DynamicLayerNorm(nn.Module):
+    """LayerNorm without bias: (x - mean) is linear in x, gamma / std is a dynamic factor."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        factor = self.weight / (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        return dynamic_mul(centred, factor)

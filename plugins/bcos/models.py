@@ -1,12 +1,13 @@
 """B-cos ResNets: every layer dynamic-linear, inputs encoded as [x, 1 - x], constant logit bias.
 
-Registered: ``bcos_resnet18``, ``bcos_resnet34``, ``bcos_resnet50`` (ImageNet layout; option
-``small_input`` swaps the 7x7/stride-2 stem for a 3x3/stride-1 one) and ``bcos_small`` (a few
-narrow stages for low-resolution images, fast on a CPU).
+Registered: ``bcos_resnet18``, ``bcos_resnet34``, ``bcos_resnet50``, ``bcos_densenet121``,
+``bcos_densenet169`` (ImageNet layout; option ``small_input`` swaps the 7x7/stride-2 stem for a
+3x3/stride-1 one) and ``bcos_small`` (a few narrow stages for low-resolution images).
 """
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -71,6 +72,69 @@ class BcosResNet(nn.Module):
         return self.logit_bias(self.pool(self.classifier(x)).flatten(1))
 
 
+class _DenseLayer(nn.Module):
+    """BN-free B-cos dense layer: 1x1 bottleneck then 3x3, output concatenated to the input."""
+
+    def __init__(self, c_in: int, growth: int, bottleneck: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(c_in, bottleneck * growth, 1), _conv_bn(bottleneck * growth, growth, 3))
+
+    def forward(self, x):
+        return torch.cat([x, self.body(x)], dim=1)
+
+
+class BcosDenseNet(nn.Module):
+    """encode -> stem -> dense blocks with 1x1 B-cos transitions and 2x2 average pooling -> classifier."""
+
+    bcos = True
+
+    def __init__(self, num_classes: int, blocks: list[int], growth: int, init: int, small_input: bool) -> None:
+        super().__init__()
+        self.encode = AddInverse()
+        self.stem = _conv_bn(6, init, 3, 1) if small_input else nn.Sequential(_conv_bn(6, init, 7, 2),
+                                                                               _conv_bn(init, init, 3, 2))
+        stages, c = [], init
+        for i, n in enumerate(blocks):
+            layers = []
+            for _ in range(n):
+                layers.append(_DenseLayer(c, growth, 4))
+                c += growth
+            if i < len(blocks) - 1:  # transition: halve channels and resolution (both linear)
+                layers += [_conv_bn(c, c // 2, 1), nn.AvgPool2d(2)]
+                c //= 2
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.classifier = BcosConv2d(c, num_classes, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.logit_bias = LogitBias(num_classes)
+        self.feature_info = [{"module": f"stages.{len(blocks) - 1}", "num_chs": c}]
+
+    def forward(self, x):
+        x = self.stages(self.stem(self.encode(x)))
+        return self.logit_bias(self.pool(self.classifier(x)).flatten(1))
+
+
+class DenseNetOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    small_input: bool = Field(False, description="3x3 stride-1 stem for small images")
+    growth: int = Field(32, ge=1, description="growth rate (channels added per dense layer)")
+    init: int = Field(64, ge=1, description="stem channels")
+
+
+def _densenet(name: str, blocks: list[int]) -> type[ModelBuilder]:
+    class Builder(ModelBuilder):
+        Options = DenseNetOptions
+
+        def build(self, num_classes: int) -> nn.Module:
+            o = self.options
+            return BcosDenseNet(num_classes, blocks, o.growth, o.init, o.small_input)
+
+    Builder.name = name
+    Builder.description = f"B-cos DenseNet-{name.removeprefix('bcos_densenet')} (B = 2, 6-channel input encoding)"
+    Builder.__name__ = Builder.__qualname__ = f"{name}_builder"
+    return Builder
+
+
 class ResNetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     small_input: bool = Field(False, description="3x3 stride-1 stem for small images instead of 7x7/2 + 3x3/2")
@@ -110,6 +174,8 @@ BUILDERS = [
     _builder("bcos_resnet34", BasicBlock, [3, 4, 6, 3]),
     _builder("bcos_resnet50", Bottleneck, [3, 4, 6, 3]),
     BcosSmall,
+    _densenet("bcos_densenet121", [6, 12, 24, 16]),
+    _densenet("bcos_densenet169", [6, 12, 32, 32]),
 ]
 
 
