@@ -1,0 +1,149 @@
+"""B-cos ResNets laid out like the ``bcos`` package (B-cos v2), so its state dicts load as they are.
+
+``bcos_v2_resnet18/34/50`` have the package's module names (``conv1``, ``bn1``, ``layer1..4``,
+``fc``, ``conv*.linear.weight``), its stem (7x7/2 B-cos conv, norm, 3x3/2 average pooling) and its
+default norm, a bias-free *position norm* (LayerNorm over the channels at every pixel). Built from
+this package's layers, they keep the exact e2KD gradient semantics: give a B-cos-v2 checkpoint
+(a state dict saved from ``bcos.models.resnet.resnet18(...)``) in the config's ``checkpoint``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from e2kd import hookimpl
+from e2kd.api import ModelBuilder
+
+from .layers import AddInverse, LogitBias, dynamic_mul
+
+
+class _Weight(nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+        nn.init.kaiming_normal_(self.weight)
+
+
+class BcosConv2dV2(nn.Module):
+    """B-cos conv with the package's parameter name (``linear.weight``) and its patch norm."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 1, stride: int = 1, padding: int = 0) -> None:
+        super().__init__()
+        self.linear = _Weight((c_out, c_in, k, k))
+        self.k, self.stride, self.padding = k, stride, padding
+
+    def forward(self, x):
+        w = self.linear.weight
+        w = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        out = nn.functional.conv2d(x, w, None, self.stride, self.padding)
+        squares = (x * x).sum(1, keepdim=True)
+        norm = (nn.functional.avg_pool2d(squares, self.k, self.stride, self.padding) * self.k * self.k + 1e-6).sqrt()
+        return dynamic_mul(out, out.abs() / norm)
+
+
+class PositionNorm2d(nn.Module):
+    """(x - mean_c) / std_c * gamma at every pixel, no bias: centring is linear, gamma/std dynamic."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        centred = x - x.mean(1, keepdim=True)
+        std = (centred.pow(2).mean(1, keepdim=True) + self.eps).sqrt()
+        return dynamic_mul(centred, self.weight.view(1, -1, 1, 1) / std)
+
+
+class BasicBlockV2(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = BcosConv2dV2(c_in, planes, 3, stride, 1), PositionNorm2d(planes)
+        self.conv2, self.bn2 = BcosConv2dV2(planes, planes, 3, 1, 1), PositionNorm2d(planes)
+        self.downsample = self._downsample(c_in, planes * self.expansion, stride)
+
+    @staticmethod
+    def _downsample(c_in: int, c_out: int, stride: int) -> nn.Module | None:
+        if stride == 1 and c_in == c_out:
+            return None
+        return nn.Sequential(BcosConv2dV2(c_in, c_out, 1, stride), PositionNorm2d(c_out))
+
+    def residual(self, x):
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+    def forward(self, x):
+        return self.residual(x) + (self.downsample(x) if self.downsample is not None else x)
+
+
+class BottleneckV2(BasicBlockV2):
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int) -> None:
+        nn.Module.__init__(self)
+        self.conv1, self.bn1 = BcosConv2dV2(c_in, planes, 1), PositionNorm2d(planes)
+        self.conv2, self.bn2 = BcosConv2dV2(planes, planes, 3, stride, 1), PositionNorm2d(planes)
+        self.conv3, self.bn3 = BcosConv2dV2(planes, planes * 4, 1), PositionNorm2d(planes * 4)
+        self.downsample = self._downsample(c_in, planes * 4, stride)
+
+    def residual(self, x):
+        return self.bn3(self.conv3(self.bn2(self.conv2(self.bn1(self.conv1(x))))))
+
+
+class BcosV2ResNet(nn.Module):
+    bcos = True
+
+    def __init__(self, num_classes: int, block: type[BasicBlockV2], layers: list[int]) -> None:
+        super().__init__()
+        self.encode = AddInverse()
+        self.conv1 = BcosConv2dV2(6, 64, 7, 2, 3)
+        self.pool = nn.AvgPool2d(3, 2, 1)
+        self.bn1 = PositionNorm2d(64)
+        c_in = 64
+        for i, (n, planes) in enumerate(zip(layers, [64, 128, 256, 512]), start=1):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(c_in, planes, 2 if (i > 1 and j == 0) else 1))
+                c_in = planes * block.expansion
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+        self.fc = BcosConv2dV2(c_in, num_classes, 1)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.logit_layer = LogitBias(num_classes)
+        self.logit_bias = self.logit_layer
+        self.feature_info = [{"module": "layer4", "num_chs": c_in}]
+
+    def forward(self, x):
+        x = self.pool(self.bn1(self.conv1(self.encode(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.logit_layer(self.avgpool(self.fc(x)).flatten(1))
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _builder(name: str, block: type[BasicBlockV2], layers: list[int]) -> type[ModelBuilder]:
+    class Builder(ModelBuilder):
+        Options = NoOptions
+
+        def build(self, num_classes: int) -> nn.Module:
+            return BcosV2ResNet(num_classes, block, layers)
+
+    Builder.name = name
+    Builder.description = f"B-cos-v2 {name.removeprefix('bcos_v2_')} in the bcos package's layout (loads its state dicts)"
+    Builder.__name__ = Builder.__qualname__ = f"{name}_builder"
+    return Builder
+
+
+BUILDERS = [_builder("bcos_v2_resnet18", BasicBlockV2, [2, 2, 2, 2]),
+            _builder("bcos_v2_resnet34", BasicBlockV2, [3, 4, 6, 3]),
+            _builder("bcos_v2_resnet50", BottleneckV2, [3, 4, 6, 3])]
+
+
+@hookimpl
+def register_models(register) -> None:
+    for builder in BUILDERS:
+        register(builder)

@@ -1,0 +1,25 @@
+"""B-cos-v2 checkpoints from the `bcos` package load into e2kd's bcos_v2_* models unchanged."""
+
+import pytest
+import torch
+
+import e2kd
+from e2kd.models import build_model
+
+bcos_resnet = pytest.importorskip("bcos.models.resnet")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_bcos_package_state_dict_gives_same_logits_and_weights(tmp_path, arch):
+    torch.manual_seed(0)
+    ref = getattr(bcos_resnet, arch)(pretrained=False, num_classes=10).double().eval()
+    path = tmp_path / "bcos.pt"
+    torch.save(ref.state_dict(), path)
+    ours = build_model(f"bcos_v2_{arch}", {}, 10, checkpoint=path).double().eval()  # strict load from a file
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    encoded = torch.cat([x, 1 - x], dim=1)  # the package expects the encoded 6-channel input
+    torch.testing.assert_close(ours(x), ref(encoded))
+    leaf = encoded.clone().requires_grad_(True)
+    with ref.explanation_mode():  # the package's own W(x)
+        ref(leaf)[:, 3].sum().backward()
+    torch.testing.assert_close(e2kd.get_explainer("bcos").explain(ours, x, 3), leaf.grad)
