@@ -6,13 +6,16 @@ import torch
 import e2kd
 from e2kd.models import build_model
 
-bcos_resnet = pytest.importorskip("bcos.models.resnet")
+pytest.importorskip("bcos")
+from bcos.models import densenet as bcos_densenet  # noqa: E402
+from bcos.models import resnet as bcos_resnet  # noqa: E402
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121"])
 def test_bcos_package_state_dict_gives_same_logits_and_weights(tmp_path, arch):
     torch.manual_seed(0)
-    ref = getattr(bcos_resnet, arch)(pretrained=False, num_classes=10).double().eval()
+    module = bcos_densenet if arch.startswith("densenet") else bcos_resnet
+    ref = getattr(module, arch)(pretrained=False, num_classes=10).double().eval()
     path = tmp_path / "bcos.pt"
     torch.save(ref.state_dict(), path)
     ours = build_model(f"bcos_v2_{arch}", {}, 10, checkpoint=path).double().eval()  # strict load from a file

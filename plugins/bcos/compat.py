@@ -1,6 +1,7 @@
-"""B-cos ResNets laid out like the ``bcos`` package (B-cos v2), so its state dicts load as they are.
+"""B-cos ResNets and DenseNets laid out like the ``bcos`` package (B-cos v2), so its state dicts
+load as they are.
 
-``bcos_v2_resnet18/34/50`` have the package's module names (``conv1``, ``bn1``, ``layer1..4``,
+``bcos_v2_resnet18/34/50`` and ``bcos_v2_densenet121/169`` have the package's module names (``conv1``, ``bn1``, ``layer1..4``,
 ``fc``, ``conv*.linear.weight``), its stem (7x7/2 B-cos conv, norm, 3x3/2 average pooling) and its
 default norm, a bias-free *position norm* (LayerNorm over the channels at every pixel). Built from
 this package's layers, they keep the exact e2KD gradient semantics: give a B-cos-v2 checkpoint
@@ -121,6 +122,59 @@ class BcosV2ResNet(nn.Module):
         return self.logit_layer(self.avgpool(self.fc(x)).flatten(1))
 
 
+class DenseLayerV2(nn.Module):
+    def __init__(self, c_in: int, growth: int, bn_size: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = PositionNorm2d(c_in), BcosConv2dV2(c_in, bn_size * growth, 1)
+        self.norm2, self.conv2 = PositionNorm2d(bn_size * growth), BcosConv2dV2(bn_size * growth, growth, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv2(self.norm2(self.conv1(self.norm1(x))))
+
+
+class DenseBlockV2(nn.ModuleDict):
+    def __init__(self, n: int, c_in: int, growth: int, bn_size: int) -> None:
+        super().__init__({f"denselayer{i + 1}": DenseLayerV2(c_in + i * growth, growth, bn_size) for i in range(n)})
+
+    def forward(self, x):
+        for layer in self.values():
+            x = torch.cat([x, layer(x)], dim=1)
+        return x
+
+
+class BcosV2DenseNet(nn.Module):
+    """The bcos package's DenseNet layout (``features.conv0 ... features.norm5``, ``classifier``)."""
+
+    bcos = True
+
+    def __init__(self, num_classes: int, blocks: list[int], growth: int = 32, init: int = 64, bn_size: int = 4) -> None:
+        super().__init__()
+        self.encode = AddInverse()
+        layers = {"conv0": BcosConv2dV2(6, init, 7, 2, 3), "norm0": PositionNorm2d(init), "pool0": nn.AvgPool2d(3, 2, 1)}
+        c = init
+        for i, n in enumerate(blocks, start=1):
+            layers[f"denseblock{i}"] = DenseBlockV2(n, c, growth, bn_size)
+            c += n * growth
+            if i < len(blocks):
+                layers[f"transition{i}"] = nn.Sequential()
+                layers[f"transition{i}"].add_module("norm", PositionNorm2d(c))
+                layers[f"transition{i}"].add_module("conv", BcosConv2dV2(c, c // 2, 1))
+                layers[f"transition{i}"].add_module("pool", nn.AvgPool2d(2, 2))
+                c //= 2
+        layers["norm5"] = PositionNorm2d(c)
+        self.features = nn.Sequential()
+        for name, module in layers.items():
+            self.features.add_module(name, module)
+        self.classifier = BcosConv2dV2(c, num_classes, 1)
+        self.logit_layer = LogitBias(num_classes)
+        self.logit_bias = self.logit_layer
+        self.feature_info = [{"module": "features", "num_chs": c}]
+
+    def forward(self, x):
+        out = self.classifier(self.features(self.encode(x)))
+        return self.logit_layer(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -138,9 +192,24 @@ def _builder(name: str, block: type[BasicBlockV2], layers: list[int]) -> type[Mo
     return Builder
 
 
+def _densenet(name: str, blocks: list[int]) -> type[ModelBuilder]:
+    class Builder(ModelBuilder):
+        Options = NoOptions
+
+        def build(self, num_classes: int) -> nn.Module:
+            return BcosV2DenseNet(num_classes, blocks)
+
+    Builder.name = name
+    Builder.description = f"B-cos-v2 {name.removeprefix('bcos_v2_')} in the bcos package's layout (loads its state dicts)"
+    Builder.__name__ = Builder.__qualname__ = f"{name}_builder"
+    return Builder
+
+
 BUILDERS = [_builder("bcos_v2_resnet18", BasicBlockV2, [2, 2, 2, 2]),
             _builder("bcos_v2_resnet34", BasicBlockV2, [3, 4, 6, 3]),
-            _builder("bcos_v2_resnet50", BottleneckV2, [3, 4, 6, 3])]
+            _builder("bcos_v2_resnet50", BottleneckV2, [3, 4, 6, 3]),
+            _densenet("bcos_v2_densenet121", [6, 12, 24, 16]),
+            _densenet("bcos_v2_densenet169", [6, 12, 32, 32])]
 
 
 @hookimpl
