@@ -53,3 +53,27 @@ def tiny_pair():
     student = TinyCNN(width=4).double()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     return teacher, student, x
+
+
+def check_gradient(loss_fn, params, *, samples=3, rel=1e-5, abs=1e-8, seed=0):
+    """Autograd gradient of ``loss_fn()`` w.r.t. ``params`` vs central finite differences.
+
+    Checks ``samples`` random entries of every parameter (use float64 models); returns the
+    autograd gradients.
+    """
+    grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    assert any(g.abs().max() > 0 for g in grads), "all gradients are zero"
+    gen = torch.Generator().manual_seed(seed)
+    eps = 1e-6
+    for p, g in zip(params, grads):
+        flat = p.data.view(-1)
+        for i in torch.randperm(flat.numel(), generator=gen)[:samples].tolist():
+            orig = flat[i].item()
+            flat[i] = orig + eps
+            up = loss_fn().item()
+            flat[i] = orig - eps
+            down = loss_fn().item()
+            flat[i] = orig
+            assert g.reshape(-1)[i].item() == pytest.approx((up - down) / (2 * eps), rel=rel, abs=abs), (tuple(p.shape), i)
+    return grads
