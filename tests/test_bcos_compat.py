@@ -26,3 +26,25 @@ def test_bcos_package_state_dict_gives_same_logits_and_weights(tmp_path, arch):
     with ref.explanation_mode():  # the package's own W(x)
         ref(leaf)[:, 3].sum().backward()
     torch.testing.assert_close(e2kd.get_explainer("bcos").explain(ours, x, 3), leaf.grad)
+
+
+def test_bcos_package_simple_vit_state_dict_gives_same_logits_and_weights(tmp_path):
+    import warnings
+
+    pytest.importorskip("einops")
+    from bcos.models.pretrained import simple_vit_ti_patch16_224
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = simple_vit_ti_patch16_224(pretrained=False, num_classes=10).double().eval()  # B-cos config, random weights
+    path = tmp_path / "vit.pt"
+    torch.save(ref.state_dict(), path)
+    ours = build_model("bcos_v2_simple_vit_ti", {"logit_bias": ref[1].logit_bias}, 10, checkpoint=path).double().eval()
+    x = torch.rand(2, 3, 224, 224, dtype=torch.float64)
+    encoded = torch.cat([x, 1 - x], dim=1)
+    torch.testing.assert_close(ours(x), ref(encoded))
+    leaf = encoded.clone().requires_grad_(True)
+    with ref.explanation_mode():
+        ref(leaf)[:, 3].sum().backward()
+    torch.testing.assert_close(e2kd.get_explainer("bcos").explain(ours, x, 3), leaf.grad)

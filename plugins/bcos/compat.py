@@ -1,5 +1,5 @@
-"""B-cos ResNets and DenseNets laid out like the ``bcos`` package (B-cos v2), so its state dicts
-load as they are.
+"""B-cos ResNets, DenseNets and the SimpleViT-Ti laid out like the ``bcos`` package (B-cos v2),
+so its state dicts load as they are.
 
 ``bcos_v2_resnet18/34/50`` and ``bcos_v2_densenet121/169`` have the package's module names (``conv1``, ``bn1``, ``layer1..4``,
 ``fc``, ``conv*.linear.weight``), its stem (7x7/2 B-cos conv, norm, 3x3/2 average pooling) and its
@@ -17,7 +17,7 @@ from torch import nn
 from e2kd import hookimpl
 from e2kd.api import ModelBuilder
 
-from .layers import AddInverse, LogitBias, dynamic_mul
+from .layers import AddInverse, DynamicLayerNorm, DynamicMatmul, LogitBias, dynamic_mul
 
 
 class _Weight(nn.Module):
@@ -175,6 +175,125 @@ class BcosV2DenseNet(nn.Module):
         return self.logit_layer(nn.functional.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class BcosLinearV2(nn.Module):
+    """B-cos linear with the package's parameter name (``linear.weight``) and norm (||x|| + 1e-12)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear = _Weight((d_out, d_in))
+
+    def forward(self, x):
+        w = self.linear.weight
+        out = x @ (w / w.norm(dim=1, keepdim=True)).t()
+        return dynamic_mul(out, out.abs() / (x.norm(dim=-1, keepdim=True) + 1e-12))
+
+
+class _PatchLinear(nn.Module):
+    """'b c (h p1) (w p2) -> b h w (p1 p2 c)' followed by a B-cos linear map (the package's patch embedding)."""
+
+    def __init__(self, patch: int, dim: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.linear = BcosLinearV2(6 * patch * patch, dim)
+
+    def forward(self, x):
+        b, c, height, width = x.shape
+        p = self.patch
+        x = x.view(b, c, height // p, p, width // p, p).permute(0, 2, 4, 3, 5, 1)
+        return self.linear(x.reshape(b, height // p, width // p, p * p * c))
+
+
+def sincos_2d(h: int, w: int, dim: int, dtype: torch.dtype, device, temperature: float = 10_000.0) -> torch.Tensor:
+    """The package's fixed 2-D sine-cosine positional embedding, (h * w, dim)."""
+    y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, device=device) / (dim // 4 - 1))
+    y, x = y.flatten()[:, None] * omega[None, :], x.flatten()[:, None] * omega[None, :]
+    return torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1).to(dtype)
+
+
+class _AttentionV2(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.norm = DynamicLayerNorm(dim, eps=1e-5)
+        self.attend = nn.Softmax(dim=-1)
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = BcosLinearV2(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.to_qkv(self.norm(x)).chunk(3, -1))
+        attn = self.attend((q @ k.transpose(-1, -2)) * self.scale)
+        return self.to_out(DynamicMatmul.apply(attn, v).transpose(1, 2).reshape(b, n, d))
+
+
+class _EncoderV2(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.attn = _AttentionV2(dim, heads)
+        self.ff = nn.Module()
+        self.ff.net = nn.Sequential()
+        for name, module in (("norm", DynamicLayerNorm(dim, eps=1e-5)), ("linear1", BcosLinearV2(dim, mlp_dim)),
+                             ("act", nn.Identity()), ("linear2", BcosLinearV2(mlp_dim, dim))):
+            self.ff.net.add_module(name, module)
+
+    def forward(self, x):
+        x = self.attn(x) + x
+        return self.ff.net(x) + x
+
+
+class _SimpleViTBody(nn.Module):
+    def __init__(self, num_classes: int, patch: int, dim: int, depth: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.to_patch_embedding = _PatchLinear(patch, dim)
+        self.transformer = nn.Sequential()
+        for i in range(depth):
+            self.transformer.add_module(f"encoder_{i}", _EncoderV2(dim, heads, mlp_dim))
+        self.linear_head = nn.Sequential()
+        self.linear_head.add_module("norm", DynamicLayerNorm(dim, eps=1e-5))
+        self.linear_head.add_module("linear", BcosLinearV2(dim, num_classes))
+
+    def forward(self, x):
+        patches = self.to_patch_embedding(x)
+        b, h, w, d = patches.shape
+        tokens = patches.reshape(b, h * w, d) + sincos_2d(h, w, d, patches.dtype, patches.device)
+        return self.linear_head(self.transformer(tokens).mean(dim=1))
+
+
+class BcosV2SimpleViT(nn.Module):
+    """The package's B-cos SimpleViT (state-dict keys ``0.*``, then its logit layer as ``1``):
+    sine-cosine positional embedding, mean pooling, plain-linear q/k/v, bias-free LayerNorm."""
+
+    bcos = True
+
+    def __init__(self, num_classes: int, patch: int = 16, dim: int = 192, depth: int = 12, heads: int = 3,
+                 mlp_dim: int = 768, logit_bias: float | None = None) -> None:
+        super().__init__()
+        self.encode = AddInverse()
+        self.add_module("0", _SimpleViTBody(num_classes, patch, dim, depth, heads, mlp_dim))
+        self.logit_bias = LogitBias(num_classes)
+        if logit_bias is not None:
+            self.logit_bias.value = float(logit_bias)
+
+    def forward(self, x):
+        return self.logit_bias(getattr(self, "0")(self.encode(x)))
+
+
+class SimpleViTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    logit_bias: float | None = Field(None, description="constant logit bias (default -log(C - 1); the package's "
+                                                       "ImageNet configs use log(1/999) whatever C is)")
+
+
+class BcosV2SimpleViTTiny(ModelBuilder):
+    name = "bcos_v2_simple_vit_ti"
+    description = "B-cos-v2 SimpleViT-Ti/16 in the bcos package's layout (loads its state dicts)"
+    Options = SimpleViTOptions
+
+    def build(self, num_classes: int) -> nn.Module:
+        return BcosV2SimpleViT(num_classes, logit_bias=self.options.logit_bias)
+
+
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -209,7 +328,8 @@ BUILDERS = [_builder("bcos_v2_resnet18", BasicBlockV2, [2, 2, 2, 2]),
             _builder("bcos_v2_resnet34", BasicBlockV2, [3, 4, 6, 3]),
             _builder("bcos_v2_resnet50", BottleneckV2, [3, 4, 6, 3]),
             _densenet("bcos_v2_densenet121", [6, 12, 24, 16]),
-            _densenet("bcos_v2_densenet169", [6, 12, 32, 32])]
+            _densenet("bcos_v2_densenet169", [6, 12, 32, 32]),
+            BcosV2SimpleViTTiny]
 
 
 @hookimpl
