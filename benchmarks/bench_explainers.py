@@ -119,7 +119,7 @@ def gradcam_throughput(args: argparse.Namespace) -> dict:
         out["ours_over_pytorch_grad_cam"] = ips["e2kd"] / ips["pytorch_grad_cam"]
     else:
         out["pytorch_grad_cam"] = "not installed (pip install grad-cam)"
-    print(f"Grad-CAM images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in ips.items()), file=sys.stderr)
+    print("Grad-CAM images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in ips.items()), file=sys.stderr)
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -218,3 +218,15 @@ class ModelBuilder(PluginItem):
 
     def build(self, num_classes: int) -> nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def define(
+        cls, name: str, description: str, build: Callable[[BaseModel, int], nn.Module],
+        options: type[BaseModel] = NoOptions,
+    ) -> type["ModelBuilder"]:
+        """A registrable builder class whose ``build(num_classes)`` calls ``build(options, num_classes)``
+        (for families of architectures that differ only in a few numbers)."""
+        return type(f"{name}_builder", (cls,), {
+            "name": name, "description": description, "Options": options,
+            "build": lambda self, num_classes: build(self.options, num_classes),
+        })

@@ -188,3 +188,23 @@ def test_unknown_hook_is_rejected(fresh_registry):
 
     with pytest.raises(Exception, match="register_explainer"):
         e2kd.register_plugin(Typo(), name="typo")
+
+
+def test_model_builder_define_passes_validated_options(fresh_registry):
+    class Width(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        width: int = 2
+
+    Defined = ModelBuilder.define("adhoc_defined", "test: linear of a given width",
+                                  lambda o, n: torch.nn.Linear(o.width, n), Width)
+
+    class Plugin:
+        @hookimpl
+        def register_models(self, register):
+            register(Defined)
+
+    e2kd.register_plugin(Plugin(), name="defined")
+    model = e2kd.get_model_builder("adhoc_defined", width=5).build(3)
+    assert (model.in_features, model.out_features) == (5, 3)
+    with pytest.raises(PluginError, match="widht: unknown key; did you mean 'width'"):
+        e2kd.get_model_builder("adhoc_defined", widht=5)

@@ -294,41 +294,16 @@ class BcosV2SimpleViTTiny(ModelBuilder):
         return BcosV2SimpleViT(num_classes, logit_bias=self.options.logit_bias)
 
 
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _v2(name: str, build) -> type[ModelBuilder]:
+    return ModelBuilder.define(f"bcos_v2_{name}", f"B-cos-v2 {name} in the bcos package's layout (loads its state dicts)",
+                               lambda o, n: build(n))
 
 
-def _builder(name: str, block: type[BasicBlockV2], layers: list[int]) -> type[ModelBuilder]:
-    class Builder(ModelBuilder):
-        Options = NoOptions
-
-        def build(self, num_classes: int) -> nn.Module:
-            return BcosV2ResNet(num_classes, block, layers)
-
-    Builder.name = name
-    Builder.description = f"B-cos-v2 {name.removeprefix('bcos_v2_')} in the bcos package's layout (loads its state dicts)"
-    Builder.__name__ = Builder.__qualname__ = f"{name}_builder"
-    return Builder
-
-
-def _densenet(name: str, blocks: list[int]) -> type[ModelBuilder]:
-    class Builder(ModelBuilder):
-        Options = NoOptions
-
-        def build(self, num_classes: int) -> nn.Module:
-            return BcosV2DenseNet(num_classes, blocks)
-
-    Builder.name = name
-    Builder.description = f"B-cos-v2 {name.removeprefix('bcos_v2_')} in the bcos package's layout (loads its state dicts)"
-    Builder.__name__ = Builder.__qualname__ = f"{name}_builder"
-    return Builder
-
-
-BUILDERS = [_builder("bcos_v2_resnet18", BasicBlockV2, [2, 2, 2, 2]),
-            _builder("bcos_v2_resnet34", BasicBlockV2, [3, 4, 6, 3]),
-            _builder("bcos_v2_resnet50", BottleneckV2, [3, 4, 6, 3]),
-            _densenet("bcos_v2_densenet121", [6, 12, 24, 16]),
-            _densenet("bcos_v2_densenet169", [6, 12, 32, 32]),
+BUILDERS = [_v2("resnet18", lambda n: BcosV2ResNet(n, BasicBlockV2, [2, 2, 2, 2])),
+            _v2("resnet34", lambda n: BcosV2ResNet(n, BasicBlockV2, [3, 4, 6, 3])),
+            _v2("resnet50", lambda n: BcosV2ResNet(n, BottleneckV2, [3, 4, 6, 3])),
+            _v2("densenet121", lambda n: BcosV2DenseNet(n, [6, 12, 24, 16])),
+            _v2("densenet169", lambda n: BcosV2DenseNet(n, [6, 12, 32, 32])),
             BcosV2SimpleViTTiny]
 
 

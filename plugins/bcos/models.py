@@ -121,36 +121,9 @@ class DenseNetOptions(BaseModel):
     init: int = Field(64, ge=1, description="stem channels")
 
 
-def _densenet(name: str, blocks: list[int]) -> type[ModelBuilder]:
-    class Builder(ModelBuilder):
-        Options = DenseNetOptions
-
-        def build(self, num_classes: int) -> nn.Module:
-            o = self.options
-            return BcosDenseNet(num_classes, blocks, o.growth, o.init, o.small_input)
-
-    Builder.name = name
-    Builder.description = f"B-cos DenseNet-{name.removeprefix('bcos_densenet')} (B = 2, 6-channel input encoding)"
-    Builder.__name__ = Builder.__qualname__ = f"{name}_builder"
-    return Builder
-
-
 class ResNetOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     small_input: bool = Field(False, description="3x3 stride-1 stem for small images instead of 7x7/2 + 3x3/2")
-
-
-def _builder(name: str, block: type[BasicBlock], layers: list[int]) -> type[ModelBuilder]:
-    class Builder(ModelBuilder):
-        Options = ResNetOptions
-
-        def build(self, num_classes: int) -> nn.Module:
-            return BcosResNet(num_classes, block, layers, [64, 128, 256, 512], self.options.small_input)
-
-    Builder.name = name
-    Builder.description = f"B-cos {name.split('_')[1].replace('resnet', 'ResNet-')} (B = 2, 6-channel input encoding)"
-    Builder.__name__ = Builder.__qualname__ = f"{name}_builder"
-    return Builder
 
 
 class SmallOptions(BaseModel):
@@ -169,13 +142,25 @@ class BcosSmall(ModelBuilder):
         return BcosResNet(num_classes, BasicBlock, [o.blocks] * len(o.widths), list(o.widths), small_input=True)
 
 
+def _resnet(depth: int, block: type[BasicBlock], layers: list[int]) -> type[ModelBuilder]:
+    return ModelBuilder.define(
+        f"bcos_resnet{depth}", f"B-cos ResNet-{depth} (B = 2, 6-channel input encoding)",
+        lambda o, n: BcosResNet(n, block, layers, [64, 128, 256, 512], o.small_input), ResNetOptions)
+
+
+def _densenet(depth: int, blocks: list[int]) -> type[ModelBuilder]:
+    return ModelBuilder.define(
+        f"bcos_densenet{depth}", f"B-cos DenseNet-{depth} (B = 2, 6-channel input encoding)",
+        lambda o, n: BcosDenseNet(n, blocks, o.growth, o.init, o.small_input), DenseNetOptions)
+
+
 BUILDERS = [
-    _builder("bcos_resnet18", BasicBlock, [2, 2, 2, 2]),
-    _builder("bcos_resnet34", BasicBlock, [3, 4, 6, 3]),
-    _builder("bcos_resnet50", Bottleneck, [3, 4, 6, 3]),
+    _resnet(18, BasicBlock, [2, 2, 2, 2]),
+    _resnet(34, BasicBlock, [3, 4, 6, 3]),
+    _resnet(50, Bottleneck, [3, 4, 6, 3]),
     BcosSmall,
-    _densenet("bcos_densenet121", [6, 12, 24, 16]),
-    _densenet("bcos_densenet169", [6, 12, 32, 32]),
+    _densenet(121, [6, 12, 24, 16]),
+    _densenet(169, [6, 12, 32, 32]),
 ]
 
 

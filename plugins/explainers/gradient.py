@@ -19,9 +19,9 @@ from e2kd.api import Capture, Explainer
 from e2kd.models import unfused_attention
 
 
-class GradientOptions(BaseModel):
+class InputGradientOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    absolute: bool = Field(False, description="return |gradient| (classic saliency) instead of the signed gradient")
+    absolute: bool = Field(False, description="return the absolute value (classic saliency) instead of the signed map")
 
 
 class _InputGradientCapture(Capture):
@@ -45,22 +45,17 @@ def _input_capture(model: nn.Module, inputs: torch.Tensor, times_input: bool, ab
 class Gradient(Explainer):
     name = "gradient"
     description = "input gradient d z_c / d x (saliency; option absolute)"
-    Options = GradientOptions
+    Options = InputGradientOptions
     output_channels = None
 
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True):
         return _input_capture(model, inputs, False, self.options.absolute)
 
 
-class InputXGradientOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    absolute: bool = Field(False, description="return |x * gradient|")
-
-
 class InputXGradient(Explainer):
     name = "input_x_gradient"
     description = "Input x Gradient: x * d z_c / d x"
-    Options = InputXGradientOptions
+    Options = InputGradientOptions
     output_channels = None
 
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import e2kd
 import e2kd_attention_transfer as plugin
