@@ -3,6 +3,7 @@
 from . import errors
 from .hookspecs import hookimpl
 from .registry import (
+    get_dataset,
     get_explainer,
     get_metric,
     get_model_builder,
@@ -28,6 +29,7 @@ def __getattr__(name: str):
 __all__ = [
     "errors",
     "hookimpl",
+    "get_dataset",
     "get_explainer",
     "get_similarity",
     "get_metric",

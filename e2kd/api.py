@@ -1,4 +1,4 @@
-"""Base classes that plugins subclass: explainers, similarities, metrics, model builders.
+"""Base classes that plugins subclass: explainers, similarities, metrics, model builders, datasets.
 
 The core only talks to these interfaces; concrete methods live in plugins.
 """
@@ -138,10 +138,13 @@ class Similarity(PluginItem):
 class EvalBatch:
     """One evaluated batch; fields a dataset or setting lacks are None.
 
-    ``explanations``/``teacher_explanations`` are the model's and the teacher's maps for the
-    teacher's top-1 class; ``label_explanations`` the model's maps for the label class.
-    ``images``, ``model`` and ``explainer`` let a metric run the model itself (e.g. on
-    shifted images).
+    ``labels`` are class indices (B,) or multi-hot (B, K). ``explanations`` /
+    ``teacher_explanations`` are the model's and the teacher's maps for the teacher's top-1
+    class. ``label_explanations`` and ``label_masks`` are aligned, one row per (image, present
+    label class) pair — for single-label data one row per image — and ``label_pairs`` (P, 2)
+    holds each row's (image index, class). ``explain(images, target)`` explains the evaluated
+    model on other images (e.g. shifted ones). ``in_distribution`` marks samples whose group
+    is in distribution (e.g. waterbird on water).
     """
 
     logits: torch.Tensor
@@ -150,28 +153,31 @@ class EvalBatch:
     explanations: torch.Tensor | None = None
     teacher_explanations: torch.Tensor | None = None
     label_explanations: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
+    label_masks: torch.Tensor | None = None
+    label_pairs: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    in_distribution: torch.Tensor | None = None
     images: torch.Tensor | None = None
-    model: nn.Module | None = None
-    explainer: "Explainer | None" = None
+    explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def available(self) -> set[str]:
         """Names of the requirements this batch can satisfy."""
         have = {
             "labels": self.labels is not None,
+            "single_label": self.labels is not None and self.labels.dim() == 1,
             "teacher": self.teacher_logits is not None,
             "explanations": self.explanations is not None and self.teacher_explanations is not None,
             "label_explanations": self.label_explanations is not None,
-            "masks": self.masks is not None,
+            "masks": self.label_masks is not None,
             "groups": self.groups is not None,
-            "model": self.images is not None and self.model is not None and self.explainer is not None,
+            "model": self.images is not None and self.explain is not None,
         }
         return {name for name, ok in have.items() if ok}
 
 
 #: Every requirement a metric may declare (see :meth:`EvalBatch.available`).
-REQUIREMENTS = frozenset({"labels", "teacher", "explanations", "label_explanations", "masks", "groups", "model"})
+REQUIREMENTS = frozenset({"labels", "single_label", "teacher", "explanations", "label_explanations", "masks",
+                          "groups", "model"})
 
 
 class Metric(PluginItem):
@@ -230,3 +236,84 @@ class ModelBuilder(PluginItem):
             "name": name, "description": description, "Options": options,
             "build": lambda self, num_classes: build(self.options, num_classes),
         })
+
+
+#: What a dataset's samples may carry besides ``image`` and ``label``.
+SAMPLE_FIELDS = frozenset({"mask", "boxes", "group"})
+
+
+class Dataset(PluginItem):
+    """A source of labelled images with named splits (subclass it to register a dataset).
+
+    A dataset reads samples; the core decides the view (training augmentation, evaluation
+    resize + centre crop, the whole image for the frozen-teacher cache) and applies it jointly
+    to the image, its masks/boxes and a replayed teacher map. Each sample of
+    :meth:`samples` is a dict:
+
+    - ``image``: float tensor (3, H, W) in [0, 1] at the file's own resolution (mean/std
+      normalisation belongs to the model);
+    - ``label``: class index (int64 scalar), or for ``label_type = "multi"`` a float multi-hot
+      vector (K,);
+    - ``mask`` (optional): float (1, H, W) object mask of the label class, or (K, H, W) one per class;
+    - ``boxes`` + ``box_labels`` (optional): a ``torchvision.tv_tensors.BoundingBoxes`` (N, 4) and
+      the class of each box (N,), rasterised by the core into per-class masks after the geometry;
+    - ``group`` (optional): int64 group id, with ``in_distribution`` (bool) when groups define
+      in- and out-of-distribution cells.
+
+    Options are validated like every plugin's; ``seed`` (``data.seed``) draws subsets.
+    """
+
+    kind = "dataset"
+    #: "single": a class index per image; "multi": a multi-hot vector per image.
+    label_type: ClassVar[str] = "single"
+    #: Optional sample fields this dataset provides (any of :data:`SAMPLE_FIELDS`).
+    provides: ClassVar[frozenset[str]] = frozenset()
+    #: True if images are stored at the training size already (the views then only augment).
+    fixed_size: ClassVar[bool] = False
+    #: Training augmentation used when ``train.augment`` is ``auto``.
+    default_augment: ClassVar[str] = "resized_crop_flip"
+
+    def __init__(self, options: BaseModel | None = None, *, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(options, **kwargs)
+        self.seed = seed
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        return {"label_type": cls.label_type, "provides": sorted(cls.provides)}
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images the models see (option ``image_size`` by default)."""
+        return int(getattr(self.options, "image_size"))
+
+    def check(self) -> None:
+        """Raise :class:`e2kd.errors.DataError` naming the missing path, before anything runs."""
+
+    def splits(self) -> tuple[str, ...]:
+        """Every split name; the first is the one that trains unless :attr:`train_split` says otherwise."""
+        raise NotImplementedError
+
+    @property
+    def train_split(self) -> str:
+        return self.splits()[0]
+
+    def eval_splits(self) -> tuple[str, ...]:
+        """The splits evaluated by default (``eval.splits`` may name others)."""
+        return tuple(s for s in self.splits() if s != self.train_split)
+
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names())
+
+    def samples(self, split: str) -> "torch.utils.data.Dataset[dict[str, Any]]":
+        """The raw samples of ``split`` (see the class docstring), indexable and sized."""
+        raise NotImplementedError
+
+    def identity(self, split: str) -> dict[str, Any]:
+        """What determines the samples of ``split`` (for cache fingerprints): name, options, and
+        for file-based data the root and a digest of the file list."""
+        return {"dataset": self.name, "split": split, "seed": self.seed,
+                "options": self.options.model_dump(mode="json")}

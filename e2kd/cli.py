@@ -21,8 +21,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from .config import load_config
 
-    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
-    return load_config(args.config, overrides)
+    config = load_config(args.config, list(args.overrides))
+    # --out is a path, never parsed as YAML (a folder named "yes" or "[x]" stays that folder)
+    return config.model_copy(update={"out_dir": args.out.expanduser().resolve()}) if args.out else config
 
 
 def _print_results(results: dict) -> None:
@@ -122,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2kd", description="Explanation-enhanced knowledge distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plugins", help="list registered explainers, similarities, metrics and models")
+    p = sub.add_parser("plugins", help="list registered explainers, similarities, metrics, models and datasets")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--kind", choices=["explainer", "similarity", "metric", "model"])
+    p.add_argument("--kind", choices=["explainer", "similarity", "metric", "model", "dataset"])
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("train-teacher", help="train config.model with cross-entropy")
@@ -170,12 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: Exception) -> str:
+    """The message of an e2kd error; one raised in a DataLoader worker arrives wrapped with the
+    worker's traceback, whose last line is the original message."""
+    text = str(exc).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except E2KDError as exc:
-        print(f"e2kd: error: {exc}", file=sys.stderr)
+        print(f"e2kd: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("e2kd: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -6,11 +6,13 @@ Plugins are named by string; their options are validated by the plugin's own
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, E2KDError
 from .registry import format_validation_error, validate_options
@@ -32,22 +34,42 @@ class PluginRef(StrictModel):
         return {"name": value} if isinstance(value, str) else value
 
 
+def _absolute(path: Path | None) -> Path | None:
+    """Paths are resolved when a config is loaded, so a run directory's config works from anywhere."""
+    return Path(path).expanduser().resolve() if path is not None else None
+
+
 class ModelConfig(PluginRef):
     """A registered model builder, optionally with a local checkpoint (state dict file)."""
 
     checkpoint: Path | None = None
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _resolve(cls, value: Path | None) -> Path | None:
+        return _absolute(value)
 
-class DataConfig(StrictModel):
-    """The built-in synthetic data (see :class:`e2kd.data.SyntheticShapes`)."""
 
-    kind: Literal["synthetic"] = "synthetic"
-    num_classes: int = Field(4, ge=2, le=6)
-    image_size: int = Field(32, ge=16)
-    train_per_class: int = Field(100, ge=1)
-    test_per_class: int = Field(100, ge=1)
-    bias: float = Field(0.0, ge=0.0, le=1.0, description="background/class correlation of train and in-distribution test")
-    seed: int = 0
+#: Keys of the config format before datasets were plugins (``data: {num_classes: ...}``).
+_LEGACY_SYNTHETIC_KEYS = {"kind", "num_classes", "image_size", "train_per_class", "test_per_class", "bias"}
+
+
+class DataConfig(PluginRef):
+    """A registered dataset by name, with its options (``e2kd plugins --kind dataset``)."""
+
+    name: str = "synthetic"
+    seed: int = Field(0, description="draws subsets (shots, held-out images) and generated data")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (results do not depend on it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_synthetic(cls, value: Any) -> Any:
+        """Read the earlier ``data: {num_classes: 4, bias: 0.95, ...}`` form as the synthetic dataset."""
+        if isinstance(value, dict) and "name" not in value and set(value) & _LEGACY_SYNTHETIC_KEYS:
+            rest = {k: v for k, v in value.items() if k not in ("seed", "num_workers", "kind")}
+            kept = {k: value[k] for k in ("seed", "num_workers") if k in value}
+            return {"name": "synthetic", "options": rest, **kept}
+        return value
 
 
 class DistillConfig(StrictModel):
@@ -60,17 +82,25 @@ class DistillConfig(StrictModel):
         "live", description="frozen: replay teacher logits and maps precomputed once per training image")
     cache_dir: Path | None = Field(
         None, description="frozen-teacher cache (default: next to the teacher checkpoint, named by fingerprint)")
+    kd: Literal["auto", "softmax", "binary"] = Field(
+        "auto", description="KD term: softmax KL, or per-class binary KL on sigmoids (auto: from the dataset's labels)")
     cache_dtype: Literal["float16", "float32"] = "float16"
     shard_size: int = Field(512, ge=1, description="samples per cache shard")
-    explain_classes: Literal["top1", "label", "topk", "all"] = Field(
-        "top1", description="classes whose explanations are matched (loss averaged over them); the paper: top1")
+    explain_classes: Literal["auto", "top1", "label", "topk", "all", "positive"] = Field(
+        "auto", description="classes whose explanations are matched (loss averaged over them); auto: top1 for "
+                            "single-label data (the paper), positive (teacher logit > 0) for multi-label data")
     top_k: int = Field(2, ge=1, description="k for explain_classes: topk")
 
     @model_validator(mode="after")
     def _frozen_is_top1(self) -> "DistillConfig":
-        if self.teacher_mode == "frozen" and self.explain_classes != "top1":
+        if self.teacher_mode == "frozen" and self.explain_classes not in ("auto", "top1"):
             raise ValueError("a frozen teacher caches top-1 maps only: use explain_classes: top1 or teacher_mode: live")
         return self
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _resolve(cls, value: Path | None) -> Path | None:
+        return _absolute(value)
 
 
 class TrainConfig(StrictModel):
@@ -80,7 +110,8 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     schedule: Literal["cosine", "constant"] = "cosine"
-    augment: Literal["none", "flip", "flip_crop", "resized_crop_flip"] = "flip_crop"
+    augment: Literal["auto", "none", "flip", "flip_crop", "resized_crop_flip"] = Field(
+        "auto", description="training geometry (auto: the dataset's default; see docs/datasets.md)")
     color_jitter: float = Field(0.0, ge=0, description="photometric jitter strength (image only, never the teacher map)")
     device: str = "cpu"
     progress: bool = True
@@ -91,6 +122,7 @@ class EvalConfig(StrictModel):
         default_factory=lambda: [PluginRef(name=n) for n in ("accuracy", "agreement", "explanation_similarity")]
     )
     explainer: PluginRef | None = Field(None, description="explainer for explanation metrics (default: distill.explainer)")
+    splits: list[str] | None = Field(None, description="splits to evaluate (default: the dataset's evaluation splits)")
 
 
 class ExperimentConfig(StrictModel):
@@ -101,11 +133,17 @@ class ExperimentConfig(StrictModel):
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    out_dir: Path = Path("runs/experiment")
+    out_dir: Path = Field(Path("runs/experiment"), validate_default=True)
+
+    @field_validator("out_dir")
+    @classmethod
+    def _resolve(cls, value: Path) -> Path:
+        return _absolute(value)
 
     def plugin_refs(self) -> list[tuple[str, str, PluginRef]]:
         """(field path, kind, ref) of every plugin the config names."""
-        refs = [("model", "model", self.model), ("distill.explainer", "explainer", self.distill.explainer),
+        refs = [("data", "dataset", self.data), ("model", "model", self.model),
+                ("distill.explainer", "explainer", self.distill.explainer),
                 ("distill.similarity", "similarity", self.distill.similarity)]
         if self.teacher is not None:
             refs.append(("teacher", "model", self.teacher))
@@ -119,10 +157,18 @@ def validate_plugins(config: ExperimentConfig, source: str = "config") -> None:
     """Check every named plugin exists and its options validate; one-line ConfigError otherwise."""
     for path, kind, ref in config.plugin_refs():
         try:
-            validate_options(kind, ref.name, ref.options, source=source, path=f"{path}.options")
+            options = validate_options(kind, ref.name, ref.options, source=source, path=f"{path}.options")
         except E2KDError as exc:
             text = str(exc)
             raise ConfigError(text if text.startswith(f"{source}: ") else f"{source}: {path}.name: {text}") from None
+        _resolve_path_options(ref, options)
+
+
+def _resolve_path_options(ref: PluginRef, options: BaseModel) -> None:
+    """Make every path-typed plugin option given in ``ref`` absolute (e.g. a dataset's ``root``)."""
+    for key, field in type(options).model_fields.items():
+        if key in ref.options and ref.options[key] is not None and Path in (field.annotation, *get_args(field.annotation)):
+            ref.options[key] = str(_absolute(Path(ref.options[key])))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -211,3 +257,50 @@ def _known_keys(exc: ValidationError) -> list[str]:
             return []
         model = candidates[0]
     return list(model.model_fields)
+
+
+#: Fields that never change what a run computes; a run directory is matched without them.
+VOLATILE_FIELDS = (("out_dir",), ("train", "progress"), ("data", "num_workers"))
+
+
+def run_identity(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config without :data:`VOLATILE_FIELDS`: what a run directory is matched by."""
+    data = config.model_dump(mode="json")
+    for keys in VOLATILE_FIELDS:
+        node = data
+        for key in keys[:-1]:
+            node = node.get(key, {})
+        node.pop(keys[-1], None)
+    return data
+
+
+def identity_digest(config: ExperimentConfig) -> str:
+    """SHA-256 of :func:`run_identity`."""
+    return hashlib.sha256(json.dumps(run_identity(config), sort_keys=True).encode()).hexdigest()
+
+
+def stored_config(path: Path) -> ExperimentConfig | None:
+    """A run directory's ``config.yaml`` read with today's schema (fields added since get their
+    defaults), or None if it no longer validates. Plugins are not looked up."""
+    try:
+        return _validate(yaml.safe_load(path.read_text()) or {}, str(path))
+    except (ConfigError, yaml.YAMLError):
+        return None
+
+
+def describe_difference(stored: dict[str, Any], current: dict[str, Any], prefix: str = "", *,
+                        where: str = "in the cache") -> list[str]:
+    """Human-readable list of what differs between two nested dicts."""
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        if a == b:
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += describe_difference(a, b, f"{path}.", where=where)
+        elif key == "weights_sha256":
+            changes.append(f"{prefix}weights (sha256 {str(a)[:10]}… {where}, {str(b)[:10]}… now)")
+        else:
+            changes.append(f"{path} ({a!r} {where}, {b!r} now)")
+    return changes

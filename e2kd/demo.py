@@ -18,8 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import load_config_dict
-from .experiment import distill, load_teacher, make_datasets, train_teacher
-from .models import build_model
+from .experiment import distill, load_run, train_teacher
 from .registry import create
 from .report import explanation_figure, sample_images
 from .runs import atomic_write_json, atomic_write_text
@@ -37,7 +36,8 @@ def demo_configs(out: Path, seed: int, quick: bool = False) -> dict[str, dict[st
     test = {"num_classes": classes, "image_size": size, "test_per_class": max(8, int(100 * scale))}
     teacher = {
         "seed": 0,
-        "data": {**test, "train_per_class": max(8, int(200 * scale)), "bias": 0.0, "seed": 0},
+        "data": {"name": "synthetic", "options": {**test, "train_per_class": max(8, int(200 * scale)), "bias": 0.0},
+                 "seed": 0},
         "model": {"name": "small_resnet", "options": {"widths": TEACHER_WIDTHS}},
         "train": {"epochs": 1 if quick else 6, "batch_size": 64, "lr": 3e-3},
         "eval": {"metrics": ["accuracy"]},
@@ -47,7 +47,7 @@ def demo_configs(out: Path, seed: int, quick: bool = False) -> dict[str, dict[st
     for variant, (lam, mode) in VARIANTS.items():
         configs[variant] = {
             "seed": seed,
-            "data": {**test, "train_per_class": 16, "bias": 0.95, "seed": seed},
+            "data": {"name": "synthetic", "options": {**test, "train_per_class": 16, "bias": 0.95}, "seed": seed},
             "model": {"name": "small_resnet", "options": {"widths": STUDENT_WIDTHS}},
             "teacher": {**teacher["model"], "checkpoint": str(out / "teacher" / "model.pt")},
             "distill": {"lam": lam, "temperature": 1.0, "explainer": "gradcam", "similarity": "cosine",
@@ -94,7 +94,7 @@ def run_demo(out_dir: str | Path = "demo_out", seeds: Sequence[int] = (0, 1, 2),
     torch.set_num_threads(max(1, torch.get_num_threads()))
     configs = {seed: demo_configs(out, seed, quick) for seed in seeds}
     first = configs[seeds[0]]
-    log(f"[e2kd demo] training the teacher on unbiased data ({first['teacher']['data']['train_per_class']} images/class) ...")
+    log(f"[e2kd demo] training the teacher on unbiased data ({first['teacher']['data']['options']['train_per_class']} images/class) ...")
     teacher_cfg = load_config_dict(first["teacher"], source="demo teacher")
     teacher_results = train_teacher(teacher_cfg)
     rows: dict[str, list[dict[str, Any]]] = {"teacher": [teacher_results]}
@@ -136,13 +136,12 @@ def _mean(runs: list[dict[str, Any]], split: str, metric: str) -> float:
 
 def _figure(out: Path, configs: dict[str, dict[str, Any]], seed: int) -> Path:
     """Teacher and student Grad-CAMs (for the teacher's class) on the same out-of-distribution images."""
-    kd_cfg = load_config_dict(configs["KD"])
-    models = {"teacher": load_teacher(kd_cfg).eval()}
-    for variant in VARIANTS:
-        cfg = load_config_dict(configs[variant])
-        models[variant] = build_model(cfg.model.name, cfg.model.options, cfg.data.num_classes, Path(cfg.out_dir) / "model.pt").eval()
-    images, labels = sample_images(make_datasets(kd_cfg, augment=False)["test_ood"])
+    runs = {variant: load_run(configs[variant]["out_dir"]) for variant in VARIANTS}
+    kd = runs["KD"]
+    models = {"teacher": kd.teacher, **{variant: run.model for variant, run in runs.items()}}
+    images, labels = sample_images(kd.split("test_ood"))
     return explanation_figure(
         models, images, labels, create("explainer", "gradcam"), out / "explanations.png", reference="teacher",
+        class_names=kd.class_names,
         title=f"Grad-CAM for the teacher's class on out-of-distribution images (seed {seed}); red = wrong",
     )

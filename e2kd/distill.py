@@ -2,7 +2,9 @@
 
 L = w_ce * CE(z_S, y) + T^2 * KL(p_T || p_S) + lam * mean_i (1 - sim(E_S_i, E_T_i)),
 both explanations for the teacher's top-1 class; the student's is built with
-``create_graph=True`` from the training forward, the teacher's is detached.
+``create_graph=True`` from the training forward, the teacher's is detached. For multi-label
+data the KD term is the per-class binary KL on sigmoid probabilities and the explained
+classes are those the teacher predicts positive (the loss averages over (image, class) pairs).
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ from .api import Explainer, Similarity
 from .errors import PluginError
 
 
-#: Which classes' explanations are matched: the teacher's top-1 (the paper), the label, the
-#: teacher's top-k (loss averaged over the k classes), or every class.
-EXPLAIN_CLASSES = ("top1", "label", "topk", "all")
+#: Which classes' explanations are matched: the teacher's top-1 (the paper), the label (every
+#: present class for multi-hot labels), the teacher's top-k, every class, or the classes the
+#: teacher predicts positive (logit > 0; its top-1 when none is) — the loss is averaged over them.
+EXPLAIN_CLASSES = ("top1", "label", "topk", "all", "positive")
+KD_KINDS = ("softmax", "binary")
+#: Probability clamp of the binary (multi-label) KD term.
+BINARY_CLAMP = 1e-6
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -29,6 +35,24 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_s = F.log_softmax(student_logits / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def binary_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * sum over classes of KL(t || s) + KL(1 - t || 1 - s), t, s = sigmoid(z / T) clamped to
+    [1e-6, 1 - 1e-6]; averaged over the batch (multi-label KD)."""
+    t = temperature
+    p = torch.sigmoid(teacher_logits / t).clamp(BINARY_CLAMP, 1 - BINARY_CLAMP)
+    q = torch.sigmoid(student_logits / t).clamp(BINARY_CLAMP, 1 - BINARY_CLAMP)
+    kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
+    return kl.sum(1).mean() * (t * t)
+
+
+def padded_sets(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) bool membership -> (B, k) class indices and (B, k) float weights, k = the largest set;
+    each row lists its members first (ascending), padded with weight-0 entries."""
+    k = max(1, int(member.sum(1).max()))
+    order = torch.sort(member.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    return order, member.gather(1, order).to(torch.float32)
 
 
 class Distiller:
@@ -51,6 +75,7 @@ class Distiller:
         ce_weight: float = 0.0,
         explain_classes: str = "top1",
         top_k: int = 2,
+        kd: str = "softmax",
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (got {temperature})")
@@ -66,6 +91,9 @@ class Distiller:
         if explain_classes not in EXPLAIN_CLASSES:
             raise ValueError(f"explain_classes must be one of {', '.join(EXPLAIN_CLASSES)} (got {explain_classes!r})")
         self.explain_classes, self.top_k = explain_classes, int(top_k)
+        if kd not in KD_KINDS:
+            raise ValueError(f"kd must be one of {', '.join(KD_KINDS)} (got {kd!r})")
+        self.kd = kd
         if self.lam > 0:
             check_trainable(explainer, similarity)
             for model in (teacher, student):
@@ -99,48 +127,60 @@ class Distiller:
         s_ctx = self.explainer.capture(self.student, images, trainable=True) if self.explains else contextlib.nullcontext()
         with s_ctx as s_cap:
             student_logits = self.student(s_cap.inputs if s_cap is not None else images)
+        weights = None
         if frozen:
             targets = teacher_logits.argmax(dim=1, keepdim=True)
             teacher_maps = teacher_maps[:, None] if teacher_maps is not None else None
         else:
-            choose = (lambda z: self.targets(z, labels)) if self.explains else None
-            teacher_logits, teacher_maps, targets = teacher_outputs(
-                self.teacher, images, self.explainer if self.explains else None, choose)
+            chosen: dict[str, torch.Tensor | None] = {}
+
+            def choose(z: torch.Tensor) -> torch.Tensor:
+                targets, chosen["weights"] = self.targets(z, labels)
+                return targets
+
+            teacher_logits, teacher_maps, targets = explained_forward(
+                self.teacher, images, self.explainer if self.explains else None, choose if self.explains else None)
+            weights = chosen.get("weights")
         out = self.losses(student_logits, teacher_logits.detach(), labels)
         if self.explains:
-            per_class = [
+            per_class = torch.stack([
                 self.similarity.loss(s_cap.explain(student_logits, targets[:, j], create_graph=True), teacher_maps[:, j].detach())
                 for j in range(targets.shape[1])
-            ]
-            explanation = torch.stack(per_class, dim=1).mean()
+            ], dim=1)
+            explanation = per_class.mean() if weights is None else (per_class * weights).sum() / weights.sum()
             out["explanation"] = explanation
             out["loss"] = out["loss"] + self.lam * explanation
         return out
 
-    def targets(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """(B, k) classes whose explanations are matched (default: the teacher's top-1)."""
+    def targets(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, k) classes whose explanations are matched (default: the teacher's top-1), and (B, k)
+        weights of the (image, class) pairs where rows have sets of different sizes (else None)."""
         mode = self.explain_classes
         if mode == "top1":
-            return teacher_logits.argmax(dim=1, keepdim=True)
+            return teacher_logits.argmax(dim=1, keepdim=True), None
         if mode == "label":
             if labels is None:
                 raise ValueError("explain_classes='label' needs labels")
-            return labels.view(-1, 1)
+            return padded_sets(labels > 0.5) if labels.dim() == 2 else (labels.view(-1, 1), None)
         if mode == "topk":
-            return teacher_logits.topk(min(self.top_k, teacher_logits.shape[1]), dim=1).indices
-        return torch.arange(teacher_logits.shape[1], device=teacher_logits.device).expand(teacher_logits.shape[0], -1)
+            return teacher_logits.topk(min(self.top_k, teacher_logits.shape[1]), dim=1).indices, None
+        if mode == "positive":
+            member = teacher_logits > 0
+            member[torch.arange(len(member), device=member.device), teacher_logits.argmax(1)] = True
+            return padded_sets(member)
+        return torch.arange(teacher_logits.shape[1], device=teacher_logits.device).expand(teacher_logits.shape[0], -1), None
 
     def losses(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """The logit terms (KD and optional CE); the explanation term is added by the caller."""
-        kd = kd_loss(student_logits, teacher_logits, self.temperature)
+        kd = (binary_kd_loss if self.kd == "binary" else kd_loss)(student_logits, teacher_logits, self.temperature)
         zero = kd.new_zeros(())
         ce = zero
         if self.ce_weight > 0:
             if labels is None:
                 raise ValueError("ce_weight > 0 needs labels")
-            ce = F.cross_entropy(student_logits, labels)
+            ce = label_loss(student_logits, labels)
         return {
             "loss": kd + self.ce_weight * ce,
             "kd": kd,
@@ -151,26 +191,37 @@ class Distiller:
         }
 
 
-def teacher_outputs(
-    teacher: nn.Module,
-    images: torch.Tensor,
-    explainer: Explainer | None,
-    choose_targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The frozen teacher's logits, its detached maps and the explained classes.
+def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for class indices; binary cross-entropy (mean over classes) for multi-hot labels."""
+    if labels.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels)
 
-    ``choose_targets(logits)`` returns (B, k) classes (default: the top-1); maps are
-    (B, k, C, H, W), or None without an explainer.
+
+Targets = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def explained_forward(
+    model: nn.Module, images: torch.Tensor, explainer: Explainer | None, targets: Targets = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Run a frozen ``model`` (eval mode) once and explain it: logits, detached maps, explained classes.
+
+    ``targets`` is a (B, k) tensor of classes, a function of the logits returning one, or None
+    for the model's own top-1. Maps are (B, k, C, H, W), or None without an explainer. This is
+    the one place that runs a teacher (or an evaluated model) and explains its classes.
     """
-    teacher.eval()
+    model.eval()
     if explainer is None:
         with torch.no_grad():
-            logits = teacher(images)
+            logits = model(images)
         return logits, None, logits.argmax(dim=1, keepdim=True)
     with torch.enable_grad():
-        with explainer.capture(teacher, images, trainable=False) as cap:
-            logits = teacher(cap.inputs)
-        targets = choose_targets(logits) if choose_targets is not None else logits.argmax(dim=1, keepdim=True)
+        with explainer.capture(model, images, trainable=False) as cap:
+            logits = model(cap.inputs)
+        if targets is None:
+            targets = logits.argmax(dim=1, keepdim=True)
+        elif callable(targets):
+            targets = targets(logits.detach())
         maps = torch.stack([cap.explain(logits, targets[:, j]).detach() for j in range(targets.shape[1])], dim=1)
     return logits.detach(), maps, targets
 

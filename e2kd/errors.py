@@ -17,6 +17,10 @@ class ModelError(E2KDError):
     """A model cannot be used as asked (missing layer, bad checkpoint, ...)."""
 
 
+class DataError(E2KDError):
+    """A dataset folder, file or image is missing, malformed or unreadable."""
+
+
 class CacheError(E2KDError):
     """A frozen-teacher cache is missing, stale (made for another setting) or corrupt."""
 

@@ -8,21 +8,15 @@ import torch
 from torch import nn
 
 from .api import EvalBatch, Explainer, Metric
+from .distill import explained_forward, padded_sets
 
 
-def explain_pair(
-    explainer: Explainer, model: nn.Module, teacher: nn.Module, images: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits and explanations of model and teacher, both for the teacher's top-1 class."""
-    with torch.enable_grad():
-        with explainer.capture(model, images, trainable=False) as cap:
-            logits = model(cap.inputs)
-        with explainer.capture(teacher, images, trainable=False) as t_cap:
-            t_logits = teacher(t_cap.inputs)
-        target = t_logits.argmax(1)
-        maps = cap.explain(logits, target).detach()
-        t_maps = t_cap.explain(t_logits, target).detach()
-    return logits.detach(), t_logits.detach(), maps, t_maps
+def label_sets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) present label classes and (B, k) weights: the label itself for class indices, every
+    present class (padded with weight 0) for multi-hot labels."""
+    if labels.dim() == 2:
+        return padded_sets(labels > 0.5)
+    return labels.view(-1, 1), torch.ones(labels.shape[0], 1, device=labels.device)
 
 
 def evaluate(
@@ -37,35 +31,47 @@ def evaluate(
     """Run ``metrics`` over ``batches``; returns (values, skipped metric -> reason).
 
     A metric whose requirements the data or setting cannot meet is skipped, not failed.
-    Explanations are computed only when a metric needs them.
+    Explanations are computed only when a metric needs them: the model and the teacher are
+    each run once per batch, and one capture of the model explains both the teacher's top-1
+    class and the present label classes.
     """
     was_training = model.training
-    model.eval()
-    if teacher is not None:
-        teacher.eval()
     for metric in metrics.values():
         metric.reset()
     needs = set().union(*(m.requires for m in metrics.values())) if metrics else set()
     pair_maps = "explanations" in needs and teacher is not None and explainer is not None
-    label_maps = "label_explanations" in needs and explainer is not None
+    want_label_maps = "label_explanations" in needs and explainer is not None
     active: dict[str, Metric] | None = None
     skipped: dict[str, str] = {}
     for batch in batches:
         images = batch["image"].to(device)
         labels = _get(batch, "label", device)
-        maps = t_maps = None
-        if pair_maps:
-            logits, t_logits, maps, t_maps = explain_pair(explainer, model, teacher, images)
-        else:
-            with torch.no_grad():
-                logits = model(images)
-                t_logits = teacher(images) if teacher is not None else None
+        label_maps = want_label_maps and labels is not None
+        t_logits = t_maps = None
+        targets = []
+        if teacher is not None:
+            t_logits, t_maps, t_top1 = explained_forward(teacher, images, explainer if pair_maps else None)
+            if pair_maps:
+                targets.append(t_top1)
+        if label_maps:
+            label_targets, label_weights = label_sets(labels)
+            targets.append(label_targets)
+        logits, maps, _ = explained_forward(model, images, explainer if targets else None,
+                                            torch.cat(targets, dim=1) if targets else None)
         eval_batch = EvalBatch(
-            logits=logits, teacher_logits=t_logits, explanations=maps, teacher_explanations=t_maps,
-            label_explanations=explainer.explain(model, images, labels) if label_maps and labels is not None else None,
-            labels=labels, masks=_get(batch, "mask", device), groups=_get(batch, "group", device),
-            images=images, model=model, explainer=explainer,
+            logits=logits, labels=labels, teacher_logits=t_logits,
+            explanations=maps[:, 0] if pair_maps else None, teacher_explanations=t_maps[:, 0] if pair_maps else None,
+            groups=_get(batch, "group", device), in_distribution=_get(batch, "in_distribution", device),
+            images=images, explain=_explain_fn(explainer, model),
         )
+        if label_maps:
+            rows, cols = torch.nonzero(label_weights > 0, as_tuple=True)
+            classes = label_targets[rows, cols]
+            eval_batch.label_explanations = maps[:, int(pair_maps):][rows, cols]
+            eval_batch.label_pairs = torch.stack([rows, classes], dim=1)
+            masks = _get(batch, "mask", device)
+            if masks is not None:
+                eval_batch.label_masks = masks[rows, classes if masks.shape[1] > 1 else 0][:, None]
         if active is None:
             have = eval_batch.available()
             active = {}
@@ -79,6 +85,12 @@ def evaluate(
             metric.update(eval_batch)
     model.train(was_training)
     return {name: metric.compute() for name, metric in (active or {}).items()}, skipped
+
+
+def _explain_fn(explainer: Explainer | None, model: nn.Module):
+    if explainer is None:
+        return None
+    return lambda images, target: explainer.explain(model, images, target)
 
 
 def flatten_metrics(values: dict[str, Any]) -> dict[str, float]:

@@ -16,17 +16,19 @@ import io
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .api import Explainer
+from .config import describe_difference
 from .data.augment import resize_map
-from .distill import teacher_outputs
+from .data import make_loader
+from .distill import explained_forward
 from .errors import CacheError, StaleCacheError
 from .runs import atomic_write_bytes, atomic_write_json
 
@@ -59,23 +61,6 @@ def make_fingerprint(
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
-
-
-def describe_difference(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable list of what differs between two fingerprints."""
-    changes = []
-    for key in sorted(set(stored) | set(current)):
-        a, b = stored.get(key), current.get(key)
-        if a == b:
-            continue
-        path = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += describe_difference(a, b, f"{path}.")
-        elif key == "weights_sha256":
-            changes.append(f"{prefix}weights (sha256 {str(a)[:10]}… in the cache, {str(b)[:10]}… now)")
-        else:
-            changes.append(f"{path} ({a!r} in the cache, {b!r} now)")
-    return changes
 
 
 def _shard_name(shard: int, part: str) -> str:
@@ -128,7 +113,7 @@ def build_cache(
     root: str | Path,
     teacher: nn.Module,
     explainer: Explainer,
-    images: torch.Tensor,
+    images: torch.Tensor | Dataset,
     fingerprint: dict[str, Any],
     *,
     dtype: str = "float16",
@@ -137,8 +122,11 @@ def build_cache(
     device: str | torch.device = "cpu",
     progress: bool = True,
     force: bool = False,
+    num_workers: int = 0,
 ) -> Path:
-    """Compute and store the teacher's logits and maps for ``images`` (N, C, H, W).
+    """Compute and store the teacher's logits and maps for ``images``: a dataset whose items hold
+    an ``image`` (read through a DataLoader, shard by shard, in bounded memory) or an (N, C, H, W)
+    tensor. Entries are keyed by sample index.
 
     Resumable: shards already written and intact are kept. A cache made for another
     fingerprint is refused (``force=True`` deletes it first).
@@ -150,7 +138,7 @@ def build_cache(
             raise _stale(root, index["fingerprint"], fingerprint)
         shutil.rmtree(root)
         index = None
-    n = images.shape[0]
+    n = len(images)
     if index is None:
         index = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "num_samples": n, "shard_size": shard_size,
                  "dtype": dtype, "shards": {}, "complete": False}
@@ -168,9 +156,8 @@ def build_cache(
             bar.update(hi - lo)
             continue
         logits, maps = [], []
-        for start in range(lo, hi, batch_size):
-            batch = images[start:min(hi, start + batch_size)].to(device)
-            z, m, _ = teacher_outputs(teacher, batch, explainer)
+        for batch in _batches(images, lo, hi, batch_size, num_workers, device):
+            z, m, _ = explained_forward(teacher, batch.to(device), explainer)
             logits.append(z.cpu())
             maps.append(m[:, 0].cpu())
             bar.update(batch.shape[0])
@@ -184,6 +171,18 @@ def build_cache(
     index["complete"] = True
     atomic_write_json(root / INDEX, index)
     return root
+
+
+def _batches(images: torch.Tensor | Dataset, lo: int, hi: int, batch_size: int, num_workers: int,
+             device: str | torch.device) -> Iterator[torch.Tensor]:
+    """The images of samples lo..hi-1 in batches."""
+    if isinstance(images, torch.Tensor):
+        for start in range(lo, hi, batch_size):
+            yield images[start:min(hi, start + batch_size)]
+        return
+    loader = make_loader(Subset(images, range(lo, hi)), batch_size, num_workers=num_workers, device=device)
+    for batch in loader:
+        yield batch["image"]
 
 
 def _stale(root: Path, stored: dict[str, Any], current: dict[str, Any]) -> StaleCacheError:

@@ -66,3 +66,16 @@ def register_models(register: Register) -> None:
 
     Called once, when the registry is first used.
     """
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register datasets that configs can name (``data.name``).
+
+    :param register: call ``register(cls)`` for each class; ``cls`` subclasses
+        :class:`e2kd.api.Dataset` and declares its ``label_type`` (single or multi),
+        what its samples ``provides`` (``mask``, ``boxes``, ``group``), its splits,
+        class names and an identity for frozen-teacher cache fingerprints.
+
+    Called once, when the registry is first used.
+    """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,26 @@ def default_layer_name(model: nn.Module, *, who: str = "explainer") -> str:
         f"{who}: model {type(model).__name__} declares no feature stages (feature_info); "
         f"set option 'layer' to a module name"
     )
+
+
+def normalize_inputs(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    """Make ``model`` take [0, 1] images and normalise them itself: ``(x - mean) / std`` per channel.
+
+    A forward pre-hook with non-persistent buffers: module names and state-dict keys are
+    unchanged (layers keep their names; checkpoints stay compatible) and the constants move
+    with ``model.to(device)``. Explanations are taken w.r.t. the [0, 1] image.
+    """
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise ModelError(f"normalisation: mean and std need one value per channel and std > 0 (got {mean}, {std})")
+    model.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    model.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    model.register_forward_pre_hook(_normalize)
+    return model
+
+
+def _normalize(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    return ((x - module.input_mean.to(x.dtype)) / module.input_std.to(x.dtype), *args[1:])
 
 
 def build_model(name: str, options: dict[str, Any] | None, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:

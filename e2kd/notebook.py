@@ -2,10 +2,10 @@
 
     import e2kd
     run = e2kd.load_run("demo_out/e2kd_seed0")
-    images, labels = e2kd.sample_images(run.datasets()["test_ood"])
+    images, labels = e2kd.sample_images(run.split("test_ood"))
     maps = {"teacher": e2kd.explain(run.teacher, images), "student": e2kd.explain(run.model, images)}
     e2kd.compare(maps["student"], maps["teacher"])      # {"cosine": ..., "pearson": ..., ...}
-    e2kd.show(images, maps, labels=labels)              # a matplotlib Figure
+    e2kd.show(images, maps, labels=labels, class_names=run.class_names)   # a matplotlib Figure
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def explain(
     model: nn.Module, images: torch.Tensor, explainer: str = "gradcam", target: torch.Tensor | int | None = None,
     **options: Any,
 ) -> torch.Tensor:
-    """Explanations (B, C, H, W) of ``model`` for ``target`` (default: its top-1 class), detached."""
-    return get_explainer(explainer, **options).explain(model.eval(), images, target)
+    """Explanations (B, C, H, W) of ``model`` for ``target`` (default: its top-1 class), detached.
+
+    ``images`` are moved to the model's device."""
+    return get_explainer(explainer, **options).explain(model.eval(), images.to(_device(model)), target)
 
 
 def compare(a: torch.Tensor, b: torch.Tensor, similarities: Sequence[str] = DEFAULT_SIMILARITIES) -> dict[str, float]:
@@ -42,13 +44,14 @@ def show(
     images: torch.Tensor, maps: dict[str, torch.Tensor], *, labels: torch.Tensor | None = None,
     models: dict[str, nn.Module] | None = None, class_names: Sequence[str] | None = None, title: str | None = None,
 ):
-    """A Figure: the images, then each named map over them; ``models`` adds their predictions."""
+    """A Figure: the images, then each named map over them; ``models`` adds their predictions,
+    ``class_names`` (e.g. ``run.class_names``) names the classes."""
     predictions = None
     if models:
         with torch.no_grad():
-            predictions = {name: m.eval()(images).argmax(1) for name, m in models.items()}
-    if class_names is None:
-        from .data import SHAPES
-
-        class_names = SHAPES
+            predictions = {name: m.eval()(images.to(_device(m))).argmax(1) for name, m in models.items()}
     return plot_explanations(images, maps, None, labels=labels, predictions=predictions, class_names=class_names, title=title)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device

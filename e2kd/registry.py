@@ -18,7 +18,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
-from .api import REQUIREMENTS, Explainer, Metric, ModelBuilder, PluginItem, Similarity
+from .api import REQUIREMENTS, SAMPLE_FIELDS, Dataset, Explainer, Metric, ModelBuilder, PluginItem, Similarity
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "e2kd"
@@ -30,6 +30,7 @@ KINDS: dict[str, tuple[str, type[PluginItem]]] = {
     "similarity": ("register_similarities", Similarity),
     "metric": ("register_metrics", Metric),
     "model": ("register_models", ModelBuilder),
+    "dataset": ("register_datasets", Dataset),
 }
 
 
@@ -158,6 +159,9 @@ def _describe(cls: type, kind: str, base: type[PluginItem], plugin: str, dist: s
     if kind == "metric" and not set(cls.requires) <= REQUIREMENTS:
         unknown = sorted(set(cls.requires) - REQUIREMENTS)
         raise PluginError(f"plugin {plugin!r}: metric {cls.name!r} requires unknown data {unknown} (known: {sorted(REQUIREMENTS)})")
+    if kind == "dataset" and (cls.label_type not in ("single", "multi") or not set(cls.provides) <= SAMPLE_FIELDS):
+        raise PluginError(f"plugin {plugin!r}: dataset {cls.name!r} must declare label_type 'single' or 'multi' and "
+                          f"provides within {sorted(SAMPLE_FIELDS)}")
     options_model = cls.Options
     if not (isinstance(options_model, type) and issubclass(options_model, BaseModel)):
         raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Options must be a pydantic model")
@@ -239,6 +243,13 @@ def get_metric(name: str, **options: Any) -> Metric:
 def get_model_builder(name: str, **options: Any) -> ModelBuilder:
     """The model builder registered as ``name``, configured with ``options``."""
     return create("model", name, options)
+
+
+def get_dataset(name: str, seed: int = 0, **options: Any) -> Dataset:
+    """The dataset registered as ``name``, configured with ``options`` (``seed`` draws subsets)."""
+    info = _REGISTRY.info("dataset", name)
+    assert info.cls is not None
+    return info.cls(validate_options("dataset", name, options), seed=seed)
 
 
 def list_plugins(kind: str | None = None) -> list[PluginInfo]:

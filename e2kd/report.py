@@ -3,40 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from .api import Explainer
-from .data import SHAPES
+from .distill import explained_forward
 from .evaluate import flatten_metrics
-from .experiment import evaluate_run, load_run
+from .experiment import LoadedRun, load_run
 from .runs import atomic_write_json, atomic_write_text
 from .viz import plot_curves, plot_explanations
 
 
-def sample_images(dataset, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images (and labels) spread over the dataset, cycling through the classes."""
-    k = int(dataset.labels.max()) + 1
-    index = (torch.arange(n) * (k + 1)) % len(dataset)
-    return dataset.images[index], dataset.labels[index]
+def sample_images(dataset: Dataset, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images (and labels) of a dataset of items, spread over it (read through its view)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    stride = size // n + 1
+    items = [dataset[(i * stride) % size] for i in range(min(n, size))]
+    return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
 
 
 def explanation_figure(
     models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None, explainer: Explainer,
-    path: Path, *, reference: str | None = None, title: str | None = None,
+    path: Path, *, reference: str | None = None, class_names: Sequence[str] | None = None, title: str | None = None,
 ) -> Path:
     """Every model's map on the same images, all for the class ``models[reference]`` predicts
     (the teacher's top-1), or each model's own top-1 when ``reference`` is None."""
+    targets = None
+    if reference is not None:
+        targets = explained_forward(models[reference], images, None)[2]
     maps, preds = {}, {}
-    with torch.no_grad():
-        for name, model in models.items():
-            preds[name] = model(images).argmax(1)
     for name, model in models.items():
-        target = preds[reference] if reference is not None else preds[name]
-        maps[name] = explainer.explain(model, images, target)
-    return plot_explanations(images, maps, path, labels=labels, predictions=preds, class_names=SHAPES, title=title)
+        logits, m, _ = explained_forward(model, images, explainer, targets)
+        maps[name], preds[name] = m[:, 0], logits.argmax(1)
+    return plot_explanations(images, maps, path, labels=labels, predictions=preds, class_names=class_names, title=title)
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -49,6 +51,12 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for run, row in rows.items():
         lines.append(f"| {run} | " + " | ".join(f"{row[c]:.4g}" if c in row else "—" for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def figure_split(run: LoadedRun) -> str:
+    """The split the figures show: the last evaluation split (out of distribution where there is one)."""
+    splits = run.config.eval.splits or list(run.dataset.eval_splits())
+    return splits[-1]
 
 
 def evaluate_report(
@@ -65,26 +73,29 @@ def evaluate_report(
         log(f"[evaluate] {run_dir}")
         run = load_run(run_dir)
         runs.append(run)
-        results[run.name] = evaluate_run(run_dir, metrics)
+        results[run.name] = run.evaluate(metrics)
     if out.resolve() not in {r.path.resolve() for r in runs}:  # inside a run dir, its own metrics.json is the record
         atomic_write_json(out / "metrics.json", {name: {k: r[k] for k in ("splits", "skipped")} for name, r in results.items()})
     atomic_write_text(out / "report.md", table(results))
     first = runs[0]
     teacher = next((r.teacher for r in runs if r.teacher is not None), None)
     models = ({"teacher": teacher} if teacher is not None else {}) | {r.name: r.model for r in runs}
-    images, labels = sample_images(first.datasets()["test_ood"])
+    split = figure_split(first)
+    images, labels = sample_images(first.split(split))
+    device = next(first.model.parameters()).device
+    explainer = first.explainer()
+    whose = "the teacher's class" if teacher is not None else "each model's predicted class"
     figures = {"explanations": explanation_figure(
-        models, images, labels, first.explainer(), out / "explanations.png",
-        reference="teacher" if teacher is not None else None,
-        title="explanations for the teacher's class on out-of-distribution images" if teacher is not None
-        else "explanations for each model's predicted class on out-of-distribution images")}
-    curves = {name: r["splits"]["test_ood"]["shift_equivariance"] for name, r in results.items()
-              if "shift_equivariance" in r["splits"].get("test_ood", {})}
+        models, images.to(device), labels, explainer, out / "explanations.png",
+        reference="teacher" if teacher is not None else None, class_names=first.class_names,
+        title=f"{explainer.name} explanations for {whose} on {split} images")}
+    curves = {name: r["splits"][split]["shift_equivariance"] for name, r in results.items()
+              if "shift_equivariance" in r["splits"].get(split, {})}
     if curves:
         figures["shift"] = plot_curves(
             {name: ([int(k.split("_")[1]) for k in c], list(c.values())) for name, c in curves.items()},
             out / "shift.png", xlabel="diagonal shift (px)", ylabel="cosine on the overlap",
-            title="shift equivariance of explanations (test_ood)")
+            title=f"shift equivariance of explanations ({split})")
     log(table(results))
     log("wrote " + ", ".join(str(p) for p in [out / "metrics.json", out / "report.md", *figures.values()]))
     return {"results": results, "figures": {k: str(v) for k, v in figures.items()}, "out": str(out)}

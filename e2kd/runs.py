@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .config import ExperimentConfig, describe_difference, dump_config, identity_digest, run_identity, stored_config
 from .errors import ConfigError
 
 _PACKAGES = ("e2kd", "torch", "torchvision", "timm", "captum", "pluggy", "pydantic", "numpy")
@@ -87,15 +88,39 @@ def git_revision() -> str | None:
         return None
 
 
-def prepare_run_dir(out_dir: str | Path, config_yaml: str, seed: int) -> Path:
-    """Create ``out_dir`` with config.yaml and env.json; refuse one that holds another config."""
-    out = Path(out_dir)
+def _identity_problem(out: Path, config: ExperimentConfig) -> str | None:
+    """None if ``out`` holds no config or one with the same identity as ``config``, else what differs."""
     existing = out / "config.yaml"
-    if existing.is_file() and existing.read_text() != config_yaml:
-        raise ConfigError(
-            f"{out}: run directory holds a different config.yaml; choose another out_dir (--out) or delete it"
-        )
+    if not existing.is_file():
+        return None
+    stored = stored_config(existing)
+    if stored is None:
+        return "its config.yaml no longer validates"
+    if identity_digest(stored) == identity_digest(config):
+        return None
+    changes = describe_difference(run_identity(stored), run_identity(config), where="there")
+    return "; ".join(changes[:3]) + (f" (+{len(changes) - 3} more)" if len(changes) > 3 else "")
+
+
+def prepare_run_dir(config: ExperimentConfig) -> Path:
+    """Create ``config.out_dir`` with config.yaml and env.json; refuse one that holds a run of
+    another config (compared by :func:`e2kd.config.run_identity`, so output folder, progress bar
+    and loader workers may differ)."""
+    out = Path(config.out_dir)
+    problem = _identity_problem(out, config)
+    if problem is not None:
+        raise ConfigError(f"{out}: run directory holds a different run ({problem}); "
+                          f"choose another out_dir (--out) or delete it")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(existing, config_yaml)
-    atomic_write_json(out / "env.json", environment(seed))
+    atomic_write_text(out / "config.yaml", dump_config(config))
+    atomic_write_json(out / "env.json", environment(config.seed))
     return out
+
+
+def finished_results(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The metrics of a finished run of this config in ``config.out_dir``, else None."""
+    out = Path(config.out_dir)
+    files = [out / "config.yaml", out / "model.pt", out / "metrics.json"]
+    if all(f.is_file() for f in files) and _identity_problem(out, config) is None:
+        return json.loads(files[2].read_text())
+    return None

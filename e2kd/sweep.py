@@ -72,7 +72,7 @@ def plan(base: dict[str, Any], grid: dict[str, list[Any]], seeds: list[int], out
             data["seed"] = seed
             config = load_config_dict(data, source=f"{source} (sweep cell {cell})")
             run = SweepRun(cell, seed, config)
-            run.config = config.model_copy(update={"out_dir": out_dir / "runs" / run.name})
+            run.config = config.model_copy(update={"out_dir": (Path(out_dir) / "runs" / run.name).resolve()})
             _check_trainable(run)
             runs.append(run)
     return runs

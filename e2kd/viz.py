@@ -47,18 +47,22 @@ def plot_explanations(
     fig = Figure(figsize=(1.9 * cols, 1.9 * n))
     axes = fig.subplots(n, cols, squeeze=False)
     name_of = (lambda c: class_names[int(c)]) if class_names else (lambda c: str(int(c)))
+
+    def present(label: torch.Tensor) -> list[int]:  # a class index, or the classes of a multi-hot vector
+        return [int(label)] if label.dim() == 0 else torch.nonzero(label > 0.5).flatten().tolist()
+
     for i in range(n):
         ax = axes[i, 0]
         ax.imshow(_to_image(images[i]))
         if labels is not None:
-            ax.set_ylabel(name_of(labels[i]), fontsize=9)
+            ax.set_ylabel(", ".join(name_of(c) for c in present(labels[i])[:3]), fontsize=9)
         for j, (name, batch) in enumerate(maps.items(), start=1):
             ax = axes[i, j]
             ax.imshow(_to_image(images[i]), alpha=0.55)
             ax.imshow(_to_heat(batch[i]), cmap="inferno", alpha=0.6, vmin=0, vmax=1)
             if predictions is not None and name in predictions:
                 pred = predictions[name][i]
-                ok = labels is None or int(pred) == int(labels[i])
+                ok = labels is None or int(pred) in present(labels[i])
                 ax.set_xlabel(("" if ok else "✗ ") + name_of(pred), fontsize=8, color="black" if ok else "red")
         for j in range(cols):
             axes[i, j].set_xticks([])

@@ -120,7 +120,7 @@ def test_run_dir_with_other_config_is_refused(tmp_path, capsys):
     cfg = {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "r")}
     assert main(["train-teacher", str(_write(tmp_path / "r.yaml", cfg))]) == 0
     assert main(["train-teacher", str(_write(tmp_path / "r.yaml", cfg)), "--set", "seed=5"]) == 2
-    assert "holds a different config.yaml" in capsys.readouterr().err
+    assert "holds a different run (seed (0 there, 5 now))" in capsys.readouterr().err
 
 
 def test_demo_quick_smoke(tmp_path):

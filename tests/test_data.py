@@ -1,6 +1,6 @@
 import torch
 
-from e2kd.data import SyntheticShapes
+from e2kd_plugins.datasets.synthetic import SyntheticShapes
 from e2kd.data.augment import make_augment
 
 

@@ -8,7 +8,7 @@ import torchvision.transforms.v2.functional as TF
 import e2kd
 from e2kd import frozen
 from e2kd.cli import main
-from e2kd.data import SyntheticShapes
+from e2kd_plugins.datasets.synthetic import SyntheticShapes
 from e2kd.data.augment import make_augment
 from e2kd.distill import Distiller
 from e2kd.errors import CacheError, StaleCacheError
@@ -200,8 +200,8 @@ def test_interrupted_precompute_resumes_to_the_same_cache(tmp_path, setup, monke
         TeacherCache.open(tmp_path / "resumed")
     monkeypatch.setattr(frozen, "_save_npy", real)
     computed = []
-    real_outputs = frozen.teacher_outputs
-    monkeypatch.setattr(frozen, "teacher_outputs", lambda t, x, e: computed.append(x.shape[0]) or real_outputs(t, x, e))
+    real_outputs = frozen.explained_forward
+    monkeypatch.setattr(frozen, "explained_forward", lambda t, x, e: computed.append(x.shape[0]) or real_outputs(t, x, e))
     _build(tmp_path / "resumed", teacher, data, explainer)
     assert sum(computed) == len(data) - 6  # only the missing shards were computed
     straight = sorted(p.name for p in (tmp_path / "straight").iterdir())

@@ -58,7 +58,7 @@ def test_epg_and_iou_by_hand():
     assert energy_pointing_game(maps, masks).tolist() == pytest.approx([0.8, 0.0])
     # sample 0: A+ = [4, 0, 1, 0] -> min-max [1, 0, .25, 0] -> > .5: {0}; mask {0, 1}: IoU 1/2. sample 1: empty -> 0/1 = 0
     assert explanation_iou(maps, masks).tolist() == pytest.approx([0.5, 0.0])
-    batch = EvalBatch(logits=LOGITS[:2], label_explanations=maps, masks=masks)
+    batch = EvalBatch(logits=LOGITS[:2], label_explanations=maps, label_masks=masks)
     assert _run("epg", batch) == pytest.approx(0.4)
     assert _run("explanation_iou", batch) == pytest.approx(0.25)
 
@@ -120,7 +120,8 @@ def test_shift_equivariance_of_a_perfectly_equivariant_explainer():
     try:
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
         x = torch.rand(3, 3, 8, 8)
-        batch = EvalBatch(logits=model(x), images=x, model=model, explainer=e2kd.get_explainer("adhoc_const"))
+        explainer = e2kd.get_explainer("adhoc_const")
+        batch = EvalBatch(logits=model(x), images=x, explain=lambda images, t: explainer.explain(model, images, t))
         curve = _run("shift_equivariance", batch, max_shift=3)
         assert list(curve) == ["shift_0", "shift_1", "shift_2", "shift_3"]
         assert all(v == pytest.approx(1.0) for v in curve.values())
@@ -141,7 +142,7 @@ def test_missing_requirements_are_skipped_with_a_reason():
 
 def _full_batch(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    from e2kd.data import SyntheticShapes
+    from e2kd_plugins.datasets.synthetic import SyntheticShapes
 
     data = SyntheticShapes(2, num_classes=3, image_size=16, bias=0.5, seed=seed)
     model = e2kd.get_model_builder("small_resnet", widths=[4, 8]).build(3).eval()
@@ -151,8 +152,9 @@ def _full_batch(n=6, seed=0):
     return EvalBatch(
         logits=model(x).detach(), labels=data.labels[:n], teacher_logits=teacher(x).detach(),
         explanations=torch.rand(n, 1, 16, 16, generator=g), teacher_explanations=torch.rand(n, 1, 16, 16, generator=g),
-        label_explanations=torch.randn(n, 1, 16, 16, generator=g), masks=data.masks[:n], groups=data.groups[:n],
-        images=x, model=model, explainer=explainer,
+        label_explanations=torch.randn(n, 1, 16, 16, generator=g), label_masks=data.masks[:n], groups=data.groups[:n],
+        in_distribution=data.groups[:n] == data.labels[:n],
+        images=x, explain=lambda images, t: explainer.explain(model, images, t),
     )
 
 

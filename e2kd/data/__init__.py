@@ -1,5 +1,71 @@
-"""Built-in data: a deterministic synthetic shapes-on-backgrounds generator."""
+"""The data seam: a dataset plugin's samples, seen through a view, read by a DataLoader.
 
-from .synthetic import BACKGROUNDS, SHAPES, SyntheticShapes
+The core names no dataset: ``open_dataset`` asks the registry for the one a config names.
+"""
 
-__all__ = ["SyntheticShapes", "SHAPES", "BACKGROUNDS"]
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from ..api import Dataset
+from .augment import make_view
+
+__all__ = ["Dataset", "ViewDataset", "open_dataset", "split_view", "make_loader"]
+
+
+def open_dataset(name: str, options: dict[str, Any] | None = None, *, seed: int = 0, check: bool = True) -> Dataset:
+    """The registered dataset ``name`` with validated ``options``; ``check`` verifies its files exist."""
+    from ..registry import create
+
+    dataset = create("dataset", name, options)
+    dataset.seed = seed
+    if check:
+        dataset.check()
+    return dataset
+
+
+class ViewDataset(TorchDataset):
+    """``transform(samples[i])``: one split of a dataset seen through a view."""
+
+    def __init__(self, samples: TorchDataset, transform: Callable[[dict], dict] | None) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.samples[index]
+        return self.transform(item) if self.transform is not None else item
+
+
+def split_view(dataset: Dataset, split: str, view: str, *, augment: str = "auto", color_jitter: float = 0.0,
+               samples: TorchDataset | None = None) -> ViewDataset:
+    """``split`` of ``dataset`` through ``view`` (``train`` | ``eval`` | ``whole``).
+
+    ``augment: auto`` is the dataset's own default; ``samples`` replaces the split's raw samples
+    (e.g. the same samples with a replayed teacher).
+    """
+    kind = dataset.default_augment if augment == "auto" else augment
+    transform = make_view(view, dataset.image_size, fixed_size=dataset.fixed_size, augment=kind,
+                          color_jitter=color_jitter, num_classes=dataset.num_classes)
+    return ViewDataset(samples if samples is not None else dataset.samples(split), transform)
+
+
+def make_loader(
+    dataset: TorchDataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> DataLoader:
+    """A DataLoader over ``dataset``. Training (``shuffle``, from torch's global RNG, which
+    checkpoints save) drops the last partial batch when at least two full ones exist; memory
+    is pinned for CUDA."""
+    n = len(dataset)  # type: ignore[arg-type]
+    batch = max(1, min(batch_size, n))
+    return DataLoader(
+        dataset, batch_size=batch, shuffle=shuffle, drop_last=shuffle and n >= 2 * batch,
+        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=num_workers > 0 and shuffle,
+    )

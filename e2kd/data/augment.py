@@ -1,14 +1,20 @@
-"""Training augmentation: geometry applied jointly to image, stored teacher map and mask.
+"""Views of a sample: geometry applied jointly to image, stored teacher map, masks and boxes.
+
+Three views exist. ``train`` augments (the ``train.augment`` kind); ``eval`` is deterministic
+(resize the short side to size·256/224, centre crop); ``whole`` squeezes the whole image to
+size × size (what the frozen teacher sees once, so its map covers the whole image). Images
+stored at the training size already (``fixed_size`` datasets such as the synthetic shapes)
+are left as they are by ``eval`` and ``whole``.
 
 The teacher's stored explanation (frozen-teacher training) is resized to the image size and
 stacked with the image as extra channels, so one geometric transform with one set of random
-parameters moves both; the object mask goes through the same call (nearest interpolation).
-Photometric augmentation is applied to the image alone, afterwards.
+parameters moves both; masks and bounding boxes go through the same call. Boxes are then
+rasterised into one mask per class. Photometric augmentation touches the image alone.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,22 +22,56 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 AUGMENTATIONS = ("none", "flip", "flip_crop", "resized_crop_flip")
+VIEWS = ("train", "eval", "whole")
+#: Resize-then-centre-crop ratio of the evaluation view (ImageNet convention: 256 -> 224).
+EVAL_RESIZE_RATIO = 256 / 224
 
 
-def geometric_transform(kind: str, image_size: int) -> v2.Transform | None:
-    """``none`` | ``flip`` | ``flip_crop`` (pad size/8 by reflection, random crop, flip) |
-    ``resized_crop_flip`` (random resized crop, scale 0.35-1, as in the paper, then flip)."""
+def eval_geometry(image_size: int) -> v2.Transform:
+    """Resize the short side to ``image_size * 256 / 224`` (antialiased), centre crop ``image_size``."""
+    return v2.Compose([v2.Resize(round(image_size * EVAL_RESIZE_RATIO), antialias=True), v2.CenterCrop(image_size)])
+
+
+def geometric_transform(kind: str, image_size: int, *, fixed_size: bool = True) -> v2.Transform | None:
+    """The training geometry ``kind``.
+
+    For ``fixed_size`` images (already ``image_size``): ``none`` | ``flip`` | ``flip_crop`` (pad
+    size/8 by reflection, random crop, flip) | ``resized_crop_flip`` (random resized crop, scale
+    0.35-1, then flip). For images of any size: ``none`` is the evaluation view, ``flip`` adds a
+    flip to it, ``flip_crop`` resizes the short side as the evaluation view does and takes a random
+    crop, ``resized_crop_flip`` is the standard ImageNet random resized crop (scale 0.08-1) + flip.
+    """
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {kind!r} (known: {', '.join(AUGMENTATIONS)})")
+    flip = v2.RandomHorizontalFlip()
+    if fixed_size:
+        if kind == "none":
+            return None
+        if kind == "flip":
+            return flip
+        if kind == "flip_crop":
+            return v2.Compose([v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"), flip])
+        return v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), flip])
     if kind == "none":
-        return None
+        return eval_geometry(image_size)
     if kind == "flip":
-        return v2.RandomHorizontalFlip()
+        return v2.Compose([eval_geometry(image_size), flip])
     if kind == "flip_crop":
-        return v2.Compose([v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"),
-                           v2.RandomHorizontalFlip()])
-    if kind == "resized_crop_flip":
-        return v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True),
-                           v2.RandomHorizontalFlip()])
-    raise ValueError(f"unknown augmentation {kind!r} (known: {', '.join(AUGMENTATIONS)})")
+        return v2.Compose([v2.Resize(round(image_size * EVAL_RESIZE_RATIO), antialias=True), v2.RandomCrop(image_size), flip])
+    return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), flip])
+
+
+def view_geometry(view: str, image_size: int, *, fixed_size: bool, augment: str = "none") -> v2.Transform | None:
+    """The geometry of ``view`` (see the module docstring)."""
+    if view == "train":
+        return geometric_transform(augment, image_size, fixed_size=fixed_size)
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r} (known: {', '.join(VIEWS)})")
+    if fixed_size:
+        return None
+    if view == "eval":
+        return eval_geometry(image_size)
+    return v2.Resize((image_size, image_size), antialias=True)
 
 
 def resize_map(teacher_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -42,32 +82,81 @@ def resize_map(teacher_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(teacher_map[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def make_augment(kind: str, image_size: int, color_jitter: float = 0.0) -> Callable[[dict], dict] | None:
-    """Item transform: geometry on image + ``teacher_map`` + ``mask`` jointly, then colour on the image."""
-    geometry = geometric_transform(kind, image_size)
-    colour = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
-    if geometry is None and colour is None:
-        return None
+def boxes_to_masks(boxes: torch.Tensor, labels: torch.Tensor, num_classes: int, size: tuple[int, int]) -> torch.Tensor:
+    """(K, H, W) uint8 masks: pixel (r, c) is in class k's mask when its centre (c + .5, r + .5)
+    lies in one of the class's XYXY boxes."""
+    h, w = size
+    masks = torch.zeros(num_classes, h, w, dtype=torch.uint8)
+    if boxes.shape[0] == 0:
+        return masks
+    b = boxes.as_subclass(torch.Tensor).float()
+    ys = torch.arange(h, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, dtype=torch.float32) + 0.5
+    rows = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4])
+    cols = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3])
+    inside = rows[:, :, None] & cols[:, None, :]
+    labels = labels.long()
+    for k in labels.unique().tolist():
+        masks[k] = inside[labels == k].any(0)
+    return masks
 
-    def apply(item: dict) -> dict:
-        image = item["image"]
+
+class View:
+    """Item transform: geometry on image + ``teacher_map`` + ``mask`` + ``boxes`` jointly, boxes
+    rasterised to per-class masks, uint8 images made float in [0, 1], then colour on the image.
+
+    A class (not a closure) so DataLoader workers can receive it under any start method.
+    """
+
+    def __init__(self, geometry: v2.Transform | None, color_jitter: float = 0.0, num_classes: int = 0) -> None:
+        self.geometry = geometry
+        self.colour = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self.num_classes = num_classes
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         out = dict(item)
-        if geometry is not None:
+        image = item["image"]
+        if image.dtype == torch.uint8 and "teacher_map" in item:
+            image = image.float() / 255  # stacking with a float map needs a float image
+        if self.geometry is not None:
             has_map = "teacher_map" in item
             stacked = torch.cat([image, resize_map(item["teacher_map"], image.shape[-2:])]) if has_map else image
-            inputs = [tv_tensors.Image(stacked)]
+            inputs: dict[str, Any] = {"image": tv_tensors.Image(stacked)}
             if "mask" in item:
-                inputs.append(tv_tensors.Mask(item["mask"]))
-            moved = geometry(*inputs)
-            stacked = moved[0].as_subclass(torch.Tensor)
-            image = stacked[: image.shape[0]]
+                inputs["mask"] = tv_tensors.Mask(item["mask"])
+            if "boxes" in item:
+                inputs["boxes"] = item["boxes"]
+            moved = self.geometry(inputs)
+            stacked = moved["image"].as_subclass(torch.Tensor)
+            image = stacked[:3]
             if has_map:
-                out["teacher_map"] = stacked[image.shape[0]:]
+                out["teacher_map"] = stacked[3:]
             if "mask" in item:
-                out["mask"] = moved[1].as_subclass(torch.Tensor)
-        if colour is not None:
-            image = colour(image)
+                out["mask"] = moved["mask"].as_subclass(torch.Tensor)
+            if "boxes" in item:
+                out["boxes"] = moved["boxes"]
+        if "boxes" in out:
+            boxes = v2.functional.clamp_bounding_boxes(out.pop("boxes"))
+            out["mask"] = boxes_to_masks(boxes, out.pop("box_labels"), self.num_classes, tuple(image.shape[-2:]))
+        if image.dtype == torch.uint8:
+            image = image.float() / 255
+        if self.colour is not None:
+            image = self.colour(image)
         out["image"] = image
         return out
 
-    return apply
+
+def make_view(
+    view: str, image_size: int, *, fixed_size: bool = True, augment: str = "none", color_jitter: float = 0.0,
+    num_classes: int = 0,
+) -> View:
+    """The item transform of ``view``; colour jitter applies to the ``train`` view only."""
+    geometry = view_geometry(view, image_size, fixed_size=fixed_size, augment=augment)
+    return View(geometry, color_jitter if view == "train" else 0.0, num_classes)
+
+
+def make_augment(kind: str, image_size: int, color_jitter: float = 0.0) -> View | None:
+    """Training transform for images stored at ``image_size`` (None when it does nothing)."""
+    if kind == "none" and color_jitter == 0:
+        return None
+    return make_view("train", image_size, fixed_size=True, augment=kind, color_jitter=color_jitter)

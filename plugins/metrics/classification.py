@@ -19,7 +19,7 @@ class Accuracy(Metric):
     name = "accuracy"
     description = "top-k accuracy against the labels"
     Options = AccuracyOptions
-    requires = frozenset({"labels"})
+    requires = frozenset({"labels", "single_label"})
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
         k = min(self.options.top_k, batch.logits.shape[1])

@@ -1,9 +1,9 @@
 """Accuracy and agreement per (label, group) cell, with worst-group and ID/OOD summaries.
 
 A cell is a (label, group id) pair; for the built-in synthetic data the group is the
-background type, for Waterbirds-style data ``group = 2 * label + place``. A cell is
-in distribution when its group id equals its label (the synthetic data's "matching
-background"), or when listed in the ``in_distribution`` option.
+background type, for Waterbirds ``group = 2 * label + place``. A cell is in distribution
+when the ``in_distribution`` option lists its group, else when the dataset marks its samples
+so (waterbird on water, matching background), else when its group id equals its label.
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ from e2kd.api import EvalBatch, Metric
 class GroupOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     in_distribution: list[int] | None = Field(
-        None, description="group ids that are in distribution (default: cells whose group equals the label)")
+        None, description="group ids that are in distribution (default: as the dataset marks samples, else "
+                          "cells whose group equals the label)")
 
 
 class _GroupMetric(Metric):
     Options = GroupOptions
-    requires = frozenset({"labels", "groups"})
+    requires = frozenset({"labels", "single_label", "groups"})
 
     def hits(self, batch: EvalBatch) -> torch.Tensor:
         raise NotImplementedError
 
     def reset(self) -> None:
         self._cells: dict[tuple[int, int], list[float]] = {}
+        self._marked: dict[tuple[int, int], bool] = {}  # cell -> in distribution, as the dataset marks it
 
     def update(self, batch: EvalBatch) -> None:
         keys = torch.stack([batch.labels.view(-1), batch.groups.view(-1)], dim=1).cpu()
@@ -41,10 +43,16 @@ class _GroupMetric(Metric):
             total = self._cells.setdefault((label, group), [0.0, 0.0])
             total[0] += s
             total[1] += n
+        if batch.in_distribution is not None:
+            marked = torch.zeros(len(cells), dtype=torch.bool).index_fill_(
+                0, inverse[batch.in_distribution.view(-1).cpu().bool()], True)
+            self._marked.update({tuple(cell): bool(m) for cell, m in zip(cells.tolist(), marked.tolist())})
 
     def _is_id(self, label: int, group: int) -> bool:
         listed = self.options.in_distribution
-        return group in listed if listed is not None else group == label
+        if listed is not None:
+            return group in listed
+        return self._marked.get((label, group), group == label)
 
     def compute(self) -> dict[str, float]:
         if not self._cells:

@@ -1,7 +1,8 @@
 """Localisation of explanations against object masks: energy pointing game and IoU.
 
-Both score the model's map for the **label** class against the object mask (the reference's
-EPG uses the union of the class's boxes as the mask). Multi-channel maps are summed over
+Both score the model's map for each **label** class against that class's object mask (the
+union of the class's boxes for box-annotated data), one value per (image, present class) pair,
+averaged over the pairs. Multi-channel maps are summed over
 channels first. Batch-native; :func:`epg_loop` and :func:`iou_loop` are the straightforward
 per-sample definitions the tests and the benchmark compare against.
 """
@@ -92,11 +93,11 @@ def iou_loop(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) ->
 
 class EPG(Metric):
     name = "epg"
-    description = "energy pointing game: share of the positive label-class map inside the object mask"
+    description = "energy pointing game: share of the positive label-class map inside the class's mask, per (image, class)"
     requires = frozenset({"label_explanations", "masks"})
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
-        return energy_pointing_game(batch.label_explanations, batch.masks)
+        return energy_pointing_game(batch.label_explanations, batch.label_masks)
 
 
 class IoUOptions(BaseModel):
@@ -111,7 +112,7 @@ class ExplanationIoU(Metric):
     requires = frozenset({"label_explanations", "masks"})
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
-        return explanation_iou(batch.label_explanations, batch.masks, self.options.threshold)
+        return explanation_iou(batch.label_explanations, batch.label_masks, self.options.threshold)
 
 
 @hookimpl

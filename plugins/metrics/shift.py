@@ -53,12 +53,10 @@ class ShiftEquivariance(Metric):
         self._count = 0
 
     def update(self, batch: EvalBatch) -> None:
-        model, explainer, x = batch.model, batch.explainer, batch.images
-        with torch.no_grad():
-            target = model(x).argmax(1)
-        maps = explainer.explain(model, x, target)
+        x, target = batch.images, batch.logits.argmax(1)
+        maps = batch.explain(x, target)
         for t in self.shifts():
-            shifted = explainer.explain(model, shift_diagonal(x, t), target) if t else maps
+            shifted = batch.explain(shift_diagonal(x, t), target) if t else maps
             self._sums[t] += float(overlap_cosine(shifted, maps, t).double().sum())
         self._count += x.shape[0]
 

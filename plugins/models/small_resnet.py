@@ -11,6 +11,7 @@ from torch import nn
 
 from e2kd import hookimpl
 from e2kd.api import ModelBuilder
+from e2kd.models import normalize_inputs
 
 
 class _Block(nn.Module):
@@ -59,6 +60,8 @@ class SmallResNetOptions(BaseModel):
     widths: tuple[int, ...] = Field((16, 32, 64), min_length=1, description="channels per stage")
     blocks: int = Field(1, ge=1, description="residual blocks per stage")
     in_chans: int = Field(3, ge=1, description="input channels")
+    mean: list[float] | None = Field(None, description="per-channel input mean to subtract (default: none)")
+    std: list[float] | None = Field(None, description="per-channel input std to divide by (with mean)")
 
 
 class SmallResNetBuilder(ModelBuilder):
@@ -68,7 +71,10 @@ class SmallResNetBuilder(ModelBuilder):
 
     def build(self, num_classes: int) -> nn.Module:
         o = self.options
-        return SmallResNet(num_classes, tuple(o.widths), o.blocks, o.in_chans)
+        model = SmallResNet(num_classes, tuple(o.widths), o.blocks, o.in_chans)
+        if o.mean is not None or o.std is not None:
+            normalize_inputs(model, o.mean or [0.0] * o.in_chans, o.std or [1.0] * o.in_chans)
+        return model
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """Any timm architecture, always with random initialisation (nothing is downloaded).
 
-Load trained weights with the config's ``checkpoint`` field instead.
+Load trained weights with the config's ``checkpoint`` field instead. Models take [0, 1]
+images and normalise them themselves, by default with the architecture's pretrained mean/std.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from torch import nn
 
 from e2kd import hookimpl
 from e2kd.api import ModelBuilder
+from e2kd.models import normalize_inputs
 
 
 class TimmOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     arch: str = Field("resnet18", description="timm model name, e.g. resnet18")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of timm.create_model")
+    normalize: bool = Field(True, description="normalise [0, 1] input with mean/std inside the model")
+    mean: list[float] | None = Field(None, description="per-channel mean (default: the arch's pretrained config)")
+    std: list[float] | None = Field(None, description="per-channel std (default: the arch's pretrained config)")
 
     @field_validator("kwargs")
     @classmethod
@@ -40,7 +45,13 @@ class TimmBuilder(ModelBuilder):
             from e2kd.errors import ModelError
 
             raise ModelError(f"timm: unknown arch {self.options.arch!r} (see timm.list_models())")
-        return timm.create_model(self.options.arch, pretrained=False, num_classes=num_classes, **kwargs)
+        model = timm.create_model(self.options.arch, pretrained=False, num_classes=num_classes, **kwargs)
+        if self.options.normalize:
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            mean = self.options.mean or cfg.get("mean", (0.485, 0.456, 0.406))
+            std = self.options.std or cfg.get("std", (0.229, 0.224, 0.225))
+            normalize_inputs(model, mean, std)
+        return model
 
 
 @hookimpl

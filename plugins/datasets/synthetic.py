@@ -1,4 +1,4 @@
-"""Synthetic images whose class is the shape of a foreground object.
+"""``synthetic``: images whose class is the shape of a foreground object.
 
 The background texture is correlated with the class at a chosen strength, which makes
 it a shortcut a student can learn instead of the shape (as land/water is in
@@ -13,7 +13,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
+
+from e2kd import hookimpl
+from e2kd.api import Dataset as DatasetPlugin
 
 #: Bump when rendering changes, so caches made from older images are refused.
 GENERATOR_VERSION = 1
@@ -79,7 +83,8 @@ class SyntheticShapes(Dataset):
     """Balanced synthetic classification data; each item is a dict of tensors.
 
     Items: ``image`` (3, H, W) float in [0, 1], ``label`` (class = shape), ``mask``
-    (1, H, W) object mask, ``group`` (the background type).
+    (1, H, W) object mask, ``group`` (the background type), ``in_distribution`` (the
+    background type equals the class).
 
     Args:
         per_class: samples per class.
@@ -139,7 +144,8 @@ class SyntheticShapes(Dataset):
         return self.labels.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"image": self.images[index], "label": self.labels[index], "mask": self.masks[index], "group": self.groups[index]}
+        item = {"image": self.images[index], "label": self.labels[index], "mask": self.masks[index],
+                "group": self.groups[index], "in_distribution": self.groups[index] == self.labels[index]}
         return self.transform(item) if self.transform is not None else item
 
     def without_transform(self) -> "SyntheticShapes":
@@ -158,3 +164,52 @@ class SyntheticShapes(Dataset):
     def matched_fraction(self) -> float:
         """Fraction of samples whose background type equals the class."""
         return float((self.groups == self.labels).float().mean())
+
+
+class SyntheticOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_classes: int = Field(4, ge=2, le=len(SHAPES), description="classes (object shapes)")
+    image_size: int = Field(32, ge=16, description="side of the square images in pixels")
+    train_per_class: int = Field(100, ge=1, description="training images per class")
+    test_per_class: int = Field(100, ge=1, description="images per class of each test split")
+    bias: float = Field(0.0, ge=0.0, le=1.0,
+                        description="background/class correlation of train and test_id (test_ood: never matching)")
+
+
+class Synthetic(DatasetPlugin):
+    name = "synthetic"
+    description = "shapes on textured backgrounds (class = shape; background a tunable shortcut); generated, no files"
+    Options = SyntheticOptions
+    provides = frozenset({"mask", "group"})
+    fixed_size = True
+    default_augment = "flip_crop"
+    #: split -> (stream, mismatched backgrounds)
+    SPLITS = {"train": (0, False), "test_id": (1, False), "test_ood": (2, True)}
+
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.SPLITS)
+
+    def class_names(self) -> list[str]:
+        return list(SHAPES[: self.options.num_classes])
+
+    def _arguments(self, split: str) -> dict:
+        o = self.options
+        stream, mismatched = self.SPLITS[split]
+        return {"per_class": o.train_per_class if split == "train" else o.test_per_class, "num_classes": o.num_classes,
+                "image_size": o.image_size, "bias": 0.0 if mismatched else o.bias, "mismatched": mismatched,
+                "seed": self.seed, "stream": stream}
+
+    def samples(self, split: str) -> SyntheticShapes:
+        key = (split, self.seed)
+        cache = self.__dict__.setdefault("_generated", {})
+        if key not in cache:  # generating costs time: once per split
+            cache[key] = SyntheticShapes(**self._arguments(split))
+        return cache[key]
+
+    def identity(self, split: str) -> dict:
+        return {"kind": "synthetic_shapes", "generator_version": GENERATOR_VERSION, **self._arguments(split)}
+
+
+@hookimpl
+def register_datasets(register) -> None:
+    register(Synthetic)
