@@ -71,8 +71,9 @@ class Explainer(PluginItem):
     differentiable: ClassVar[bool] = True
     #: The method reads a layer of the model (option ``layer``).
     needs_layer: ClassVar[bool] = False
-    #: Model forwards per explanation beyond the training forward.
-    extra_forwards: ClassVar[int] = 0
+    #: Model forwards per explanation beyond the training forward: a number, or the name of the
+    #: option that sets it (e.g. ``"n_steps"``); :meth:`forwards_per_explanation` gives the value.
+    extra_forwards: ClassVar[int | str] = 0
     #: Channels of the returned map (None: as many as the input has).
     output_channels: ClassVar[int | None] = 1
 
@@ -84,6 +85,11 @@ class Explainer(PluginItem):
             "extra_forwards": cls.extra_forwards,
             "output_channels": cls.output_channels,
         }
+
+    def forwards_per_explanation(self) -> int:
+        """Extra model forwards one explanation costs with this instance's options."""
+        extra = self.extra_forwards
+        return int(getattr(self.options, extra)) if isinstance(extra, str) else int(extra)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`e2kd.errors.ModelError` if this explainer cannot explain ``model``."""

@@ -110,6 +110,7 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, description="linear learning-rate warm-up before the schedule (the paper: 5)")
     augment: Literal["auto", "none", "flip", "flip_crop", "resized_crop_flip"] = Field(
         "auto", description="training geometry (auto: the dataset's default; see docs/datasets.md)")
     color_jitter: float = Field(0.0, ge=0, description="photometric jitter strength (image only, never the teacher map)")

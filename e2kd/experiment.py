@@ -63,7 +63,7 @@ def _fit(config: ExperimentConfig, model: nn.Module, step, data: ViewDataset, ou
     t = config.train
     loader = make_loader(data, t.batch_size, shuffle=True, num_workers=config.data.num_workers, device=device_of(config))
     optimizer = make_optimizer(model.parameters(), t.optimizer, t.lr, t.weight_decay)
-    scheduler = make_schedule(optimizer, t.schedule, t.epochs * len(loader))
+    scheduler = make_schedule(optimizer, t.schedule, t.epochs * len(loader), t.warmup_epochs * len(loader))
     return fit(model, step, loader, epochs=t.epochs, optimizer=optimizer, scheduler=scheduler,
                checkpoint=out / "checkpoint.pt", progress=_progress(config), desc=desc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -25,10 +26,23 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_
     raise ValueError(f"unknown optimizer {name!r} (known: adamw, sgd)")
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    if name == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+def lr_factor(step: int, name: str, total_steps: int, warmup_steps: int = 0) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up ``(s + 1) / warmup_steps``, then
+    ``cosine`` (half a cosine from 1 to 0 over the remaining steps) or ``constant`` 1."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
+                  warmup_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    if name not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {name!r} (known: cosine, constant)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, name=name, total_steps=total_steps, warmup_steps=warmup_steps))
 
 
 def fit(

@@ -229,7 +229,9 @@ def test_integrated_gradients_keeps_batchnorm_statistics():
     after_forward = (bn.running_mean.clone(), bn.num_batches_tracked.item())
     cap.explain(logits, torch.tensor([0, 1]), create_graph=True)
     assert torch.equal(bn.running_mean, after_forward[0]) and bn.num_batches_tracked.item() == after_forward[1] == 1
-    assert explainer.extra_forwards == 4 and e2kd.list_plugins("explainer")
+    assert explainer.forwards_per_explanation() == 4
+    listed = {i.name: i.capabilities for i in e2kd.list_plugins("explainer")}
+    assert listed["integrated_gradients"]["extra_forwards"] == "n_steps" and listed["gradcam"]["extra_forwards"] == 0
 
 
 # ---- vision transformers -------------------------------------------------------------------------

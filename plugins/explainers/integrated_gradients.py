@@ -91,11 +91,7 @@ class IntegratedGradients(Explainer):
     description = "Integrated Gradients via captum; trainable (graph-keeping) mode for the student"
     Options = IGOptions
     output_channels = None
-    extra_forwards = IGOptions.model_fields["n_steps"].default
-
-    def __init__(self, options=None, **kwargs) -> None:
-        super().__init__(options, **kwargs)
-        self.extra_forwards = self.options.n_steps
+    extra_forwards = "n_steps"
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:

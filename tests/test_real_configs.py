@@ -1,0 +1,99 @@
+"""The paper's example configs, each run end to end on a generated miniature tree of its data format.
+
+Every command goes through: train-teacher (the config's teacher architecture), distill (live;
+frozen too for ImageNet), precompute, evaluate, sweep, and the notebook API. Images are shrunk
+to 32 px and training to one epoch; the code path is the full-size one.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import e2kd
+from e2kd.cli import main
+from e2kd.data.miniature import write_image_folder, write_voc, write_waterbirds
+
+from .test_datasets import VOC_IMAGES
+
+CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
+SMALL = ["--set", "data.options.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=4",
+         "--set", "train.warmup_epochs=0"]
+
+
+def _tree(kind: str, root: Path) -> list[str]:
+    """Write the miniature tree; returns the --set overrides that point the config at it."""
+    if kind == "imagenet":
+        write_image_folder(root, ["n01", "n02", "n03"], {"train": 5, "val": 2}, seed=0)
+        return ["--set", f"data.options.root={root}", "--set", "data.options.shots=3",
+                "--set", "data.options.holdout_per_class=1", "--set", "data.num_workers=2"]
+    if kind == "waterbirds":
+        write_waterbirds(root, {"train": {(0, 0): 4, (1, 1): 4}, "val": {(0, 1): 1, (1, 0): 1, (0, 0): 1, (1, 1): 1},
+                                "test": {(0, 1): 2, (1, 0): 2, (0, 0): 1, (1, 1): 1}}, seed=1)
+        return ["--set", f"data.options.root={root}", "--set", "data.num_workers=0"]
+    write_voc(root, {"trainval": VOC_IMAGES["train"], "test": VOC_IMAGES["val"]})
+    return ["--set", f"data.options.root={root}", "--set", "data.num_workers=0"]
+
+
+def _teacher_config(example: Path, tmp: Path) -> Path:
+    """The example with its teacher architecture as the model, trained on the labels."""
+    data = yaml.safe_load(example.read_text())
+    teacher = data.pop("teacher")
+    data["model"] = {k: v for k, v in teacher.items() if k != "checkpoint"}
+    data["eval"] = {"metrics": ["micro_f1" if data["data"]["name"] == "voc" else "accuracy"]}
+    path = tmp / "teacher.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, example", [
+    ("imagenet", "imagenet_50shot_r34_r18.yaml"),
+    ("waterbirds", "waterbirds100_r50_r18.yaml"),
+    ("voc", "voc_bcos_r50_r18.yaml"),
+])
+def test_example_config_runs_every_command(kind, example, tmp_path, capsys):
+    data = _tree(kind, tmp_path / "data")
+    config = CONFIGS / example
+    teacher_dir = tmp_path / "teacher"
+    assert main(["train-teacher", str(_teacher_config(config, tmp_path)), *SMALL, *data, "--out", str(teacher_dir)]) == 0
+    student = [str(config), *SMALL, *data, "--set", f"teacher.checkpoint={teacher_dir / 'model.pt'}"]
+    assert main(["distill", *student, "--out", str(tmp_path / "e2kd")]) == 0
+    metrics = json.loads((tmp_path / "e2kd" / "metrics.json").read_text())
+    assert metrics["history"][0]["explanation"] > 0
+    expected_splits = {"imagenet": {"val"}, "waterbirds": {"val", "test"}, "voc": {"test"}}[kind]
+    assert set(metrics["splits"]) == expected_splits
+    last = metrics["splits"][sorted(expected_splits)[0]]
+    if kind == "waterbirds":
+        groups = last["group_accuracy"]
+        assert {"worst_group", "in_distribution", "out_of_distribution"} <= set(groups)
+        assert {"y0_g0", "y0_g1", "y1_g2", "y1_g3"} <= set(groups)  # group = 2 y + place
+    if kind == "voc":
+        assert {"micro_f1", "epg", "explanation_iou", "agreement", "explanation_similarity"} <= set(last)
+        assert metrics["skipped"] == {}
+    if kind == "imagenet":
+        frozen = [*student, "--set", "distill.teacher_mode=frozen"]
+        assert main(["precompute", *frozen]) == 0
+        assert "teacher cache:" in capsys.readouterr().out
+        assert main(["distill", *frozen, "--out", str(tmp_path / "frozen")]) == 0
+        assert (tmp_path / "frozen" / "model.pt").is_file()
+    if kind == "waterbirds":
+        assert main(["sweep", *student, "--grid", "distill.lam=0,1", "--out", str(tmp_path / "sweep")]) == 0
+        assert (tmp_path / "sweep" / "sweep.csv").read_text().count("done") == 2
+    if kind == "voc":
+        assert main(["distill", *student, "--set", "distill.teacher_mode=frozen", "--out", str(tmp_path / "f")]) == 2
+        assert "frozen caches the teacher's top-1 map" in capsys.readouterr().err
+        assert not (tmp_path / "f").exists()
+
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "e2kd"), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "explanations.png").is_file() and (tmp_path / "report" / "report.md").is_file()
+
+    run = e2kd.load_run(tmp_path / "e2kd")
+    assert run.class_names == run.dataset.class_names() and len(run.class_names) == {"imagenet": 3, "waterbirds": 2,
+                                                                                       "voc": 20}[kind]
+    images, labels = e2kd.sample_images(run.split(sorted(expected_splits)[0]), n=2)
+    maps = {"teacher": e2kd.explain(run.teacher, images, run.config.distill.explainer.name)}
+    figure = e2kd.show(images, maps, labels=labels, class_names=run.class_names)
+    assert images.shape[-1] == 32 and figure.axes
