@@ -44,3 +44,15 @@ def test_explainers_benchmark_smoke(tmp_path):
     assert set(result["step_ratios"]) == {"gradcam", "gradient", "input_x_gradient", "integrated_gradients", "bcos", "rollout"}
     assert all(r["ratio_e2kd_over_kd"] > 0 for r in result["step_ratios"].values())
     assert result["gradcam_throughput"]["ours_over_captum"] > 0
+
+
+def test_loader_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), "--images", "20", "--size", "48",
+         "--batch-size", "8", "--workers", "0", "--repeats", "1", "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    rates = result["workers_0"]["images_per_s"]
+    assert set(rates) == {"e2kd train", "hand train", "e2kd eval", "hand eval"} and all(v > 0 for v in rates.values())

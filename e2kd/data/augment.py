@@ -117,8 +117,10 @@ class View:
         out = dict(item)
         image = item["image"]
         if image.dtype == torch.uint8 and "teacher_map" in item:
-            image = image.float() / 255  # stacking with a float map needs a float image
-        if self.geometry is not None:
+            image = image.float().div_(255)  # stacking with a float map needs a float image
+        if self.geometry is not None and not ({"teacher_map", "mask", "boxes"} & item.keys()):
+            image = self.geometry(image)  # the image alone: the plain-tensor path (no pytree of a dict)
+        elif self.geometry is not None:
             has_map = "teacher_map" in item
             stacked = torch.cat([image, resize_map(item["teacher_map"], image.shape[-2:])]) if has_map else image
             inputs: dict[str, Any] = {"image": tv_tensors.Image(stacked)}
@@ -139,7 +141,7 @@ class View:
             boxes = v2.functional.clamp_bounding_boxes(out.pop("boxes"))
             out["mask"] = boxes_to_masks(boxes, out.pop("box_labels"), self.num_classes, tuple(image.shape[-2:]))
         if image.dtype == torch.uint8:
-            image = image.float() / 255
+            image = image.float().div_(255)
         if self.colour is not None:
             image = self.colour(image)
         out["image"] = image

@@ -25,13 +25,15 @@ def read_image(path: str | Path) -> torch.Tensor:
     """
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")  # decodes fully: a truncated file fails here
+            img.load()  # decodes fully: a truncated file fails here
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            pixels = np.array(rgb)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc}); replace or remove it, "
                         f"or set data.options.skip_unreadable: true") from None
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def require_dir(path: Path, what: str) -> Path:

@@ -1,4 +1,4 @@
-"""Attention transfer (Zagoruyko & Komodakis, 2017) as an e2kd explainer and similarity."""
+"""Attention transfer (Zagoruyko & Komodakis, 2017) as an e2kd explainer and similarity; a CSV image-list dataset."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from e2kd import hookimpl
 from e2kd.api import Capture, Explainer, Similarity
 from e2kd.models import resolve_layer
+
+from .csv_images import CsvImages
 
 
 class AttentionMapOptions(BaseModel):
@@ -75,3 +77,8 @@ def register_explainers(register):
 @hookimpl
 def register_similarities(register):
     register(NegL2)
+
+
+@hookimpl
+def register_datasets(register):
+    register(CsvImages)

@@ -30,3 +30,25 @@ def test_attention_map_by_hand(registered):
     maps = e2kd.get_explainer("attention_map", layer="0", p=2).explain(model, x, 0)
     expected = conv(x).pow(2).mean(1, keepdim=True)  # same size as the input: upsampling is the identity
     torch.testing.assert_close(maps, expected.detach())
+
+
+def test_csv_images_dataset_reads_labels_in_class_order(registered, tmp_path):
+    import numpy as np
+
+    from e2kd.data import split_view
+    from e2kd.data.miniature import random_image
+
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    rng = np.random.default_rng(0)
+    for split, labels in (("train", ["dog", "cat", "dog"]), ("test", ["cat"])):
+        lines = ["path,label"]
+        for i, label in enumerate(labels):
+            random_image(rng, 30, 20).save(tmp_path / f"{split}{i}.jpg")
+            lines.append(f"{split}{i}.jpg,{label}")
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    data = e2kd.get_dataset("csv_images", root=str(tmp_path), image_size=16)
+    data.check()
+    assert data.class_names() == ["cat", "dog"] and data.eval_splits() == ("test",)
+    train = split_view(data, "train", "eval")
+    assert [int(train[i]["label"]) for i in range(3)] == [1, 0, 1]
+    assert train[0]["image"].shape == (3, 16, 16)
