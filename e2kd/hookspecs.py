@@ -50,7 +50,8 @@ def register_metrics(register: Register) -> None:
 
     :param register: call ``register(cls)`` for each class; ``cls`` subclasses
         :class:`e2kd.api.Metric` and declares in ``requires`` what data it needs
-        (``labels``, ``teacher``, ``explanations``, ``masks``, ``groups``).
+        (any of :data:`e2kd.api.REQUIREMENTS`: ``labels``, ``single_label``, ``teacher``,
+        ``explanations``, ``label_explanations``, ``masks``, ``groups``, ``model``).
 
     Called once, when the registry is first used.
     """

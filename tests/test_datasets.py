@@ -257,3 +257,21 @@ def test_a_bad_image_in_a_loader_worker_is_one_line_naming_the_file(folder, tmp_
     assert main(["train-teacher", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"e2kd: error: {bad}: unreadable or truncated image")
+
+
+def test_replayed_teacher_map_moves_with_a_real_sized_image():
+    """Frozen teacher on file data: the map stored for the whole (squeezed) image, resized back to
+    the image's own size, follows the random resized crop + flip of the image."""
+    from e2kd.data.augment import make_view
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(np.array(random_image(rng, 40, 30))).permute(2, 0, 1)  # uint8 (3, 30, 40)
+    whole = v2.functional.resize(image, [16, 16], antialias=True).float() / 255
+    view = make_view("train", 16, fixed_size=False, augment="resized_crop_flip")
+    torch.manual_seed(0)
+    for _ in range(10):
+        out = view({"image": image, "label": torch.tensor(0), "teacher_map": whole[:1]})
+        assert out["image"].shape == (3, 16, 16) and out["teacher_map"].shape == (1, 16, 16)
+        aligned = (out["teacher_map"][0] - out["image"][0]).abs().mean()
+        mirrored = (out["teacher_map"][0].flip(-1) - out["image"][0]).abs().mean()
+        assert aligned < 0.05 and aligned < 0.5 * mirrored

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -15,7 +16,22 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 
+T = TypeVar("T")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def per_split(method: Callable[[Any, str], T]) -> Callable[[Any, str], T]:
+    """Memoise a dataset method of one split (file lists, parsed annotations, checks) per instance
+    and seed, so samples, identity and views of a split read the disk once."""
+    @functools.wraps(method)
+    def wrapper(self, split: str) -> T:
+        memo = self.__dict__.setdefault("_per_split", {})
+        key = (method.__name__, split, getattr(self, "seed", None))
+        if key not in memo:
+            memo[key] = method(self, split)
+        return memo[key]
+    return wrapper
 
 
 def read_image(path: str | Path) -> torch.Tensor:

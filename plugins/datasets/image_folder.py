@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from e2kd import hookimpl
 from e2kd.api import Dataset
-from e2kd.data.files import IMAGE_EXTENSIONS, ImageFiles, drop_unreadable, files_digest, list_images, require_dir
+from e2kd.data.files import (IMAGE_EXTENSIONS, ImageFiles, drop_unreadable, files_digest, list_images, per_split,
+                             require_dir)
 from e2kd.errors import DataError
 
 HOLDOUT = "train_holdout"
@@ -101,6 +102,7 @@ class ImageFolder(Dataset):
             chosen["train"] += [(paths[i], label) for i in sorted(take)]
         return chosen
 
+    @per_split
     def files(self, split: str) -> list[tuple[Path, int]]:
         """(path, label) of every image of ``split``, in a fixed order."""
         if split not in self.splits():

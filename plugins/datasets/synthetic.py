@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from e2kd import hookimpl
 from e2kd.api import Dataset as DatasetPlugin
+from e2kd.data.files import per_split
 
 #: Bump when rendering changes, so caches made from older images are refused.
 GENERATOR_VERSION = 1
@@ -199,12 +200,9 @@ class Synthetic(DatasetPlugin):
                 "image_size": o.image_size, "bias": 0.0 if mismatched else o.bias, "mismatched": mismatched,
                 "seed": self.seed, "stream": stream}
 
+    @per_split
     def samples(self, split: str) -> SyntheticShapes:
-        key = (split, self.seed)
-        cache = self.__dict__.setdefault("_generated", {})
-        if key not in cache:  # generating costs time: once per split
-            cache[key] = SyntheticShapes(**self._arguments(split))
-        return cache[key]
+        return SyntheticShapes(**self._arguments(split))  # generating costs time: once per split
 
     def identity(self, split: str) -> dict:
         return {"kind": "synthetic_shapes", "generator_version": GENERATOR_VERSION, **self._arguments(split)}

@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 
 from e2kd import hookimpl
 from e2kd.api import Dataset
-from e2kd.data.files import drop_unreadable, files_digest, read_image, require_dir, require_file
+from e2kd.data.files import drop_unreadable, files_digest, per_split, read_image, require_dir, require_file
 from e2kd.errors import DataError
 
 CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -119,6 +119,7 @@ class VOC(Dataset):
             objects.append((CLASSES.index(name), (x1 - 1, y1 - 1, x2, y2)))  # 1-based inclusive -> pixel edges
         return objects
 
+    @per_split
     def _split(self, split: str) -> tuple[list[Path], list[list]]:
         ids = self._ids(split)
         images = [self.year_dir / "JPEGImages" / f"{i}.jpg" for i in ids]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from e2kd import hookimpl
 from e2kd.api import Dataset
-from e2kd.data.files import ImageFiles, drop_unreadable, files_digest, require_dir, require_file
+from e2kd.data.files import ImageFiles, drop_unreadable, files_digest, per_split, require_dir, require_file
 from e2kd.errors import DataError
 
 COLUMNS = ("img_filename", "y", "place", "split")
@@ -73,6 +73,7 @@ class Waterbirds(Dataset):
                 rows.append((row["img_filename"], y, place, split))
         return rows
 
+    @per_split
     def _split_rows(self, split: str) -> list[tuple[str, int, int, int]]:
         if split not in SPLITS:
             raise DataError(f"waterbirds: no split {split!r} (known: {', '.join(SPLITS)})")
