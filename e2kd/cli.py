@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-metric", help="SPLIT/METRIC for sweep.png (default: test_ood/accuracy)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("demo", help="KD vs e2KD on built-in synthetic data (about 2.5 minutes on 2 CPU cores)")
+    p = sub.add_parser("demo", help="KD vs e2KD on built-in synthetic data (about 2 minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2; the table shows mean ± std)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, numbers meaningless)")

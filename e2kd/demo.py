@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import torch
 
 from .config import load_config_dict
-from .experiment import distill, load_run, train_teacher
+from .experiment import distill, train_teacher
+from .runs import load_run
 from .registry import create
 from .report import explanation_figure, sample_images
 from .runs import atomic_write_json, atomic_write_text

@@ -1,4 +1,5 @@
-"""Evaluate a model (and optionally its teacher) with registered metrics."""
+"""Evaluate a model (and optionally its teacher) with registered metrics, on batches or on the
+evaluation splits a config names."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .api import EvalBatch, Explainer, Metric
+from .api import Dataset, EvalBatch, Explainer, Metric
+from .config import ExperimentConfig, PluginRef
+from .data import make_loader, split_view
 from .distill import explained_forward, padded_sets
+from .errors import ConfigError
+from .registry import create
+from .runtime import device_of
+
+EVAL_BATCH_SIZE = 256
 
 
 def label_sets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +93,37 @@ def evaluate(
             metric.update(eval_batch)
     model.train(was_training)
     return {name: metric.compute() for name, metric in (active or {}).items()}, skipped
+
+
+def eval_explainer(config: ExperimentConfig) -> Explainer:
+    """The explainer evaluation uses: ``eval.explainer``, else ``distill.explainer``."""
+    ref = config.eval.explainer or config.distill.explainer
+    return create("explainer", ref.name, ref.options)
+
+
+def eval_splits(config: ExperimentConfig, dataset: Dataset) -> list[str]:
+    """``eval.splits``, else the dataset's evaluation splits; an unknown split is a one-line error."""
+    splits = config.eval.splits or list(dataset.eval_splits())
+    unknown = [s for s in splits if s not in dataset.splits()]
+    if unknown:
+        raise ConfigError(f"eval.splits: {dataset.name!r} has no split {unknown[0]!r} (known: {', '.join(dataset.splits())})")
+    return splits
+
+
+def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Module | None, dataset: Dataset,
+                   metrics: list[PluginRef] | None = None) -> dict[str, Any]:
+    """Every evaluation split through the eval view, with ``metrics`` (default ``eval.metrics``)."""
+    device = device_of(config)
+    explainer = eval_explainer(config)
+    results: dict[str, Any] = {"splits": {}, "skipped": {}}
+    for split in eval_splits(config, dataset):
+        created = {m.name: create("metric", m.name, m.options) for m in (metrics or config.eval.metrics)}
+        loader = make_loader(split_view(dataset, split, "eval"), EVAL_BATCH_SIZE, num_workers=config.data.num_workers,
+                             device=device)
+        values, skipped = evaluate(model, loader, created, teacher=teacher, explainer=explainer, device=device)
+        results["splits"][split] = values
+        results["skipped"].update(skipped)
+    return results
 
 
 def _explain_fn(explainer: Explainer | None, model: nn.Module):

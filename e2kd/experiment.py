@@ -1,56 +1,30 @@
-"""Recipes from a validated config to runs: train a teacher, precompute, distill, evaluate, load.
+"""Recipes from a validated config to runs: train a teacher, precompute, distill.
 
-Data comes from the dataset seam (:mod:`e2kd.data`), the loop from :mod:`e2kd.train`, run
-directories from :mod:`e2kd.runs`; each recipe here is the short sequence that joins them.
+Data comes from the dataset seam (:mod:`e2kd.data`), the device from :mod:`e2kd.runtime`, the
+loop from :mod:`e2kd.train`, evaluation from :mod:`e2kd.evaluate`, run directories and loading
+them from :mod:`e2kd.runs`; each recipe here is the short sequence that joins them.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .api import Dataset, Explainer
-from .config import ExperimentConfig, ModelConfig, PluginRef, load_config
-from .data import ViewDataset, make_loader, open_dataset, split_view
+from .api import Dataset
+from .config import ExperimentConfig, PluginRef
+from .data import ViewDataset, dataset_of, make_loader, split_view
 from .distill import Distiller, label_loss
 from .errors import CacheError, ConfigError, StaleCacheError
-from .evaluate import evaluate
+from .evaluate import evaluate_model
 from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint_hash, make_fingerprint
-from .models import build_model
+from .models import build_from, load_teacher
 from .registry import create
 from .runs import atomic_torch_save, atomic_write_json, finished_results, prepare_run_dir
+from .runtime import device_of, progress_enabled
 from .train import fit, make_optimizer, make_schedule
-
-EVAL_BATCH_SIZE = 256
-
-
-def device_of(config: ExperimentConfig) -> torch.device:
-    """The one device decision: ``train.device``, with ``auto`` = CUDA when available."""
-    name = config.train.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def dataset_of(config: ExperimentConfig) -> Dataset:
-    """The configured dataset, its files checked."""
-    return open_dataset(config.data.name, config.data.options, seed=config.data.seed)
-
-
-def _progress(config: ExperimentConfig) -> bool:
-    return config.train.progress and sys.stderr.isatty()
-
-
-def _build(ref: ModelConfig, dataset: Dataset, checkpoint: Path | None) -> nn.Module:
-    return build_model(ref.name, ref.options, dataset.num_classes, checkpoint)
 
 
 def train_view(config: ExperimentConfig, dataset: Dataset, samples=None) -> ViewDataset:
@@ -65,7 +39,7 @@ def _fit(config: ExperimentConfig, model: nn.Module, step, data: ViewDataset, ou
     optimizer = make_optimizer(model.parameters(), t.optimizer, t.lr, t.weight_decay)
     scheduler = make_schedule(optimizer, t.schedule, t.epochs * len(loader), t.warmup_epochs * len(loader))
     return fit(model, step, loader, epochs=t.epochs, optimizer=optimizer, scheduler=scheduler,
-               checkpoint=out / "checkpoint.pt", progress=_progress(config), desc=desc)
+               checkpoint=out / "checkpoint.pt", progress=progress_enabled(config), desc=desc)
 
 
 def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
@@ -79,7 +53,7 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
     out = prepare_run_dir(config)
     torch.manual_seed(config.seed)
     device = device_of(config)
-    model = _build(config.model, dataset, config.model.checkpoint).to(device)
+    model = build_from(config.model, dataset, config.model.checkpoint).to(device)
 
     def step(batch):
         return {"loss": label_loss(model(batch["image"].to(device)), batch["label"].to(device))}
@@ -87,14 +61,6 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
     history = _fit(config, model, step, train_view(config, dataset), out, desc=f"teacher {out.name}")
     atomic_torch_save(model.state_dict(), out / "model.pt")
     return _finish(config, out, model, None, dataset, history)
-
-
-def load_teacher(config: ExperimentConfig, dataset: Dataset) -> nn.Module:
-    if config.teacher is None:
-        raise ConfigError("distillation needs a 'teacher' section (name, options, checkpoint)")
-    if config.teacher.checkpoint is None:
-        raise ConfigError("teacher.checkpoint: a trained teacher is required (run `e2kd train-teacher` first)")
-    return _build(config.teacher, dataset, config.teacher.checkpoint)
 
 
 def resolved_distill(config: ExperimentConfig, dataset: Dataset | None) -> dict[str, Any]:
@@ -126,11 +92,6 @@ def _create(kind: str, ref: PluginRef):
     return create(kind, ref.name, ref.options)
 
 
-def eval_explainer(config: ExperimentConfig) -> Explainer:
-    """The explainer evaluation uses: ``eval.explainer``, else ``distill.explainer``."""
-    return _create("explainer", config.eval.explainer or config.distill.explainer)
-
-
 def prepare_cache(config: ExperimentConfig, teacher: nn.Module, dataset: Dataset, *, force: bool = False) -> TeacherCache:
     """Build (or resume, or reuse) the frozen-teacher cache for ``config`` and open it verified.
 
@@ -153,7 +114,7 @@ def prepare_cache(config: ExperimentConfig, teacher: nn.Module, dataset: Dataset
             pass  # missing, incomplete or damaged: (re)build below, keeping the intact shards
     build_cache(root, teacher, explainer, split_view(dataset, split, "whole"), fingerprint, dtype=d.cache_dtype,
                 shard_size=d.shard_size, batch_size=config.train.batch_size, device=device_of(config),
-                progress=_progress(config), force=force, num_workers=config.data.num_workers)
+                progress=progress_enabled(config), force=force, num_workers=config.data.num_workers)
     return TeacherCache.open(root, fingerprint)
 
 
@@ -178,7 +139,7 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     out = prepare_run_dir(config)
     torch.manual_seed(config.seed)
     device = device_of(config)
-    student = _build(config.model, dataset, config.model.checkpoint)
+    student = build_from(config.model, dataset, config.model.checkpoint)
     teacher, student = teacher.to(device), student.to(device)
     # a frozen teacher is replayed from the cache: the distiller gets no teacher model at all
     distiller = make_distiller(config, None if frozen else teacher, student, dataset)
@@ -203,101 +164,3 @@ def _finish(config, out, model, teacher, dataset, history) -> dict[str, Any]:
     return results
 
 
-def eval_splits(config: ExperimentConfig, dataset: Dataset) -> list[str]:
-    splits = config.eval.splits or list(dataset.eval_splits())
-    unknown = [s for s in splits if s not in dataset.splits()]
-    if unknown:
-        raise ConfigError(f"eval.splits: {dataset.name!r} has no split {unknown[0]!r} (known: {', '.join(dataset.splits())})")
-    return splits
-
-
-def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Module | None, dataset: Dataset,
-                   metrics: list[PluginRef] | None = None) -> dict[str, Any]:
-    """Every evaluation split through the eval view, with ``metrics`` (default ``eval.metrics``)."""
-    device = device_of(config)
-    explainer = eval_explainer(config)
-    results: dict[str, Any] = {"splits": {}, "skipped": {}}
-    for split in eval_splits(config, dataset):
-        created = {m.name: _create("metric", m) for m in (metrics or config.eval.metrics)}
-        loader = make_loader(split_view(dataset, split, "eval"), EVAL_BATCH_SIZE, num_workers=config.data.num_workers,
-                             device=device)
-        values, skipped = evaluate(model, loader, created, teacher=teacher, explainer=explainer, device=device)
-        results["splits"][split] = values
-        results["skipped"].update(skipped)
-    return results
-
-
-@dataclass
-class LoadedRun:
-    """A finished run directory, loaded: its config, trained model and (if any) teacher."""
-
-    path: Path
-    config: ExperimentConfig
-    model: nn.Module
-    teacher: nn.Module | None
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @cached_property
-    def dataset(self) -> Dataset:
-        return dataset_of(self.config)
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.dataset.class_names()
-
-    def split(self, name: str) -> ViewDataset:
-        """One split of the run's dataset, un-augmented (the evaluation view)."""
-        if name not in self.dataset.splits():
-            raise ConfigError(f"{self.path}: dataset {self.dataset.name!r} has no split {name!r} "
-                              f"(known: {', '.join(self.dataset.splits())})")
-        return split_view(self.dataset, name, "eval")
-
-    def datasets(self) -> dict[str, ViewDataset]:
-        """Every split, un-augmented (the evaluation view)."""
-        return {name: self.split(name) for name in self.dataset.splits()}
-
-    def explainer(self) -> Explainer:
-        """The explainer the run evaluates with (eval.explainer, else distill.explainer)."""
-        return eval_explainer(self.config)
-
-    def evaluate(self, metrics: list[str] | None = None) -> dict[str, Any]:
-        """Re-evaluate (optionally with other metrics); rewrites the run's metrics.json."""
-        refs = [PluginRef(name=m) for m in metrics] if metrics else None
-        for ref in refs or []:
-            _create("metric", ref)  # unknown names fail here, with the known ones listed
-        results = evaluate_model(self.config, self.model, self.teacher, self.dataset, refs)
-        previous = self.path / "metrics.json"
-        if previous.is_file():
-            results["history"] = json.loads(previous.read_text()).get("history", [])
-        atomic_write_json(previous, results)
-        return results
-
-
-def _moved_teacher(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
-    """If the teacher checkpoint is missing where the config says, look for it where it would be
-    had it moved together with the run directory (e.g. a whole experiment folder copied)."""
-    ckpt = config.teacher.checkpoint if config.teacher is not None else None
-    if ckpt is None or ckpt.is_file():
-        return config
-    candidate = (run_dir / os.path.relpath(ckpt, Path(config.out_dir))).resolve()
-    if not candidate.is_file():
-        return config
-    return config.model_copy(update={"teacher": config.teacher.model_copy(update={"checkpoint": candidate})})
-
-
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Load a finished run (``config.yaml`` + ``model.pt``) for evaluation or a notebook."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = _moved_teacher(load_config(config_path), run_dir.resolve())
-    run = LoadedRun(run_dir, config, None, None)  # type: ignore[arg-type]
-    device = device_of(config)
-    run.model = _build(config.model, run.dataset, run_dir / "model.pt").to(device).eval()
-    if config.teacher is not None:
-        run.teacher = load_teacher(config, run.dataset).to(device).eval()
-    return run

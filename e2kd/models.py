@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import difflib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import ModelError
+
+if TYPE_CHECKING:
+    from .api import Dataset
+    from .config import ExperimentConfig, ModelConfig
 
 
 def resolve_layer(model: nn.Module, name: str | None, *, who: str = "explainer") -> nn.Module:
@@ -68,6 +72,22 @@ def build_model(name: str, options: dict[str, Any] | None, num_classes: int, che
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return model
+
+
+def build_from(ref: "ModelConfig", dataset: "Dataset", checkpoint: str | Path | None = None) -> nn.Module:
+    """The model a config section names, with the dataset's number of classes."""
+    return build_model(ref.name, ref.options, dataset.num_classes, checkpoint)
+
+
+def load_teacher(config: "ExperimentConfig", dataset: "Dataset") -> nn.Module:
+    """The config's trained teacher; one-line errors when it is missing."""
+    from .errors import ConfigError
+
+    if config.teacher is None:
+        raise ConfigError("distillation needs a 'teacher' section (name, options, checkpoint)")
+    if config.teacher.checkpoint is None:
+        raise ConfigError("teacher.checkpoint: a trained teacher is required (run `e2kd train-teacher` first)")
+    return build_from(config.teacher, dataset, config.teacher.checkpoint)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

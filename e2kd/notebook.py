@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .experiment import LoadedRun, load_run
+from .runs import LoadedRun, load_run
 from .registry import get_explainer, get_similarity
 from .report import sample_images
 from .viz import plot_explanations

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from .api import Explainer
 from .distill import explained_forward
 from .evaluate import flatten_metrics
-from .experiment import LoadedRun, load_run
+from .runs import LoadedRun, load_run
 from .runs import atomic_write_json, atomic_write_text
 from .viz import plot_curves, plot_explanations
 

@@ -1,4 +1,5 @@
-"""Run directories: atomic writes, and the record of what produced a run."""
+"""Run directories: atomic writes, the record of what produced a run, matching a run to its
+config, and loading a finished run."""
 
 from __future__ import annotations
 
@@ -9,13 +10,25 @@ import platform
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from .config import ExperimentConfig, describe_difference, dump_config, identity_digest, run_identity, stored_config
+from .config import (ExperimentConfig, PluginRef, describe_difference, dump_config, identity_digest, load_config,
+                     run_identity, stored_config)
+from .data import ViewDataset, dataset_of, split_view
 from .errors import ConfigError
+from .evaluate import eval_explainer, evaluate_model
+from .models import build_from, load_teacher
+from .registry import create
+from .runtime import device_of
+
+if TYPE_CHECKING:
+    from .api import Dataset, Explainer
 
 _PACKAGES = ("e2kd", "torch", "torchvision", "timm", "captum", "pluggy", "pydantic", "numpy")
 
@@ -124,3 +137,79 @@ def finished_results(config: ExperimentConfig) -> dict[str, Any] | None:
     if all(f.is_file() for f in files) and _identity_problem(out, config) is None:
         return json.loads(files[2].read_text())
     return None
+
+
+@dataclass
+class LoadedRun:
+    """A finished run directory, loaded: its config, trained model and (if any) teacher."""
+
+    path: Path
+    config: ExperimentConfig
+    model: nn.Module
+    teacher: nn.Module | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        return dataset_of(self.config)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names()
+
+    def split(self, name: str) -> ViewDataset:
+        """One split of the run's dataset, un-augmented (the evaluation view)."""
+        if name not in self.dataset.splits():
+            raise ConfigError(f"{self.path}: dataset {self.dataset.name!r} has no split {name!r} "
+                              f"(known: {', '.join(self.dataset.splits())})")
+        return split_view(self.dataset, name, "eval")
+
+    def datasets(self) -> dict[str, ViewDataset]:
+        """Every split, un-augmented (the evaluation view)."""
+        return {name: self.split(name) for name in self.dataset.splits()}
+
+    def explainer(self) -> Explainer:
+        """The explainer the run evaluates with (eval.explainer, else distill.explainer)."""
+        return eval_explainer(self.config)
+
+    def evaluate(self, metrics: list[str] | None = None) -> dict[str, Any]:
+        """Re-evaluate (optionally with other metrics); rewrites the run's metrics.json."""
+        refs = [PluginRef(name=m) for m in metrics] if metrics else None
+        for ref in refs or []:
+            create("metric", ref.name)  # unknown names fail here, with the known ones listed
+        results = evaluate_model(self.config, self.model, self.teacher, self.dataset, refs)
+        previous = self.path / "metrics.json"
+        if previous.is_file():
+            results["history"] = json.loads(previous.read_text()).get("history", [])
+        atomic_write_json(previous, results)
+        return results
+
+
+def _moved_teacher(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    """If the teacher checkpoint is missing where the config says, look for it where it would be
+    had it moved together with the run directory (e.g. a whole experiment folder copied)."""
+    ckpt = config.teacher.checkpoint if config.teacher is not None else None
+    if ckpt is None or ckpt.is_file():
+        return config
+    candidate = (run_dir / os.path.relpath(ckpt, Path(config.out_dir))).resolve()
+    if not candidate.is_file():
+        return config
+    return config.model_copy(update={"teacher": config.teacher.model_copy(update={"checkpoint": candidate})})
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Load a finished run (``config.yaml`` + ``model.pt``) for evaluation or a notebook."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = _moved_teacher(load_config(config_path), run_dir.resolve())
+    run = LoadedRun(run_dir, config, None, None)  # type: ignore[arg-type]
+    device = device_of(config)
+    run.model = build_from(config.model, run.dataset, run_dir / "model.pt").to(device).eval()
+    if config.teacher is not None:
+        run.teacher = load_teacher(config, run.dataset).to(device).eval()
+    return run

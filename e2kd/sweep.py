@@ -102,7 +102,8 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run (this shard of) the sweep and write the summaries over every finished run."""
-    from .experiment import distill, finished_results, train_teacher
+    from .experiment import distill, train_teacher
+    from .runs import finished_results
 
     path = Path(config_path)
     if not path.is_file():
@@ -127,7 +128,7 @@ def run_sweep(
 
 def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
     """One row per run: cell values, seed, status and flattened ``split/metric`` values."""
-    from .experiment import finished_results
+    from .runs import finished_results
 
     rows = []
     for run in runs:

@@ -5,7 +5,7 @@ The core names no dataset: ``open_dataset`` asks the registry for the one a conf
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -14,7 +14,10 @@ from torch.utils.data import Dataset as TorchDataset
 from ..api import Dataset
 from .augment import make_view
 
-__all__ = ["Dataset", "ViewDataset", "open_dataset", "split_view", "make_loader"]
+if TYPE_CHECKING:
+    from ..config import ExperimentConfig
+
+__all__ = ["Dataset", "ViewDataset", "open_dataset", "dataset_of", "split_view", "make_loader"]
 
 
 def open_dataset(name: str, options: dict[str, Any] | None = None, *, seed: int = 0, check: bool = True) -> Dataset:
@@ -26,6 +29,11 @@ def open_dataset(name: str, options: dict[str, Any] | None = None, *, seed: int 
     if check:
         dataset.check()
     return dataset
+
+
+def dataset_of(config: "ExperimentConfig") -> Dataset:
+    """The dataset a config names (``data``), its files checked."""
+    return open_dataset(config.data.name, config.data.options, seed=config.data.seed)
 
 
 class ViewDataset(TorchDataset):
