@@ -206,6 +206,10 @@ class Metric(PluginItem):
     def capabilities(cls) -> dict[str, Any]:
         return {"requires": sorted(cls.requires), "higher_is_better": cls.higher_is_better}
 
+    def bind(self, *, similarity: "Similarity | None" = None) -> None:
+        """Called by the evaluator before a run is evaluated, with the run's training similarity
+        (its options included); metrics that compare explanations may default to it."""
+
     def reset(self) -> None:
         self._total = 0.0
         self._count = 0

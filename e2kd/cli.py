@@ -37,19 +37,24 @@ def _print_results(results: dict) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .registry import list_plugins
+    from .registry import list_plugins, plugin_problems
 
     items = list_plugins(args.kind)
+    problems = [p for p in plugin_problems() if args.kind is None or p.kind in (None, args.kind)]
     if args.json:
-        print(json.dumps([i.to_json() for i in items], indent=2, default=str))
+        print(json.dumps([i.to_json() for i in items] + [p.to_json() for p in problems], indent=2, default=str))
         return 0
     rows = [("KIND", "NAME", "DISTRIBUTION", "CAPABILITIES", "DESCRIPTION")]
     for i in items:
         caps = " ".join(f"{k}={v}" for k, v in i.capabilities.items())
-        rows.append((i.kind, i.name, i.distribution, caps, i.description))
+        rows.append((i.kind, i.name, i.distribution, caps, i.description + ("" if i.status == "ok" else f"  [{i.status}]")))
     widths = [max(len(str(r[c])) for r in rows) for c in range(4)]
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in range(4)) + "  " + r[4])
+    if problems:
+        print(f"\n{len(problems)} plugin problem(s) (the other plugins work; E2KD_DEBUG=1 shows import tracebacks):")
+        for p in problems:
+            print(f"  - {p.message}")
     return 0
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, E2KDError
-from .registry import format_validation_error, validate_options
+from .registry import create, format_validation_error, registry, validate_options
 
 
 class StrictModel(BaseModel):
@@ -135,6 +135,12 @@ class ExperimentConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     out_dir: Path = Field(Path("runs/experiment"), validate_default=True)
+    _source: str = PrivateAttr("config")
+
+    @property
+    def source(self) -> str:
+        """Where the config came from (its file), for error messages."""
+        return self._source
 
     @field_validator("out_dir")
     @classmethod
@@ -155,7 +161,9 @@ class ExperimentConfig(StrictModel):
 
 
 def validate_plugins(config: ExperimentConfig, source: str = "config") -> None:
-    """Check every named plugin exists and its options validate; one-line ConfigError otherwise."""
+    """Check every named plugin exists, its options validate (metrics are built, so options they pass
+    on to other plugins are checked too), and that a distillation with ``lam > 0`` names a
+    differentiable explainer and similarity; one-line ConfigError naming the field otherwise."""
     for path, kind, ref in config.plugin_refs():
         try:
             options = validate_options(kind, ref.name, ref.options, source=source, path=f"{path}.options")
@@ -163,6 +171,17 @@ def validate_plugins(config: ExperimentConfig, source: str = "config") -> None:
             text = str(exc)
             raise ConfigError(text if text.startswith(f"{source}: ") else f"{source}: {path}.name: {text}") from None
         _resolve_path_options(ref, options)
+        if kind == "metric":
+            try:
+                create(kind, ref.name, options)
+            except E2KDError as exc:
+                raise ConfigError(f"{source}: {path}.options: {exc}") from None
+    d = config.distill
+    if config.teacher is not None and d.lam > 0:
+        for field, kind, ref in (("explainer", "explainer", d.explainer), ("similarity", "similarity", d.similarity)):
+            if not registry().info(kind, ref.name).capabilities["differentiable"]:
+                raise ConfigError(f"{source}: distill.{field}: {kind} {ref.name!r} is not differentiable and cannot "
+                                  f"train a student (use it for evaluation, pick a differentiable one, or set distill.lam: 0)")
 
 
 def _resolve_path_options(ref: PluginRef, options: BaseModel) -> None:
@@ -214,6 +233,7 @@ def load_config_dict(data: dict[str, Any], *, source: str = "config", overrides:
         resolved = config.model_dump(mode="json")
         config = _validate(apply_overrides(resolved, overrides), f"{source} (with --set)")
     validate_plugins(config, source)
+    config._source = source
     return config
 
 

@@ -115,9 +115,12 @@ def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Modul
     """Every evaluation split through the eval view, with ``metrics`` (default ``eval.metrics``)."""
     device = device_of(config)
     explainer = eval_explainer(config)
+    training_similarity = create("similarity", config.distill.similarity.name, config.distill.similarity.options)
     results: dict[str, Any] = {"splits": {}, "skipped": {}}
     for split in eval_splits(config, dataset):
         created = {m.name: create("metric", m.name, m.options) for m in (metrics or config.eval.metrics)}
+        for metric in created.values():
+            metric.bind(similarity=training_similarity)
         loader = make_loader(split_view(dataset, split, "eval"), EVAL_BATCH_SIZE, num_workers=config.data.num_workers,
                              device=device)
         values, skipped = evaluate(model, loader, created, teacher=teacher, explainer=explainer, device=device)

@@ -17,7 +17,7 @@ from .api import Dataset
 from .config import ExperimentConfig, PluginRef
 from .data import ViewDataset, dataset_of, make_loader, split_view
 from .distill import Distiller, label_loss
-from .errors import CacheError, ConfigError, StaleCacheError
+from .errors import CacheError, ConfigError, ModelError, StaleCacheError
 from .evaluate import evaluate_model
 from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint_hash, make_fingerprint
 from .models import build_from, load_teacher
@@ -70,7 +70,7 @@ def resolved_distill(config: ExperimentConfig, dataset: Dataset | None) -> dict[
     kd = d.kd if d.kd != "auto" else ("binary" if multi else "softmax")
     classes = d.explain_classes if d.explain_classes != "auto" else ("positive" if multi else "top1")
     if d.teacher_mode == "frozen" and classes != "top1" and d.lam > 0:
-        raise ConfigError(f"distill.teacher_mode: frozen caches the teacher's top-1 map, but this multi-label "
+        raise ConfigError(f"{config.source}: distill.teacher_mode: frozen caches the teacher's top-1 map, but this multi-label "
                           f"data explains {classes!r} classes; set distill.explain_classes: top1 or teacher_mode: live")
     return {"kd": kd, "explain_classes": classes}
 
@@ -86,6 +86,20 @@ def make_distiller(config: ExperimentConfig, teacher: nn.Module | None, student:
         temperature=d.temperature, lam=d.lam, ce_weight=d.ce_weight, top_k=d.top_k,
         **resolved_distill(config, dataset),
     )
+
+
+def check_models(config: ExperimentConfig, teacher: nn.Module, student: nn.Module) -> None:
+    """The explainer accepts both models (e.g. has the layer); a one-line error naming the config
+    file, the field and whether the teacher or the student is the problem."""
+    d = config.distill
+    if d.lam == 0:
+        return
+    explainer = _create("explainer", d.explainer)
+    for role, ref, model in (("teacher", config.teacher, teacher), ("student", config.model, student)):
+        try:
+            explainer.check_model(model)
+        except ModelError as exc:
+            raise ConfigError(f"{config.source}: distill.explainer: the {role} ({ref.name}) does not fit: {exc}") from None
 
 
 def _create(kind: str, ref: PluginRef):
@@ -132,17 +146,19 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     if (done := finished_results(config)) is not None:
         return done
     dataset = dataset_of(config)
-    teacher = load_teacher(config, dataset)  # fail on a missing teacher before creating the run dir
-    resolved_distill(config, dataset)
-    frozen = config.distill.teacher_mode == "frozen"
-    cache = prepare_cache(config, teacher, dataset) if frozen else None
-    out = prepare_run_dir(config)
+    teacher = load_teacher(config, dataset)
     torch.manual_seed(config.seed)
-    device = device_of(config)
     student = build_from(config.model, dataset, config.model.checkpoint)
-    teacher, student = teacher.to(device), student.to(device)
+    rng = torch.get_rng_state()  # training draws from here, whether or not a cache is built below
+    check_models(config, teacher, student)  # every check fails before the run directory exists
+    frozen = config.distill.teacher_mode == "frozen"
     # a frozen teacher is replayed from the cache: the distiller gets no teacher model at all
     distiller = make_distiller(config, None if frozen else teacher, student, dataset)
+    cache = prepare_cache(config, teacher, dataset) if frozen else None
+    out = prepare_run_dir(config)
+    torch.set_rng_state(rng)
+    device = device_of(config)
+    teacher, student = teacher.to(device), student.to(device)
     samples = FrozenTeacherDataset(dataset.samples(dataset.train_split), cache) if frozen else None
 
     def step(batch):

@@ -10,8 +10,10 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as metadata
 import os
+import sys
+import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import pluggy
@@ -23,6 +25,7 @@ from .errors import PluginError
 
 ENTRY_POINT_GROUP = "e2kd"
 ENV_VAR = "E2KD_PLUGINS"
+DEBUG_VAR = "E2KD_DEBUG"
 
 #: kind -> (hook name, base class every registered class must subclass)
 KINDS: dict[str, tuple[str, type[PluginItem]]] = {
@@ -46,6 +49,8 @@ class PluginInfo:
     options: dict[str, Any] = field(default_factory=dict)
     capabilities: dict[str, Any] = field(default_factory=dict)
     cls: type[PluginItem] | None = field(default=None, compare=False, repr=False)
+    #: "ok", or what is wrong ("clash: ..." when two plugins register the name)
+    status: str = "ok"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,7 +61,30 @@ class PluginInfo:
             "plugin": self.plugin,
             "options": self.options,
             "capabilities": self.capabilities,
+            "status": self.status,
         }
+
+
+@dataclass(frozen=True)
+class PluginProblem:
+    """A plugin that failed to import, registered a misdeclared item, or clashes with another."""
+
+    plugin: str
+    distribution: str
+    message: str
+    kind: str | None = None
+    name: str | None = None
+    detail: str = field(default="", compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "plugin": self.plugin, "distribution": self.distribution,
+                "status": "error", "error": self.message}
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of an exception's traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
 class _Registry:
@@ -66,6 +94,9 @@ class _Registry:
         self._entry_points_loaded = False
         self._distributions: dict[str, str] = {}  # plugin name -> distribution name
         self._items: dict[str, dict[str, PluginInfo]] | None = None
+        self._failed: list[PluginProblem] = []  # entry points that failed to import
+        self._problems: list[PluginProblem] = []  # misdeclared items and clashes (rebuilt with the items)
+        self._clashes: dict[str, dict[str, list[PluginInfo]]] = {}
 
     # -- discovery -----------------------------------------------------------------
     def _load_entry_points(self) -> None:
@@ -81,14 +112,21 @@ class _Registry:
             seen.add(ep.name)
             if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
                 continue
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must not hide the rest
-                warnings.warn(f"e2kd: could not load plugin entry point {ep.name!r} ({ep.value}): {exc}")
+                message = (f"could not load plugin entry point {ep.name!r} ({ep.value}, {dist_name}): "
+                           f"{type(exc).__name__}: {exc} at {_where(exc)}")
+                detail = "".join(traceback.format_exception(exc))
+                self._failed.append(PluginProblem(ep.name, dist_name, message, detail=detail))
+                warnings.warn(f"e2kd: {message}" + ("" if os.environ.get(DEBUG_VAR) else f" ({DEBUG_VAR}=1 shows the traceback)"))
+                if os.environ.get(DEBUG_VAR):
+                    print(detail, file=sys.stderr)
                 continue
             self.pm.register(plugin, name=ep.name)
-            dist = getattr(ep, "dist", None)
-            self._distributions[ep.name] = dist.metadata["Name"] if dist is not None else "?"
+            self._distributions[ep.name] = dist_name
         if wanted:
             missing = sorted(wanted - seen)
             if missing:
@@ -100,25 +138,41 @@ class _Registry:
             return self._items
         self._load_entry_points()
         items: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
+        clashes: dict[str, dict[str, list[PluginInfo]]] = {kind: {} for kind in KINDS}
+        problems: list[PluginProblem] = []
         for kind, (hook_name, base) in KINDS.items():
             # Call each implementation separately to know which plugin registered what.
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 dist = self._distributions.get(impl.plugin_name, "(registered at run time)")
 
                 def register(cls: type, *, _impl=impl, _dist=dist, _kind=kind, _base=base) -> None:
-                    info = _describe(cls, _kind, _base, _impl.plugin_name, _dist)
-                    previous = items[_kind].get(info.name)
-                    if previous is not None:
-                        raise PluginError(
-                            f"{_kind} {info.name!r} is registered twice: by plugin {previous.plugin!r} "
-                            f"({previous.distribution}) and by {info.plugin!r} ({info.distribution}); "
-                            f"rename one or restrict loading with {ENV_VAR}"
-                        )
-                    items[_kind][info.name] = info
+                    try:
+                        info = _describe(cls, _kind, _base, _impl.plugin_name, _dist)
+                    except PluginError as exc:  # a misdeclared item is reported, and only its name fails
+                        problems.append(PluginProblem(_impl.plugin_name, _dist, str(exc), _kind, getattr(cls, "name", None)))
+                        return
+                    if info.name in clashes[_kind]:
+                        clashes[_kind][info.name].append(info)
+                    elif info.name in items[_kind]:
+                        clashes[_kind][info.name] = [items[_kind].pop(info.name), info]
+                    else:
+                        items[_kind][info.name] = info
 
                 impl.function(register=register)
-        self._items = items
+        for kind, by_name in clashes.items():
+            for name, infos in by_name.items():
+                owners = " and ".join(f"plugin {i.plugin!r} ({i.distribution})" for i in infos)
+                problems.append(PluginProblem(
+                    infos[-1].plugin, infos[-1].distribution,
+                    f"{kind} {name!r} is registered twice: by {owners}; uninstall or rename one, "
+                    f"or restrict loading with {ENV_VAR}", kind, name))
+        self._items, self._clashes, self._problems = items, clashes, problems
         return items
+
+    def problems(self) -> list[PluginProblem]:
+        """Failed imports, misdeclared items and name clashes (none of them stops other plugins)."""
+        self._collect()
+        return [*self._failed, *self._problems]
 
     # -- run-time registration (tests, notebooks) -------------------------------------
     def register_plugin(self, plugin: object, name: str | None = None) -> str:
@@ -141,14 +195,33 @@ class _Registry:
         items = self._collect()[kind]
         if name in items:
             return items[name]
+        for problem in self._problems:
+            if problem.kind == kind and problem.name == name:
+                raise PluginError(problem.message)
         known = sorted(items)
         hint = difflib.get_close_matches(name, known, n=1)
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         known_text = ", ".join(known) if known else f"none (check {ENV_VAR} and installed plugins)"
-        raise PluginError(f"unknown {kind} {name!r}{did_you_mean} (known: {known_text})")
+        failed = sorted(self._failed, key=lambda p: p.plugin != name)  # a same-named entry point first
+        note = f"; note: {failed[0].message}" + (f" (+{len(failed) - 1} more failed plugins)" if len(failed) > 1 else "") if failed else ""
+        raise PluginError(f"unknown {kind} {name!r}{did_you_mean} (known: {known_text}){note}")
 
     def all(self) -> list[PluginInfo]:
-        return [info for kind in KINDS for info in sorted(self._collect()[kind].values(), key=lambda i: i.name)]
+        """Every registered item, clashing ones included (marked in ``status``)."""
+        self._collect()
+        out = []
+        for kind in KINDS:
+            infos = list(self._items[kind].values())
+            for name, clashing in self._clashes[kind].items():
+                infos += [_replace_status(i, f"clash: {name!r} also registered by "
+                                             + ", ".join(repr(o.plugin) for o in clashing if o is not i))
+                          for i in clashing]
+            out += sorted(infos, key=lambda i: (i.name, i.plugin))
+        return out
+
+
+def _replace_status(info: PluginInfo, status: str) -> PluginInfo:
+    return replace(info, status=status)
 
 
 def _describe(cls: type, kind: str, base: type[PluginItem], plugin: str, dist: str) -> PluginInfo:
@@ -168,7 +241,8 @@ def _describe(cls: type, kind: str, base: type[PluginItem], plugin: str, dist: s
     if options_model.model_config.get("extra") != "forbid":
         raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Options must set model_config extra='forbid'")
     options = {
-        key: {"type": _type_name(f.annotation), "default": None if f.is_required() else f.get_default(), "help": f.description or ""}
+        key: {"type": _type_name(f.annotation), "required": f.is_required(),
+              "default": None if f.is_required() else f.get_default(call_default_factory=True), "help": f.description or ""}
         for key, f in options_model.model_fields.items()
     }
     return PluginInfo(kind, cls.name, cls.description, dist, plugin, options, cls.capabilities(), cls)
@@ -257,6 +331,11 @@ def list_plugins(kind: str | None = None) -> list[PluginInfo]:
     if kind is not None and kind not in KINDS:
         raise PluginError(f"unknown plugin kind {kind!r} (known: {', '.join(KINDS)})")
     return [i for i in _REGISTRY.all() if kind is None or i.kind == kind]
+
+
+def plugin_problems() -> list[PluginProblem]:
+    """Plugins that failed to import, misdeclared items and name clashes."""
+    return _REGISTRY.problems()
 
 
 def register_plugin(plugin: object, name: str | None = None) -> str:

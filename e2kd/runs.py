@@ -116,14 +116,17 @@ def _identity_problem(out: Path, config: ExperimentConfig) -> str | None:
 
 
 def prepare_run_dir(config: ExperimentConfig) -> Path:
-    """Create ``config.out_dir`` with config.yaml and env.json; refuse one that holds a run of
-    another config (compared by :func:`e2kd.config.run_identity`, so output folder, progress bar
-    and loader workers may differ)."""
+    """Create ``config.out_dir`` with config.yaml and env.json; refuse one that holds a (partly)
+    trained run of another config (compared by :func:`e2kd.config.run_identity`, so output folder,
+    progress bar and loader workers may differ)."""
     out = Path(config.out_dir)
     problem = _identity_problem(out, config)
-    if problem is not None:
+    trained = (out / "model.pt").is_file() or (out / "checkpoint.pt").is_file()
+    if problem is not None and trained:
         raise ConfigError(f"{out}: run directory holds a different run ({problem}); "
                           f"choose another out_dir (--out) or delete it")
+    # a directory with nothing trained in it (e.g. left by a run that failed before its first
+    # epoch) is simply taken over by this config
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(config))
     atomic_write_json(out / "env.json", environment(config.seed))

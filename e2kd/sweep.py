@@ -1,8 +1,8 @@
 """Ablation sweeps: the cross product of config values x seeds, resumable, summarised.
 
 ``e2kd sweep CONFIG --grid distill.similarity=cosine,pearson --grid distill.lam=0,1 --seeds 0,1,2``
-validates every run's config first (a non-differentiable similarity or explainer in a
-training run is refused before anything runs), then runs them in order, skipping runs that
+validates every run's config first (as loading any config does: a non-differentiable
+similarity or explainer in a distillation run is refused before anything runs), then runs them in order, skipping runs that
 already finished (so a killed sweep resumes), and writes ``sweep.csv`` (one row per run),
 ``sweep.md`` (mean ± std over seeds per cell) and ``sweep.png`` (a metric against the first
 swept key, one line per combination of the other keys).
@@ -23,10 +23,8 @@ from typing import Any, Callable
 import yaml
 
 from .config import ExperimentConfig, load_config_dict, parse_override, set_value
-from .distill import check_trainable
-from .errors import ConfigError, PluginError
+from .errors import ConfigError
 from .evaluate import flatten_metrics
-from .registry import create
 from .runs import atomic_write_text
 
 
@@ -73,21 +71,8 @@ def plan(base: dict[str, Any], grid: dict[str, list[Any]], seeds: list[int], out
             config = load_config_dict(data, source=f"{source} (sweep cell {cell})")
             run = SweepRun(cell, seed, config)
             run.config = config.model_copy(update={"out_dir": (Path(out_dir) / "runs" / run.name).resolve()})
-            _check_trainable(run)
             runs.append(run)
     return runs
-
-
-def _check_trainable(run: SweepRun) -> None:
-    """The distiller's own check, done for every run before the first one starts."""
-    d = run.config.distill
-    if run.config.teacher is None or d.lam == 0:
-        return
-    try:
-        check_trainable(create("explainer", d.explainer.name, d.explainer.options),
-                        create("similarity", d.similarity.name, d.similarity.options))
-    except PluginError as exc:
-        raise ConfigError(f"sweep cell {run.cell}: {exc}") from None
 
 
 def run_sweep(

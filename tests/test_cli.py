@@ -21,6 +21,11 @@ def test_plugins_json_lists_kind_name_distribution_description():
     items = json.loads(out.stdout)
     assert {"kind", "name", "distribution", "description"} <= set(items[0])
     assert ("explainer", "gradcam") in {(i["kind"], i["name"]) for i in items}
+    assert "PydanticUndefined" not in out.stdout  # default_factory defaults are shown as values
+    by_name = {(i["kind"], i["name"]): i for i in items}
+    assert by_name[("metric", "explanation_similarity")]["options"]["similarity_options"]["default"] == {}
+    assert by_name[("dataset", "image_folder")]["options"]["root"]["required"] is True
+    assert ".jpg" in by_name[("dataset", "image_folder")]["options"]["extensions"]["default"]
 
 
 def test_train_distill_evaluate_round_trip(tmp_path, capsys):

@@ -8,7 +8,7 @@ import e2kd
 from e2kd.distill import Distiller, kd_loss
 from e2kd.errors import PluginError
 
-from .conftest import TinyCNN, check_gradient
+from e2kd.testing import TinyCNN, check_gradient
 
 
 def _hand_kd(zs, zt, t):

@@ -1,6 +1,5 @@
-"""Contract tests over every registered explainer, plus method-specific checks."""
+"""Method-specific checks of the built-in explainers (the contract cases are in test_contracts.py)."""
 
-import gc
 
 import pytest
 import torch
@@ -9,9 +8,8 @@ import torch.nn.functional as F
 import e2kd
 from e2kd.distill import Distiller
 from e2kd.errors import ModelError
-from e2kd.registry import list_plugins
 
-from .conftest import TinyCNN, check_gradient
+from e2kd.testing import TinyCNN, check_gradient
 
 
 def tiny_vit(num_classes=3, img=8, depth=2):
@@ -19,85 +17,6 @@ def tiny_vit(num_classes=3, img=8, depth=2):
 
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=img,
                              patch_size=4, embed_dim=16, depth=depth, num_heads=2)
-
-
-def _model_for(explainer, dtype=torch.float64, seed=0):
-    """A tiny model the explainer accepts: a plain CNN, else a small B-cos network, else a tiny ViT."""
-    candidates = [lambda: TinyCNN(width=4), lambda: e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3), tiny_vit]
-    for make in candidates:
-        torch.manual_seed(seed)
-        model = make().to(dtype)
-        try:
-            explainer.check_model(model)
-            return model
-        except ModelError:
-            continue
-    raise AssertionError(f"no test model fits explainer {explainer.name}")
-
-
-EXPLAINERS = [i.name for i in list_plugins("explainer")]
-
-
-@pytest.mark.parametrize("name", EXPLAINERS)
-def test_contract_shape_dtype_finite_and_batch_consistency(name):
-    explainer = e2kd.get_explainer(name)
-    model = _model_for(explainer).eval()
-    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
-    maps = explainer.explain(model, x, 1)
-    channels = explainer.output_channels or x.shape[1]
-    assert maps.shape == (4, channels, 8, 8) and maps.dtype == torch.float64
-    assert torch.isfinite(maps).all() and maps.abs().sum() > 0
-    one_by_one = torch.cat([explainer.explain(model, x[i:i + 1], 1) for i in range(4)])
-    torch.testing.assert_close(maps, one_by_one)
-
-
-@pytest.mark.parametrize("name", EXPLAINERS)
-def test_contract_hooks_released_and_no_memory_growth(name):
-    explainer = e2kd.get_explainer(name)
-    model = _model_for(explainer, torch.float32).eval()
-    x = torch.rand(2, 3, 8, 8)
-
-    def live_tensors():
-        gc.collect()
-        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
-
-    for _ in range(3):
-        explainer.explain(model, x, 0)
-    before = live_tensors()
-    for _ in range(30):
-        explainer.explain(model, x, 0)
-    assert live_tensors() <= before + 2
-    assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
-    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
-    assert all(fused)  # timm's default, switched off only while explaining
-
-
-@pytest.mark.parametrize("name", [n for n in EXPLAINERS if e2kd.get_explainer(n).differentiable])
-def test_contract_e2kd_gradient_matches_finite_differences(name):
-    explainer = e2kd.get_explainer(name)
-    teacher, student = _model_for(explainer, seed=1), _model_for(explainer, seed=2)
-    distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=3.0)
-    student.eval()  # fixed normalisation statistics, so the loss is a plain function of the weights
-    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
-    params = [p for p in student.parameters() if p.requires_grad]
-    check_gradient(lambda: distiller(x)["explanation"], params, rel=1e-4, abs=1e-7)
-
-
-@pytest.mark.parametrize("name", EXPLAINERS)
-def test_contract_short_distillation_run(name):
-    explainer = e2kd.get_explainer(name)
-    teacher, student = _model_for(explainer, torch.float32, 1), _model_for(explainer, torch.float32, 2)
-    distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=1.0)
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
-    x = torch.rand(8, 3, 8, 8)
-    first = None
-    for _ in range(5):
-        out = distiller(x)
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        first = first if first is not None else out["explanation"].item()
-    assert torch.isfinite(out["loss"]) and out["explanation"].item() < first
 
 
 def test_input_x_gradient_and_gradient_match_captum():

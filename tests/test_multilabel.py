@@ -10,7 +10,7 @@ import e2kd
 from e2kd.distill import Distiller, binary_kd_loss, label_loss, padded_sets
 from e2kd.evaluate import evaluate
 
-from .conftest import TinyCNN
+from e2kd.testing import TinyCNN
 
 
 def test_binary_kd_matches_the_formula_by_hand():

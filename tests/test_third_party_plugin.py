@@ -63,7 +63,7 @@ def test_plugin_is_discovered_and_listed(site):
     result = _run([sys.executable, "-m", "e2kd", "plugins", "--json"], site)
     assert result.returncode == 0, result.stderr
     items = {(i["kind"], i["name"]): i for i in json.loads(result.stdout)}
-    for key in [("explainer", "attention_map"), ("similarity", "neg_l2"), ("dataset", "csv_images")]:
+    for key in [("explainer", "attention_map"), ("explainer", "layercam"), ("similarity", "neg_l2"), ("dataset", "csv_images")]:
         assert items[key]["distribution"] == "e2kd-attention-transfer"
         assert items[key]["plugin"] == "attention_transfer"
     assert items[("explainer", "gradcam")]["distribution"] == "e2kd"
@@ -88,4 +88,4 @@ def test_plugin_is_usable_from_a_config(site):
 def test_plugin_own_test_suite_passes(site):
     result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN / "tests")], site)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 passed" in result.stdout
+    assert "16 passed" in result.stdout

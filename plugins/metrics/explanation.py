@@ -5,17 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import e2kd
 from e2kd import hookimpl
-from e2kd.api import EvalBatch, Metric
+from e2kd.api import EvalBatch, Metric, Similarity
 
 
 class ExplanationSimilarityOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    similarity: str = Field("cosine", description="name of a registered similarity")
+    similarity: str | None = Field(None, description="name of a registered similarity (default: the run's training "
+                                                     "similarity with its options, else cosine)")
     similarity_options: dict[str, Any] = Field(default_factory=dict, description="options of that similarity")
+
+    @model_validator(mode="after")
+    def _options_need_a_name(self) -> "ExplanationSimilarityOptions":
+        if self.similarity_options and self.similarity is None:
+            raise ValueError("similarity_options needs similarity (the name of the similarity they configure)")
+        return self
 
 
 class ExplanationSimilarity(Metric):
@@ -26,7 +33,11 @@ class ExplanationSimilarity(Metric):
 
     def __init__(self, options: BaseModel | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
-        self.similarity = e2kd.get_similarity(self.options.similarity, **self.options.similarity_options)
+        self.similarity = e2kd.get_similarity(self.options.similarity or "cosine", **self.options.similarity_options)
+
+    def bind(self, *, similarity: Similarity | None = None) -> None:
+        if self.options.similarity is None and similarity is not None:
+            self.similarity = similarity  # the run's training similarity, with its options
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
         return self.similarity(batch.explanations, batch.teacher_explanations)

@@ -44,19 +44,28 @@ class L2(Similarity):
 
 class JSDOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature over the pixels")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature over the pixels, applied to maps "
+                                                      "scaled to unit maximum absolute value")
+    eps: float = Field(1e-12, gt=0, description="guards against all-zero maps")
+
+
+def unit_max(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Flatten to (B, N) and divide by the largest absolute value, so a softmax sees the map's shape,
+    not its scale (Grad-CAM values of ~1e-2 would otherwise look nearly uniform)."""
+    x = x.flatten(1)
+    return x / x.abs().amax(dim=1, keepdim=True).clamp_min(eps)
 
 
 class JensenShannon(Similarity):
     name = "jsd"
-    description = "Jensen-Shannon divergence of spatial softmax distributions (nats; lower is better)"
+    description = "Jensen-Shannon divergence of spatial softmax distributions of scale-normalised maps (nats; lower is better)"
     Options = JSDOptions
     higher_is_better = False
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        t = self.options.temperature
-        log_p = F.log_softmax(a.flatten(1) / t, dim=1)
-        log_q = F.log_softmax(b.flatten(1) / t, dim=1)
+        t, eps = self.options.temperature, self.options.eps
+        log_p = F.log_softmax(unit_max(a, eps) / t, dim=1)
+        log_q = F.log_softmax(unit_max(b, eps) / t, dim=1)
         log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, dtype=log_p.dtype, device=log_p.device))
         kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
         kl_qm = (log_q.exp() * (log_q - log_m)).sum(1)

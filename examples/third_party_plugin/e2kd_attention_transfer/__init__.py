@@ -1,4 +1,5 @@
-"""Attention transfer (Zagoruyko & Komodakis, 2017) as an e2kd explainer and similarity; a CSV image-list dataset."""
+"""Attention transfer (Zagoruyko & Komodakis, 2017) as an e2kd explainer and similarity; LayerCAM, a
+gradient-based explainer; a CSV image-list dataset."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from e2kd.api import Capture, Explainer, Similarity
 from e2kd.models import resolve_layer
 
 from .csv_images import CsvImages
+from .layercam import LayerCAM
 
 
 class AttentionMapOptions(BaseModel):
@@ -72,6 +74,7 @@ class NegL2(Similarity):
 @hookimpl
 def register_explainers(register):
     register(AttentionMap)
+    register(LayerCAM)
 
 
 @hookimpl

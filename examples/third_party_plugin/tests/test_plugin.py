@@ -5,6 +5,7 @@ import torch
 
 import e2kd
 import e2kd_attention_transfer as plugin
+from e2kd.testing import EXPLAINER_CASES, check_dataset, check_similarity
 
 
 @pytest.fixture
@@ -47,8 +48,56 @@ def test_csv_images_dataset_reads_labels_in_class_order(registered, tmp_path):
             lines.append(f"{split}{i}.jpg,{label}")
         (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
     data = e2kd.get_dataset("csv_images", root=str(tmp_path), image_size=16)
-    data.check()
+    check_dataset(data)  # e2kd's dataset contract
     assert data.class_names() == ["cat", "dog"] and data.eval_splits() == ("test",)
     train = split_view(data, "train", "eval")
     assert [int(train[i]["label"]) for i in range(3)] == [1, 0, 1]
     assert train[0]["image"].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("case", EXPLAINER_CASES)
+@pytest.mark.parametrize("name", ["attention_map", "layercam"])
+def test_explainer_contract(registered, name, case):
+    """e2kd's contract kit, one test per case (shape, several classes on one capture, frozen
+    teacher, hooks released, finite-difference gradient and frozen replay)."""
+    EXPLAINER_CASES[case](e2kd.get_explainer(name))
+
+
+def test_layercam_by_hand(registered):
+    """LayerCAM of a conv -> GAP -> linear model: d z_c / d A_k = W_ck / HW at every position."""
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    fc = torch.nn.Linear(5, 2)
+    model = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc)
+    x = torch.randn(2, 3, 6, 6)
+    maps = e2kd.get_explainer("layercam", layer="0").explain(model, x, 1)
+    acts = conv(x).detach()
+    weights = torch.relu(fc.weight[1].detach() / 36).view(1, 5, 1, 1)
+    torch.testing.assert_close(maps, torch.relu((weights * acts).sum(1, keepdim=True)))
+
+
+def test_neg_l2_contract(registered):
+    check_similarity(e2kd.get_similarity("neg_l2"))
+
+
+def test_the_kit_catches_a_frozen_teacher_mistake(registered):
+    """Without making the captured activation a leaf that requires grad, a frozen teacher
+    (parameters not requiring grad) cannot be explained: the kit's frozen_teacher case says so."""
+    import contextlib
+
+    from e2kd_attention_transfer.layercam import LayerCAM, _LayerCAMCapture
+
+    from e2kd.models import resolve_layer
+
+    class Careless(LayerCAM):
+        @contextlib.contextmanager
+        def capture(self, model, inputs, *, trainable=True):
+            cap = _LayerCAMCapture(inputs)
+            handle = resolve_layer(model, self.options.layer).register_forward_hook(
+                lambda m, a, out: setattr(cap, "activations", out))
+            try:
+                yield cap
+            finally:
+                handle.remove()
+
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        EXPLAINER_CASES["frozen_teacher"](Careless())

@@ -1,0 +1,105 @@
+"""Every built-in item through the contract kit (``e2kd.testing``) that third parties run on theirs."""
+
+import pytest
+
+import e2kd
+from e2kd import testing
+from e2kd.registry import list_plugins
+
+
+def _names(kind):
+    return [i.name for i in list_plugins(kind)]
+
+
+@pytest.mark.parametrize("case", testing.EXPLAINER_CASES)
+@pytest.mark.parametrize("name", _names("explainer"))
+def test_explainer_contract(name, case):
+    testing.EXPLAINER_CASES[case](e2kd.get_explainer(name))
+
+
+@pytest.mark.parametrize("case", testing.SIMILARITY_CASES)
+@pytest.mark.parametrize("name", _names("similarity"))
+def test_similarity_contract(name, case):
+    testing.SIMILARITY_CASES[case](e2kd.get_similarity(name))
+
+
+@pytest.mark.parametrize("case", testing.METRIC_CASES)
+@pytest.mark.parametrize("name", _names("metric"))
+def test_metric_contract(name, case):
+    testing.METRIC_CASES[case](e2kd.get_metric(name))
+
+
+SMALL_MODELS = {"timm": {"arch": "resnet18"}, "small_resnet": {"widths": [4, 8]}, "bcos_small": {"widths": [4, 6]},
+                "bcos_vit_tiny": {"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}}
+
+
+@pytest.mark.parametrize("name", [n for n in _names("model") if n in SMALL_MODELS])
+def test_model_contract(name):
+    testing.check_model(e2kd.get_model_builder(name, **SMALL_MODELS[name]))
+
+
+def test_synthetic_dataset_contract():
+    testing.check_dataset(e2kd.get_dataset("synthetic", num_classes=3, image_size=16, train_per_class=2,
+                                           test_per_class=2))
+
+
+def test_file_datasets_contract(tmp_path):
+    from e2kd.data.miniature import write_image_folder, write_voc, write_waterbirds
+
+    from .test_datasets import VOC_IMAGES
+
+    write_image_folder(tmp_path / "f", ["a", "b"], {"train": 3, "val": 2})
+    testing.check_dataset(e2kd.get_dataset("image_folder", root=str(tmp_path / "f"), image_size=16, holdout_per_class=1))
+    write_waterbirds(tmp_path / "w", {"train": {(0, 0): 2, (1, 1): 2}, "val": {(0, 1): 1}, "test": {(1, 0): 1}})
+    testing.check_dataset(e2kd.get_dataset("waterbirds", root=str(tmp_path / "w"), image_size=16))
+    write_voc(tmp_path / "v", VOC_IMAGES)
+    testing.check_dataset(e2kd.get_dataset("voc", root=str(tmp_path / "v"), image_size=16))
+
+
+def test_the_kit_catches_the_bugs_it_is_for():
+    """Each case fails on a plugin with the mistake it guards against (so the kit can fail)."""
+    import torch
+
+    from e2kd.api import Similarity
+
+    class MaximisesDistance(Similarity):  # lower-is-better distance declared higher-is-better
+        name = "bad_l2"
+        description = "test"
+
+        def __call__(self, a, b):
+            return (a - b).flatten(1).norm(dim=1)
+
+    with pytest.raises(AssertionError, match="self_is_best"):
+        testing.check_similarity(MaximisesDistance())
+
+    import contextlib
+
+    from e2kd.api import Capture, Explainer
+
+    class InputGradient(Explainer):
+        name = "input_gradient_test"
+        description = "test"
+        output_channels = None
+        retain = True
+
+        @contextlib.contextmanager
+        def capture(self, model, inputs, *, trainable=True):
+            x = inputs.detach().requires_grad_(True)
+            cap = Capture(x)
+
+            def explain(logits, target, *, create_graph=False):
+                score = logits.gather(1, target[:, None]).sum()
+                (g,) = torch.autograd.grad(score, x, create_graph=create_graph,
+                                           retain_graph=True if self.retain else None)
+                return g if create_graph else g.detach()
+
+            cap.explain = explain
+            yield cap
+
+    testing.EXPLAINER_CASES["several_classes_one_capture"](InputGradient())  # correct: keeps the graph
+
+    class Forgetful(InputGradient):
+        retain = False  # frees the graph after the first class
+
+    with pytest.raises(RuntimeError, match="second time"):
+        testing.EXPLAINER_CASES["several_classes_one_capture"](Forgetful())
