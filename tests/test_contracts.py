@@ -103,3 +103,14 @@ def test_the_kit_catches_the_bugs_it_is_for():
 
     with pytest.raises(RuntimeError, match="second time"):
         testing.EXPLAINER_CASES["several_classes_one_capture"](Forgetful())
+
+
+def test_an_evaluation_only_explainer_passes_the_kit_as_such():
+    """differentiable = False: explained like any other, refused for training (not trained by the kit)."""
+    gradient = type(e2kd.get_explainer("gradient"))
+
+    class EvaluationOnly(gradient):
+        name = "evaluation_only"
+        differentiable = False
+
+    testing.check_explainer(EvaluationOnly())

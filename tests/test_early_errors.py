@@ -1,6 +1,7 @@
 """Mistakes are caught before anything is written: one line naming the file and the field (and, for
 model problems, teacher or student); the fixed config then runs in the same folder."""
 
+import pytest
 import yaml
 
 from e2kd.cli import main
@@ -85,3 +86,28 @@ def test_a_run_dir_with_nothing_trained_is_taken_over(tmp_path):
     cfg = _write(tmp_path / "r.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(stale)})
     assert main(["train-teacher", str(cfg)]) == 0
     assert yaml.safe_load((stale / "config.yaml").read_text())["seed"] == 0
+
+
+def test_evaluation_similarity_defaults_to_the_training_one_with_its_options(tmp_path):
+    """explanation_similarity without options scores with distill.similarity (jsd, temperature 2)."""
+    import json
+
+    import torch
+
+    import e2kd
+    from e2kd.distill import explained_forward
+
+    teacher = _teacher(tmp_path)
+    cfg = _student(tmp_path, teacher, distill={"lam": 1.0, "similarity": {"name": "jsd", "options": {"temperature": 2.0}}},
+                   eval={"metrics": ["explanation_similarity"], "splits": ["test_ood"]})
+    assert main(["distill", str(cfg)]) == 0
+    reported = json.loads((tmp_path / "s" / "metrics.json").read_text())["splits"]["test_ood"]["explanation_similarity"]
+    run = e2kd.load_run(tmp_path / "s")
+    data = run.split("test_ood")
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    explainer = e2kd.get_explainer("gradcam")
+    _, t_maps, targets = explained_forward(run.teacher, images, explainer)
+    _, s_maps, _ = explained_forward(run.model, images, explainer, targets)
+    expected = e2kd.get_similarity("jsd", temperature=2.0)(s_maps[:, 0], t_maps[:, 0]).mean().item()
+    cosine = e2kd.get_similarity("cosine")(s_maps[:, 0], t_maps[:, 0]).mean().item()
+    assert reported == pytest.approx(expected, rel=1e-5) and abs(expected - cosine) > 1e-3
