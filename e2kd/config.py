@@ -90,6 +90,8 @@ class DistillConfig(StrictModel):
         "auto", description="classes whose explanations are matched (loss averaged over them); auto: top1 for "
                             "single-label data (the paper), positive (teacher logit > 0) for multi-label data")
     top_k: int = Field(2, ge=1, description="k for explain_classes: topk")
+    explain_every: int = Field(1, ge=1, description="compute the explanation term on every K-th step only "
+                                                    "(plain KD in between; the paper's code: 16 for ResNets, 4 for ViTs)")
 
     @model_validator(mode="after")
     def _frozen_is_top1(self) -> "DistillConfig":
@@ -114,7 +116,13 @@ class TrainConfig(StrictModel):
     augment: Literal["auto", "none", "flip", "flip_crop", "resized_crop_flip"] = Field(
         "auto", description="training geometry (auto: the dataset's default; see docs/datasets.md)")
     color_jitter: float = Field(0.0, ge=0, description="photometric jitter strength (image only, never the teacher map)")
-    device: str = "cpu"
+    device: str = Field("auto", description="cpu, cuda, cuda:N, ... (auto: CUDA when available)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision of the forward and explanations; losses in float32; fp16 adds loss scaling")
+    channels_last: bool | None = Field(None, description="channels-last memory format for models and batches "
+                                                         "(default: on for CUDA)")
+    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps "
+                                                                 "(default: at the end of each epoch)")
     progress: bool = True
 
 
@@ -281,7 +289,7 @@ def _known_keys(exc: ValidationError) -> list[str]:
 
 
 #: Fields that never change what a run computes; a run directory is matched without them.
-VOLATILE_FIELDS = (("out_dir",), ("train", "progress"), ("data", "num_workers"))
+VOLATILE_FIELDS = (("out_dir",), ("train", "progress"), ("train", "checkpoint_every"), ("data", "num_workers"))
 
 
 def run_identity(config: ExperimentConfig) -> dict[str, Any]:

@@ -47,6 +47,11 @@ def binary_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     return kl.sum(1).mean() * (t * t)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (autocast outputs) as float32; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def padded_sets(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K) bool membership -> (B, k) class indices and (B, k) float weights, k = the largest set;
     each row lists its members first (ascending), padded with weight-0 entries."""
@@ -60,7 +65,11 @@ class Distiller:
 
     The teacher is frozen and kept in eval mode; the student is run exactly once per call.
     ``lam == 0`` is plain KD and does no explanation work at all. ``teacher=None`` makes a
-    distiller for a frozen teacher whose outputs every call passes in.
+    distiller for a frozen teacher whose outputs every call passes in. ``explain_every = K``
+    computes the explanation term on calls whose ``step`` is a multiple of K only (plain KD on
+    the others). ``student_forward`` runs the student's forward (e.g. its DDP wrapper, so
+    gradients are averaged over processes); the explanation is captured on ``student`` itself.
+    The KD, label and explanation terms are computed in float32 whatever the autocast precision.
     """
 
     def __init__(
@@ -76,6 +85,8 @@ class Distiller:
         explain_classes: str = "top1",
         top_k: int = 2,
         kd: str = "softmax",
+        explain_every: int = 1,
+        student_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (got {temperature})")
@@ -94,6 +105,10 @@ class Distiller:
         if kd not in KD_KINDS:
             raise ValueError(f"kd must be one of {', '.join(KD_KINDS)} (got {kd!r})")
         self.kd = kd
+        if explain_every < 1:
+            raise ValueError(f"explain_every must be >= 1 (got {explain_every})")
+        self.explain_every = int(explain_every)
+        self.student_forward = student_forward or student
         if self.lam > 0:
             check_trainable(explainer, similarity)
             for model in (teacher, student):
@@ -111,22 +126,24 @@ class Distiller:
         *,
         teacher_logits: torch.Tensor | None = None,
         teacher_maps: torch.Tensor | None = None,
+        step: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for one batch.
+        """Loss terms for one batch (``step``: the training step, for ``explain_every``).
 
         With ``teacher_logits`` (and, when explaining, ``teacher_maps``) given — a frozen
         teacher replayed from a cache — the teacher is not run at all.
         """
         frozen = teacher_logits is not None
-        if frozen and self.explains and teacher_maps is None:
+        explains = self.explains and (step is None or step % self.explain_every == 0)
+        if frozen and explains and teacher_maps is None:
             raise ValueError("a frozen teacher needs teacher_maps when lam > 0")
-        if frozen and self.explains and self.explain_classes != "top1":
+        if frozen and explains and self.explain_classes != "top1":
             raise ValueError("a frozen teacher stores top-1 maps only: use explain_classes='top1'")
         if not frozen and self.teacher is None:
             raise ValueError("this distiller has no teacher model: pass teacher_logits (and teacher_maps)")
-        s_ctx = self.explainer.capture(self.student, images, trainable=True) if self.explains else contextlib.nullcontext()
+        s_ctx = self.explainer.capture(self.student, images, trainable=True) if explains else contextlib.nullcontext()
         with s_ctx as s_cap:
-            student_logits = self.student(s_cap.inputs if s_cap is not None else images)
+            student_logits = self.student_forward(s_cap.inputs if s_cap is not None else images)
         weights = None
         if frozen:
             targets = teacher_logits.argmax(dim=1, keepdim=True)
@@ -139,12 +156,13 @@ class Distiller:
                 return targets
 
             teacher_logits, teacher_maps, targets = explained_forward(
-                self.teacher, images, self.explainer if self.explains else None, choose if self.explains else None)
+                self.teacher, images, self.explainer if explains else None, choose if explains else None)
             weights = chosen.get("weights")
         out = self.losses(student_logits, teacher_logits.detach(), labels)
-        if self.explains:
+        if explains:
             per_class = torch.stack([
-                self.similarity.loss(s_cap.explain(student_logits, targets[:, j], create_graph=True), teacher_maps[:, j].detach())
+                self.similarity.loss(at_least_fp32(s_cap.explain(student_logits, targets[:, j], create_graph=True)),
+                                     at_least_fp32(teacher_maps[:, j].detach()))
                 for j in range(targets.shape[1])
             ], dim=1)
             explanation = per_class.mean() if weights is None else (per_class * weights).sum() / weights.sum()
@@ -173,14 +191,15 @@ class Distiller:
     def losses(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """The logit terms (KD and optional CE); the explanation term is added by the caller."""
-        kd = (binary_kd_loss if self.kd == "binary" else kd_loss)(student_logits, teacher_logits, self.temperature)
+        """The logit terms (KD and optional CE), in float32; the explanation term is added by the caller."""
+        logits = at_least_fp32(student_logits)
+        kd = (binary_kd_loss if self.kd == "binary" else kd_loss)(logits, at_least_fp32(teacher_logits), self.temperature)
         zero = kd.new_zeros(())
         ce = zero
         if self.ce_weight > 0:
             if labels is None:
                 raise ValueError("ce_weight > 0 needs labels")
-            ce = label_loss(student_logits, labels)
+            ce = label_loss(logits, labels)
         return {
             "loss": kd + self.ce_weight * ce,
             "kd": kd,

@@ -15,15 +15,15 @@ from torch import nn
 
 from .api import Dataset
 from .config import ExperimentConfig, PluginRef
-from .data import ViewDataset, dataset_of, make_loader, split_view
-from .distill import Distiller, label_loss
+from .data import ViewDataset, dataset_of, split_view
+from .distill import Distiller, at_least_fp32, label_loss
 from .errors import CacheError, ConfigError, ModelError, StaleCacheError
 from .evaluate import evaluate_model
 from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint_hash, make_fingerprint
 from .models import build_from, load_teacher
 from .registry import create
 from .runs import atomic_torch_save, atomic_write_json, finished_results, prepare_run_dir
-from .runtime import device_of, progress_enabled
+from .runtime import Runtime, device_of, progress_enabled, runtime_of
 from .train import fit, make_optimizer, make_schedule
 
 
@@ -33,13 +33,25 @@ def train_view(config: ExperimentConfig, dataset: Dataset, samples=None) -> View
                       samples=samples)
 
 
-def _fit(config: ExperimentConfig, model: nn.Module, step, data: ViewDataset, out: Path, desc: str) -> list[dict]:
+def _fit(config: ExperimentConfig, runtime: Runtime, model: nn.Module, step, data: ViewDataset, out: Path,
+         desc: str) -> list[dict]:
     t = config.train
-    loader = make_loader(data, t.batch_size, shuffle=True, num_workers=config.data.num_workers, device=device_of(config))
-    optimizer = make_optimizer(model.parameters(), t.optimizer, t.lr, t.weight_decay)
-    scheduler = make_schedule(optimizer, t.schedule, t.epochs * len(loader), t.warmup_epochs * len(loader))
-    return fit(model, step, loader, epochs=t.epochs, optimizer=optimizer, scheduler=scheduler,
-               checkpoint=out / "checkpoint.pt", progress=progress_enabled(config), desc=desc)
+
+    def schedule(optimizer, total_steps):
+        return make_schedule(optimizer, t.schedule, total_steps, t.warmup_epochs * (total_steps // t.epochs))
+
+    return fit(model, step, data, epochs=t.epochs, batch_size=t.batch_size,
+               optimizer_fn=lambda params: make_optimizer(params, t.optimizer, t.lr, t.weight_decay),
+               scheduler_fn=schedule, runtime=runtime, seed=config.seed, num_workers=config.data.num_workers,
+               checkpoint=out / "checkpoint.pt", checkpoint_every=t.checkpoint_every, log_dir=out,
+               progress=progress_enabled(config), desc=desc)
+
+
+def _run_dir(config: ExperimentConfig, runtime: Runtime) -> Path:
+    """The run directory, created (and checked) by the main process; the others wait for it."""
+    with runtime.main_first():
+        out = prepare_run_dir(config) if runtime.is_main else Path(config.out_dir)
+    return out
 
 
 def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
@@ -49,18 +61,20 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
     """
     if (done := finished_results(config)) is not None:
         return done
+    runtime = runtime_of(config)
     dataset = dataset_of(config)
-    out = prepare_run_dir(config)
+    out = _run_dir(config, runtime)
     torch.manual_seed(config.seed)
-    device = device_of(config)
-    model = build_from(config.model, dataset, config.model.checkpoint).to(device)
+    model = runtime.model(build_from(config.model, dataset, config.model.checkpoint))
+    forward = runtime.ddp(model)
 
-    def step(batch):
-        return {"loss": label_loss(model(batch["image"].to(device)), batch["label"].to(device))}
+    def step(batch, index):
+        with runtime.autocast():
+            logits = forward(runtime.batch(batch["image"]))
+        return {"loss": label_loss(at_least_fp32(logits), batch["label"].to(runtime.device))}
 
-    history = _fit(config, model, step, train_view(config, dataset), out, desc=f"teacher {out.name}")
-    atomic_torch_save(model.state_dict(), out / "model.pt")
-    return _finish(config, out, model, None, dataset, history)
+    history = _fit(config, runtime, model, step, train_view(config, dataset), out, desc=f"teacher {out.name}")
+    return _finish(config, runtime, out, model, None, dataset, history)
 
 
 def resolved_distill(config: ExperimentConfig, dataset: Dataset | None) -> dict[str, Any]:
@@ -76,15 +90,15 @@ def resolved_distill(config: ExperimentConfig, dataset: Dataset | None) -> dict[
 
 
 def make_distiller(config: ExperimentConfig, teacher: nn.Module | None, student: nn.Module,
-                   dataset: Dataset | None = None) -> Distiller:
+                   dataset: Dataset | None = None, student_forward=None) -> Distiller:
     d = config.distill
     explains = d.lam > 0
     return Distiller(
         teacher, student,
         explainer=_create("explainer", d.explainer) if explains else None,
         similarity=_create("similarity", d.similarity) if explains else None,
-        temperature=d.temperature, lam=d.lam, ce_weight=d.ce_weight, top_k=d.top_k,
-        **resolved_distill(config, dataset),
+        temperature=d.temperature, lam=d.lam, ce_weight=d.ce_weight, top_k=d.top_k, explain_every=d.explain_every,
+        student_forward=student_forward, **resolved_distill(config, dataset),
     )
 
 
@@ -145,6 +159,7 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     """
     if (done := finished_results(config)) is not None:
         return done
+    runtime = runtime_of(config)
     dataset = dataset_of(config)
     teacher = load_teacher(config, dataset)
     torch.manual_seed(config.seed)
@@ -152,31 +167,35 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     rng = torch.get_rng_state()  # training draws from here, whether or not a cache is built below
     check_models(config, teacher, student)  # every check fails before the run directory exists
     frozen = config.distill.teacher_mode == "frozen"
+    teacher, student = runtime.model(teacher), runtime.model(student)
     # a frozen teacher is replayed from the cache: the distiller gets no teacher model at all
-    distiller = make_distiller(config, None if frozen else teacher, student, dataset)
-    cache = prepare_cache(config, teacher, dataset) if frozen else None
-    out = prepare_run_dir(config)
+    distiller = make_distiller(config, None if frozen else teacher, student, dataset, runtime.ddp(student))
+    with runtime.main_first():  # the main process builds the cache, the others then open it
+        cache = prepare_cache(config, teacher, dataset) if frozen else None
+    out = _run_dir(config, runtime)
     torch.set_rng_state(rng)
-    device = device_of(config)
-    teacher, student = teacher.to(device), student.to(device)
     samples = FrozenTeacherDataset(dataset.samples(dataset.train_split), cache) if frozen else None
 
-    def step(batch):
+    def step(batch, index):
         replay = {}
         if frozen:
-            replay["teacher_logits"] = batch["teacher_logits"].to(device)
-            replay["teacher_maps"] = batch["teacher_map"].to(device) if distiller.explains else None
-        return distiller(batch["image"].to(device), batch["label"].to(device), **replay)
+            replay["teacher_logits"] = runtime.batch(batch["teacher_logits"])
+            replay["teacher_maps"] = runtime.batch(batch["teacher_map"]) if distiller.explains else None
+        with runtime.autocast():
+            return distiller(runtime.batch(batch["image"]), batch["label"].to(runtime.device), step=index, **replay)
 
-    history = _fit(config, student, step, train_view(config, dataset, samples), out, desc=f"distill {out.name}")
-    atomic_torch_save(student.state_dict(), out / "model.pt")
-    return _finish(config, out, student, teacher, dataset, history)
-
-
-def _finish(config, out, model, teacher, dataset, history) -> dict[str, Any]:
-    results = evaluate_model(config, model, teacher, dataset)
-    results["history"] = history
-    atomic_write_json(out / "metrics.json", results)
-    return results
+    history = _fit(config, runtime, student, step, train_view(config, dataset, samples), out,
+                   desc=f"distill {out.name}")
+    return _finish(config, runtime, out, student, teacher, dataset, history)
 
 
+def _finish(config, runtime: Runtime, out: Path, model, teacher, dataset, history) -> dict[str, Any]:
+    """The main process saves the model, evaluates it and writes metrics.json; every process
+    returns the results."""
+    results = None
+    if runtime.is_main:
+        atomic_torch_save(model.state_dict(), out / "model.pt")
+        results = evaluate_model(config, model, teacher, dataset)
+        results["history"] = history
+        atomic_write_json(out / "metrics.json", results)
+    return runtime.broadcast(results)

@@ -1,23 +1,140 @@
-"""Where and how a run executes: the one place that decides the device (and, later, precision and
-process group). Methods never look at it."""
+"""Where and how a run executes: device, precision, process group. The one place for those
+decisions; the training loop receives a :class:`Runtime`, methods never look at it.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is initialised here
+(NCCL on CUDA, gloo on CPU); each process uses ``cuda:LOCAL_RANK``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
+from torch import nn
 
 from .config import ExperimentConfig
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    """Device, precision and process group of one process."""
+
+    device: torch.device
+    precision: str = "fp32"
+    rank: int = 0
+    world_size: int = 1
+    channels_last: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files (run directory, checkpoints, caches, reports)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward (and the explanation built inside it); fp32: a no-op."""
+        dtype = AMP_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler for fp16 (disabled, i.e. a pass-through, otherwise)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on this device (channels-last for images when asked)."""
+        tensor = tensor.to(self.device, non_blocking=True)
+        if self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def model(self, model: nn.Module) -> nn.Module:
+        """A model on this device (channels-last when asked)."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def ddp(self, model: nn.Module) -> nn.Module:
+        """The module to run forwards through: DDP-wrapped when distributed (gradients averaged
+        over processes in the backward), else the model itself."""
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the block on the main process first (e.g. to write a cache), then on the others."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every process."""
+        if not self.distributed:
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+
+def _process_group() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; initialises the group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), local
+
 
 def device_of(config: ExperimentConfig) -> torch.device:
-    """``train.device``, with ``auto`` = CUDA when available."""
+    """``train.device``, with ``auto`` = CUDA when available (under torchrun: ``cuda:LOCAL_RANK``)."""
     name = config.train.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def runtime_of(config: ExperimentConfig) -> Runtime:
+    """The runtime a config asks for, in this process (joins torchrun's process group)."""
+    rank, world, _ = _process_group()
+    device = device_of(config)
+    channels_last = config.train.channels_last if config.train.channels_last is not None else device.type == "cuda"
+    if config.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        from .errors import ConfigError
+
+        raise ConfigError(f"{config.source}: train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                          f"use fp16 or fp32")
+    return Runtime(device, config.train.precision, rank, world, channels_last)
 
 
 def progress_enabled(config: ExperimentConfig) -> bool:
-    """Progress bars: when asked for and stderr is a terminal."""
-    return config.train.progress and sys.stderr.isatty()
+    """Progress bars: when asked for, on the main process, and stderr is a terminal."""
+    return config.train.progress and sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0

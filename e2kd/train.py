@@ -1,21 +1,30 @@
-"""A generic training loop: progress bar, per-epoch checkpoints, resume. Knows no method."""
+"""A generic training loop: seeded resumable batches (split over processes), mixed precision,
+checkpoints every N steps with every RNG, exact resume, CSV / TensorBoard logs, a progress bar.
+Knows no method: ``step(batch, step_index)`` returns the losses."""
 
 from __future__ import annotations
 
+import csv
 import functools
 import math
+import random
+import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .errors import ModelError
 from .runs import atomic_torch_save
+from .runtime import Runtime
 
-StepFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+StepFn = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
+LOSS_KEYS = ("loss", "kd", "explanation", "ce")
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -45,62 +54,223 @@ def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
         lr_factor, name=name, total_steps=total_steps, warmup_steps=warmup_steps))
 
 
+class EpochBatches(Sampler[list[int]]):
+    """Batches of sample indices for one epoch, a function of (seed, epoch) alone.
+
+    The epoch's permutation comes from a generator seeded with ``(seed, epoch)``; with several
+    processes each takes every ``world_size``-th index (the permutation padded to a multiple of
+    ``world_size``, as ``DistributedSampler`` does), so ``batch_size`` is per process. The last
+    partial batch is dropped when at least two full ones exist. ``skip`` batches are left out at
+    the start (resuming inside an epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.per_rank = math.ceil(n / world_size)
+        self.batch_size = max(1, min(batch_size, self.per_rank))
+        self.drop_last = self.per_rank >= 2 * self.batch_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.per_rank, self.batch_size)
+        return full if (self.drop_last or rest == 0) else full + 1
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = torch.cat([order, order[: self.per_rank * self.world_size - self.n]])  # pad to equal shards
+        mine = order[self.rank::self.world_size].tolist()
+        for b in range(self.skip, len(self)):
+            yield mine[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a step may draw from (torch CPU and CUDA, numpy, Python), as tensors and lists."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                       *np_state[2:]], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainLog:
+    """Per-step and per-epoch scalars: ``steps.csv`` / ``epochs.csv`` in the run directory, and
+    TensorBoard event files under ``tensorboard/`` when the ``tensorboard`` package is installed."""
+
+    def __init__(self, folder: Path | None, *, resume_step: int = 0) -> None:
+        self.folder = folder
+        self.writer = None
+        if folder is None:
+            return
+        for name in ("steps.csv", "epochs.csv"):  # drop rows written after the checkpoint resumed from
+            path = folder / name
+            if path.is_file():
+                rows = list(csv.DictReader(path.open()))
+                key = "step" if name == "steps.csv" else "last_step"
+                kept = [r for r in rows if int(float(r[key])) <= resume_step]
+                if len(kept) != len(rows):
+                    self._write(path, kept, mode="w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        except (ImportError, ModuleNotFoundError):
+            self.writer = None
+
+    @staticmethod
+    def _write(path: Path, rows: list[dict], mode: str = "a") -> None:
+        if not rows:
+            if mode == "w":
+                path.unlink(missing_ok=True)
+            return
+        new = mode == "w" or not path.is_file()
+        with path.open(mode, newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def step(self, row: dict[str, float]) -> None:
+        if self.folder is not None:
+            self._write(self.folder / "steps.csv", [row])
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.writer.add_scalar(f"step/{key}", value, int(row["step"]))
+
+    def epoch(self, row: dict[str, float]) -> None:
+        if self.folder is not None:
+            self._write(self.folder / "epochs.csv", [row])
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "last_step"):
+                    self.writer.add_scalar(f"epoch/{key}", value, int(row["epoch"]))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}); delete it to start over") from None
+
+
 def fit(
     model: nn.Module,
     step: StepFn,
-    loader: Iterable[dict[str, torch.Tensor]],
+    dataset: Dataset,
     *,
     epochs: int,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    batch_size: int,
+    optimizer_fn: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    scheduler_fn: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None = None,
+    runtime: Runtime | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
     checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    log_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> list[dict[str, float]]:
-    """Train ``model`` for ``epochs``; ``step(batch)`` returns a dict with a scalar ``loss``.
+    """Train ``model`` for ``epochs``; ``step(batch, step_index)`` returns a dict with a scalar ``loss``.
 
-    With ``checkpoint`` set, the state after every epoch is written there atomically and a
-    later call resumes from it. Returns the per-epoch means of every scalar ``step`` returns.
+    Batches come from :class:`EpochBatches` (seeded by ``seed`` and the epoch; split over
+    processes). With ``checkpoint`` set, the state — model, optimizer, scheduler, loss scaler,
+    every RNG, epoch and position inside it — is written there atomically every
+    ``checkpoint_every`` steps and at the end of each epoch, and a later call resumes from it
+    exactly (bit-identical with ``num_workers=0`` and deterministic kernels). Returns the
+    per-epoch means of every scalar ``step`` returns.
     """
-    start, history = 0, []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-        except Exception as exc:
-            raise ModelError(
-                f"{checkpoint}: cannot resume from this checkpoint ({type(exc).__name__}); delete it to start over"
-            ) from None
+    runtime = runtime or Runtime(torch.device("cpu"))
+    sampler = EpochBatches(len(dataset), batch_size, seed=seed, rank=runtime.rank, world_size=runtime.world_size)
+    per_epoch = len(sampler)
+    optimizer = optimizer_fn(model.parameters())
+    scheduler = scheduler_fn(optimizer, epochs * per_epoch) if scheduler_fn is not None else None
+    scaler = runtime.grad_scaler()
+    epoch, position, history, sums = 0, 0, [], {}
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.is_file():
+        state = _load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start, history = state["epoch"], state["history"]
-    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, disable=not progress, leave=False)
-    for epoch in bar:
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        epoch, position, history, sums = state["epoch"], state["position"], state["history"], state["sums"]
+    log = TrainLog(Path(log_dir) if log_dir is not None and runtime.is_main else None,
+                   resume_step=epoch * per_epoch + position)
+    generator = torch.Generator()
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=generator,
+                        pin_memory=runtime.device.type == "cuda")
+
+    def save(epoch_: int, position_: int) -> None:
+        if checkpoint is None or not runtime.is_main:
+            return
+        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                           "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng_state(),
+                           "epoch": epoch_, "position": position_, "history": history, "sums": dict(sums)},
+                          checkpoint)
+
+    bar = tqdm(total=epochs * per_epoch, initial=epoch * per_epoch + position, desc=desc, unit="step",
+               disable=not progress, leave=False)
+    while epoch < epochs:
         model.train()
-        sums: dict[str, float] = defaultdict(float)
-        batches = 0
+        sampler.set_epoch(epoch, skip=position)
+        generator.manual_seed(seed * 100_003 + epoch)  # worker seeds: a function of (seed, epoch)
+        sums = defaultdict(float, sums)
+        tick = time.perf_counter()
         for batch in loader:
-            out = step(batch)
+            index = epoch * per_epoch + position
+            out = step(batch, index)
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
             if scheduler is not None:
                 scheduler.step()
-            for key, value in out.items():
-                if value.dim() == 0:
-                    sums[key] += float(value.detach())
-            batches += 1
-        means = {k: v / max(batches, 1) for k, v in sums.items()}
+            position += 1
+            scalars = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+            for key, value in scalars.items():
+                sums[key] += value
+            sums["batches"] += 1
+            now = time.perf_counter()
+            images = len(batch["image"]) * runtime.world_size
+            row = {"step": index + 1, "epoch": epoch + 1, **scalars, "lr": optimizer.param_groups[0]["lr"],
+                   "images_per_s": images / max(now - tick, 1e-9)}
+            if runtime.device.type == "cuda":
+                row["gpu_memory_mb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+            tick = now
+            log.step(row)
+            bar.update(1)
+            bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}",
+                             **{k: f"{v:.3f}" for k, v in scalars.items() if k in LOSS_KEYS}})
+            if checkpoint_every and (index + 1) % checkpoint_every == 0 and position < per_epoch:
+                save(epoch, position)
+        batches = max(sums.pop("batches", 0), 1)
+        means = {k: v / batches for k, v in sums.items()}
         history.append({"epoch": epoch + 1, **means})
-        bar.set_postfix({k: f"{v:.3f}" for k, v in means.items() if k in ("loss", "kd", "explanation", "ce")})
-        if checkpoint is not None:
-            atomic_torch_save(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history},
-                checkpoint,
-            )
+        log.epoch({"epoch": epoch + 1, "last_step": (epoch + 1) * per_epoch, **means})
+        epoch, position, sums = epoch + 1, 0, {}
+        save(epoch, 0)
     bar.close()
+    log.close()
     return history

@@ -213,7 +213,7 @@ def test_views_resize_and_centre_crop_real_images(folder):
     whole = split_view(ds, "val", "whole")[0]["image"]
     assert torch.allclose(whole, v2.functional.resize(raw, [16, 16], antialias=True).float() / 255, atol=1e-6)
     torch.manual_seed(0)
-    batch = next(iter(make_loader(split_view(ds, "train", "train"), 5, shuffle=True)))
+    batch = next(iter(make_loader(split_view(ds, "train", "train"), 5)))
     assert batch["image"].shape == (5, 3, 16, 16) and batch["label"].shape == (5,)
 
 

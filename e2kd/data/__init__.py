@@ -63,17 +63,9 @@ def split_view(dataset: Dataset, split: str, view: str, *, augment: str = "auto"
     return ViewDataset(samples if samples is not None else dataset.samples(split), transform)
 
 
-def make_loader(
-    dataset: TorchDataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
-    device: torch.device | str = "cpu",
-) -> DataLoader:
-    """A DataLoader over ``dataset``. Training (``shuffle``, from torch's global RNG, which
-    checkpoints save) drops the last partial batch when at least two full ones exist; memory
-    is pinned for CUDA."""
-    n = len(dataset)  # type: ignore[arg-type]
-    batch = max(1, min(batch_size, n))
-    return DataLoader(
-        dataset, batch_size=batch, shuffle=shuffle, drop_last=shuffle and n >= 2 * batch,
-        num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=num_workers > 0 and shuffle,
-    )
+def make_loader(dataset: TorchDataset, batch_size: int, *, num_workers: int = 0,
+                device: torch.device | str = "cpu") -> DataLoader:
+    """An in-order DataLoader for evaluation, caching and figures (pinned memory for CUDA).
+    Training batches come from :class:`e2kd.train.EpochBatches` instead."""
+    batch = max(1, min(batch_size, len(dataset)))  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=batch, num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")

@@ -39,7 +39,11 @@ def in_explanation_mode() -> bool:
 
 
 class DynamicMultiplication(torch.autograd.Function):
-    """``linear * factor``; in explanation mode the backward gives the factor no gradient."""
+    """``linear * factor``; in explanation mode the backward gives the factor no gradient.
+
+    Under autocast it is an element-wise product in the wider of its inputs' dtypes (the factor
+    of a normalisation is float32); autograd casts each gradient back to its input's dtype.
+    """
 
     @staticmethod
     def forward(ctx, linear: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -104,9 +108,11 @@ class UncenteredBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            second_moment = x.pow(2).mean(dim=(0, 2, 3))
+            # statistics in at least float32 (as BatchNorm under autocast), whatever the input precision
+            second_moment = x.float().pow(2).mean(dim=(0, 2, 3)) if x.dtype in (torch.float16, torch.bfloat16) \
+                else x.pow(2).mean(dim=(0, 2, 3))
             with torch.no_grad():
-                self.running_var.lerp_(second_moment.detach(), self.momentum)
+                self.running_var.lerp_(second_moment.detach().to(self.running_var.dtype), self.momentum)
         else:
             second_moment = self.running_var
         factor = (self.weight / (second_moment + self.eps).sqrt()).view(1, -1, 1, 1)
