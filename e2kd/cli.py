@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -26,9 +27,16 @@ def _load(args: argparse.Namespace):
     return config.model_copy(update={"out_dir": args.out.expanduser().resolve()}) if args.out else config
 
 
+def _is_main() -> bool:
+    """Under torchrun only the main process (RANK 0) reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _print_results(results: dict) -> None:
     from .evaluate import flatten_metrics
 
+    if not _is_main():
+        return
     for split, values in results["splits"].items():
         text = ", ".join(f"{k} {v:.4g}" for k, v in flatten_metrics(values).items())
         print(f"{split}: {text}")
@@ -63,7 +71,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _print_results(train_teacher(config))
-    print(f"run directory: {config.out_dir}")
+    if _is_main():
+        print(f"run directory: {config.out_dir}")
     return 0
 
 
@@ -72,7 +81,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     config = _load(args)
     _print_results(distill(config))
-    print(f"run directory: {config.out_dir}")
+    if _is_main():
+        print(f"run directory: {config.out_dir}")
     return 0
 
 
@@ -80,6 +90,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     from .experiment import precompute
 
     cache = precompute(_load(args), force=args.force)
+    if not _is_main():
+        return 0
     fp = cache.index["fingerprint"]
     print(f"teacher cache: {cache.root} ({len(cache)} samples, {cache.index['dtype']}, "
           f"explainer {fp['explainer']['name']}, teacher weights {fp['teacher']['weights_sha256'][:12]})")
@@ -196,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("e2kd: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed = sys.modules.get("torch.distributed")
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

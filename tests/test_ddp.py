@@ -1,0 +1,126 @@
+"""Multi-process training with DDP (gloo on CPU): the e2KD double backward gives the gradients of a
+single process on the same global batch, and ``torchrun -m e2kd ...`` runs end to end."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+import e2kd
+from e2kd.distill import Distiller, explained_forward
+from e2kd.testing import TinyCNN
+
+from .conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+GLOBAL_BATCH = 8
+
+
+def one_step(case: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
+    """One SGD step of e2KD on this process's share of a fixed global batch; the student's new weights."""
+    torch.manual_seed(0)
+    if case == "bcos":
+        teacher = e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3).double()
+        student = e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3).double()
+        explainer = e2kd.get_explainer("bcos")
+    else:
+        teacher, student = TinyCNN(width=6).double(), TinyCNN(width=4).double()
+        explainer = e2kd.get_explainer("gradcam")
+    # BatchNorm is per process (SyncBatchNorm has no double backward): compare with batch-independent normalisation
+    student.eval()
+    x = torch.rand(GLOBAL_BATCH, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    forward = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(student)
+    replay = {}
+    if case == "frozen":
+        logits, maps, _ = explained_forward(teacher, x, explainer)
+        replay = {"teacher_logits": logits[share], "teacher_maps": maps[share, 0]}
+        teacher = None
+    distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=2.0,
+                          student_forward=forward)
+    out = distiller(x[share], **replay)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    optimizer.zero_grad()
+    out["loss"].backward()
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+
+def _initial_student(case: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    if case == "bcos":
+        e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3)
+        return e2kd.get_model_builder("bcos_small", widths=[4, 6]).build(3).double().state_dict()
+    TinyCNN(width=6)
+    return TinyCNN(width=4).double().state_dict()
+
+
+def _worker(rank: int, world: int, init_file: str, case: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params = one_step(case, rank, world)
+        if rank == 0:
+            torch.save(params, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["gradcam", "frozen", "bcos"])
+def test_two_processes_step_like_one_process_on_the_global_batch(case, tmp_path):
+    single = one_step(case)
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), case, str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    # the step moved the weights by far more than the tolerance (two untouched models would also agree)
+    untrained = _initial_student(case)
+    assert max(float((single[k] - untrained[k]).abs().max()) for k in single if single[k].is_floating_point()) > 1e-3
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _torchrun(*args):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "e2kd", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+@pytest.mark.slow
+def test_torchrun_train_teacher_and_distill(tmp_path):
+    train = {**TINY["train"], "epochs": 1, "batch_size": 3}
+    teacher = _write(tmp_path / "t.yaml", {**TINY, "train": train, "out_dir": str(tmp_path / "t")})
+    run = _torchrun("train-teacher", str(teacher))
+    assert run.returncode == 0, run.stderr[-3000:]
+    student = _write(tmp_path / "s.yaml", {**TINY, "train": train, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+                                            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+                                            "out_dir": str(tmp_path / "s")})
+    run = _torchrun("distill", str(student))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("run directory:") == 1  # only the main process reports
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["history"][0]["explanation"] > 0 and set(metrics["splits"]) == {"test_id", "test_ood"}
+    # 18 training images, batch 3 per process, 2 processes: 9 per process -> 3 steps
+    steps = list(csv.DictReader((tmp_path / "s" / "steps.csv").open()))
+    assert [int(r["step"]) for r in steps] == [1, 2, 3]
+    # a frozen teacher: the main process builds the cache, the other one opens it
+    frozen = _write(tmp_path / "f.yaml", {**yaml.safe_load(student.read_text()), "out_dir": str(tmp_path / "f"),
+                                           "distill": {"teacher_mode": "frozen"}})
+    run = _torchrun("distill", str(frozen))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "f" / "metrics.json").read_text())["history"][0]["explanation"] > 0
