@@ -1,18 +1,27 @@
-"""Training-step time of e2KD (Grad-CAM, last stage) over plain KD, as ratios in one run.
+"""Training-step time of e2KD (Grad-CAM, last stage) over plain KD, as ratios in one run, beside
+what a user of the paper's code writes by hand.
 
-Four modes on the same teacher, student and batch (forward, loss, backward, optimizer step):
-live KD, live e2KD, and — with a frozen teacher whose logits and maps are read from an
-on-disk float16 cache (e2kd.frozen), so no teacher forward — frozen KD and frozen e2KD.
-The modes are interleaved and their order rotates, so machine noise hits all alike.
-Reports the ratios of the median step times.
+Modes on the same teacher, student and batch (forward, loss, backward, optimizer step):
+
+- ``kd`` / ``e2kd``: the Distiller, live teacher (``lam`` 0 / 1);
+- ``e2kd_every``: the Distiller with ``explain_every=K`` (mean over K-step cycles);
+- ``frozen_kd`` / ``frozen_e2kd``: no teacher forward, logits and maps read from an on-disk
+  float16 cache (e2kd.frozen);
+- ``hand_kd`` / ``hand_e2kd``: hand-written steps with timm ``forward_features`` /
+  ``forward_head``, Grad-CAM from one ``autograd.grad`` (``create_graph=True`` for the student).
+
+The modes are interleaved and their order rotates, so machine noise hits all alike. Reports
+median step times, images/s, ratios, and (CUDA) peak memory per mode.
 
     python benchmarks/bench_distill_step.py                       # resnet34 -> resnet18, 224 px
     python benchmarks/bench_distill_step.py --teacher-arch resnet18 --json out.json
+    python benchmarks/bench_distill_step.py --device cuda --precision bf16 --channels-last --batch-size 256
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -21,6 +30,7 @@ import time
 
 import timm
 import torch
+import torch.nn.functional as F
 
 import e2kd
 from _report import emit
@@ -28,58 +38,138 @@ from e2kd.distill import Distiller
 from e2kd.frozen import TeacherCache, build_cache
 
 
+def hand_steps(teacher, student, optimizer, autocast):
+    """The hand-written KD and e2KD steps a user of the paper's code would write."""
+
+    def cam(features, logits, target, create_graph):
+        score = logits.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, features, create_graph=create_graph)
+        return F.relu((grad.mean(dim=(2, 3), keepdim=True) * features).sum(1, keepdim=True))
+
+    def kd(s_logits, t_logits):
+        return F.kl_div(F.log_softmax(s_logits.float(), 1), F.log_softmax(t_logits.float(), 1), reduction="batchmean",
+                        log_target=True)
+
+    def hand_kd(x):
+        with autocast():
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = kd(student(x), t_logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def hand_e2kd(x):
+        size = x.shape[-2:]
+        with autocast():
+            t_feat = teacher.forward_features(x).detach().requires_grad_(True)
+            t_logits = teacher.forward_head(t_feat)
+            target = t_logits.argmax(1)
+            t_cam = F.interpolate(cam(t_feat, t_logits, target, False).detach(), size=size, mode="bilinear")
+            s_feat = student.forward_features(x)
+            s_logits = student.forward_head(s_feat)
+            s_cam = F.interpolate(cam(s_feat, s_logits, target, True), size=size, mode="bilinear")
+            expl = (1 - F.cosine_similarity(s_cam.flatten(1).float(), t_cam.flatten(1).float())).mean()
+            loss = kd(s_logits, t_logits.detach()) + expl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return hand_kd, hand_e2kd
+
+
 def measure(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
     teacher = timm.create_model(args.teacher_arch, pretrained=False, num_classes=args.num_classes)
     student = timm.create_model(args.arch, pretrained=False, num_classes=args.num_classes)
+    teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    student = student.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
     explainer, similarity = e2kd.get_explainer("gradcam"), e2kd.get_similarity("cosine")
     distillers = {
         "kd": Distiller(teacher, student, lam=0.0),
         "e2kd": Distiller(teacher, student, explainer=explainer, similarity=similarity, lam=1.0),
+        "e2kd_every": Distiller(teacher, student, explainer=explainer, similarity=similarity, lam=1.0,
+                                explain_every=args.explain_every),
         "frozen_kd": Distiller(None, student, lam=0.0),
         "frozen_e2kd": Distiller(None, student, explainer=explainer, similarity=similarity, lam=1.0),
     }
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(
+        memory_format=memory_format)
     cache_dir = tempfile.mkdtemp(prefix="e2kd-bench-cache-")
-    build_cache(cache_dir, teacher, explainer, x, {"benchmark": True}, dtype="float16", batch_size=args.batch_size, progress=False)
+    build_cache(cache_dir, teacher, explainer, x.cpu(), {"benchmark": True}, dtype="float16",
+                batch_size=args.batch_size, device=device, progress=False)
     cache = TeacherCache.open(cache_dir)
-    student.train()
+    hand = dict(zip(("hand_kd", "hand_e2kd"), hand_steps(teacher, student, optimizer, autocast)))
+    counters = {"e2kd_every": 0}
 
     def step(mode: str) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        if mode.startswith("frozen"):
-            logits, maps = zip(*(cache[i] for i in range(len(cache))))
-            out = distillers[mode](x, teacher_logits=torch.stack(logits), teacher_maps=torch.stack(maps))
+        if mode in hand:
+            hand[mode](x)
         else:
-            out = distillers[mode](x)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
+            replay, call = {}, {}
+            if mode.startswith("frozen"):
+                logits, maps = zip(*(cache[i] for i in range(len(cache))))
+                replay = {"teacher_logits": torch.stack(logits).to(device), "teacher_maps": torch.stack(maps).to(device)}
+            if mode == "e2kd_every":
+                call["step"] = counters["e2kd_every"]
+                counters["e2kd_every"] += 1
+            with autocast():
+                out = distillers[mode](x, **replay, **call)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    modes = list(distillers)
+    modes = [*distillers, *hand]
     for _ in range(args.warmup):
         for mode in modes:
             step(mode)
+    counters["e2kd_every"] = 0
     times: dict[str, list[float]] = {m: [] for m in modes}
+    peak: dict[str, float | None] = {m: None for m in modes}
     for rep in range(args.repeats):
         order = modes[rep % len(modes):] + modes[:rep % len(modes)]
         for mode in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             times[mode].append(step(mode))
+            if device.type == "cuda":
+                peak[mode] = max(peak[mode] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
     med = {m: statistics.median(t) for m, t in times.items()}
+    med["e2kd_every"] = statistics.fmean(times["e2kd_every"])  # a cycle of K steps, one of them explaining
     return {
         "benchmark": "distill_step",
         "teacher": args.teacher_arch, "student": args.arch,
-        "image_size": args.image_size, "batch_size": args.batch_size,
+        "image_size": args.image_size, "batch_size": args.batch_size, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "precision": args.precision, "channels_last": args.channels_last, "explain_every": args.explain_every,
         "repeats": args.repeats, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(),
         "median_step_s": med,
+        "images_per_s": {m: args.batch_size / t for m, t in med.items()},
+        "peak_memory_mib": peak,
         "ratio_e2kd_over_kd": med["e2kd"] / med["kd"],
+        "ratio_e2kd_every_over_kd": med["e2kd_every"] / med["kd"],
         "ratio_frozen_e2kd_over_frozen_kd": med["frozen_e2kd"] / med["frozen_kd"],
         "ratio_frozen_e2kd_over_live_e2kd": med["frozen_e2kd"] / med["e2kd"],
+        "ratio_e2kd_over_hand_e2kd": med["e2kd"] / med["hand_e2kd"],
+        "ratio_kd_over_hand_kd": med["kd"] / med["hand_kd"],
+        "ratio_hand_e2kd_over_hand_kd": med["hand_e2kd"] / med["hand_kd"],
         "step_times_s": times,
     }
 
@@ -94,12 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: CUDA when available)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
+    p.add_argument("--channels-last", action="store_true", help="channels-last models and batch")
+    p.add_argument("--explain-every", type=int, default=4, help="K of the e2kd_every mode")
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
     result = measure(args)
     emit(result, args.json)
     print(f"{result['student']} <- {result['teacher']}, {args.image_size} px, batch {args.batch_size}: "
-          f"e2KD/KD {result['ratio_e2kd_over_kd']:.3f}, frozen e2KD/frozen KD "
+          f"e2KD/KD {result['ratio_e2kd_over_kd']:.3f}, e2KD every {args.explain_every}/KD "
+          f"{result['ratio_e2kd_every_over_kd']:.3f}, e2KD/hand e2KD {result['ratio_e2kd_over_hand_e2kd']:.3f}, "
+          f"KD/hand KD {result['ratio_kd_over_hand_kd']:.3f}, frozen e2KD/frozen KD "
           f"{result['ratio_frozen_e2kd_over_frozen_kd']:.3f}, frozen e2KD/live e2KD "
           f"{result['ratio_frozen_e2kd_over_live_e2kd']:.3f}", file=sys.stderr)
     return 0

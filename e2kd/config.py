@@ -288,8 +288,10 @@ def _known_keys(exc: ValidationError) -> list[str]:
     return list(model.model_fields)
 
 
-#: Fields that never change what a run computes; a run directory is matched without them.
-VOLATILE_FIELDS = (("out_dir",), ("train", "progress"), ("train", "checkpoint_every"), ("data", "num_workers"))
+#: Fields that do not change what a run computes (the device and memory format only its floating-point
+#: rounding); a run directory is matched without them, so a run started on a CPU may resume on a GPU.
+VOLATILE_FIELDS = (("out_dir",), ("train", "progress"), ("train", "checkpoint_every"), ("train", "device"),
+                   ("train", "channels_last"), ("data", "num_workers"))
 
 
 def run_identity(config: ExperimentConfig) -> dict[str, Any]:

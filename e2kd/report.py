@@ -25,20 +25,35 @@ def sample_images(dataset: Dataset, n: int = 6) -> tuple[torch.Tensor, torch.Ten
     return torch.stack([it["image"] for it in items]), torch.stack([torch.as_tensor(it["label"]) for it in items])
 
 
+def explanation_maps(
+    models: dict[str, nn.Module], images: torch.Tensor, explainer: Explainer, *, reference: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every model's map (and top-1 prediction) on the same images, each computed on that model's
+    device, all for the class ``models[reference]`` predicts, or each model's own top-1."""
+    targets = None
+    if reference is not None:
+        targets = explained_forward(models[reference], images.to(_device(models[reference])), None)[2]
+    maps, preds = {}, {}
+    for name, model in models.items():
+        device = _device(model)
+        logits, m, _ = explained_forward(model, images.to(device), explainer,
+                                         targets.to(device) if targets is not None else None)
+        maps[name], preds[name] = m[:, 0], logits.argmax(1)
+    return maps, preds
+
+
 def explanation_figure(
     models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None, explainer: Explainer,
     path: Path, *, reference: str | None = None, class_names: Sequence[str] | None = None, title: str | None = None,
 ) -> Path:
-    """Every model's map on the same images, all for the class ``models[reference]`` predicts
-    (the teacher's top-1), or each model's own top-1 when ``reference`` is None."""
-    targets = None
-    if reference is not None:
-        targets = explained_forward(models[reference], images, None)[2]
-    maps, preds = {}, {}
-    for name, model in models.items():
-        logits, m, _ = explained_forward(model, images, explainer, targets)
-        maps[name], preds[name] = m[:, 0], logits.argmax(1)
-    return plot_explanations(images, maps, path, labels=labels, predictions=preds, class_names=class_names, title=title)
+    """A figure of :func:`explanation_maps` (the images stay where they are; maps come back to the CPU)."""
+    maps, preds = explanation_maps(models, images, explainer, reference=reference)
+    return plot_explanations(images.cpu(), {k: v.cpu() for k, v in maps.items()}, path, labels=labels,
+                             predictions={k: v.cpu() for k, v in preds.items()}, class_names=class_names, title=title)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -82,11 +97,10 @@ def evaluate_report(
     models = ({"teacher": teacher} if teacher is not None else {}) | {r.name: r.model for r in runs}
     split = figure_split(first)
     images, labels = sample_images(first.split(split))
-    device = next(first.model.parameters()).device
     explainer = first.explainer()
     whose = "the teacher's class" if teacher is not None else "each model's predicted class"
     figures = {"explanations": explanation_figure(
-        models, images.to(device), labels, explainer, out / "explanations.png",
+        models, images, labels, explainer, out / "explanations.png",
         reference="teacher" if teacher is not None else None, class_names=first.class_names,
         title=f"{explainer.name} explanations for {whose} on {split} images")}
     curves = {name: r["splits"][split]["shift_equivariance"] for name, r in results.items()

@@ -17,7 +17,8 @@ def test_distill_step_benchmark_smoke(tmp_path):
         check=True, capture_output=True, text=True, timeout=300,
     )
     result = json.loads(out.read_text())
-    for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd"):
+    for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd",
+                "ratio_e2kd_over_hand_e2kd", "ratio_kd_over_hand_kd", "ratio_e2kd_every_over_kd"):
         assert result[key] > 0
     assert all(len(t) == 2 for t in result["step_times_s"].values())
 
@@ -56,3 +57,14 @@ def test_loader_benchmark_smoke(tmp_path):
     result = json.loads(out.read_text())
     rates = result["workers_0"]["images_per_s"]
     assert set(rates) == {"e2kd train", "hand train", "e2kd eval", "hand eval"} and all(v > 0 for v in rates.values())
+
+
+def test_epoch_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_epoch.py"), "--classes", "2", "--per-class", "4",
+         "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert result["kd"]["steps"] == 2 and result["e2kd"]["median_images_per_s"] > 0
