@@ -190,7 +190,10 @@ class Metric(PluginItem):
     """A metric accumulated over batches. The default averages ``per_sample`` values.
 
     Override ``update``/``compute`` for metrics that are not sample means; ``compute`` may
-    return a dict of named values (e.g. per group).
+    return a dict of named values (e.g. per group). The accumulators are the attributes whose
+    names start with ``_`` (set in ``reset``); :meth:`state` returns them and :meth:`merge` adds
+    another process's state (numbers and tensors add, dicts merge key by key, lists add element
+    by element, booleans or). A metric whose state does not add overrides both.
     """
 
     kind = "metric"
@@ -218,6 +221,15 @@ class Metric(PluginItem):
         """Per-sample values (B,) for this batch; batch-native, no Python loop over samples."""
         raise NotImplementedError
 
+    def state(self) -> dict[str, Any]:
+        """The accumulators (attributes named ``_*``), to merge evaluations of several processes."""
+        return {k: v for k, v in vars(self).items() if k.startswith("_")}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Add another evaluation's :meth:`state` to this one's."""
+        for key, value in state.items():
+            setattr(self, key, _add_states(getattr(self, key), value))
+
     def update(self, batch: EvalBatch) -> None:
         values = self.per_sample(batch).detach().double()
         self._total += float(values.sum())
@@ -225,6 +237,16 @@ class Metric(PluginItem):
 
     def compute(self) -> float | dict[str, float]:
         return self._total / self._count if self._count else float("nan")
+
+
+def _add_states(a: Any, b: Any) -> Any:
+    if isinstance(a, dict):
+        return {k: _add_states(a[k], b[k]) if k in a and k in b else (a[k] if k in a else b[k]) for k in {**a, **b}}
+    if isinstance(a, bool):
+        return a or b
+    if isinstance(a, (list, tuple)):
+        return type(a)(_add_states(x, y) for x, y in zip(a, b))
+    return a + b
 
 
 class ModelBuilder(PluginItem):

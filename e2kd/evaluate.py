@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from .api import Dataset, EvalBatch, Explainer, Metric
 from .config import ExperimentConfig, PluginRef
@@ -14,7 +15,7 @@ from .data import make_loader, split_view
 from .distill import explained_forward, padded_sets
 from .errors import ConfigError
 from .registry import create
-from .runtime import device_of
+from .runtime import Runtime, device_of
 
 EVAL_BATCH_SIZE = 256
 
@@ -111,9 +112,13 @@ def eval_splits(config: ExperimentConfig, dataset: Dataset) -> list[str]:
 
 
 def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Module | None, dataset: Dataset,
-                   metrics: list[PluginRef] | None = None) -> dict[str, Any]:
-    """Every evaluation split through the eval view, with ``metrics`` (default ``eval.metrics``)."""
-    device = device_of(config)
+                   metrics: list[PluginRef] | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Every evaluation split through the eval view, with ``metrics`` (default ``eval.metrics``).
+
+    Under several processes each evaluates every ``world_size``-th sample and the metric states
+    are merged (:meth:`e2kd.api.Metric.merge`); every process returns the same results.
+    """
+    runtime = runtime or Runtime(device_of(config))
     explainer = eval_explainer(config)
     training_similarity = create("similarity", config.distill.similarity.name, config.distill.similarity.options)
     results: dict[str, Any] = {"splits": {}, "skipped": {}}
@@ -121,12 +126,30 @@ def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Modul
         created = {m.name: create("metric", m.name, m.options) for m in (metrics or config.eval.metrics)}
         for metric in created.values():
             metric.bind(similarity=training_similarity)
-        loader = make_loader(split_view(dataset, split, "eval"), EVAL_BATCH_SIZE, num_workers=config.data.num_workers,
-                             device=device)
-        values, skipped = evaluate(model, loader, created, teacher=teacher, explainer=explainer, device=device)
+        view = split_view(dataset, split, "eval")
+        if runtime.distributed:
+            view = Subset(view, range(runtime.rank, len(view), runtime.world_size))
+        loader = make_loader(view, EVAL_BATCH_SIZE, num_workers=config.data.num_workers, device=runtime.device)
+        values, skipped = evaluate(model, loader, created, teacher=teacher, explainer=explainer, device=runtime.device)
+        if runtime.distributed:
+            values, skipped = merge_across_processes(created, skipped, runtime)
         results["splits"][split] = values
         results["skipped"].update(skipped)
     return results
+
+
+def merge_across_processes(metrics: dict[str, Metric], skipped: dict[str, str],
+                           runtime: Runtime) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merge every process's metric states; (values, skipped) as one process over all samples."""
+    gathered: list[Any] = [None] * runtime.world_size
+    torch.distributed.all_gather_object(gathered, ({n: m.state() for n, m in metrics.items()}, skipped))
+    skipped = {name: why for _, s in gathered for name, why in s.items()}
+    active = {name: metric for name, metric in metrics.items() if name not in skipped}
+    for rank, (states, _) in enumerate(gathered):
+        if rank != runtime.rank:
+            for name, metric in active.items():
+                metric.merge(states[name])
+    return {name: metric.compute() for name, metric in active.items()}, skipped
 
 
 def _explain_fn(explainer: Explainer | None, model: nn.Module):

@@ -190,12 +190,12 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def _finish(config, runtime: Runtime, out: Path, model, teacher, dataset, history) -> dict[str, Any]:
-    """The main process saves the model, evaluates it and writes metrics.json; every process
-    returns the results."""
-    results = None
+    """Every process evaluates its share of each split (states merged); the main process saves
+    the model and writes metrics.json."""
     if runtime.is_main:
         atomic_torch_save(model.state_dict(), out / "model.pt")
-        results = evaluate_model(config, model, teacher, dataset)
-        results["history"] = history
+    results = evaluate_model(config, model, teacher, dataset, runtime=runtime)
+    results["history"] = history
+    if runtime.is_main:
         atomic_write_json(out / "metrics.json", results)
-    return runtime.broadcast(results)
+    return results

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -85,14 +85,6 @@ class Runtime:
         yield
         if self.is_main:
             self.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        """The main process's ``obj`` on every process."""
-        if not self.distributed:
-            return obj
-        holder = [obj]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        return holder[0]
 
 
 def _process_group() -> tuple[int, int, int]:

@@ -340,9 +340,28 @@ def metric_reset_forgets(metric: Metric) -> None:
     assert values[0] == values[1], "values depend on an earlier evaluation: reset() keeps state"
 
 
+def metric_merges(metric: Metric) -> None:
+    """Two processes' states merged (``state``/``merge``) give the values of one evaluation of all samples."""
+    batch = full_eval_batch(seed=4)
+    metric.reset()
+    metric.update(batch)
+    whole = _flat(metric.compute())
+    other = type(metric)(metric.options)
+    metric.reset()
+    metric.update(_split_batch(batch, 0, 2))
+    other.update(_split_batch(batch, 2, 6))
+    metric.merge(other.state())
+    merged = _flat(metric.compute())
+    assert merged.keys() == whole.keys(), "merged states compute other keys"
+    for key, value in whole.items():
+        assert math.isclose(merged[key], value, rel_tol=1e-6, abs_tol=1e-9), \
+            f"{key}: {merged[key]} from merged states, {value} from one evaluation"
+
+
 METRIC_CASES: dict[str, Callable[[Metric], None]] = {
     "accumulates": metric_accumulates,
     "reset_forgets": metric_reset_forgets,
+    "merges": metric_merges,
 }
 
 

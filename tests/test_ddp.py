@@ -67,6 +67,48 @@ def _initial_student(case: str) -> dict[str, torch.Tensor]:
     return TinyCNN(width=4).double().state_dict()
 
 
+def evaluate_on(rank: int, world: int) -> dict:
+    """evaluate_model of a fixed random student and teacher on the synthetic test splits."""
+    from e2kd.config import load_config_dict
+    from e2kd.data import dataset_of
+    from e2kd.evaluate import evaluate_model
+    from e2kd.runtime import Runtime
+
+    metrics = ["accuracy", "agreement", "kl_divergence", "explanation_similarity", "epg", "explanation_iou",
+               "group_accuracy", "micro_f1", {"name": "shift_equivariance", "options": {"max_shift": 2}}]
+    config = load_config_dict({**TINY, "data": {**TINY["data"], "test_per_class": 7}, "eval": {"metrics": metrics}})
+    dataset = dataset_of(config)
+    torch.manual_seed(3)
+    model = e2kd.get_model_builder("small_resnet", widths=[4, 8]).build(3).eval()
+    teacher = e2kd.get_model_builder("small_resnet", widths=[6, 8]).build(3).eval()
+    return evaluate_model(config, model, teacher, dataset, runtime=Runtime(torch.device("cpu"), rank=rank, world_size=world))
+
+
+def _eval_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = evaluate_on(rank, world)
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluation_split_over_processes_equals_one_process(tmp_path):
+    """Each process evaluates every 2nd sample (21 per split: uneven shares) and the metric states
+    merge to the values of one process over all samples, on every process."""
+    single = evaluate_on(0, 1)
+    mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "eval")), nprocs=2, join=True)
+    for rank in (0, 1):
+        merged = torch.load(f"{tmp_path / 'eval'}.{rank}", weights_only=False)
+        assert merged["skipped"] == single["skipped"]
+        for split, values in single["splits"].items():
+            flat_single = e2kd.evaluate.flatten_metrics(values)
+            flat_merged = e2kd.evaluate.flatten_metrics(merged["splits"][split])
+            assert flat_merged.keys() == flat_single.keys()
+            for key, value in flat_single.items():
+                assert flat_merged[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (split, key)
+
+
 def _worker(rank: int, world: int, init_file: str, case: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
