@@ -23,7 +23,7 @@ from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint
 from .models import build_from, load_teacher
 from .registry import create
 from .runs import atomic_torch_save, atomic_write_json, finished_results, prepare_run_dir
-from .runtime import Runtime, device_of, progress_enabled, runtime_of
+from .runtime import Runtime, progress_enabled, runtime_of
 from .train import fit, make_optimizer, make_schedule
 
 
@@ -120,10 +120,12 @@ def _create(kind: str, ref: PluginRef):
     return create(kind, ref.name, ref.options)
 
 
-def prepare_cache(config: ExperimentConfig, teacher: nn.Module, dataset: Dataset, *, force: bool = False) -> TeacherCache:
+def prepare_cache(config: ExperimentConfig, teacher: nn.Module, dataset: Dataset, *, force: bool = False,
+                  runtime: Runtime | None = None) -> TeacherCache:
     """Build (or resume, or reuse) the frozen-teacher cache for ``config`` and open it verified.
 
     The teacher sees each training image once, whole (the ``whole`` view), keyed by sample index.
+    Under several processes every process computes its share of the shards.
     """
     d = config.distill
     explainer = _create("explainer", d.explainer)
@@ -140,9 +142,10 @@ def prepare_cache(config: ExperimentConfig, teacher: nn.Module, dataset: Dataset
             raise
         except CacheError:
             pass  # missing, incomplete or damaged: (re)build below, keeping the intact shards
+    runtime = runtime or runtime_of(config)
     build_cache(root, teacher, explainer, split_view(dataset, split, "whole"), fingerprint, dtype=d.cache_dtype,
-                shard_size=d.shard_size, batch_size=config.train.batch_size, device=device_of(config),
-                progress=progress_enabled(config), force=force, num_workers=config.data.num_workers)
+                shard_size=d.shard_size, batch_size=config.train.batch_size, progress=progress_enabled(config),
+                force=force, num_workers=config.data.num_workers, runtime=runtime)
     return TeacherCache.open(root, fingerprint)
 
 
@@ -170,8 +173,7 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     teacher, student = runtime.model(teacher), runtime.model(student)
     # a frozen teacher is replayed from the cache: the distiller gets no teacher model at all
     distiller = make_distiller(config, None if frozen else teacher, student, dataset, runtime.ddp(student))
-    with runtime.main_first():  # the main process builds the cache, the others then open it
-        cache = prepare_cache(config, teacher, dataset) if frozen else None
+    cache = prepare_cache(config, teacher, dataset, runtime=runtime) if frozen else None
     out = _run_dir(config, runtime)
     torch.set_rng_state(rng)
     samples = FrozenTeacherDataset(dataset.samples(dataset.train_split), cache) if frozen else None

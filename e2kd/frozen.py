@@ -31,9 +31,11 @@ from .data import make_loader
 from .distill import explained_forward
 from .errors import CacheError, StaleCacheError
 from .runs import atomic_write_bytes, atomic_write_json
+from .runtime import Runtime
 
 CACHE_FORMAT = 1
 INDEX = "index.json"
+PART_PREFIX = "index.part-"
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -123,54 +125,89 @@ def build_cache(
     progress: bool = True,
     force: bool = False,
     num_workers: int = 0,
+    runtime: Runtime | None = None,
 ) -> Path:
     """Compute and store the teacher's logits and maps for ``images``: a dataset whose items hold
     an ``image`` (read through a DataLoader, shard by shard, in bounded memory) or an (N, C, H, W)
     tensor. Entries are keyed by sample index.
 
     Resumable: shards already written and intact are kept. A cache made for another
-    fingerprint is refused (``force=True`` deletes it first).
+    fingerprint is refused (``force=True`` deletes it first). Under several processes (``runtime``)
+    each computes every ``world_size``-th shard and records it in its own part of the index; the
+    main process merges the parts into the index when all are done (same files as one process).
     """
     root = Path(root)
-    index = _read_index(root)
-    if index is not None and index["fingerprint"] != fingerprint:
-        if not force:
-            raise _stale(root, index["fingerprint"], fingerprint)
-        shutil.rmtree(root)
-        index = None
+    runtime = runtime or Runtime(torch.device(device))
     n = len(images)
-    if index is None:
-        index = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "num_samples": n, "shard_size": shard_size,
-                 "dtype": dtype, "shards": {}, "complete": False}
-    elif index["num_samples"] != n or index["shard_size"] != shard_size or index["dtype"] != dtype:
-        raise CacheError(f"{root}: cache layout differs (samples/shard size/dtype); delete it or use another cache_dir")
-    root.mkdir(parents=True, exist_ok=True)
+    with runtime.main_first():  # the main process checks, clears (force) and creates the folder
+        index = _read_index(root)
+        if index is not None and index["fingerprint"] != fingerprint:
+            if not force:
+                raise _stale(root, index["fingerprint"], fingerprint)
+            if runtime.is_main:
+                shutil.rmtree(root)
+            index = None
+        if index is None:
+            index = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "num_samples": n, "shard_size": shard_size,
+                     "dtype": dtype, "shards": {}, "complete": False}
+        elif index["num_samples"] != n or index["shard_size"] != shard_size or index["dtype"] != dtype:
+            raise CacheError(f"{root}: cache layout differs (samples/shard size/dtype); delete it or use another cache_dir")
+        if runtime.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+    index["shards"].update(_parts(root, fingerprint))
     num_shards = (n + shard_size - 1) // shard_size
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    teacher = teacher.to(device).eval()
-    bar = tqdm(total=n, desc="precompute teacher", unit="img", disable=not progress, leave=False)
-    for shard in range(num_shards):
+    teacher = teacher.to(runtime.device).eval()
+    mine = [s for s in range(num_shards) if s % runtime.world_size == runtime.rank]
+    part = {"fingerprint": fingerprint, "shards": {}}
+    bar = tqdm(total=sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine), desc="precompute teacher",
+               unit="img", disable=not progress or not runtime.is_main, leave=False)
+    for shard in mine:
         lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
         entry = index["shards"].get(str(shard))
         if entry is not None and _shard_ok(root, entry, checksum=True) is None:
             bar.update(hi - lo)
             continue
         logits, maps = [], []
-        for batch in _batches(images, lo, hi, batch_size, num_workers, device):
-            z, m, _ = explained_forward(teacher, batch.to(device), explainer)
+        for batch in _batches(images, lo, hi, batch_size, num_workers, runtime.device):
+            z, m, _ = explained_forward(teacher, batch.to(runtime.device), explainer)
             logits.append(z.cpu())
             maps.append(m[:, 0].cpu())
             bar.update(batch.shape[0])
-        index["shards"][str(shard)] = {
+        entry = {
             "count": hi - lo,
             "logits": _save_npy(root / _shard_name(shard, "logits"), torch.cat(logits).numpy().astype(np_dtype)),
             "maps": _save_npy(root / _shard_name(shard, "maps"), torch.cat(maps).numpy().astype(np_dtype)),
         }
-        atomic_write_json(root / INDEX, index)  # progress is durable after every shard
+        if runtime.distributed:  # progress is durable after every shard, in this process's part
+            part["shards"][str(shard)] = entry
+            atomic_write_json(root / f"{PART_PREFIX}{runtime.rank}.json", part)
+        else:
+            index["shards"][str(shard)] = entry
+            atomic_write_json(root / INDEX, index)
     bar.close()
-    index["complete"] = True
-    atomic_write_json(root / INDEX, index)
+    runtime.barrier()
+    if runtime.is_main:
+        index["shards"].update(_parts(root, fingerprint))
+        index["complete"] = len(index["shards"]) == num_shards
+        atomic_write_json(root / INDEX, index)
+        for path in root.glob(f"{PART_PREFIX}*.json"):
+            path.unlink()
+    runtime.barrier()
     return root
+
+
+def _parts(root: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Shard entries recorded by the processes of an unfinished multi-process build of this cache."""
+    shards: dict[str, Any] = {}
+    for path in sorted(root.glob(f"{PART_PREFIX}*.json")):
+        try:
+            part = json.loads(path.read_text())
+        except ValueError:
+            continue  # an unreadable part: its shards are simply computed again
+        if part.get("fingerprint") == fingerprint:
+            shards.update(part.get("shards", {}))
+    return shards
 
 
 def _batches(images: torch.Tensor | Dataset, lo: int, hi: int, batch_size: int, num_workers: int,

@@ -166,3 +166,18 @@ def test_torchrun_train_teacher_and_distill(tmp_path):
     run = _torchrun("distill", str(frozen))
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "f" / "metrics.json").read_text())["history"][0]["explanation"] > 0
+    # precompute split over two processes writes the files one process writes
+    shards = {}
+    for name, launch in (("one", None), ("two", _torchrun)):
+        args = ["precompute", str(frozen), "--set", f"distill.cache_dir={tmp_path / name}", "--set", "distill.shard_size=4"]
+        if launch is None:
+            from e2kd.cli import main
+
+            assert main(args) == 0
+        else:
+            run = launch(*args)
+            assert run.returncode == 0, run.stderr[-3000:]
+        index = json.loads((tmp_path / name / "index.json").read_text())
+        assert index["complete"] and not list((tmp_path / name).glob("index.part-*"))
+        shards[name] = {k: (v["logits"]["sha256"], v["maps"]["sha256"]) for k, v in index["shards"].items()}
+    assert len(shards["one"]) == 5 and shards["one"] == shards["two"]  # 18 images, 4 per shard
