@@ -103,6 +103,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     report = evaluate_report(args.run_dirs, args.out, metrics=metrics, log=lambda _: None)
+    if not _is_main():
+        return 0
     for name, results in report["results"].items():
         print(f"== {name}")
         _print_results(results)

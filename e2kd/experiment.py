@@ -194,6 +194,7 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
 def _finish(config, runtime: Runtime, out: Path, model, teacher, dataset, history) -> dict[str, Any]:
     """Every process evaluates its share of each split (states merged); the main process saves
     the model and writes metrics.json."""
+    runtime.sync_buffers(model)  # evaluate (and save) the main process's model on every process
     if runtime.is_main:
         atomic_torch_save(model.state_dict(), out / "model.pt")
     results = evaluate_model(config, model, teacher, dataset, runtime=runtime)

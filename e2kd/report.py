@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -89,6 +90,8 @@ def evaluate_report(
         run = load_run(run_dir)
         runs.append(run)
         results[run.name] = run.evaluate(metrics)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process writes the report
+        return {"results": results, "figures": {}, "out": str(out)}
     if out.resolve() not in {r.path.resolve() for r in runs}:  # inside a run dir, its own metrics.json is the record
         atomic_write_json(out / "metrics.json", {name: {k: r[k] for k in ("splits", "skipped")} for name, r in results.items()})
     atomic_write_text(out / "report.md", table(results))

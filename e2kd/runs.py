@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .evaluate import eval_explainer, evaluate_model
 from .models import build_from, load_teacher
 from .registry import create
-from .runtime import device_of
+from .runtime import device_of, runtime_of
 
 if TYPE_CHECKING:
     from .api import Dataset, Explainer
@@ -179,15 +179,18 @@ class LoadedRun:
         return eval_explainer(self.config)
 
     def evaluate(self, metrics: list[str] | None = None) -> dict[str, Any]:
-        """Re-evaluate (optionally with other metrics); rewrites the run's metrics.json."""
+        """Re-evaluate (optionally with other metrics; split over torchrun's processes); the main
+        process rewrites the run's metrics.json."""
         refs = [PluginRef(name=m) for m in metrics] if metrics else None
         for ref in refs or []:
             create("metric", ref.name)  # unknown names fail here, with the known ones listed
-        results = evaluate_model(self.config, self.model, self.teacher, self.dataset, refs)
+        runtime = runtime_of(self.config)
+        results = evaluate_model(self.config, self.model, self.teacher, self.dataset, refs, runtime=runtime)
         previous = self.path / "metrics.json"
         if previous.is_file():
             results["history"] = json.loads(previous.read_text()).get("history", [])
-        atomic_write_json(previous, results)
+        if runtime.is_main:
+            atomic_write_json(previous, results)
         return results
 
 

@@ -73,6 +73,13 @@ class Runtime:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def sync_buffers(self, model: nn.Module) -> None:
+        """The main process's buffers (BatchNorm running statistics) on every process: after the
+        last training step each process has updated them with its own batch."""
+        if self.distributed:
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()

@@ -160,7 +160,15 @@ def test_torchrun_train_teacher_and_distill(tmp_path):
     # 18 training images, batch 3 per process, 2 processes: 9 per process -> 3 steps
     steps = list(csv.DictReader((tmp_path / "s" / "steps.csv").open()))
     assert [int(r["step"]) for r in steps] == [1, 2, 3]
-    # a frozen teacher: the main process builds the cache, the other one opens it
+    # evaluation under torchrun: split over the processes, the main process writes; same values as one process
+    before = json.loads((tmp_path / "s" / "metrics.json").read_text())["splits"]
+    run = _torchrun("evaluate", str(tmp_path / "s"), "--out", str(tmp_path / "report"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("== s") == 1 and (tmp_path / "report" / "explanations.png").is_file()
+    after = json.loads((tmp_path / "s" / "metrics.json").read_text())["splits"]
+    assert after.keys() == before.keys() and all(
+        after[k][m] == pytest.approx(before[k][m], rel=1e-6) for k in before for m in before[k])
+    # a frozen teacher: the processes share the cache's shards
     frozen = _write(tmp_path / "f.yaml", {**yaml.safe_load(student.read_text()), "out_dir": str(tmp_path / "f"),
                                            "distill": {"teacher_mode": "frozen"}})
     run = _torchrun("distill", str(frozen))
