@@ -5,6 +5,7 @@ Modes on the same teacher, student and batch (forward, loss, backward, optimizer
 
 - ``kd`` / ``e2kd``: the Distiller, live teacher (``lam`` 0 / 1);
 - ``e2kd_every``: the Distiller with ``explain_every=K`` (mean over K-step cycles);
+- ``e2kd_closed``: the Distiller with Grad-CAM in closed form (``closed_form: true``: W_c · A / hw);
 - ``frozen_kd`` / ``frozen_e2kd``: no teacher forward, logits and maps read from an on-disk
   float16 cache (e2kd.frozen);
 - ``hand_kd`` / ``hand_e2kd``: hand-written steps with timm ``forward_features`` /
@@ -100,6 +101,8 @@ def measure(args: argparse.Namespace) -> dict:
         "e2kd": Distiller(teacher, student, explainer=explainer, similarity=similarity, lam=1.0),
         "e2kd_every": Distiller(teacher, student, explainer=explainer, similarity=similarity, lam=1.0,
                                 explain_every=args.explain_every),
+        "e2kd_closed": Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam", closed_form=True),
+                                 similarity=similarity, lam=1.0),
         "frozen_kd": Distiller(None, student, lam=0.0),
         "frozen_e2kd": Distiller(None, student, explainer=explainer, similarity=similarity, lam=1.0),
     }
@@ -165,6 +168,7 @@ def measure(args: argparse.Namespace) -> dict:
         "peak_memory_mib": peak,
         "ratio_e2kd_over_kd": med["e2kd"] / med["kd"],
         "ratio_e2kd_every_over_kd": med["e2kd_every"] / med["kd"],
+        "ratio_e2kd_closed_over_kd": med["e2kd_closed"] / med["kd"],
         "ratio_frozen_e2kd_over_frozen_kd": med["frozen_e2kd"] / med["frozen_kd"],
         "ratio_frozen_e2kd_over_live_e2kd": med["frozen_e2kd"] / med["e2kd"],
         "ratio_e2kd_over_hand_e2kd": med["e2kd"] / med["hand_e2kd"],

@@ -18,7 +18,7 @@ def test_distill_step_benchmark_smoke(tmp_path):
     )
     result = json.loads(out.read_text())
     for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd",
-                "ratio_e2kd_over_hand_e2kd", "ratio_kd_over_hand_kd", "ratio_e2kd_every_over_kd"):
+                "ratio_e2kd_over_hand_e2kd", "ratio_kd_over_hand_kd", "ratio_e2kd_every_over_kd", "ratio_e2kd_closed_over_kd"):
         assert result[key] > 0
     assert all(len(t) == 2 for t in result["step_times_s"].values())
 

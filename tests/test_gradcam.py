@@ -93,3 +93,45 @@ def test_non_feature_map_layer_is_refused():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     with pytest.raises(ModelError, match="expected a \\(B, C, h, w\\) feature map"):
         e2kd.get_explainer("gradcam", layer="1").explain(model, torch.randn(1, 3, 2, 2), 0)
+
+
+def test_closed_form_equals_autograd_in_value_and_second_order_gradient():
+    """CAM = ReLU(W_c . A) / (h w) for a timm ResNet at layer4: the autograd map and its gradient
+    w.r.t. every student parameter, without autograd.grad."""
+    from e2kd.distill import Distiller
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet18", pretrained=False, num_classes=5).double()
+    student = timm.create_model("resnet18", pretrained=False, num_classes=5).double().eval()
+    x = torch.rand(3, 3, 64, 64, dtype=torch.float64)
+    grads, losses = {}, {}
+    for closed in (False, True):
+        torch.testing.assert_close(e2kd.get_explainer("gradcam", closed_form=closed).explain(teacher, x, 2),
+                                   e2kd.get_explainer("gradcam").explain(teacher, x, 2))
+        # signed maps in the loss, so no ReLU can make the gradients trivially zero
+        explainer = e2kd.get_explainer("gradcam", closed_form=closed, relu=False)
+        distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=1.0)
+        student.zero_grad()
+        out = distiller(x)
+        out["explanation"].backward()
+        losses[closed] = out["explanation"].item()
+        grads[closed] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in student.parameters()]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-12) and losses[True] > 0
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    named = [n for n, _ in student.named_parameters()]
+    assert grads[True][named.index("fc.weight")].abs().sum() > 0  # the classifier weights: the gradient through W_c
+    assert grads[True][named.index("conv1.weight")].abs().sum() > 0  # and the features
+
+
+def test_closed_form_is_refused_where_it_would_be_wrong():
+    from e2kd.testing import TinyCNN
+
+    closed = e2kd.get_explainer("gradcam", closed_form=True)
+    with pytest.raises(ModelError, match="closed_form needs .*no linear classifier"):
+        closed.check_model(TinyCNN())
+    with pytest.raises(ModelError, match="dropout 0.3"):
+        closed.check_model(timm.create_model("resnet18", pretrained=False, num_classes=3, drop_rate=0.3))
+    with pytest.raises(ModelError, match="not the last feature stage"):
+        e2kd.get_explainer("gradcam", closed_form=True, layer="layer3").check_model(
+            timm.create_model("resnet18", pretrained=False, num_classes=3))

@@ -30,6 +30,9 @@ class GradCAMOptions(BaseModel):
     layer: str | None = Field(None, description="module name of the feature map; default: the last feature stage")
     relu: bool = Field(True, description="apply ReLU to the map (the paper's positive Grad-CAM)")
     upsample: bool = Field(True, description="bilinearly upsample the map to the input size")
+    closed_form: bool = Field(False, description="CAM = W_c · A / (h w) from the classifier weights, no autograd.grad: "
+                                                 "the same value and gradient for a global-average-pool + linear head "
+                                                 "right after the layer (timm CNNs at their last stage); refused otherwise")
 
 
 class _GradCAMCapture(Capture):
@@ -40,6 +43,7 @@ class _GradCAMCapture(Capture):
         self.layer_name = layer_name
         self.token_grid = token_grid  # (prefix tokens, (h, w)) for transformer tokens
         self.activations: torch.Tensor | None = None
+        self.classifier_weight: torch.Tensor | None = None  # set for the closed form
 
     def _as_map(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() == 4:
@@ -51,11 +55,18 @@ class _GradCAMCapture(Capture):
         acts = self.activations
         if acts is None:
             raise RuntimeError(f"gradcam: layer {self.layer_name!r} was not run; call the model inside capture()")
-        score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
-        # keep the graph: the same forward may be explained for several classes
-        (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph, retain_graph=True)
-        grads, acts = self._as_map(grads), self._as_map(acts)
-        weights = grads.mean(dim=(2, 3), keepdim=True)
+        target = target.view(-1).to(logits.device)
+        if self.classifier_weight is not None:
+            # d z_c / d A_k = W_ck / (h w) at every position: alpha_k = W_ck / (h w) exactly
+            weights = self.classifier_weight[target].to(acts.dtype)[:, :, None, None] / (acts.shape[2] * acts.shape[3])
+            if not create_graph:
+                weights = weights.detach()
+        else:
+            score = logits.gather(1, target.view(-1, 1)).sum()
+            # keep the graph: the same forward may be explained for several classes
+            (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph, retain_graph=True)
+            grads, acts = self._as_map(grads), self._as_map(acts)
+            weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = (weights * acts).sum(dim=1, keepdim=True)
         if self.options.relu:
             cam = F.relu(cam)
@@ -86,6 +97,9 @@ class GradCAM(Explainer):
 
     def check_model(self, model: nn.Module) -> None:
         resolve_layer(model, self._layer_name(model), who="gradcam")
+        if self.options.closed_form:
+            _linear_head(model, self._layer_name(model))
+
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
@@ -93,6 +107,10 @@ class GradCAM(Explainer):
         name = next(n for n, m in model.named_modules() if m is layer)
         grid = _token_grid(model)
         cap = _GradCAMCapture(inputs, self.options, name, grid)
+        if self.options.closed_form:
+            cap.classifier_weight = _linear_head(model, self._layer_name(model)).weight
+            if not trainable:
+                cap.classifier_weight = cap.classifier_weight.detach()
 
         def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
             ok = torch.is_tensor(output) and (output.dim() == 4 or (output.dim() == 3 and grid is not None))
@@ -112,6 +130,31 @@ class GradCAM(Explainer):
                 yield cap
         finally:
             handle.remove()
+
+
+def _linear_head(model: nn.Module, layer: str | None) -> nn.Linear:
+    """The linear classifier of a timm CNN whose head is global average pooling + linear, applied
+    directly to the (default, last-stage) explained layer; ModelError otherwise."""
+    from e2kd.models import default_layer_name
+
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    pool = getattr(model, "global_pool", None)
+    pool_type = getattr(pool, "pool_type", None)
+    last = default_layer_name(model, who="gradcam") if getattr(model, "feature_info", None) is not None else None
+    problems = []
+    if not isinstance(head, nn.Linear):
+        problems.append("no linear classifier (get_classifier())")
+    if pool_type != "avg":
+        problems.append(f"global pooling {pool_type!r}, not 'avg'")
+    if getattr(model, "drop_rate", 0.0):
+        problems.append(f"dropout {model.drop_rate} before the classifier")
+    if _token_grid(model) is not None or (layer is not None and layer != last):
+        problems.append(f"the layer is not the last feature stage {last!r}")
+    if problems:
+        raise ModelError(f"gradcam: closed_form needs a global-average-pool + linear head right after the layer "
+                         f"({'; '.join(problems)} in {type(model).__name__}); set closed_form: false")
+    return head
 
 
 @hookimpl
