@@ -63,7 +63,8 @@ def padded_sets(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Distiller:
     """Computes ``{"loss", "kd", "explanation", "ce", ...}`` for a batch; knows no training loop.
 
-    The teacher is frozen and kept in eval mode; the student is run exactly once per call.
+    The teacher is frozen and kept in eval mode and runs first (as a hand-written step does, so
+    its activations are gone before the student's are built); the student is run exactly once.
     ``lam == 0`` is plain KD and does no explanation work at all. ``teacher=None`` makes a
     distiller for a frozen teacher whose outputs every call passes in. ``explain_every = K``
     computes the explanation term on calls whose ``step`` is a multiple of K only (plain KD on
@@ -141,9 +142,8 @@ class Distiller:
             raise ValueError("a frozen teacher stores top-1 maps only: use explain_classes='top1'")
         if not frozen and self.teacher is None:
             raise ValueError("this distiller has no teacher model: pass teacher_logits (and teacher_maps)")
-        s_ctx = self.explainer.capture(self.student, images, trainable=True) if explains else contextlib.nullcontext()
-        with s_ctx as s_cap:
-            student_logits = self.student_forward(s_cap.inputs if s_cap is not None else images)
+        # The teacher first: its activations are freed (or, explained, kept only from the hooked
+        # layer on) before the student's are built, so the peak memory is the student's step.
         weights = None
         if frozen:
             targets = teacher_logits.argmax(dim=1, keepdim=True)
@@ -158,6 +158,9 @@ class Distiller:
             teacher_logits, teacher_maps, targets = explained_forward(
                 self.teacher, images, self.explainer if explains else None, choose if explains else None)
             weights = chosen.get("weights")
+        s_ctx = self.explainer.capture(self.student, images, trainable=True) if explains else contextlib.nullcontext()
+        with s_ctx as s_cap:
+            student_logits = self.student_forward(s_cap.inputs if s_cap is not None else images)
         out = self.losses(student_logits, teacher_logits.detach(), labels)
         if explains:
             per_class = torch.stack([

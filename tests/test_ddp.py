@@ -89,6 +89,7 @@ def _eval_worker(rank: int, world: int, init_file: str, out: str) -> None:
     try:
         results = evaluate_on(rank, world)
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()  # an orderly shutdown: no process leaves while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -115,6 +116,7 @@ def _worker(rank: int, world: int, init_file: str, case: str, out: str) -> None:
         params = one_step(case, rank, world)
         if rank == 0:
             torch.save(params, out)
+        dist.barrier()  # an orderly shutdown: no process leaves while the other still talks to it
     finally:
         dist.destroy_process_group()
 
