@@ -74,6 +74,11 @@ def build_model(name: str, options: dict[str, Any] | None, num_classes: int, che
     return model
 
 
+def module_device(model: nn.Module) -> torch.device:
+    """The device of a model's parameters (CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def build_from(ref: "ModelConfig", dataset: "Dataset", checkpoint: str | Path | None = None) -> nn.Module:
     """The model a config section names, with the dataset's number of classes."""
     return build_model(ref.name, ref.options, dataset.num_classes, checkpoint)

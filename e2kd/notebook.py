@@ -15,9 +15,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .runs import LoadedRun, load_run
+from .models import module_device
 from .registry import get_explainer, get_similarity
 from .report import sample_images
+from .runs import LoadedRun, load_run
 from .viz import plot_explanations
 
 DEFAULT_SIMILARITIES = ("cosine", "pearson", "spearman", "ssim", "topk_overlap", "l1", "jsd")
@@ -32,7 +33,7 @@ def explain(
     """Explanations (B, C, H, W) of ``model`` for ``target`` (default: its top-1 class), detached.
 
     ``images`` are moved to the model's device."""
-    return get_explainer(explainer, **options).explain(model.eval(), images.to(_device(model)), target)
+    return get_explainer(explainer, **options).explain(model.eval(), images.to(module_device(model)), target)
 
 
 def compare(a: torch.Tensor, b: torch.Tensor, similarities: Sequence[str] = DEFAULT_SIMILARITIES) -> dict[str, float]:
@@ -49,9 +50,5 @@ def show(
     predictions = None
     if models:
         with torch.no_grad():
-            predictions = {name: m.eval()(images.to(_device(m))).argmax(1) for name, m in models.items()}
+            predictions = {name: m.eval()(images.to(module_device(m))).argmax(1) for name, m in models.items()}
     return plot_explanations(images, maps, None, labels=labels, predictions=predictions, class_names=class_names, title=title)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device

@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 from .api import Explainer
 from .distill import explained_forward
 from .evaluate import flatten_metrics
-from .runs import LoadedRun, load_run
-from .runs import atomic_write_json, atomic_write_text
+from .models import module_device
+from .runs import LoadedRun, atomic_write_json, atomic_write_text, load_run
 from .viz import plot_curves, plot_explanations
 
 
@@ -33,10 +33,10 @@ def explanation_maps(
     device, all for the class ``models[reference]`` predicts, or each model's own top-1."""
     targets = None
     if reference is not None:
-        targets = explained_forward(models[reference], images.to(_device(models[reference])), None)[2]
+        targets = explained_forward(models[reference], images.to(module_device(models[reference])), None)[2]
     maps, preds = {}, {}
     for name, model in models.items():
-        device = _device(model)
+        device = module_device(model)
         logits, m, _ = explained_forward(model, images.to(device), explainer,
                                          targets.to(device) if targets is not None else None)
         maps[name], preds[name] = m[:, 0], logits.argmax(1)
@@ -51,10 +51,6 @@ def explanation_figure(
     maps, preds = explanation_maps(models, images, explainer, reference=reference)
     return plot_explanations(images.cpu(), {k: v.cpu() for k, v in maps.items()}, path, labels=labels,
                              predictions={k: v.cpu() for k, v in preds.items()}, class_names=class_names, title=title)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from e2kd.distill import at_least_fp32
+
 _EXPLANATION_DEPTH = 0  # a plain global: autograd may run backward on another thread
 
 
@@ -109,8 +111,7 @@ class UncenteredBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             # statistics in at least float32 (as BatchNorm under autocast), whatever the input precision
-            second_moment = x.float().pow(2).mean(dim=(0, 2, 3)) if x.dtype in (torch.float16, torch.bfloat16) \
-                else x.pow(2).mean(dim=(0, 2, 3))
+            second_moment = at_least_fp32(x).pow(2).mean(dim=(0, 2, 3))
             with torch.no_grad():
                 self.running_var.lerp_(second_moment.detach().to(self.running_var.dtype), self.momentum)
         else:
