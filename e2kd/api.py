@@ -50,9 +50,14 @@ class Capture:
         self.inputs = inputs
 
     def explain(
-        self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False
+        self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False, upsample: bool = True
     ) -> torch.Tensor:
-        """Explanation (B, C, H, W) of ``logits[i, target[i]]`` from the captured forward."""
+        """Explanation (B, C, H, W) of ``logits[i, target[i]]`` from the captured forward.
+
+        ``upsample=False`` is asked only of explainers whose :meth:`Explainer.upsamples_bilinearly`
+        is true: return the map before its final bilinear upsampling (a similarity then works at
+        that resolution, exactly; see :mod:`e2kd.upsampling`).
+        """
         raise NotImplementedError
 
 
@@ -94,6 +99,12 @@ class Explainer(PluginItem):
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`e2kd.errors.ModelError` if this explainer cannot explain ``model``."""
 
+    def upsamples_bilinearly(self) -> bool:
+        """True when, with this instance's options, the map is the bilinear upsampling
+        (``align_corners=False``) to the input size of a smaller map, which the capture returns
+        from ``explain(..., upsample=False)``."""
+        return False
+
     @contextlib.contextmanager
     def capture(
         self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True
@@ -126,17 +137,27 @@ class Similarity(PluginItem):
     kind = "similarity"
     differentiable: ClassVar[bool] = True
     higher_is_better: ClassVar[bool] = True
+    #: :meth:`upsampled` is implemented: the similarity of bilinearly upsampled maps, computed
+    #: from the maps at feature resolution (exactly; see :mod:`e2kd.upsampling`).
+    feature_resolution: ClassVar[bool] = False
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        return {"differentiable": cls.differentiable, "higher_is_better": cls.higher_is_better}
+        return {"differentiable": cls.differentiable, "higher_is_better": cls.higher_is_better,
+                "feature_resolution": cls.feature_resolution}
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss: ``1 - sim`` if higher is better, else ``sim``."""
-        value = self(student, teacher)
+    def upsampled(self, a: torch.Tensor, b: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``self(up(a), up(b))`` with ``up`` the bilinear upsampling to ``size`` (a map already
+        at ``size`` is left as is), without forming the upsampled maps."""
+        raise NotImplementedError(f"similarity {self.name!r} does not declare feature_resolution")
+
+    def loss(self, student: torch.Tensor, teacher: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per-sample loss: ``1 - sim`` if higher is better, else ``sim``; with ``size``, of the
+        maps bilinearly upsampled to it (:meth:`upsampled`)."""
+        value = self(student, teacher) if size is None else self.upsampled(student, teacher, size)
         return 1.0 - value if self.higher_is_better else value
 
 

@@ -92,6 +92,9 @@ class DistillConfig(StrictModel):
     top_k: int = Field(2, ge=1, description="k for explain_classes: topk")
     explain_every: int = Field(1, ge=1, description="compute the explanation term on every K-th step only "
                                                     "(plain KD in between; the paper's code: 16 for ResNets, 4 for ViTs)")
+    feature_resolution: bool = Field(
+        True, description="compare bilinearly upsampled maps at the explainer's feature resolution when the explainer "
+                          "and the similarity support it (the same value, computed exactly; false: form the upsampled maps)")
 
     @model_validator(mode="after")
     def _frozen_is_top1(self) -> "DistillConfig":

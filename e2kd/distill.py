@@ -71,6 +71,9 @@ class Distiller:
     the others). ``student_forward`` runs the student's forward (e.g. its DDP wrapper, so
     gradients are averaged over processes); the explanation is captured on ``student`` itself.
     The KD, label and explanation terms are computed in float32 whatever the autocast precision.
+    ``feature_resolution``: when the explainer's maps are bilinear upsamplings and the
+    similarity declares ``feature_resolution``, compare the maps at the explainer's feature
+    resolution (the same value, without forming or back-propagating through 224 x 224 maps).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Distiller:
         kd: str = "softmax",
         explain_every: int = 1,
         student_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        feature_resolution: bool = True,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 (got {temperature})")
@@ -115,6 +119,9 @@ class Distiller:
             for model in (teacher, student):
                 if model is not None:
                     explainer.check_model(model)
+        #: Maps are compared at the explainer's feature resolution (see ``feature_resolution``).
+        self.at_feature_resolution = (self.lam > 0 and feature_resolution and explainer.upsamples_bilinearly()
+                                      and similarity.feature_resolution)
 
     @property
     def explains(self) -> bool:
@@ -156,16 +163,20 @@ class Distiller:
                 return targets
 
             teacher_logits, teacher_maps, targets = explained_forward(
-                self.teacher, images, self.explainer if explains else None, choose if explains else None)
+                self.teacher, images, self.explainer if explains else None, choose if explains else None,
+                upsample=not self.at_feature_resolution)
             weights = chosen.get("weights")
         s_ctx = self.explainer.capture(self.student, images, trainable=True) if explains else contextlib.nullcontext()
         with s_ctx as s_cap:
             student_logits = self.student_forward(s_cap.inputs if s_cap is not None else images)
         out = self.losses(student_logits, teacher_logits.detach(), labels)
         if explains:
+            low = {"upsample": False} if self.at_feature_resolution else {}
+            size = tuple(images.shape[-2:]) if self.at_feature_resolution else None
             per_class = torch.stack([
-                self.similarity.loss(at_least_fp32(s_cap.explain(student_logits, targets[:, j], create_graph=True)),
-                                     at_least_fp32(teacher_maps[:, j].detach()))
+                self.similarity.loss(
+                    at_least_fp32(s_cap.explain(student_logits, targets[:, j], create_graph=True, **low)),
+                    at_least_fp32(teacher_maps[:, j].detach()), size)
                 for j in range(targets.shape[1])
             ], dim=1)
             explanation = per_class.mean() if weights is None else (per_class * weights).sum() / weights.sum()
@@ -204,7 +215,7 @@ class Distiller:
                 raise ValueError("ce_weight > 0 needs labels")
             ce = label_loss(logits, labels)
         return {
-            "loss": kd + self.ce_weight * ce,
+            "loss": kd + self.ce_weight * ce if self.ce_weight > 0 else kd,
             "kd": kd,
             "ce": ce,
             "explanation": zero,
@@ -225,14 +236,17 @@ Targets = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 
 def explained_forward(
     model: nn.Module, images: torch.Tensor, explainer: Explainer | None, targets: Targets = None,
+    *, upsample: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Run a frozen ``model`` (eval mode) once and explain it: logits, detached maps, explained classes.
 
     ``targets`` is a (B, k) tensor of classes, a function of the logits returning one, or None
-    for the model's own top-1. Maps are (B, k, C, H, W), or None without an explainer. This is
-    the one place that runs a teacher (or an evaluated model) and explains its classes.
+    for the model's own top-1. Maps are (B, k, C, H, W), or None without an explainer
+    (``upsample=False``: before the explainer's final bilinear upsampling). This is the one
+    place that runs a teacher (or an evaluated model) and explains its classes.
     """
-    model.eval()
+    if model.training:  # (eval() walks every module: a cost per step when already in eval mode)
+        model.eval()
     if explainer is None:
         with torch.no_grad():
             logits = model(images)
@@ -244,7 +258,8 @@ def explained_forward(
             targets = logits.argmax(dim=1, keepdim=True)
         elif callable(targets):
             targets = targets(logits.detach())
-        maps = torch.stack([cap.explain(logits, targets[:, j]).detach() for j in range(targets.shape[1])], dim=1)
+        low = {} if upsample else {"upsample": False}
+        maps = torch.stack([cap.explain(logits, targets[:, j], **low).detach() for j in range(targets.shape[1])], dim=1)
     return logits.detach(), maps, targets
 
 

@@ -98,6 +98,7 @@ def make_distiller(config: ExperimentConfig, teacher: nn.Module | None, student:
         explainer=_create("explainer", d.explainer) if explains else None,
         similarity=_create("similarity", d.similarity) if explains else None,
         temperature=d.temperature, lam=d.lam, ce_weight=d.ce_weight, top_k=d.top_k, explain_every=d.explain_every,
+        feature_resolution=d.feature_resolution,
         student_forward=student_forward, **resolved_distill(config, dataset),
     )
 

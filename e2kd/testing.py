@@ -222,12 +222,41 @@ def explainer_trains_or_refuses(explainer: Explainer) -> None:
     assert torch.isfinite(out["loss"]) and out["explanation"].item() < first, "five steps did not lower the term"
 
 
+def explainer_upsampling_declared_truthfully(explainer: Explainer) -> None:
+    """If ``upsamples_bilinearly()``: ``explain(..., upsample=False)`` is smaller and its bilinear
+    upsampling is the map, for the frozen and the trainable capture (value and gradient)."""
+    if not explainer.upsamples_bilinearly():
+        return
+    from .upsampling import upsample
+
+    model = model_for(explainer).eval()
+    x = _x()
+    target = torch.tensor([0, 1, 2, 0])
+    with torch.enable_grad():
+        with explainer.capture(model, x, trainable=True) as cap:
+            logits = model(cap.inputs)
+        full = cap.explain(logits, target, create_graph=True)
+        low = cap.explain(logits, target, create_graph=True, upsample=False)
+    assert low.dim() == 4 and low.shape[-2:] != full.shape[-2:], \
+        f"upsample=False gave {tuple(low.shape)}, the same size as the upsampled map"
+    torch.testing.assert_close(upsample(low, full.shape[-2:]), full,
+                               msg=lambda m: f"bilinear upsampling of the upsample=False map is not the map: {m}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.rand(full.shape, dtype=full.dtype, generator=torch.Generator().manual_seed(3))
+    g_full = torch.autograd.grad((full * weights).sum(), params, retain_graph=True, allow_unused=True)
+    g_low = torch.autograd.grad((upsample(low, full.shape[-2:]) * weights).sum(), params, allow_unused=True)
+    for a, b in zip(g_full, g_low):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, msg=lambda m: f"gradients through the two maps differ: {m}")
+
+
 EXPLAINER_CASES: dict[str, Callable[[Explainer], None]] = {
     "shape_and_batch": explainer_shape_and_batch,
     "several_classes_one_capture": explainer_several_classes_one_capture,
     "frozen_teacher": explainer_frozen_teacher,
     "hooks_released": explainer_hooks_released,
     "trains_or_refuses": explainer_trains_or_refuses,
+    "upsampling_declared_truthfully": explainer_upsampling_declared_truthfully,
 }
 
 
@@ -275,10 +304,33 @@ def similarity_training_reduces_distance(similarity: Similarity) -> None:
         "minimising the loss made the maps less similar: check higher_is_better"
 
 
+def similarity_feature_resolution_exact(similarity: Similarity) -> None:
+    """If ``feature_resolution``: ``upsampled(a, b, size)`` equals the similarity of the upsampled
+    maps, value and gradient, for maps at the same, different and full resolution (float64)."""
+    if not similarity.feature_resolution:
+        return
+    from .upsampling import upsample
+
+    g = torch.Generator().manual_seed(4)
+    size = (24, 20)
+    for a_size, b_size in (((6, 5), (6, 5)), ((3, 5), (12, 10)), ((6, 5), size), (size, (4, 4))):
+        a = torch.rand(3, 1, *a_size, dtype=torch.float64, generator=g).requires_grad_(True)
+        b = torch.rand(3, 1, *b_size, dtype=torch.float64, generator=g)
+        got = similarity.upsampled(a, b, size)
+        want = similarity(upsample(a, size), upsample(b, size))
+        torch.testing.assert_close(got, want, msg=lambda m: f"upsampled() differs from the upsampled maps' value "
+                                                            f"({a_size} vs {b_size} -> {size}): {m}")
+        if similarity.differentiable:
+            (g_got,) = torch.autograd.grad(got.sum(), a)
+            (g_want,) = torch.autograd.grad(want.sum(), a)
+            torch.testing.assert_close(g_got, g_want, msg=lambda m: f"upsampled() has another gradient: {m}")
+
+
 SIMILARITY_CASES: dict[str, Callable[[Similarity], None]] = {
     "batch_native": similarity_batch_native,
     "self_is_best": similarity_self_is_best,
     "training_reduces_distance": similarity_training_reduces_distance,
+    "feature_resolution_exact": similarity_feature_resolution_exact,
 }
 
 

@@ -36,8 +36,11 @@ def _build(root, teacher, data, explainer, dtype="float32", shard_size=3, batch_
     return fp
 
 
-@pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_identity_augmentation_frozen_equals_live_exactly(tmp_path, setup, lam):
+@pytest.mark.parametrize("lam, feature_resolution", [(0.0, True), (1.0, False), (1.0, True)])
+def test_identity_augmentation_frozen_equals_live_exactly(tmp_path, setup, lam, feature_resolution):
+    """Bit for bit when both compare upsampled maps; at feature resolution the live teacher's map
+    stays 4 x 4 while the replayed one is stored at 16 x 16, so the same value is summed in
+    another order: equal to float32 rounding."""
     teacher, data, explainer = setup
     fp = _build(tmp_path / "cache", teacher, data, explainer, batch_size=len(data))
     cache = TeacherCache.open(tmp_path / "cache", fp)
@@ -45,14 +48,18 @@ def test_identity_augmentation_frozen_equals_live_exactly(tmp_path, setup, lam):
     student = build_model("small_resnet", {"widths": [4, 8]}, 4)
     students = [student, copy.deepcopy(student)]
     sim = e2kd.get_similarity("cosine")
-    live = Distiller(teacher, students[0], explainer=explainer, similarity=sim, lam=lam)(batch["image"], batch["label"])
-    replay = Distiller(None, students[1], explainer=explainer, similarity=sim, lam=lam)(
+    kw = dict(explainer=explainer, similarity=sim, lam=lam, feature_resolution=feature_resolution)
+    live = Distiller(teacher, students[0], **kw)(batch["image"], batch["label"])
+    replay = Distiller(None, students[1], **kw)(
         batch["image"], batch["label"], teacher_logits=batch["teacher_logits"], teacher_maps=batch["teacher_map"])
+    exact = lam == 0 or not feature_resolution
+    same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7))
     for key in ("loss", "kd", "explanation"):
-        assert torch.equal(live[key], replay[key]), key
+        assert same(live[key], replay[key]), key
+    assert lam == 0 or live["explanation"] > 1e-3
     g_live = torch.autograd.grad(live["loss"], list(students[0].parameters()))
     g_replay = torch.autograd.grad(replay["loss"], list(students[1].parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(g_live, g_replay))
+    assert all(same(a, b) for a, b in zip(g_live, g_replay))
 
 
 def test_float16_cache_is_close_to_float32(tmp_path, setup):

@@ -22,7 +22,7 @@ from torch import nn
 from e2kd import hookimpl
 from e2kd.api import Capture, Explainer
 from e2kd.errors import ModelError
-from e2kd.models import resolve_layer, unfused_attention
+from e2kd.models import default_layer_name, resolve_layer, unfused_attention
 
 
 class GradCAMOptions(BaseModel):
@@ -51,7 +51,8 @@ class _GradCAMCapture(Capture):
         prefix, (h, w) = self.token_grid
         return tokens[:, prefix:, :].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
-    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False,
+                upsample: bool = True) -> torch.Tensor:
         acts = self.activations
         if acts is None:
             raise RuntimeError(f"gradcam: layer {self.layer_name!r} was not run; call the model inside capture()")
@@ -70,7 +71,7 @@ class _GradCAMCapture(Capture):
         cam = (weights * acts).sum(dim=1, keepdim=True)
         if self.options.relu:
             cam = F.relu(cam)
-        if self.options.upsample:
+        if self.options.upsample and upsample:
             cam = F.interpolate(cam, size=self.inputs.shape[-2:], mode="bilinear", align_corners=False)
         return cam
 
@@ -100,11 +101,13 @@ class GradCAM(Explainer):
         if self.options.closed_form:
             _linear_head(model, self._layer_name(model))
 
+    def upsamples_bilinearly(self) -> bool:
+        return self.options.upsample
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
-        layer = resolve_layer(model, self._layer_name(model), who="gradcam")
-        name = next(n for n, m in model.named_modules() if m is layer)
+        name = self._layer_name(model) or default_layer_name(model, who="gradcam")
+        layer = resolve_layer(model, name, who="gradcam")
         grid = _token_grid(model)
         cap = _GradCAMCapture(inputs, self.options, name, grid)
         if self.options.closed_form:
@@ -135,8 +138,6 @@ class GradCAM(Explainer):
 def _linear_head(model: nn.Module, layer: str | None) -> nn.Linear:
     """The linear classifier of a timm CNN whose head is global average pooling + linear, applied
     directly to the (default, last-stage) explained layer; ModelError otherwise."""
-    from e2kd.models import default_layer_name
-
     get = getattr(model, "get_classifier", None)
     head = get() if callable(get) else None
     pool = getattr(model, "global_pool", None)

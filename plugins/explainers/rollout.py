@@ -44,7 +44,8 @@ class _RolloutCapture(Capture):
         self.options, self.prefix, self.grid = options, prefix, grid
         self.attentions: list[torch.Tensor] = []
 
-    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False,
+                upsample: bool = True) -> torch.Tensor:
         if not self.attentions:
             raise RuntimeError("rollout: no attention was recorded; run the model inside capture()")
         rollout = None
@@ -55,7 +56,7 @@ class _RolloutCapture(Capture):
             rollout = a if rollout is None else a @ rollout
         row = rollout[:, 0, self.prefix:]
         out = row.reshape(row.shape[0], 1, *self.grid)
-        if self.options.upsample:
+        if self.options.upsample and upsample:
             out = F.interpolate(out, size=self.inputs.shape[-2:], mode="bilinear", align_corners=False)
         return out if create_graph else out.detach()
 
@@ -68,6 +69,9 @@ class AttentionRollout(Explainer):
 
     def check_model(self, model: nn.Module) -> None:
         _attention_modules(model)
+
+    def upsamples_bilinearly(self) -> bool:
+        return self.options.upsample
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:

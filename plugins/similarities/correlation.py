@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from e2kd import hookimpl
 from e2kd.api import Similarity
+from e2kd.upsampling import centred
+
+from .cosine import gram_cosine
 
 
 class CorrelationOptions(BaseModel):
@@ -35,9 +38,14 @@ class Pearson(Similarity):
     Options = CorrelationOptions
     differentiable = True
     higher_is_better = True
+    feature_resolution = True
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return pearson(a, b, self.options.eps)
+
+    def upsampled(self, a: torch.Tensor, b: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # bilinear upsampling keeps constants: centring commutes with it
+        return gram_cosine(centred(a, size), centred(b, size), size, self.options.eps)
 
 
 class Spearman(Similarity):
