@@ -18,6 +18,7 @@ from torch import nn
 from e2kd import hookimpl
 from e2kd.api import Capture, Explainer
 from e2kd.errors import ModelError
+from e2kd.models import find_modules
 
 from .layers import AddInverse, explanation_mode
 
@@ -28,7 +29,7 @@ class BcosOptions(BaseModel):
 
 
 def _encoder(model: nn.Module) -> AddInverse:
-    found = [m for m in model.modules() if isinstance(m, AddInverse)]
+    found = find_modules(model, "bcos_encoder", lambda m: isinstance(m, AddInverse))
     if not getattr(model, "bcos", False) or len(found) != 1:
         raise ModelError(
             f"bcos: {type(model).__name__} is not a B-cos network (needs bcos = True and one AddInverse input "

@@ -92,7 +92,9 @@ class BcosConv2d(nn.Module):
         if self.b == 1:
             return linear
         norm = (F.conv2d(x * x, self.ones, None, self.stride, self.padding) + self.eps).sqrt()
-        factor = (linear / norm).abs().pow(self.b - 1)
+        factor = (linear / norm).abs()
+        if self.b != 2:  # B = 2 (the default): the power is 1, and an extra op in every backward
+            factor = factor.pow(self.b - 1)
         return dynamic_mul(linear, factor)
 
 
@@ -133,12 +135,18 @@ class LogitBias(nn.Module):
 
 class DynamicMatmul(torch.autograd.Function):
     """``weights @ values`` with data-dependent ``weights`` (attention); in explanation mode the
-    weights count as constants, exactly like the factor of :class:`DynamicMultiplication`."""
+    weights count as constants, exactly like the factor of :class:`DynamicMultiplication`.
+
+    Under autocast the product runs in the autocast dtype (float32 softmax weights, bf16 values:
+    both bf16), and the operands are saved in that dtype, since the backward runs outside
+    autocast; autograd casts each gradient back to its input's dtype.
+    """
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weights, values)
-        return weights @ values
+        out = weights @ values
+        ctx.save_for_backward(weights.to(out.dtype), values.to(out.dtype))
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
