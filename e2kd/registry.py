@@ -26,6 +26,8 @@ from .errors import PluginError
 ENTRY_POINT_GROUP = "e2kd"
 ENV_VAR = "E2KD_PLUGINS"
 DEBUG_VAR = "E2KD_DEBUG"
+#: The distribution of the built-in plugins (in a clash, the other item is the one reported).
+BUILT_IN_DISTRIBUTION = "e2kd"
 
 #: kind -> (hook name, base class every registered class must subclass)
 KINDS: dict[str, tuple[str, type[PluginItem]]] = {
@@ -161,6 +163,9 @@ class _Registry:
                 impl.function(register=register)
         for kind, by_name in clashes.items():
             for name, infos in by_name.items():
+                # e2kd's own item first, then by distribution: the problem names the same plugin
+                # whatever order the entry points were found in
+                infos.sort(key=lambda i: (i.distribution != BUILT_IN_DISTRIBUTION, i.distribution, i.plugin))
                 owners = " and ".join(f"plugin {i.plugin!r} ({i.distribution})" for i in infos)
                 problems.append(PluginProblem(
                     infos[-1].plugin, infos[-1].distribution,
