@@ -4,12 +4,21 @@ what a user of the paper's code writes by hand.
 Modes on the same teacher, student and batch (forward, loss, backward, optimizer step):
 
 - ``kd`` / ``e2kd``: the Distiller, live teacher (``lam`` 0 / 1);
-- ``e2kd_every``: the Distiller with ``explain_every=K`` (mean over K-step cycles);
+- ``e2kd_every``: the Distiller with ``explain_every=K``; its step time is that of a K-step cycle,
+  (median explaining step + (K - 1) x median plain step) / K, the explaining steps' median taken
+  over its own explaining steps and the ``e2kd`` mode's (the same computation);
 - ``e2kd_closed``: the Distiller with Grad-CAM in closed form (``closed_form: true``: W_c · A / hw);
-- ``frozen_kd`` / ``frozen_e2kd``: no teacher forward, logits and maps read from an on-disk
-  float16 cache (e2kd.frozen);
+- ``e2kd_upsampled``: the Distiller forming the 224 x 224 maps before the cosine
+  (``feature_resolution=False``; the other Distiller modes compare the maps at feature resolution);
+- ``frozen_kd`` / ``frozen_e2kd``: no teacher forward, logits and maps replayed from an on-disk
+  float16 cache (e2kd.frozen), read once before timing — in training the loader workers read it
+  beside the step; the time of one synchronous read of the batch is reported apart
+  (``cache_read_s``);
 - ``hand_kd`` / ``hand_e2kd``: hand-written steps with timm ``forward_features`` /
   ``forward_head``, Grad-CAM from one ``autograd.grad`` (``create_graph=True`` for the student).
+
+With ``--family bcos`` the models are e2kd's B-cos ResNets (``bcos_<teacher-arch>`` ->
+``bcos_<arch>``, explainer ``bcos``) and the modes are ``kd``, ``e2kd`` and ``e2kd_every``.
 
 The modes are interleaved and their order rotates, so machine noise hits all alike. Reports
 median step times, images/s, ratios, and (CUDA) peak memory per mode.
@@ -17,6 +26,7 @@ median step times, images/s, ratios, and (CUDA) peak memory per mode.
     python benchmarks/bench_distill_step.py                       # resnet34 -> resnet18, 224 px
     python benchmarks/bench_distill_step.py --teacher-arch resnet18 --json out.json
     python benchmarks/bench_distill_step.py --device cuda --precision bf16 --channels-last --batch-size 256
+    python benchmarks/bench_distill_step.py --family bcos --device cuda --batch-size 64
 """
 
 from __future__ import annotations
@@ -90,29 +100,49 @@ def measure(args: argparse.Namespace) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
-    teacher = timm.create_model(args.teacher_arch, pretrained=False, num_classes=args.num_classes)
-    student = timm.create_model(args.arch, pretrained=False, num_classes=args.num_classes)
+    bcos = args.family == "bcos"
+    if bcos:
+        teacher = e2kd.get_model_builder(f"bcos_{args.teacher_arch}").build(args.num_classes)
+        student = e2kd.get_model_builder(f"bcos_{args.arch}").build(args.num_classes)
+    else:
+        teacher = timm.create_model(args.teacher_arch, pretrained=False, num_classes=args.num_classes)
+        student = timm.create_model(args.arch, pretrained=False, num_classes=args.num_classes)
     teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
     student = student.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
-    explainer, similarity = e2kd.get_explainer("gradcam"), e2kd.get_similarity("cosine")
+    explainer = e2kd.get_explainer("bcos" if bcos else "gradcam")
+    similarity = e2kd.get_similarity("cosine")
+    e2kd_kw = dict(explainer=explainer, similarity=similarity, lam=1.0)
     distillers = {
         "kd": Distiller(teacher, student, lam=0.0),
-        "e2kd": Distiller(teacher, student, explainer=explainer, similarity=similarity, lam=1.0),
-        "e2kd_every": Distiller(teacher, student, explainer=explainer, similarity=similarity, lam=1.0,
-                                explain_every=args.explain_every),
-        "e2kd_closed": Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam", closed_form=True),
-                                 similarity=similarity, lam=1.0),
-        "frozen_kd": Distiller(None, student, lam=0.0),
-        "frozen_e2kd": Distiller(None, student, explainer=explainer, similarity=similarity, lam=1.0),
+        "e2kd": Distiller(teacher, student, **e2kd_kw),
+        "e2kd_every": Distiller(teacher, student, explain_every=args.explain_every, **e2kd_kw),
     }
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(
+    # images in [0, 1] (what e2kd's loaders give; the B-cos encoding [x, 1 - x] expects it)
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(
         memory_format=memory_format)
-    cache_dir = tempfile.mkdtemp(prefix="e2kd-bench-cache-")
-    build_cache(cache_dir, teacher, explainer, x.cpu(), {"benchmark": True}, dtype="float16",
-                batch_size=args.batch_size, device=device, progress=False)
-    cache = TeacherCache.open(cache_dir)
-    hand = dict(zip(("hand_kd", "hand_e2kd"), hand_steps(teacher, student, optimizer, autocast)))
+    hand, replay, cache_read_s = {}, {}, None
+    if not bcos:
+        distillers.update({
+            "e2kd_upsampled": Distiller(teacher, student, feature_resolution=False, **e2kd_kw),
+            "e2kd_closed": Distiller(teacher, student, **{**e2kd_kw, "explainer": e2kd.get_explainer(
+                "gradcam", closed_form=True)}),
+            "frozen_kd": Distiller(None, student, lam=0.0),
+            "frozen_e2kd": Distiller(None, student, **e2kd_kw),
+        })
+        cache_dir = tempfile.mkdtemp(prefix="e2kd-bench-cache-")
+        build_cache(cache_dir, teacher, explainer, x.cpu(), {"benchmark": True}, dtype="float16",
+                    batch_size=args.batch_size, device=device, progress=False)
+        cache = TeacherCache.open(cache_dir)
+
+        def read_replay() -> dict:
+            logits, maps = zip(*(cache[i] for i in range(len(cache))))
+            return {"teacher_logits": torch.stack(logits).to(device), "teacher_maps": torch.stack(maps).to(device)}
+
+        start = time.perf_counter()
+        replay = read_replay()
+        cache_read_s = time.perf_counter() - start
+        hand = dict(zip(("hand_kd", "hand_e2kd"), hand_steps(teacher, student, optimizer, autocast)))
     counters = {"e2kd_every": 0}
 
     def step(mode: str) -> float:
@@ -122,15 +152,12 @@ def measure(args: argparse.Namespace) -> dict:
         if mode in hand:
             hand[mode](x)
         else:
-            replay, call = {}, {}
-            if mode.startswith("frozen"):
-                logits, maps = zip(*(cache[i] for i in range(len(cache))))
-                replay = {"teacher_logits": torch.stack(logits).to(device), "teacher_maps": torch.stack(maps).to(device)}
+            call = dict(replay) if mode.startswith("frozen") else {}
             if mode == "e2kd_every":
                 call["step"] = counters["e2kd_every"]
                 counters["e2kd_every"] += 1
             with autocast():
-                out = distillers[mode](x, **replay, **call)
+                out = distillers[mode](x, **call)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             optimizer.step()
@@ -154,9 +181,16 @@ def measure(args: argparse.Namespace) -> dict:
             if device.type == "cuda":
                 peak[mode] = max(peak[mode] or 0.0, torch.cuda.max_memory_allocated(device) / 2**20)
     med = {m: statistics.median(t) for m, t in times.items()}
-    med["e2kd_every"] = statistics.fmean(times["e2kd_every"])  # a cycle of K steps, one of them explaining
+    k = args.explain_every
+    explaining = [t for i, t in enumerate(times["e2kd_every"]) if i % k == 0]
+    plain = [t for i, t in enumerate(times["e2kd_every"]) if i % k != 0] or explaining
+    med["e2kd_every"] = (statistics.median(explaining + times["e2kd"]) + (k - 1) * statistics.median(plain)) / k
+
+    def ratio(a: str, b: str) -> float | None:
+        return med[a] / med[b] if a in med and b in med else None
+
     return {
-        "benchmark": "distill_step",
+        "benchmark": "distill_step", "family": args.family,
         "teacher": args.teacher_arch, "student": args.arch,
         "image_size": args.image_size, "batch_size": args.batch_size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -166,21 +200,26 @@ def measure(args: argparse.Namespace) -> dict:
         "median_step_s": med,
         "images_per_s": {m: args.batch_size / t for m, t in med.items()},
         "peak_memory_mib": peak,
-        "ratio_e2kd_over_kd": med["e2kd"] / med["kd"],
-        "ratio_e2kd_every_over_kd": med["e2kd_every"] / med["kd"],
-        "ratio_e2kd_closed_over_kd": med["e2kd_closed"] / med["kd"],
-        "ratio_frozen_e2kd_over_frozen_kd": med["frozen_e2kd"] / med["frozen_kd"],
-        "ratio_frozen_e2kd_over_live_e2kd": med["frozen_e2kd"] / med["e2kd"],
-        "ratio_e2kd_over_hand_e2kd": med["e2kd"] / med["hand_e2kd"],
-        "ratio_kd_over_hand_kd": med["kd"] / med["hand_kd"],
-        "ratio_hand_e2kd_over_hand_kd": med["hand_e2kd"] / med["hand_kd"],
+        "cache_read_s": cache_read_s,
+        "peak_memory_e2kd_over_kd": peak["e2kd"] / peak["kd"] if peak["kd"] else None,
+        "ratio_e2kd_over_kd": ratio("e2kd", "kd"),
+        "ratio_e2kd_every_over_kd": ratio("e2kd_every", "kd"),
+        "ratio_e2kd_upsampled_over_kd": ratio("e2kd_upsampled", "kd"),
+        "ratio_e2kd_closed_over_kd": ratio("e2kd_closed", "kd"),
+        "ratio_frozen_e2kd_over_frozen_kd": ratio("frozen_e2kd", "frozen_kd"),
+        "ratio_frozen_e2kd_over_live_e2kd": ratio("frozen_e2kd", "e2kd"),
+        "ratio_e2kd_over_hand_e2kd": ratio("e2kd", "hand_e2kd"),
+        "ratio_kd_over_hand_kd": ratio("kd", "hand_kd"),
+        "ratio_hand_e2kd_over_hand_kd": ratio("hand_e2kd", "hand_kd"),
         "step_times_s": times,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="resnet18", help="student (timm name)")
+    p.add_argument("--family", choices=["timm", "bcos"], default="timm", help="timm CNNs with Grad-CAM, or B-cos "
+                                                                               "ResNets with the B-cos explainer")
+    p.add_argument("--arch", default="resnet18", help="student (timm name; with --family bcos: resnet18, ...)")
     p.add_argument("--teacher-arch", default="resnet34", help="teacher (timm name)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
@@ -196,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = measure(args)
     emit(result, args.json)
-    print(f"{result['student']} <- {result['teacher']}, {args.image_size} px, batch {args.batch_size}: "
-          f"e2KD/KD {result['ratio_e2kd_over_kd']:.3f}, e2KD every {args.explain_every}/KD "
-          f"{result['ratio_e2kd_every_over_kd']:.3f}, e2KD/hand e2KD {result['ratio_e2kd_over_hand_e2kd']:.3f}, "
-          f"KD/hand KD {result['ratio_kd_over_hand_kd']:.3f}, frozen e2KD/frozen KD "
-          f"{result['ratio_frozen_e2kd_over_frozen_kd']:.3f}, frozen e2KD/live e2KD "
-          f"{result['ratio_frozen_e2kd_over_live_e2kd']:.3f}", file=sys.stderr)
+    ratios = ", ".join(f"{key[6:].replace('_over_', '/')} {value:.3f}" for key, value in result.items()
+                       if key.startswith("ratio_") and value is not None)
+    memory = "".join(f", {mode} {mib:.0f} MiB" for mode, mib in result["peak_memory_mib"].items() if mib)
+    print(f"{args.family} {result['student']} <- {result['teacher']}, {args.image_size} px, batch {args.batch_size}, "
+          f"{args.precision}{', channels_last' if args.channels_last else ''} on {result['device_name']}: "
+          f"{ratios}{memory}", file=sys.stderr)
     return 0
 
 

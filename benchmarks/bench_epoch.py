@@ -42,7 +42,9 @@ def run_epoch(folder: Path, teacher: Path, out: Path, lam: float, args: argparse
                "--set", f"train.device={args.device}", "--set", f"train.precision={args.precision}",
                "--set", f"distill.lam={lam}", "--set", "eval.metrics=[accuracy]", "--set", "train.progress=false"]
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"e2kd distill (lam={lam}) failed:\n{run.stderr[-3000:]}")
     wall = time.perf_counter() - start
     rates = [float(r["images_per_s"]) for r in csv.DictReader((out / "steps.csv").open())]
     return {"median_images_per_s": statistics.median(rates[1:] or rates), "steps": len(rates), "wall_s": round(wall, 1)}
@@ -68,7 +70,9 @@ def main(argv=None) -> int:
         torch.save(timm.create_model("resnet34", pretrained=False, num_classes=args.classes).state_dict(), teacher)
         result = {"benchmark": "distill epoch (CLI, imagenet config)", "machine": platform.machine(),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "device": args.device, "precision": args.precision, "image_size": args.image_size,
+                  "device": args.device, "precision": args.precision,
+                  "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu"
+                  else platform.processor() or "cpu", "image_size": args.image_size,
                   "jpeg_sizes": "256-384 px per side", "train_images": args.classes * args.per_class,
                   "batch_size": args.batch_size, "num_workers": args.workers}
         for name, lam in (("kd", 0.0), ("e2kd", 1.0)):

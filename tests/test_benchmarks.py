@@ -18,9 +18,23 @@ def test_distill_step_benchmark_smoke(tmp_path):
     )
     result = json.loads(out.read_text())
     for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd",
-                "ratio_e2kd_over_hand_e2kd", "ratio_kd_over_hand_kd", "ratio_e2kd_every_over_kd", "ratio_e2kd_closed_over_kd"):
+                "ratio_e2kd_over_hand_e2kd", "ratio_kd_over_hand_kd", "ratio_e2kd_every_over_kd", "ratio_e2kd_closed_over_kd",
+                "ratio_e2kd_upsampled_over_kd"):
         assert result[key] > 0
     assert all(len(t) == 2 for t in result["step_times_s"].values())
+
+
+def test_distill_step_benchmark_bcos_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_distill_step.py"), "--family", "bcos", "--arch", "resnet18",
+         "--teacher-arch", "resnet18", "--image-size", "32", "--batch-size", "2", "--num-classes", "5",
+         "--repeats", "1", "--warmup", "0", "--json", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert set(result["step_times_s"]) == {"kd", "e2kd", "e2kd_every"}
+    assert result["ratio_e2kd_over_kd"] > 0 and result["ratio_e2kd_over_hand_e2kd"] is None
 
 
 def test_localisation_benchmark_smoke(tmp_path):

@@ -18,6 +18,7 @@ from e2kd.distill import Distiller
 from e2kd.testing import TinyCNN
 
 from .conftest import TINY
+from .test_accelerator import DEVICES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,10 +89,11 @@ def test_step_and_epoch_logs_hold_losses_lr_and_throughput(tmp_path):
     assert float(epochs[0]["loss"]) == pytest.approx(mean_loss) == pytest.approx(history[0]["loss"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name, explainer, rel, grad_cos", [("small_resnet", "gradcam", 0.03, 0.99),
                                                               ("bcos_small", "bcos", 0.2, 0.7)])
-def test_bf16_autocast_matches_fp32_within_stated_tolerances(name, explainer, rel, grad_cos):
-    """CPU bf16 autocast against fp32, student = teacher with 30% weight noise (explanation loss ~0.2):
+def test_bf16_autocast_matches_fp32_within_stated_tolerances(name, explainer, rel, grad_cos, device):
+    """bf16 autocast (CPU, and CUDA where present) against fp32, student = teacher with 30% weight noise (explanation loss ~0.2):
     every map agrees to cosine > 0.999; the e2KD loss terms come out in float32, within 3% (Grad-CAM)
     or 20% (B-cos: its 6-channel input-level W(x) runs through every bf16 layer, and an angular error
     of ~1e-2 per map moves 1 - cos by that much); the gradient agrees to cosine > 0.99 / 0.7."""
@@ -103,14 +105,14 @@ def test_bf16_autocast_matches_fp32_within_stated_tolerances(name, explainer, re
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.3 * p.std() * torch.randn_like(p))
-    student.eval()
-    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    teacher, student = teacher.to(device), student.to(device).eval()
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
     method = e2kd.get_explainer(explainer)
     distiller = Distiller(teacher, student, explainer=method, similarity=e2kd.get_similarity("cosine"), lam=1.0)
     results = {}
     for precision in ("fp32", "bf16"):
         student.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = distiller(x)
             maps = method.explain(student, x, 0).float()
         out["loss"].backward()

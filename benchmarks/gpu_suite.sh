@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks of the scaling issue as one script: the CUDA tests, then the step and epoch
+# benchmarks whose figures docs/performance.md reports. Each part has its own time limit, so one
+# that hangs costs only its share. Needs python3 with CUDA torch, timm and e2kd importable.
+#
+#   bash benchmarks/gpu_suite.sh RESULTS_DIR        # ~5 minutes on an H100
+set -u
+out=${1:?usage: gpu_suite.sh RESULTS_DIR}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+cd "$(dirname "$0")/.."
+
+part() {  # part NAME SECONDS COMMAND...: run with a limit, report rc and time
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@"
+    echo "== $name: rc=$? in $((SECONDS - start)) s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$py -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+
+quiet=(bash -c 'exec "$@" >/dev/null' quiet)  # the JSON goes to a file; the summary line (stderr) stays
+
+bench() {  # bench NAME ARGS...: the step benchmark, JSON to RESULTS_DIR/NAME.json
+    local name=$1
+    shift
+    part "$name" 100 "${quiet[@]}" $py benchmarks/bench_distill_step.py --device cuda --warmup 3 --repeats 15 \
+        --json "$out/$name.json" "$@"
+}
+bench step_b64_fp32 --batch-size 64 --precision fp32
+bench step_b64_bf16 --batch-size 64 --precision bf16
+bench step_b256_bf16_cl --batch-size 256 --precision bf16 --channels-last --explain-every 16
+bench step_b256_bf16 --batch-size 256 --precision bf16 --explain-every 16 --repeats 8
+bench bcos_b64_fp32 --family bcos --batch-size 64 --precision fp32 --repeats 8
+bench bcos_b64_bf16 --family bcos --batch-size 64 --precision bf16 --repeats 8
+part epoch 150 "${quiet[@]}" $py benchmarks/bench_epoch.py --device cuda --precision bf16 --classes 10 --per-class 128 \
+    --batch-size 64 --workers 8 --json "$out/epoch_cuda.json"
+part tests 170 $py -m pytest -q -p no:cacheprovider -rfEs tests/test_accelerator.py tests/test_feature_resolution.py \
+    tests/test_runtime.py tests/test_devices.py -k "not killed_mid_epoch"
