@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .checkpoints import load_weights
 from .errors import ModelError
 
 if TYPE_CHECKING:
@@ -96,25 +97,6 @@ def load_teacher(config: "ExperimentConfig", dataset: "Dataset") -> nn.Module:
     if config.teacher.checkpoint is None:
         raise ConfigError("teacher.checkpoint: a trained teacher is required (run `e2kd train-teacher` first)")
     return build_from(config.teacher, dataset, config.teacher.checkpoint)
-
-
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict saved by e2kd (or a plain ``torch.save(state_dict)``) into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path}: file not found (train it first or fix the path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"checkpoint {path}: cannot be read ({type(exc).__name__}: {exc}); is it a torch state dict?") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:2])
-        raise ModelError(f"checkpoint {path}: does not fit {type(model).__name__} ({detail[:300]})") from None
 
 
 _FOUND: "weakref.WeakKeyDictionary[nn.Module, dict[str, list[nn.Module]]]" = weakref.WeakKeyDictionary()
