@@ -108,6 +108,18 @@ class DistillConfig(StrictModel):
         return _absolute(value)
 
 
+class GuidanceConfig(StrictModel):
+    """Model guidance of a teacher (Rao et al., ICCV 2023; see e2kd.guidance)."""
+
+    loss: Literal["energy", "l1"] = Field("energy", description="energy: 1 - share of positive attribution inside "
+                                                                "the boxes; l1: normalised attribution outside them")
+    weight: float = Field(1.0, gt=0, description="weight of the guidance term beside the classification loss")
+    explainer: PluginRef = Field(PluginRef(name="gradcam"), description="a differentiable explainer giving "
+                                                                       "one-channel maps (bcos: contribution: true)")
+    annotated_fraction: float = Field(1.0, gt=0, le=1, description="share of training images whose masks are used "
+                                                                   "(a seeded subset)")
+
+
 class TrainConfig(StrictModel):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -127,6 +139,8 @@ class TrainConfig(StrictModel):
     checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps "
                                                                  "(default: at the end of each epoch)")
     progress: bool = True
+    guidance: GuidanceConfig | None = Field(None, description="guide the explanations of a model trained by "
+                                                              "train-teacher towards the dataset's boxes or masks")
 
 
 class EvalConfig(StrictModel):
@@ -167,6 +181,8 @@ class ExperimentConfig(StrictModel):
             refs.append(("teacher", "model", self.teacher))
         if self.eval.explainer is not None:
             refs.append(("eval.explainer", "explainer", self.eval.explainer))
+        if self.train.guidance is not None:
+            refs.append(("train.guidance.explainer", "explainer", self.train.guidance.explainer))
         refs += [(f"eval.metrics.{i}", "metric", ref) for i, ref in enumerate(self.eval.metrics)]
         return refs
 
@@ -187,6 +203,10 @@ def validate_plugins(config: ExperimentConfig, source: str = "config") -> None:
                 create(kind, ref.name, options)
             except E2KDError as exc:
                 raise ConfigError(f"{source}: {path}.options: {exc}") from None
+    g = config.train.guidance
+    if g is not None and not registry().info("explainer", g.explainer.name).capabilities["differentiable"]:
+        raise ConfigError(f"{source}: train.guidance.explainer: explainer {g.explainer.name!r} is not differentiable and "
+                          f"cannot guide a model (pick a differentiable one, e.g. gradcam or bcos)")
     d = config.distill
     if config.teacher is not None and d.lam > 0:
         for field, kind, ref in (("explainer", "explainer", d.explainer), ("similarity", "similarity", d.similarity)):

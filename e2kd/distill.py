@@ -60,6 +60,14 @@ def padded_sets(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, member.gather(1, order).to(torch.float32)
 
 
+def label_sets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) present label classes and (B, k) float weights: the label itself for class indices,
+    every present class (padded with weight-0 entries) for multi-hot labels."""
+    if labels.dim() == 2:
+        return padded_sets(labels > 0.5)
+    return labels.view(-1, 1), torch.ones(labels.shape[0], 1, device=labels.device)
+
+
 class Distiller:
     """Computes ``{"loss", "kd", "explanation", "ce", ...}`` for a batch; knows no training loop.
 
@@ -193,7 +201,7 @@ class Distiller:
         if mode == "label":
             if labels is None:
                 raise ValueError("explain_classes='label' needs labels")
-            return padded_sets(labels > 0.5) if labels.dim() == 2 else (labels.view(-1, 1), None)
+            return label_sets(labels)
         if mode == "topk":
             return teacher_logits.topk(min(self.top_k, teacher_logits.shape[1]), dim=1).indices, None
         if mode == "positive":

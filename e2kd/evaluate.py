@@ -12,20 +12,12 @@ from torch.utils.data import Subset
 from .api import Dataset, EvalBatch, Explainer, Metric
 from .config import ExperimentConfig, PluginRef
 from .data import make_loader, split_view
-from .distill import explained_forward, padded_sets
+from .distill import explained_forward, label_sets
 from .errors import ConfigError
 from .registry import create
 from .runtime import Runtime, device_of
 
 EVAL_BATCH_SIZE = 256
-
-
-def label_sets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, k) present label classes and (B, k) weights: the label itself for class indices, every
-    present class (padded with weight 0) for multi-hot labels."""
-    if labels.dim() == 2:
-        return padded_sets(labels > 0.5)
-    return labels.view(-1, 1), torch.ones(labels.shape[0], 1, device=labels.device)
 
 
 def evaluate(

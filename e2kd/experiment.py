@@ -20,6 +20,7 @@ from .distill import Distiller, at_least_fp32, label_loss
 from .errors import CacheError, ConfigError, ModelError, StaleCacheError
 from .evaluate import evaluate_model
 from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint_hash, make_fingerprint
+from .guidance import AnnotatedSamples, Guidance
 from .models import build_from, load_teacher
 from .registry import create
 from .runs import atomic_torch_save, atomic_write_json, finished_results, prepare_run_dir
@@ -63,18 +64,46 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
         return done
     runtime = runtime_of(config)
     dataset = dataset_of(config)
+    guidance = make_guidance(config, dataset)
     out = _run_dir(config, runtime)
     torch.manual_seed(config.seed)
     model = runtime.model(build_from(config.model, dataset, config.model.checkpoint))
     forward = runtime.ddp(model)
+    samples = None
+    if guidance is not None:
+        try:
+            guidance.explainer.check_model(model)
+        except ModelError as exc:
+            raise ConfigError(f"{config.source}: train.guidance.explainer: {exc}") from None
+        g = config.train.guidance
+        samples = AnnotatedSamples(dataset.samples(dataset.train_split), g.annotated_fraction, config.seed)
 
     def step(batch, index):
+        images, labels = runtime.batch(batch["image"]), batch["label"].to(runtime.device)
         with runtime.autocast():
-            logits = forward(runtime.batch(batch["image"]))
-        return {"loss": label_loss(at_least_fp32(logits), batch["label"].to(runtime.device))}
+            if guidance is None:
+                logits, term = forward(images), None
+            else:
+                logits, term = guidance(model, forward, images, labels, runtime.batch(batch["mask"]), batch["annotated"])
+        ce = label_loss(at_least_fp32(logits), labels)
+        if term is None:
+            return {"loss": ce}
+        return {"loss": ce + config.train.guidance.weight * term, "ce": ce, "guidance": term}
 
-    history = _fit(config, runtime, model, step, train_view(config, dataset), out, desc=f"teacher {out.name}")
+    history = _fit(config, runtime, model, step, train_view(config, dataset, samples), out, desc=f"teacher {out.name}")
     return _finish(config, runtime, out, model, None, dataset, history)
+
+
+def make_guidance(config: ExperimentConfig, dataset: Dataset) -> Guidance | None:
+    """The guidance of ``train.guidance`` (None without it); a one-line error when the dataset has
+    neither masks nor boxes."""
+    g = config.train.guidance
+    if g is None:
+        return None
+    if not {"mask", "boxes"} & set(dataset.provides):
+        raise ConfigError(f"{config.source}: train.guidance: dataset {dataset.name!r} provides no masks or boxes to "
+                          f"guide towards; remove train.guidance or use a dataset that has them")
+    return Guidance(_create("explainer", g.explainer), g.loss)
 
 
 def resolved_distill(config: ExperimentConfig, dataset: Dataset | None) -> dict[str, Any]:
@@ -163,6 +192,9 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     """
     if (done := finished_results(config)) is not None:
         return done
+    if config.train.guidance is not None:
+        raise ConfigError(f"{config.source}: train.guidance guides a model trained on labels (train-teacher); "
+                          f"distill's explanation term is distill.lam")
     runtime = runtime_of(config)
     dataset = dataset_of(config)
     teacher = load_teacher(config, dataset)

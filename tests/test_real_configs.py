@@ -97,3 +97,18 @@ def test_example_config_runs_every_command(kind, example, tmp_path, capsys):
     maps = {"teacher": e2kd.explain(run.teacher, images, run.config.distill.explainer.name)}
     figure = e2kd.show(images, maps, labels=labels, class_names=run.class_names)
     assert images.shape[-1] == 32 and figure.axes
+
+
+@pytest.mark.slow
+def test_guided_voc_teacher_config_trains_through_the_boxes(tmp_path):
+    """The VOC guided-teacher example on a miniature VOC tree: boxes become per-class masks through
+    the training geometry and the energy term of every present class is trained."""
+    data = _tree("voc", tmp_path / "data")
+    config = CONFIGS / "voc_guided_teacher_bcos_r50.yaml"
+    assert main(["train-teacher", str(config), *SMALL, *data, "--out", str(tmp_path / "teacher")]) == 0
+    steps = (tmp_path / "teacher" / "steps.csv").read_text().splitlines()
+    header, first = steps[0].split(","), steps[1].split(",")
+    guidance = float(first[header.index("guidance")])
+    assert 0 < guidance < 1  # an energy loss: a share of attribution outside the boxes
+    metrics = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert {"micro_f1", "epg", "explanation_iou"} <= set(metrics["splits"]["test"])
