@@ -141,6 +141,9 @@ class TrainConfig(StrictModel):
     progress: bool = True
     guidance: GuidanceConfig | None = Field(None, description="guide the explanations of a model trained by "
                                                               "train-teacher towards the dataset's boxes or masks")
+    mixup: float | None = Field(None, gt=0, description="mixup alpha: each step trains on lam*x + (1-lam)*x[perm], "
+                                                        "lam ~ Beta(alpha, alpha); distilling, the teacher sees the same "
+                                                        "mixed image (the paper: Waterbirds)")
 
 
 class EvalConfig(StrictModel):

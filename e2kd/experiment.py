@@ -20,6 +20,7 @@ from .distill import Distiller, at_least_fp32, label_loss
 from .errors import CacheError, ConfigError, ModelError, StaleCacheError
 from .evaluate import evaluate_model
 from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint_hash, make_fingerprint
+from . import mixup
 from .guidance import AnnotatedSamples, Guidance
 from .models import build_from, load_teacher
 from .registry import create
@@ -62,6 +63,10 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
     """
     if (done := finished_results(config)) is not None:
         return done
+    if config.train.mixup is not None and config.train.guidance is not None:
+        raise ConfigError(f"{config.source}: train.mixup: mixed images have no boxes to guide towards; use either "
+                          f"train.mixup or train.guidance")
+    mixing = config.train.mixup is not None
     runtime = runtime_of(config)
     dataset = dataset_of(config)
     guidance = make_guidance(config, dataset)
@@ -80,12 +85,16 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
 
     def step(batch, index):
         images, labels = runtime.batch(batch["image"]), batch["label"].to(runtime.device)
+        if mixing:
+            lam, perm = mixup.draw(config.train.mixup, len(images), config.seed, index)
+            images = mixup.mix(images, lam, perm)
         with runtime.autocast():
             if guidance is None:
                 logits, term = forward(images), None
             else:
                 logits, term = guidance(model, forward, images, labels, runtime.batch(batch["mask"]), batch["annotated"])
-        ce = label_loss(at_least_fp32(logits), labels)
+        logits = at_least_fp32(logits)
+        ce = mixup.mixed_label_loss(logits, labels, lam, perm) if mixing else label_loss(logits, labels)
         if term is None:
             return {"loss": ce}
         return {"loss": ce + config.train.guidance.weight * term, "ce": ce, "guidance": term}
@@ -195,6 +204,13 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     if config.train.guidance is not None:
         raise ConfigError(f"{config.source}: train.guidance guides a model trained on labels (train-teacher); "
                           f"distill's explanation term is distill.lam")
+    d, mixing = config.distill, config.train.mixup is not None
+    if mixing and d.teacher_mode == "frozen":
+        raise ConfigError(f"{config.source}: train.mixup: a frozen teacher's outputs are stored for unmixed images; "
+                          f"mixup needs teacher_mode: live (the teacher sees the same mixed image)")
+    if mixing and (d.ce_weight > 0 or d.explain_classes == "label"):
+        raise ConfigError(f"{config.source}: train.mixup: a mixed image has two labels; distil with distill.ce_weight: 0 "
+                          f"and explain_classes other than label")
     runtime = runtime_of(config)
     dataset = dataset_of(config)
     teacher = load_teacher(config, dataset)
@@ -216,8 +232,11 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
         if frozen:
             replay["teacher_logits"] = runtime.batch(batch["teacher_logits"])
             replay["teacher_maps"] = runtime.batch(batch["teacher_map"]) if distiller.explains else None
+        images = runtime.batch(batch["image"])
+        if mixing:  # teacher and student see the same mixed image
+            images = mixup.mix(images, *mixup.draw(config.train.mixup, len(images), config.seed, index))
         with runtime.autocast():
-            return distiller(runtime.batch(batch["image"]), batch["label"].to(runtime.device), step=index, **replay)
+            return distiller(images, batch["label"].to(runtime.device), step=index, **replay)
 
     history = _fit(config, runtime, student, step, train_view(config, dataset, samples), out,
                    desc=f"distill {out.name}")
