@@ -112,3 +112,26 @@ def test_guided_voc_teacher_config_trains_through_the_boxes(tmp_path):
     assert 0 < guidance < 1  # an energy loss: a share of attribution outside the boxes
     metrics = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
     assert {"micro_f1", "epg", "explanation_iou"} <= set(metrics["splits"]["test"])
+
+
+@pytest.mark.slow
+def test_cnn_to_vit_config_draws_the_shift_equivariance_curves(tmp_path):
+    """B-cos DenseNet-169 (bcos-v2 layout) -> B-cos ViT on a miniature ImageNet tree: KD and e2KD
+    students, then the report's shift-equivariance curves of teacher, KD and e2KD."""
+    data = _tree("imagenet", tmp_path / "data")
+    config = CONFIGS / "imagenet_bcos_densenet169_vit_tiny.yaml"
+    assert main(["train-teacher", str(_teacher_config(config, tmp_path)), *SMALL, *data, "--out",
+                 str(tmp_path / "teacher")]) == 0
+    vit = ["--set", "model.options={img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}"]
+    student = [str(config), *SMALL, *data, *vit, "--set", f"teacher.checkpoint={tmp_path / 'teacher' / 'model.pt'}",
+               "--set", "eval.metrics=[accuracy, {name: shift_equivariance, options: {max_shift: 16, step: 4}}]",
+               "--set", "distill.explain_every=1"]
+    for name, lam in (("kd", 0), ("e2kd", 1)):
+        assert main(["distill", *student, "--set", f"distill.lam={lam}", "--out", str(tmp_path / name)]) == 0
+    assert json.loads((tmp_path / "e2kd" / "metrics.json").read_text())["history"][0]["explanation"] > 0
+    assert main(["evaluate", str(tmp_path / "teacher"), str(tmp_path / "kd"), str(tmp_path / "e2kd"),
+                 "--metrics", "shift_equivariance", "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "shift.png").is_file()
+    for run in ("teacher", "kd", "e2kd"):  # --metrics re-evaluates with the metric's default options (0..8 px)
+        curve = json.loads((tmp_path / run / "metrics.json").read_text())["splits"]["val"]["shift_equivariance"]
+        assert set(curve) == {f"shift_{t}" for t in range(9)} and all(abs(v) <= 1 + 1e-6 for v in curve.values()), run
