@@ -14,6 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+#: The 20 PASCAL VOC classes, in the order of the multi-hot targets.
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
 VOC_XML = """<annotation>
   <folder>VOC{year}</folder><filename>{name}.jpg</filename>
   <size><width>{w}</width><height>{h}</height><depth>3</depth></size>

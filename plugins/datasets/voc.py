@@ -20,11 +20,11 @@ from torchvision import tv_tensors
 
 from e2kd import hookimpl
 from e2kd.api import Dataset
+from e2kd.data.miniature import VOC_CLASSES
 from e2kd.data.files import drop_unreadable, files_digest, per_split, read_image, require_dir, require_file
 from e2kd.errors import DataError
 
-CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
-           "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+CLASSES = VOC_CLASSES
 
 
 class VOCOptions(BaseModel):
