@@ -1,4 +1,4 @@
-"""Command line: ``e2kd plugins | train-teacher | distill | evaluate | demo``."""
+"""Command line: ``e2kd plugins | train-teacher | distill | evaluate | demo | reproduce | ...``."""
 
 from __future__ import annotations
 
@@ -120,6 +120,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import CLAIMS, run_reproduce
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    claims = [c.strip() for c in args.claims.split(",") if c.strip()] if args.claims else None
+    known = [c.key for c in CLAIMS]
+    for name in claims or []:
+        if name not in known:
+            raise ConfigError(f"--claims: unknown claim {name!r} (known: {', '.join(known)})")
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    run_reproduce(args.out, seeds, quick=args.quick, claims=claims)
+    print(f"wrote {args.out / 'reproduce.md'} and reproduce.json")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
@@ -187,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2; the table shows mean ± std)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, numbers meaningless)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("reproduce", help="a miniature of each of the paper's claims, KD vs e2KD over seeds, with "
+                                         "computed verdicts (reproduce.md)")
+    p.add_argument("--out", type=Path, default=Path("reproduce_out"), help="output directory (default: reproduce_out)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2)")
+    p.add_argument("--claims", help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, bias100 (default: all)")
+    p.add_argument("--quick", action="store_true", help="small data and few epochs: a smoke run (minutes)")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

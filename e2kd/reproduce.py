@@ -1,0 +1,306 @@
+"""``e2kd reproduce``: a miniature of each of the paper's claims, run and judged from its numbers.
+
+Each claim is an experiment on shape images written in the on-disk format of the paper's data
+(:mod:`e2kd.data.shape_formats`, read by the same dataset plugins as a real copy): a teacher, then
+students distilled from it with KD and with e2KD for every seed, evaluated on held-out images.
+For every measured quantity the report gives the paper's number, the mean ± std over seeds, the
+paired difference e2KD − KD per seed, and a verdict computed by :func:`verdict` — never written by
+hand. ``quick`` shrinks data and epochs (a smoke run: its verdicts are computed the same way but
+say little).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import load_config_dict
+from .data.shape_formats import write_shapes_folder, write_shapes_voc, write_shapes_waterbirds
+from .experiment import distill, train_teacher
+from .runs import atomic_write_json, atomic_write_text
+
+#: How a verdict is reached from the paired differences e2KD − KD (one per seed).
+RULE = ("holds here: the mean paired difference is positive, larger than its standard error, and at least two "
+        "thirds of the seeds are positive; does not hold here: otherwise")
+
+
+def verdict(differences: Sequence[float]) -> str:
+    """``holds here`` when the mean of the paired differences is > 0 and above its standard error
+    (sd / √n; not required of a single seed), and at least 2/3 of the differences are > 0."""
+    if not differences:
+        raise ValueError("no paired differences")
+    n, mean = len(differences), statistics.fmean(differences)
+    error = statistics.stdev(differences) / n ** 0.5 if n > 1 else 0.0
+    positive = sum(d > 0 for d in differences)
+    return "holds here" if mean > 0 and mean > error and 3 * positive >= 2 * n else "does not hold here"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One quantity of a claim: where it is read in a run's metrics, and the paper's KD / e2KD values."""
+
+    label: str
+    split: str
+    metric: str
+    key: str | None = None          # a key inside a metric that returns several values
+    paper: str = ""                  # the paper's KD -> e2KD, as printed in the report
+
+    def read(self, results: dict[str, Any]) -> float:
+        value = results["splits"][self.split][self.metric]
+        if self.key == "mean_shift":  # the curve's mean over the non-zero shifts
+            shifted = [v for k, v in value.items() if k != "shift_0"]
+            return statistics.fmean(shifted)
+        return float(value[self.key] if self.key else value)
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    title: str
+    measures: tuple[Measure, ...]
+    variants: tuple[str, ...]        # student variants; the first is the baseline (KD), each other is compared with it
+    build: Callable[[Path, float, int], dict[str, dict[str, Any]]]  # (root, scale, seed) -> {"teacher": ..., variant: ...}
+    write_data: Callable[[Path, float], None]
+
+
+def _epochs(scale: float, full: int) -> int:
+    return max(1, round(full * scale))
+
+
+CNN_TEACHER = {"name": "small_resnet", "options": {"widths": [16, 32, 64]}}
+CNN_STUDENT = {"name": "small_resnet", "options": {"widths": [8, 16, 32]}}
+
+
+#: Training of every miniature run: flips only (a random resized crop of a 32 px image loses the shape).
+TRAIN = {"batch_size": 16, "lr": 3e-3, "progress": False, "augment": "flip"}
+
+
+def _teacher(root: Path, data: dict, model: dict, scale: float, metrics: list, extra: dict | None = None) -> dict:
+    return {"seed": 0, "data": data, "model": model, "out_dir": str(root / "teacher"),
+            "train": {**TRAIN, "epochs": _epochs(scale, 30), "batch_size": 32, **(extra or {})},
+            "eval": {"metrics": metrics}}
+
+
+def _student(root: Path, name: str, seed: int, data: dict, teacher: dict, model: dict, scale: float, metrics: list,
+             distill_options: dict, epochs: int = 40) -> dict:
+    return {"seed": seed, "data": {**data, "seed": seed}, "model": model,
+            "teacher": {**teacher["model"], "checkpoint": str(root / "teacher" / "model.pt")},
+            "distill": distill_options, "out_dir": str(root / f"{name.lower().replace(' ', '_')}_seed{seed}"),
+            "train": {**TRAIN, "epochs": _epochs(scale, epochs)},
+            "eval": {"metrics": metrics}}
+
+
+GRADCAM = {"explainer": "gradcam", "similarity": "cosine"}
+
+
+# -- 1 and 5: few data (ImageNet folder layout), live and frozen --------------------------------
+
+def _few_data_data(root: Path, scale: float) -> None:
+    per = max(8, round(60 * scale))
+    write_shapes_folder(root / "data", {"train": per, "val": max(8, round(40 * scale))}, num_classes=4, size=32, seed=0)
+
+
+def _few_data(root: Path, scale: float, seed: int) -> dict[str, dict]:
+    data = {"name": "image_folder", "options": {"root": str(root / "data"), "image_size": 32}}
+    teacher = _teacher(root, data, CNN_TEACHER, scale, ["accuracy"])
+    few = {**data, "options": {**data["options"], "shots": 6}}
+    metrics = ["accuracy", "agreement"]
+    return {"teacher": teacher, **{
+        name: _student(root, name, seed, few, teacher, CNN_STUDENT, scale, metrics,
+                       {**GRADCAM, "lam": lam, "teacher_mode": mode}, epochs=120)  # 24 images: 2 steps an epoch
+        for name, lam, mode in (("KD", 0.0, "live"), ("e2KD", 1.0, "live"), ("e2KD frozen", 1.0, "frozen"))}}
+
+
+FEW_DATA = [Measure("accuracy", "val", "accuracy", paper="49.8 -> 54.9 (ImageNet, 50 shots, R34 -> R18)"),
+            Measure("agreement", "val", "agreement", paper="55.5 -> 61.7")]
+
+
+# -- 2: a spurious background (Waterbirds layout) ------------------------------------------------
+
+def _spurious_data(root: Path, scale: float) -> None:
+    n = max(6, round(40 * scale))
+    balanced = {g: n for g in ((0, 0), (0, 1), (1, 0), (1, 1))}
+    write_shapes_waterbirds(root / "teacher_data", {"train": balanced, "val": {g: 2 for g in balanced},
+                                                    "test": {g: 2 for g in balanced}}, size=32, seed=0)
+    biased = {(0, 0): 16, (1, 1): 16, (0, 1): 1, (1, 0): 1}  # few images, 94 % of them in distribution
+    write_shapes_waterbirds(root / "data", {"train": biased, "val": {g: max(4, n // 2) for g in balanced},
+                                            "test": {g: n for g in balanced}}, size=32, seed=1)
+
+
+def _spurious(root: Path, scale: float, seed: int) -> dict[str, dict]:
+    metrics = ["accuracy", "group_accuracy"]
+    teacher = _teacher(root, {"name": "waterbirds", "options": {"root": str(root / "teacher_data"), "image_size": 32}},
+                       CNN_TEACHER, scale, metrics)
+    data = {"name": "waterbirds", "options": {"root": str(root / "data"), "image_size": 32}}
+    return {"teacher": teacher, **{
+        name: _student(root, name, seed, data, teacher, CNN_STUDENT, scale, metrics, {**GRADCAM, "lam": lam})
+        for name, lam in (("KD", 0.0), ("e2KD", 1.0))}}
+
+
+SPURIOUS = [Measure("out-of-distribution accuracy", "test", "group_accuracy", "out_of_distribution",
+                    paper="31.1 -> 36.8 (Waterbirds-100, R50 -> R18, 700 epochs)")]
+
+
+# -- 3: interpretability of a guided teacher (VOC layout) ---------------------------------------
+
+def _voc_data(root: Path, scale: float) -> None:
+    write_shapes_voc(root / "data", {"trainval": max(16, round(160 * scale)), "test": max(12, round(60 * scale))},
+                     num_classes=4, size=48, max_objects=2, seed=0)
+
+
+def _voc(root: Path, scale: float, seed: int) -> dict[str, dict]:
+    data = {"name": "voc", "options": {"root": str(root / "data"), "image_size": 48, "image_set": "trainval",
+                                       "eval_image_sets": ["test"]}}
+    metrics = ["micro_f1", "epg"]
+    teacher = _teacher(root, data, CNN_TEACHER, scale, metrics,
+                       {"guidance": {"loss": "energy", "weight": 0.05, "explainer": "gradcam"}})
+    return {"teacher": teacher, **{
+        name: _student(root, name, seed, data, teacher, CNN_STUDENT, scale, metrics, {**GRADCAM, "lam": lam})
+        for name, lam in (("KD", 0.0), ("e2KD", 1.0))}}
+
+
+VOC = [Measure("EPG", "test", "epg", paper="60.1 -> 71.1 (VOC, EPG-guided B-cos R50 -> R18)"),
+       Measure("micro-F1", "test", "micro_f1", paper="60.1 -> 67.6")]
+
+
+# -- 4: CNN -> ViT, shift equivariance of explanations ------------------------------------------
+
+def _vit_data(root: Path, scale: float) -> None:
+    write_shapes_folder(root / "data", {"train": max(8, round(40 * scale)), "val": 8}, num_classes=3, size=32, seed=2)
+
+
+def _vit(root: Path, scale: float, seed: int) -> dict[str, dict]:
+    data = {"name": "image_folder", "options": {"root": str(root / "data"), "image_size": 32}}
+    teacher = _teacher(root, data, {"name": "bcos_small", "options": {"widths": [16, 32]}}, scale, ["accuracy"])
+    vit = {"name": "bcos_vit_tiny", "options": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                                                "num_heads": 2}}
+    metrics = ["accuracy", {"name": "shift_equivariance", "options": {"max_shift": 8}}]
+    return {"teacher": teacher, **{
+        name: _student(root, name, seed, data, teacher, vit, scale, metrics,
+                       {"explainer": "bcos", "similarity": "cosine", "lam": lam})
+        for name, lam in (("KD", 0.0), ("e2KD", 1.0))}}
+
+
+VIT = [Measure("shift equivariance (mean over 1-8 px)", "val", "shift_equivariance", "mean_shift",
+               paper="a ViT student's explanations become shift-equivariant like its CNN teacher's (figure)")]
+
+
+# -- beyond the paper: a 100 % spurious background ---------------------------------------------
+
+BIAS100_VARIANTS = {  # name -> (Grad-CAM relu, explained classes)
+    "e2KD positive top-1": (True, "top1"), "e2KD signed top-1": (False, "top1"),
+    "e2KD positive all classes": (True, "all"), "e2KD signed all classes": (False, "all"),
+}
+
+
+def _bias100(root: Path, scale: float, seed: int) -> dict[str, dict]:
+    test = {"num_classes": 4, "image_size": 32, "test_per_class": max(8, round(50 * scale))}
+    teacher = _teacher(root, {"name": "synthetic", "options": {**test, "train_per_class": max(16, round(120 * scale)),
+                                                               "bias": 0.0}}, CNN_TEACHER, scale, ["accuracy"])
+    data = {"name": "synthetic", "options": {**test, "train_per_class": 16, "bias": 1.0}}
+    metrics = ["accuracy", "agreement"]
+    configs = {"teacher": teacher,
+               "KD": _student(root, "KD", seed, data, teacher, CNN_STUDENT, scale, metrics, {**GRADCAM, "lam": 0.0})}
+    for name, (relu, classes) in BIAS100_VARIANTS.items():
+        configs[name] = _student(root, name, seed, data, teacher, CNN_STUDENT, scale, metrics, {
+            "explainer": {"name": "gradcam", "options": {"relu": relu}}, "similarity": "cosine", "lam": 1.0,
+            "explain_classes": classes})
+    return configs
+
+
+BIAS100 = [Measure("out-of-distribution accuracy", "test_ood", "accuracy",
+                   paper="not in the paper: every training background gives the class away")]
+
+
+CLAIMS = (
+    Claim("few_data", "With few data, e2KD students are more accurate and agree more with the teacher",
+          tuple(FEW_DATA), ("KD", "e2KD"), _few_data, _few_data_data),
+    Claim("spurious", "Right for the right reasons under a spurious background", tuple(SPURIOUS), ("KD", "e2KD"),
+          _spurious, _spurious_data),
+    Claim("voc", "Students of a guided teacher keep its interpretability", tuple(VOC), ("KD", "e2KD"), _voc, _voc_data),
+    Claim("cnn_to_vit", "A ViT student learns its CNN teacher's shift equivariance", tuple(VIT), ("KD", "e2KD"),
+          _vit, _vit_data),
+    Claim("frozen", "It works with explanations computed once (frozen teacher)",
+          (Measure("accuracy", "val", "accuracy", paper="33.4 -> 38.7 (B-cos DN169 -> R18, frozen)"),
+           Measure("agreement", "val", "agreement", paper="35.7 -> 41.7")), ("KD", "e2KD frozen"), _few_data, _few_data_data),
+    Claim("bias100", "Beyond the paper: a 100 % spurious background", tuple(BIAS100), ("KD", *BIAS100_VARIANTS),
+          _bias100, lambda root, scale: (root / "data").mkdir(parents=True, exist_ok=True)),
+)
+
+
+def run_claim(claim: Claim, root: Path, seeds: Sequence[int], scale: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Data, teacher and students of one claim; the paired rows of the report."""
+    if not (root / "data").exists():
+        claim.write_data(root, scale)
+    configs = {seed: claim.build(root, scale, seed) for seed in seeds}
+    teacher = train_teacher(load_config_dict(configs[seeds[0]]["teacher"], source=f"reproduce {claim.key} teacher"))
+    values: dict[str, list[list[float]]] = {}
+    for seed in seeds:
+        for variant in claim.variants:
+            log(f"[e2kd reproduce] {claim.key}: {variant}, seed {seed}")
+            results = distill(load_config_dict(configs[seed][variant], source=f"reproduce {claim.key} {variant}"))
+            values.setdefault(variant, []).append([m.read(results) for m in claim.measures])
+    base = claim.variants[0]
+    rows = []
+    for other in claim.variants[1:]:
+        for i, measure in enumerate(claim.measures):
+            kd = [v[i] for v in values[base]]
+            e2 = [v[i] for v in values[other]]
+            diffs = [b - a for a, b in zip(kd, e2)]
+            rows.append({"measure": measure.label, "paper": measure.paper, "baseline": base, "variant": other,
+                         base: kd, other: e2, "differences": diffs, "verdict": verdict(diffs)})
+    return {"key": claim.key, "title": claim.title, "variants": list(claim.variants), "rows": rows,
+            "teacher": teacher.get("splits", {})}
+
+
+def _stat(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def report(claims: list[dict[str, Any]], seeds: Sequence[int], quick: bool, seconds: float) -> str:
+    """The Markdown report: one table row per measured quantity (values in percent)."""
+    lines = ["# e2kd reproduce", "",
+             f"{'Quick (smoke) run' if quick else 'Full run'} on shape images in the paper's data formats; seeds "
+             f"{', '.join(map(str, seeds))}; {seconds / 60:.1f} min. Values in percent, mean ± std over seeds; "
+             f"Δ = e2KD − KD per seed (paired). Verdict rule: {RULE}.", "",
+             "| claim | measure | paper (KD → e2KD) | KD | e2KD | Δ per seed | verdict |", "|---|---|---|---|---|---|---|"]
+    for claim in claims:
+        for row in claim["rows"]:
+            base, other = row["baseline"], row["variant"]
+            deltas = ", ".join(f"{100 * d:+.1f}" for d in row["differences"])
+            lines.append(f"| {claim['title']} ({other} vs {base}) | {row['measure']} | {row['paper']} | "
+                         f"{_stat(row[base])} | {_stat(row[other])} | {deltas} | **{row['verdict']}** |")
+    lines += ["", "Teachers (the same for every seed of a claim):", ""]
+    for claim in claims:
+        values = ", ".join(f"{split} {metric} {100 * value:.1f}" for split, metrics in claim.get("teacher", {}).items()
+                           for metric, value in metrics.items() if isinstance(value, (int, float)))
+        lines.append(f"- {claim['key']}: {values or '—'}")
+    return "\n".join(lines) + "\n"
+
+
+def run_reproduce(out_dir: str | Path = "reproduce_out", seeds: Sequence[int] = (0, 1, 2), *, quick: bool = False,
+                  claims: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the claims (all, or those named), write ``reproduce.md`` and ``reproduce.json`` in ``out_dir``."""
+    if len(seeds) < 1:
+        raise ValueError("at least one seed")
+    known = {c.key: c for c in CLAIMS}
+    unknown = [k for k in (claims or []) if k not in known]
+    if unknown:
+        raise ValueError(f"unknown claim {unknown[0]!r} (known: {', '.join(known)})")
+    out, start = Path(out_dir), time.time()
+    scale = 0.25 if quick else 1.0
+    done = []
+    for claim in (known[k] for k in (claims or known)):
+        root = out / ("few_data" if claim.key == "frozen" else claim.key)  # frozen reuses the few-data runs' teacher and KD
+        done.append(run_claim(claim, root, seeds, scale, log))
+    seconds = time.time() - start
+    text = report(done, seeds, quick, seconds)
+    atomic_write_text(out / "reproduce.md", text)
+    results = {"seeds": list(seeds), "quick": quick, "seconds": round(seconds, 1), "rule": RULE, "claims": done}
+    atomic_write_json(out / "reproduce.json", results)
+    log(text)
+    return results
