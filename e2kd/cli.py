@@ -132,7 +132,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if not seeds:
         raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
     run_reproduce(args.out, seeds, quick=args.quick, claims=claims)
-    print(f"wrote {args.out / 'reproduce.md'} and reproduce.json")
+    print(f"wrote {args.out / 'reproduce.md'}, reproduce.json and the figures (reproduce.png, shift.png)")
     return 0
 
 

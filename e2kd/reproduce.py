@@ -174,10 +174,10 @@ def _vit_data(root: Path, scale: float) -> None:
 
 def _vit(root: Path, scale: float, seed: int) -> dict[str, dict]:
     data = {"name": "image_folder", "options": {"root": str(root / "data"), "image_size": 32}}
-    teacher = _teacher(root, data, {"name": "bcos_small", "options": {"widths": [16, 32]}}, scale, ["accuracy"])
+    metrics = ["accuracy", {"name": "shift_equivariance", "options": {"max_shift": 8}}]
+    teacher = _teacher(root, data, {"name": "bcos_small", "options": {"widths": [16, 32]}}, scale, metrics)
     vit = {"name": "bcos_vit_tiny", "options": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
                                                 "num_heads": 2}}
-    metrics = ["accuracy", {"name": "shift_equivariance", "options": {"max_shift": 8}}]
     return {"teacher": teacher, **{
         name: _student(root, name, seed, data, teacher, vit, scale, metrics,
                        {"explainer": "bcos", "similarity": "cosine", "lam": lam})
@@ -238,11 +238,15 @@ def run_claim(claim: Claim, root: Path, seeds: Sequence[int], scale: float, log:
     configs = {seed: claim.build(root, scale, seed) for seed in seeds}
     teacher = train_teacher(load_config_dict(configs[seeds[0]]["teacher"], source=f"reproduce {claim.key} teacher"))
     values: dict[str, list[list[float]]] = {}
+    curves: dict[str, list[dict[str, float]]] = {}  # shift-equivariance curves, for the figure
     for seed in seeds:
         for variant in claim.variants:
             log(f"[e2kd reproduce] {claim.key}: {variant}, seed {seed}")
             results = distill(load_config_dict(configs[seed][variant], source=f"reproduce {claim.key} {variant}"))
             values.setdefault(variant, []).append([m.read(results) for m in claim.measures])
+            for m in claim.measures:
+                if m.key == "mean_shift":
+                    curves.setdefault(variant, []).append(results["splits"][m.split][m.metric])
     base = claim.variants[0]
     rows = []
     for other in claim.variants[1:]:
@@ -252,8 +256,13 @@ def run_claim(claim: Claim, root: Path, seeds: Sequence[int], scale: float, log:
             diffs = [b - a for a, b in zip(kd, e2)]
             rows.append({"measure": measure.label, "paper": measure.paper, "baseline": base, "variant": other,
                          base: kd, other: e2, "differences": diffs, "verdict": verdict(diffs)})
+    teacher_splits = teacher.get("splits", {})
+    if curves:
+        split = next(m.split for m in claim.measures if m.key == "mean_shift")
+        curves = {"teacher": [teacher_splits[split]["shift_equivariance"]], **curves}
     return {"key": claim.key, "title": claim.title, "variants": list(claim.variants), "rows": rows,
-            "teacher": teacher.get("splits", {})}
+            "teacher": {s: {k: v for k, v in m.items() if not isinstance(v, dict)} for s, m in teacher_splits.items()},
+            "curves": curves}
 
 
 def _stat(values: list[float]) -> str:
@@ -282,9 +291,28 @@ def report(claims: list[dict[str, Any]], seeds: Sequence[int], quick: bool, seco
     return "\n".join(lines) + "\n"
 
 
+def figures(claims: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``reproduce.png``: every row's paired differences; ``shift.png``: the shift-equivariance
+    curves (teacher, and each student variant's mean over seeds) where a claim measured them."""
+    from .viz import plot_curves, plot_paired
+
+    rows = [(f"{c['key']}: {r['measure']} ({r['variant']})"[:70], [100 * d for d in r["differences"]],
+             r["verdict"] == "holds here") for c in claims for r in c["rows"]]
+    paths = [plot_paired(rows, out / "reproduce.png", xlabel="e2KD − KD per seed (points); bar: mean, green: holds here",
+                         title="e2kd reproduce: paired differences")]
+    for claim in claims:
+        if claim.get("curves"):
+            shifts = sorted(int(k.split("_")[1]) for k in claim["curves"]["teacher"][0])
+            lines = {name: (shifts, [statistics.fmean(c[f"shift_{t}"] for c in runs) for t in shifts])
+                     for name, runs in claim["curves"].items()}
+            paths.append(plot_curves(lines, out / "shift.png", xlabel="diagonal shift (px)", ylabel="cosine on the overlap",
+                                     title=f"{claim['key']}: shift equivariance of explanations"))
+    return paths
+
+
 def run_reproduce(out_dir: str | Path = "reproduce_out", seeds: Sequence[int] = (0, 1, 2), *, quick: bool = False,
                   claims: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the claims (all, or those named), write ``reproduce.md`` and ``reproduce.json`` in ``out_dir``."""
+    """Run the claims (all, or those named); write ``reproduce.md``, ``reproduce.json`` and the figures in ``out_dir``."""
     if len(seeds) < 1:
         raise ValueError("at least one seed")
     known = {c.key: c for c in CLAIMS}
@@ -298,6 +326,7 @@ def run_reproduce(out_dir: str | Path = "reproduce_out", seeds: Sequence[int] = 
         root = out / ("few_data" if claim.key == "frozen" else claim.key)  # frozen reuses the few-data runs' teacher and KD
         done.append(run_claim(claim, root, seeds, scale, log))
     seconds = time.time() - start
+    figures(done, out)
     text = report(done, seeds, quick, seconds)
     atomic_write_text(out / "reproduce.md", text)
     results = {"seeds": list(seeds), "quick": quick, "seconds": round(seconds, 1), "rule": RULE, "claims": done}

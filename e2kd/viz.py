@@ -94,6 +94,26 @@ def plot_curves(
     return save_figure(fig, Path(path))
 
 
+def plot_paired(rows: Sequence[tuple[str, Sequence[float], bool]], path: str | Path, *, xlabel: str = "",
+                title: str | None = None) -> Path:
+    """One line per row ``(label, differences, holds)``: each difference as a dot, their mean as a
+    bar (green where the row's verdict holds), and the zero line."""
+    fig = Figure(figsize=(7.5, 0.45 * len(rows) + 1.4))
+    ax = fig.subplots()
+    for i, (label, diffs, holds) in enumerate(reversed(list(rows))):
+        mean = sum(diffs) / len(diffs)
+        ax.barh(i, mean, color="tab:green" if holds else "tab:gray", alpha=0.5, height=0.6)
+        ax.plot(list(diffs), [i] * len(diffs), "o", color="black", markersize=3.5)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [label for label, _, _ in reversed(list(rows))], fontsize=7.5)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     """Write a matplotlib figure as PNG, atomically."""
     buffer = io.BytesIO()

@@ -64,6 +64,9 @@ def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, ca
     results = json.loads((tmp_path / "reproduce.json").read_text())
     assert [c["key"] for c in results["claims"]] == ["few_data", "spurious", "voc", "cnn_to_vit", "frozen", "bias100"]
     text = (tmp_path / "reproduce.md").read_text()
+    assert (tmp_path / "reproduce.png").stat().st_size > 0 and (tmp_path / "shift.png").stat().st_size > 0
+    vit = results["claims"][3]
+    assert set(vit["curves"]) == {"teacher", "KD", "e2KD"} and len(vit["curves"]["e2KD"]) == 3
     for claim in results["claims"]:
         for row in claim["rows"]:
             base, other = row["baseline"], row["variant"]

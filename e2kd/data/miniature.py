@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -64,12 +64,17 @@ def write_image_folder(
     return manifest
 
 
+WATERBIRDS_COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
+
+
 def write_waterbirds(
     root: str | Path, counts: dict[str, dict[tuple[int, int], int]], *, size: int | tuple[int, int] = (40, 64),
     seed: int = 0, metadata: str = "metadata.csv",
+    draw: Callable[[np.random.Generator, int, int], tuple[Image.Image, dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Images under ``root/<species>/`` and ``root/<metadata>`` with columns img_id, img_filename,
-    y, split, place, place_filename. ``counts[split][(y, place)]`` images per group. Returns the rows."""
+    y, split, place, place_filename. ``counts[split][(y, place)]`` images per group. ``draw(rng,
+    y, place)`` returns an image and extra fields for its row instead of a random image. Returns the rows."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     rows: list[dict[str, Any]] = []
@@ -80,11 +85,12 @@ def write_waterbirds(
                 idx = len(rows) + 1
                 name = f"{idx:03d}.{'Water' if y else 'Land'}bird/img_{idx:05d}.jpg"
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
-                random_image(rng, *_size(rng, size)).save(root / name, quality=90)
+                image, extra = (random_image(rng, *_size(rng, size)), {}) if draw is None else draw(rng, y, place)
+                image.save(root / name, quality=95)
                 rows.append({"img_id": idx, "img_filename": name, "y": y, "split": split_code[split], "place": place,
-                             "place_filename": f"/{'o/ocean' if place else 'b/bamboo_forest'}/x.jpg"})
+                             "place_filename": f"/{'o/ocean' if place else 'b/bamboo_forest'}/x.jpg", **extra})
     with open(root / metadata, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(WATERBIRDS_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return rows

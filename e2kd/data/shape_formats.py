@@ -18,25 +18,24 @@ against it. Images are square JPEGs (quality 95).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .miniature import VOC_CLASSES, VOC_OBJECT, VOC_XML
+from .miniature import VOC_CLASSES, VOC_OBJECT, VOC_XML, write_waterbirds
 from .shapes import BACKGROUNDS, SHAPES, _background, _shape_mask, render
 
-#: Waterbirds' species folders for y = 0, 1.
-SPECIES = ("001.Landbird", "002.Waterbird")
+def _pil(image: np.ndarray) -> Image.Image:
+    """A (3, H, W) float image in [0, 1] as an RGB PIL image."""
+    return Image.fromarray(np.clip(np.round(image.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8))
 
 
 def _save(image: np.ndarray, path: Path) -> None:
     """A (3, H, W) float image in [0, 1] as a JPEG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.clip(np.round(image.transpose(1, 2, 0) * 255), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, quality=95)
+    _pil(image).save(path, quality=95)
 
 
 def _background_for(label: int, bias: float, kinds: int, rng: np.random.Generator) -> int:
@@ -68,27 +67,13 @@ def write_shapes_folder(root: str | Path, per_class: dict[str, int], *, num_clas
 def write_shapes_waterbirds(root: str | Path, counts: dict[str, dict[tuple[int, int], int]], *, size: int = 64,
                             seed: int = 0) -> list[dict[str, Any]]:
     """``counts[split][(y, place)]`` images of shape ``y`` on background type ``place``, in the
-    Waterbirds layout (``root/<species>/<i>.jpg`` and ``root/metadata.csv``). Returns the rows
-    (with each object's mask)."""
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    rows: list[dict[str, Any]] = []
-    split_code = {"train": 0, "val": 1, "test": 2}
-    for split, groups in counts.items():
-        for (y, place), n in groups.items():
-            for _ in range(n):
-                idx = len(rows) + 1
-                name = f"{SPECIES[y]}/img_{idx:05d}.jpg"
-                image, mask = render(y, place, size, rng)
-                _save(image, root / name)
-                rows.append({"img_id": idx, "img_filename": name, "y": y, "split": split_code[split], "place": place,
-                             "place_filename": f"/{'o/ocean' if place else 'b/bamboo_forest'}/x.jpg", "mask": mask})
-    with open(root / "metadata.csv", "w", newline="") as handle:
-        fields = [k for k in rows[0] if k != "mask"]
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
+    Waterbirds layout (:func:`e2kd.data.miniature.write_waterbirds`). Returns the rows, each with
+    its object's ``mask``."""
+    def draw(rng: np.random.Generator, y: int, place: int) -> tuple[Image.Image, dict[str, Any]]:
+        image, mask = render(y, place, size, rng)
+        return _pil(image), {"mask": mask}
+
+    return write_waterbirds(root, counts, seed=seed, draw=draw)
 
 
 def render_scene(labels: list[int], size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
