@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "computed verdicts (reproduce.md)")
     p.add_argument("--out", type=Path, default=Path("reproduce_out"), help="output directory (default: reproduce_out)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2)")
-    p.add_argument("--claims", help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, bias100 (default: all)")
+    p.add_argument("--claims", help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos (default: all)")
     p.add_argument("--quick", action="store_true", help="small data and few epochs: a smoke run (minutes)")
     p.set_defaults(func=cmd_reproduce)
     return parser

@@ -215,6 +215,18 @@ BIAS100 = [Measure("out-of-distribution accuracy", "test_ood", "accuracy",
                    paper="not in the paper: every training background gives the class away")]
 
 
+def _bias100_bcos(root: Path, scale: float, seed: int) -> dict[str, dict]:
+    """The same data with B-cos networks, KD against e2KD on the input-level B-cos explanation."""
+    configs = _bias100(root, scale, seed)
+    teacher = {**configs["teacher"], "model": {"name": "bcos_small", "options": {"widths": [16, 32, 64]}}}
+    student = {"name": "bcos_small", "options": {"widths": [8, 16, 32]}}
+    data, metrics = configs["KD"]["data"], configs["KD"]["eval"]["metrics"]
+    return {"teacher": teacher, **{
+        name: _student(root, name, seed, {k: v for k, v in data.items() if k != "seed"}, teacher, student, scale, metrics,
+                       {"explainer": "bcos", "similarity": "cosine", "lam": lam})
+        for name, lam in (("B-cos KD", 0.0), ("e2KD B-cos", 1.0))}}
+
+
 CLAIMS = (
     Claim("few_data", "With few data, e2KD students are more accurate and agree more with the teacher",
           tuple(FEW_DATA), ("KD", "e2KD"), _few_data, _few_data_data),
@@ -228,6 +240,8 @@ CLAIMS = (
            Measure("agreement", "val", "agreement", paper="35.7 -> 41.7")), ("KD", "e2KD frozen"), _few_data, _few_data_data),
     Claim("bias100", "Beyond the paper: a 100 % spurious background", tuple(BIAS100), ("KD", *BIAS100_VARIANTS),
           _bias100, lambda root, scale: (root / "data").mkdir(parents=True, exist_ok=True)),
+    Claim("bias100_bcos", "Beyond the paper: a 100 % spurious background, B-cos networks", tuple(BIAS100),
+          ("B-cos KD", "e2KD B-cos"), _bias100_bcos, lambda root, scale: (root / "data").mkdir(parents=True, exist_ok=True)),
 )
 
 

@@ -54,7 +54,7 @@ def test_verdicts_follow_the_numbers_not_the_hope(tmp_path, monkeypatch):
 
 def test_reproduce_errors_are_one_line(tmp_path, capsys):
     _fails_with(capsys, ["reproduce", "--quick", "--claims", "few_data,nope", "--out", str(tmp_path)],
-                "--claims: unknown claim 'nope' (known: few_data, spurious, voc, cnn_to_vit, frozen, bias100)")
+                "--claims: unknown claim 'nope' (known: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos)")
     _fails_with(capsys, ["reproduce", "--quick", "--seeds", ",", "--out", str(tmp_path)], "--seeds")
 
 
@@ -62,7 +62,8 @@ def test_reproduce_errors_are_one_line(tmp_path, capsys):
 def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, capsys):
     assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "reproduce.json").read_text())
-    assert [c["key"] for c in results["claims"]] == ["few_data", "spurious", "voc", "cnn_to_vit", "frozen", "bias100"]
+    assert [c["key"] for c in results["claims"]] == ["few_data", "spurious", "voc", "cnn_to_vit", "frozen", "bias100",
+                                                         "bias100_bcos"]
     text = (tmp_path / "reproduce.md").read_text()
     assert (tmp_path / "reproduce.png").stat().st_size > 0 and (tmp_path / "shift.png").stat().st_size > 0
     vit = results["claims"][3]
