@@ -70,10 +70,8 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
     runtime = runtime_of(config)
     dataset = dataset_of(config)
     guidance = make_guidance(config, dataset)
-    out = _run_dir(config, runtime)
     torch.manual_seed(config.seed)
     model = runtime.model(build_from(config.model, dataset, config.model.checkpoint))
-    forward = runtime.ddp(model)
     samples = None
     if guidance is not None:
         try:
@@ -82,6 +80,8 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
             raise ConfigError(f"{config.source}: train.guidance.explainer: {exc}") from None
         g = config.train.guidance
         samples = AnnotatedSamples(dataset.samples(dataset.train_split), g.annotated_fraction, config.seed)
+    out = _run_dir(config, runtime)  # after every check
+    forward = runtime.ddp(model)
 
     def step(batch, index):
         images, labels = runtime.batch(batch["image"]), batch["label"].to(runtime.device)

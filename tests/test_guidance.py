@@ -115,6 +115,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
                 "train.guidance.explainer", "gradcam")
     _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "gradcam", "options": {"layer": "nope"}}}))],
                 "train.guidance.explainer: gradcam: model", "no layer 'nope'")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
     _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "bcos"}},
                                                      model={"name": "bcos_small", "options": {"widths": [4, 6]}}))],
                 "guidance needs one-channel maps; explainer 'bcos' gives 6 channels (for bcos set contribution: true)")
