@@ -1,84 +1,71 @@
 """Smoke tests: the benchmarks run end to end on tiny settings (timings are not checked)."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_distill_step_benchmark_smoke(tmp_path):
+def _bench(tmp_path, script: str, *args: str, timeout: int = 300) -> dict:
+    """Run ``benchmarks/<script>`` with ``args`` and return the JSON it wrote."""
     out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_distill_step.py"), "--teacher-arch", "resnet18",
-         "--image-size", "64", "--batch-size", "2", "--num-classes", "5", "--repeats", "2", "--warmup", "0",
-         "--json", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
+                   check=True, capture_output=True, text=True, timeout=timeout)
+    return json.loads(out.read_text())
+
+
+def test_distill_step_benchmark_smoke(tmp_path):
+    result = _bench(tmp_path, "bench_distill_step.py", "--teacher-arch", "resnet18", "--image-size", "64",
+                    "--batch-size", "2", "--num-classes", "5", "--repeats", "2", "--warmup", "0")
     for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd",
                 "ratio_e2kd_over_hand_e2kd", "ratio_kd_over_hand_kd", "ratio_e2kd_every_over_kd", "ratio_e2kd_closed_over_kd",
                 "ratio_e2kd_upsampled_over_kd"):
         assert result[key] > 0
     assert all(len(t) == 2 for t in result["step_times_s"].values())
+    times, k = result["step_times_s"], result["explain_every"]
+    median = statistics.median
+    assert result["ratio_e2kd_over_kd"] == pytest.approx(median(times["e2kd"]) / median(times["kd"]))
+    # a cycle of K steps: one explaining (its own and the e2kd mode's steps), K - 1 plain ones
+    explaining = [t for i, t in enumerate(times["e2kd_every"]) if i % k == 0] + times["e2kd"]
+    plain = [t for i, t in enumerate(times["e2kd_every"]) if i % k != 0]
+    cycle = (median(explaining) + (k - 1) * median(plain)) / k
+    assert result["ratio_e2kd_every_over_kd"] == pytest.approx(cycle / median(times["kd"]))
 
 
 def test_distill_step_benchmark_bcos_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_distill_step.py"), "--family", "bcos", "--arch", "resnet18",
-         "--teacher-arch", "resnet18", "--image-size", "32", "--batch-size", "2", "--num-classes", "5",
-         "--repeats", "1", "--warmup", "0", "--json", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
+    result = _bench(tmp_path, "bench_distill_step.py", "--family", "bcos", "--arch", "resnet18", "--teacher-arch",
+                    "resnet18", "--image-size", "32", "--batch-size", "2", "--num-classes", "5", "--repeats", "1",
+                    "--warmup", "0")
     assert set(result["step_times_s"]) == {"kd", "e2kd", "e2kd_every"}
     assert result["ratio_e2kd_over_kd"] > 0 and result["ratio_e2kd_over_hand_e2kd"] is None
 
 
 def test_localisation_benchmark_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_localisation.py"), "--n", "200", "--size", "16",
-         "--repeats", "1", "--json", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
+    result = _bench(tmp_path, "bench_localisation.py", "--n", "200", "--size", "16", "--repeats", "1")
     assert result["maps"] == 200 and result["speedup_batch_over_loop"] > 0
 
 
 def test_explainers_benchmark_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_explainers.py"), "--image-size", "32", "--batch-size", "2",
-         "--repeats", "1", "--throughput-batch", "1", "--json", str(out)],
-        check=True, capture_output=True, text=True, timeout=600,
-    )
-    result = json.loads(out.read_text())
+    result = _bench(tmp_path, "bench_explainers.py", "--image-size", "32", "--batch-size", "2", "--repeats", "1",
+                    "--throughput-batch", "1", timeout=600)
     assert set(result["step_ratios"]) == {"gradcam", "gradient", "input_x_gradient", "integrated_gradients", "bcos", "rollout"}
     assert all(r["ratio_e2kd_over_kd"] > 0 for r in result["step_ratios"].values())
     assert result["gradcam_throughput"]["ours_over_captum"] > 0
 
 
 def test_loader_benchmark_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_loader.py"), "--images", "20", "--size", "48",
-         "--batch-size", "8", "--workers", "0", "--repeats", "1", "--json", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
+    result = _bench(tmp_path, "bench_loader.py", "--images", "20", "--size", "48", "--batch-size", "8", "--workers", "0",
+                    "--repeats", "1")
     rates = result["workers_0"]["images_per_s"]
     assert set(rates) == {"e2kd train", "hand train", "e2kd eval", "hand eval"} and all(v > 0 for v in rates.values())
 
 
 def test_epoch_benchmark_smoke(tmp_path):
-    out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_epoch.py"), "--classes", "2", "--per-class", "4",
-         "--image-size", "32", "--batch-size", "4", "--workers", "0", "--json", str(out)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
+    result = _bench(tmp_path, "bench_epoch.py", "--classes", "2", "--per-class", "4", "--image-size", "32",
+                    "--batch-size", "4", "--workers", "0")
     assert result["kd"]["steps"] == 2 and result["e2kd"]["median_images_per_s"] > 0
