@@ -1,6 +1,6 @@
 """Throughput of a whole ``e2kd distill`` epoch on a generated ImageNet-layout folder of JPEGs.
 
-The paper's ImageNet config (``examples/configs/imagenet_50shot_r34_r18.yaml``: timm ResNet-34 ->
+The paper's ImageNet config (``e2kd/configs/imagenet_50shot_r34_r18.yaml``: timm ResNet-34 ->
 ResNet-18, Grad-CAM, random resized crop) on a generated folder, with a randomly initialised
 teacher checkpoint; one epoch, run through the CLI as a user would. Reports images/s of the
 training steps (from the run's ``steps.csv``: data loading, augmentation, forward, explanation,
@@ -30,7 +30,7 @@ from _report import emit
 from e2kd.data.miniature import write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "examples" / "configs" / "imagenet_50shot_r34_r18.yaml"
+CONFIG = ROOT / "e2kd" / "configs" / "imagenet_50shot_r34_r18.yaml"
 
 
 def run_epoch(folder: Path, teacher: Path, out: Path, lam: float, args: argparse.Namespace) -> dict:

@@ -120,18 +120,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _real_data(args: argparse.Namespace):
+    """--imagenet/--waterbirds/--voc folders, --teacher CLAIM=FILE and --set, checked; None without folders."""
+    from .reproduce import CLAIMS, RealData
+
+    folders = {name: getattr(args, name).expanduser().resolve() for name in ("imagenet", "waterbirds", "voc")
+               if getattr(args, name) is not None}
+    for name, folder in folders.items():
+        if not folder.is_dir():
+            raise ConfigError(f"--{name} {folder}: not a folder (give the root of your copy, see docs/datasets.md)")
+    on = {c.root: c.paper.dataset for c in CLAIMS if c.paper is not None}
+    teachers = {}
+    for item in args.teachers:
+        key, sep, file = item.partition("=")
+        key = key.strip()
+        if not sep or not file.strip():
+            raise ConfigError(f"--teacher {item!r}: expected CLAIM=FILE, e.g. --teacher few_data=/models/resnet34.pth")
+        if key not in on:
+            raise ConfigError(f"--teacher {item!r}: {key!r} is not a claim with a teacher (one of: {', '.join(on)})")
+        if on[key] not in folders:
+            raise ConfigError(f"--teacher {item!r}: {key} runs on --{on[key]} DIR, which was not given")
+        path = Path(file.strip()).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"--teacher {item!r}: {path} is not a file")
+        teachers[key] = path
+    if not folders:
+        if args.overrides:
+            raise ConfigError("--set applies to full-size runs on real folders (--imagenet, --waterbirds, --voc); "
+                              "the miniatures have fixed settings")
+        return None
+    if args.quick:
+        raise ConfigError("--quick shrinks the miniatures; shrink full-size runs with --set (e.g. --set train.epochs=1)")
+    return RealData(folders, teachers, tuple(args.overrides))
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import CLAIMS, run_reproduce
+    from .reproduce import run_reproduce
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     claims = [c.strip() for c in args.claims.split(",") if c.strip()] if args.claims else None
-    known = [c.key for c in CLAIMS]
-    for name in claims or []:
-        if name not in known:
-            raise ConfigError(f"--claims: unknown claim {name!r} (known: {', '.join(known)})")
     if not seeds:
         raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
-    run_reproduce(args.out, seeds, quick=args.quick, claims=claims)
+    run_reproduce(args.out, seeds, quick=args.quick, claims=claims, real=_real_data(args))
     print(f"wrote {args.out / 'reproduce.md'}, reproduce.json and the figures (reproduce.png, shift.png)")
     return 0
 
@@ -204,12 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, numbers meaningless)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("reproduce", help="a miniature of each of the paper's claims, KD vs e2KD over seeds, with "
-                                         "computed verdicts (reproduce.md)")
+    p = sub.add_parser("reproduce", help="each of the paper's claims (a miniature, or full size on your data), KD vs "
+                                         "e2KD over seeds, with computed verdicts (reproduce.md)")
     p.add_argument("--out", type=Path, default=Path("reproduce_out"), help="output directory (default: reproduce_out)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2)")
     p.add_argument("--claims", help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos (default: all)")
     p.add_argument("--quick", action="store_true", help="small data and few epochs: a smoke run (minutes)")
+    real = p.add_argument_group("full size on real data", "the claims on a given folder run with the paper's settings "
+                                "(e2kd/configs) instead of the miniature")
+    real.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root (train/, val/): few_data, frozen, cnn_to_vit")
+    real.add_argument("--waterbirds", type=Path, metavar="DIR", help="Waterbirds root (metadata.csv): spurious")
+    real.add_argument("--voc", type=Path, metavar="DIR", help="VOC root (VOCdevkit/VOC2007): voc")
+    real.add_argument("--teacher", dest="teachers", action="append", default=[], metavar="CLAIM=FILE",
+                      help="teacher checkpoint of a claim: few_data (also frozen), spurious, cnn_to_vit, voc (voc "
+                           "trains the guided teacher when none is given); repeatable")
+    real.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a value in every full-size run, e.g. --set train.batch_size=128 (repeatable)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

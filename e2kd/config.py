@@ -278,11 +278,29 @@ def _validate(data: dict[str, Any], source: str) -> ExperimentConfig:
         raise ConfigError(format_validation_error(exc, source=source, known=_known_keys(exc))) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, validate and return the experiment config in the YAML file ``path``."""
+#: The paper's settings, shipped with the package: ``e2kd distill imagenet_50shot_r34_r18 --set ...``.
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in ``e2kd/configs`` (the paper's settings)."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """``path`` when it is a file, else the packaged config of that bare name (with or without ``.yaml``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.stem}.yaml"
+    if len(path.parts) == 1 and path.suffix in ("", ".yaml") and packaged.is_file():
+        return packaged
+    raise ConfigError(f"{path}: config file not found (or name a packaged one: {', '.join(packaged_configs())})")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``path`` (see :func:`config_path`), not yet validated."""
+    path = config_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -292,7 +310,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (seed, data, model, ...) at the top level")
-    return load_config_dict(data, source=str(path), overrides=overrides)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, validate and return the experiment config in the YAML file ``path`` (or a packaged one by name)."""
+    return load_config_dict(read_config_file(path), source=str(config_path(path)), overrides=overrides)
 
 
 def dump_config(config: ExperimentConfig) -> str:

@@ -7,6 +7,10 @@ For every measured quantity the report gives the paper's number, the mean ± std
 paired difference e2KD − KD per seed, and a verdict computed by :func:`verdict` — never written by
 hand. ``quick`` shrinks data and epochs (a smoke run: its verdicts are computed the same way but
 say little).
+
+Given a real copy of a dataset (:class:`RealData`), the claims on it run at full size instead: the
+students are the paper's settings shipped in ``e2kd/configs`` (:class:`PaperSetting`) pointed at the
+folder, distilled from the user's teacher checkpoint, and judged by the same rule.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import load_config_dict
+from .config import ExperimentConfig, load_config_dict, read_config_file
+from .errors import ConfigError
 from .data.shape_formats import write_shapes_folder, write_shapes_voc, write_shapes_waterbirds
 from .experiment import distill, train_teacher
 from .runs import atomic_write_json, atomic_write_text
@@ -57,6 +62,16 @@ class Measure:
 
 
 @dataclass(frozen=True)
+class PaperSetting:
+    """A claim at full size: the packaged paper config of its students, run on a real copy of ``dataset``."""
+
+    dataset: str                     # imagenet | waterbirds | voc: the folder option that switches it on
+    config: str                      # the students' config in e2kd/configs
+    teacher: str                     # what the teacher checkpoint is, for the message when it is missing
+    teacher_config: str | None = None  # trains the teacher on the same folder when no checkpoint is given
+
+
+@dataclass(frozen=True)
 class Claim:
     key: str
     title: str
@@ -64,6 +79,26 @@ class Claim:
     variants: tuple[str, ...]        # student variants; the first is the baseline (KD), each other is compared with it
     build: Callable[[Path, float, int], dict[str, dict[str, Any]]]  # (root, scale, seed) -> {"teacher": ..., variant: ...}
     write_data: Callable[[Path, float], None]
+    paper: PaperSetting | None = None
+    shares: str | None = None        # the claim whose folder (teacher, KD runs) this one reuses
+
+    @property
+    def root(self) -> str:
+        return self.shares or self.key
+
+
+#: The distill settings of each student variant (over the claim's config).
+VARIANTS = {"KD": {"lam": 0.0}, "e2KD": {"lam": 1.0}, "e2KD frozen": {"lam": 1.0, "teacher_mode": "frozen"}}
+
+
+@dataclass(frozen=True)
+class RealData:
+    """Real dataset folders (``{"imagenet": path, ...}``), teacher checkpoints by claim folder
+    (``{"few_data": path}``), and ``--set`` overrides applied to every full-size run."""
+
+    folders: dict[str, Path]
+    teachers: dict[str, Path]
+    overrides: tuple[str, ...] = ()
 
 
 def _epochs(scale: float, full: int) -> int:
@@ -109,9 +144,9 @@ def _few_data(root: Path, scale: float, seed: int) -> dict[str, dict]:
     few = {**data, "options": {**data["options"], "shots": 6}}
     metrics = ["accuracy", "agreement"]
     return {"teacher": teacher, **{
-        name: _student(root, name, seed, few, teacher, CNN_STUDENT, scale, metrics,
-                       {**GRADCAM, "lam": lam, "teacher_mode": mode}, epochs=120)  # 24 images: 2 steps an epoch
-        for name, lam, mode in (("KD", 0.0, "live"), ("e2KD", 1.0, "live"), ("e2KD frozen", 1.0, "frozen"))}}
+        name: _student(root, name, seed, few, teacher, CNN_STUDENT, scale, metrics, {**GRADCAM, **VARIANTS[name]},
+                       epochs=120)  # 24 images: 2 steps an epoch
+        for name in ("KD", "e2KD", "e2KD frozen")}}
 
 
 FEW_DATA = [Measure("accuracy", "val", "accuracy", paper="49.8 -> 54.9 (ImageNet, 50 shots, R34 -> R18)"),
@@ -227,17 +262,25 @@ def _bias100_bcos(root: Path, scale: float, seed: int) -> dict[str, dict]:
         for name, lam in (("B-cos KD", 0.0), ("e2KD B-cos", 1.0))}}
 
 
+IMAGENET_R34 = PaperSetting("imagenet", "imagenet_50shot_r34_r18",
+                            "a timm/torchvision ResNet-34 with 1000 classes, e.g. resnet34-b627a593.pth")
+
 CLAIMS = (
     Claim("few_data", "With few data, e2KD students are more accurate and agree more with the teacher",
-          tuple(FEW_DATA), ("KD", "e2KD"), _few_data, _few_data_data),
+          tuple(FEW_DATA), ("KD", "e2KD"), _few_data, _few_data_data, IMAGENET_R34),
     Claim("spurious", "Right for the right reasons under a spurious background", tuple(SPURIOUS), ("KD", "e2KD"),
-          _spurious, _spurious_data),
-    Claim("voc", "Students of a guided teacher keep its interpretability", tuple(VOC), ("KD", "e2KD"), _voc, _voc_data),
+          _spurious, _spurious_data,
+          PaperSetting("waterbirds", "waterbirds100_r50_r18", "a ResNet-50 trained on unbiased Waterbirds")),
+    Claim("voc", "Students of a guided teacher keep its interpretability", tuple(VOC), ("KD", "e2KD"), _voc, _voc_data,
+          PaperSetting("voc", "voc_bcos_r50_r18", "an EPG-guided B-cos ResNet-50",
+                       teacher_config="voc_guided_teacher_bcos_r50")),
     Claim("cnn_to_vit", "A ViT student learns its CNN teacher's shift equivariance", tuple(VIT), ("KD", "e2KD"),
-          _vit, _vit_data),
+          _vit, _vit_data, PaperSetting("imagenet", "imagenet_bcos_densenet169_vit_tiny",
+                                        "the B-cos-v2 densenet169 release file")),
     Claim("frozen", "It works with explanations computed once (frozen teacher)",
           (Measure("accuracy", "val", "accuracy", paper="33.4 -> 38.7 (B-cos DN169 -> R18, frozen)"),
-           Measure("agreement", "val", "agreement", paper="35.7 -> 41.7")), ("KD", "e2KD frozen"), _few_data, _few_data_data),
+           Measure("agreement", "val", "agreement", paper="35.7 -> 41.7")), ("KD", "e2KD frozen"), _few_data, _few_data_data,
+          IMAGENET_R34, shares="few_data"),
     Claim("bias100", "Beyond the paper: a 100 % spurious background", tuple(BIAS100), ("KD", *BIAS100_VARIANTS),
           _bias100, lambda root, scale: (root / "data").mkdir(parents=True, exist_ok=True)),
     Claim("bias100_bcos", "Beyond the paper: a 100 % spurious background, B-cos networks", tuple(BIAS100),
@@ -245,18 +288,74 @@ CLAIMS = (
 )
 
 
-def run_claim(claim: Claim, root: Path, seeds: Sequence[int], scale: float, log: Callable[[str], None]) -> dict[str, Any]:
-    """Data, teacher and students of one claim; the paired rows of the report."""
+def miniature_configs(claim: Claim, root: Path, seeds: Sequence[int], scale: float) -> dict[int, dict[str, ExperimentConfig]]:
+    """Write the claim's shape data (once) and validate its teacher and student configs per seed."""
     if not (root / "data").exists():
         claim.write_data(root, scale)
-    configs = {seed: claim.build(root, scale, seed) for seed in seeds}
-    teacher = train_teacher(load_config_dict(configs[seeds[0]]["teacher"], source=f"reproduce {claim.key} teacher"))
+    return {seed: {name: load_config_dict(data, source=f"reproduce {claim.key} {name}")
+                   for name, data in claim.build(root, scale, seed).items()} for seed in seeds}
+
+
+def paper_configs(claim: Claim, root: Path, seeds: Sequence[int], real: RealData) -> dict[int, dict[str, ExperimentConfig]]:
+    """The claim's paper settings on the real folder: per seed a student config per variant (and,
+    without a teacher checkpoint, the teacher's training config); nothing runs here."""
+    setting = claim.paper
+    folder, teacher_file, overrides = real.folders[setting.dataset], real.teachers.get(claim.root), list(real.overrides)
+
+    def config(name: str, where: Path, edit: Callable[[dict], None]) -> ExperimentConfig:
+        data = read_config_file(name)
+        data["data"]["options"]["root"] = str(folder)
+        data["out_dir"] = str(where)
+        edit(data)
+        return load_config_dict(data, source=f"{name} ({claim.key} on {folder})", overrides=overrides)
+
+    teacher = None
+    if teacher_file is None:
+        if setting.teacher_config is None:
+            raise ConfigError(f"{claim.key} on --{setting.dataset} {folder} needs its teacher: --teacher "
+                              f"{claim.root}=FILE ({setting.teacher})")
+        teacher = config(setting.teacher_config, root / "teacher", lambda data: None)
+        teacher_file = root / "teacher" / "model.pt"
+
+    def student(variant: str, seed: int) -> Callable[[dict], None]:
+        def edit(data: dict) -> None:
+            data["seed"] = seed  # the data subset keeps the config's data.seed: every seed sees the same images
+            data["teacher"]["checkpoint"] = str(teacher_file)
+            data["distill"].update(VARIANTS[variant])
+        return edit
+
+    return {seed: {**({"teacher": teacher} if teacher else {}),
+                   **{v: config(setting.config, root / f"{v.lower().replace(' ', '_')}_seed{seed}", student(v, seed))
+                      for v in claim.variants}} for seed in seeds}
+
+
+def check_teacher_files(planned: list[tuple[Claim, dict[int, dict[str, ExperimentConfig]]]], real: RealData) -> None:
+    """Load every given teacher checkpoint into its architecture before anything trains: a file that
+    does not fit fails now, with the checkpoint loader's one-line message."""
+    from .data import dataset_of
+    from .models import load_teacher
+
+    checked = set()
+    for claim, configs in planned:
+        if claim.paper is None or claim.root not in real.teachers or claim.root in checked:
+            continue
+        student = next(c for name, c in next(iter(configs.values())).items() if name != "teacher")
+        load_teacher(student, dataset_of(student))
+        checked.add(claim.root)
+
+
+def run_claim(claim: Claim, configs: dict[int, dict[str, ExperimentConfig]], log: Callable[[str], None],
+              data: str = "shape images (miniature)") -> dict[str, Any]:
+    """Teacher and students of one claim (``configs`` per seed); the paired rows of the report."""
+    seeds = list(configs)
+    teacher_config = configs[seeds[0]].get("teacher")
+    teacher = train_teacher(teacher_config) if teacher_config is not None else {}
     values: dict[str, list[list[float]]] = {}
     curves: dict[str, list[dict[str, float]]] = {}  # shift-equivariance curves, for the figure
     for seed in seeds:
         for variant in claim.variants:
             log(f"[e2kd reproduce] {claim.key}: {variant}, seed {seed}")
-            results = distill(load_config_dict(configs[seed][variant], source=f"reproduce {claim.key} {variant}"))
+            results = distill(configs[seed][variant])
             values.setdefault(variant, []).append([m.read(results) for m in claim.measures])
             for m in claim.measures:
                 if m.key == "mean_shift":
@@ -273,8 +372,9 @@ def run_claim(claim: Claim, root: Path, seeds: Sequence[int], scale: float, log:
     teacher_splits = teacher.get("splits", {})
     if curves:
         split = next(m.split for m in claim.measures if m.key == "mean_shift")
-        curves = {"teacher": [teacher_splits[split]["shift_equivariance"]], **curves}
-    return {"key": claim.key, "title": claim.title, "variants": list(claim.variants), "rows": rows,
+        if "shift_equivariance" in teacher_splits.get(split, {}):  # a given checkpoint has no run to read it from
+            curves = {"teacher": [teacher_splits[split]["shift_equivariance"]], **curves}
+    return {"key": claim.key, "title": claim.title, "variants": list(claim.variants), "rows": rows, "data": data,
             "teacher": {s: {k: v for k, v in m.items() if not isinstance(v, dict)} for s, m in teacher_splits.items()},
             "curves": curves}
 
@@ -284,10 +384,13 @@ def _stat(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def report(claims: list[dict[str, Any]], seeds: Sequence[int], quick: bool, seconds: float) -> str:
+def report(claims: list[dict[str, Any]], seeds: Sequence[int], quick: bool, seconds: float,
+           overrides: Sequence[str] = ()) -> str:
     """The Markdown report: one table row per measured quantity (values in percent)."""
+    miniature = all(c.get("data", "shape images (miniature)") == "shape images (miniature)" for c in claims)
+    where = "on shape images in the paper's data formats" if miniature else "on the data listed per claim below"
     lines = ["# e2kd reproduce", "",
-             f"{'Quick (smoke) run' if quick else 'Full run'} on shape images in the paper's data formats; seeds "
+             f"{'Quick (smoke) run' if quick else 'Full run'} {where}; seeds "
              f"{', '.join(map(str, seeds))}; {seconds / 60:.1f} min. Values in percent, mean ± std over seeds; "
              f"Δ = e2KD − KD per seed (paired). Verdict rule: {RULE}.", "",
              "| claim | measure | paper (KD → e2KD) | KD | e2KD | Δ per seed | verdict |", "|---|---|---|---|---|---|---|"]
@@ -297,11 +400,14 @@ def report(claims: list[dict[str, Any]], seeds: Sequence[int], quick: bool, seco
             deltas = ", ".join(f"{100 * d:+.1f}" for d in row["differences"])
             lines.append(f"| {claim['title']} ({other} vs {base}) | {row['measure']} | {row['paper']} | "
                          f"{_stat(row[base])} | {_stat(row[other])} | {deltas} | **{row['verdict']}** |")
-    lines += ["", "Teachers (the same for every seed of a claim):", ""]
+    lines += ["", "Data and teachers (the teacher is the same for every seed of a claim):", ""]
     for claim in claims:
         values = ", ".join(f"{split} {metric} {100 * value:.1f}" for split, metrics in claim.get("teacher", {}).items()
                            for metric, value in metrics.items() if isinstance(value, (int, float)))
-        lines.append(f"- {claim['key']}: {values or '—'}")
+        data = claim.get("data", "shape images (miniature)")
+        lines.append(f"- {claim['key']}: {data}; teacher: {values or 'a given checkpoint (not evaluated here)'}")
+    if overrides:
+        lines += ["", f"Full-size runs with {' '.join(f'--set {o}' for o in overrides)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -316,7 +422,7 @@ def figures(claims: list[dict[str, Any]], out: Path) -> list[Path]:
                          title="e2kd reproduce: paired differences")]
     for claim in claims:
         if claim.get("curves"):
-            shifts = sorted(int(k.split("_")[1]) for k in claim["curves"]["teacher"][0])
+            shifts = sorted(int(k.split("_")[1]) for k in next(iter(claim["curves"].values()))[0])
             lines = {name: (shifts, [statistics.fmean(c[f"shift_{t}"] for c in runs) for t in shifts])
                      for name, runs in claim["curves"].items()}
             paths.append(plot_curves(lines, out / "shift.png", xlabel="diagonal shift (px)", ylabel="cosine on the overlap",
@@ -324,26 +430,58 @@ def figures(claims: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+def select_claims(names: Sequence[str] | None, real: RealData | None, log: Callable[[str], None] = print) -> list[Claim]:
+    """The claims to run: those named, else all miniatures, or with real folders the claims on them
+    (skipping, with a message, one whose teacher checkpoint is missing and cannot be trained)."""
+    known = {c.key: c for c in CLAIMS}
+    unknown = [k for k in (names or []) if k not in known]
+    if unknown:
+        raise ConfigError(f"--claims: unknown claim {unknown[0]!r} (known: {', '.join(known)})")
+    if names or not real:
+        return [known[k] for k in (names or known)]
+    chosen = []
+    for claim in CLAIMS:
+        setting = claim.paper
+        if setting is None or setting.dataset not in real.folders:
+            continue
+        if claim.root not in real.teachers and setting.teacher_config is None:
+            log(f"[e2kd reproduce] skipping {claim.key}: no teacher (--teacher {claim.root}=FILE: {setting.teacher})")
+            continue
+        chosen.append(claim)
+    if not chosen:
+        raise ConfigError("nothing to run on the given folders: give the teachers with --teacher CLAIM=FILE "
+                          "(e.g. --teacher few_data=/models/resnet34.pth)")
+    return chosen
+
+
 def run_reproduce(out_dir: str | Path = "reproduce_out", seeds: Sequence[int] = (0, 1, 2), *, quick: bool = False,
-                  claims: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the claims (all, or those named); write ``reproduce.md``, ``reproduce.json`` and the figures in ``out_dir``."""
+                  claims: Sequence[str] | None = None, real: RealData | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the claims (all, those named, or those on the ``real`` folders); write ``reproduce.md``,
+    ``reproduce.json`` and the figures in ``out_dir``. Every config is validated, and every given
+    teacher checkpoint loaded, before the first run starts."""
     if len(seeds) < 1:
         raise ValueError("at least one seed")
-    known = {c.key: c for c in CLAIMS}
-    unknown = [k for k in (claims or []) if k not in known]
-    if unknown:
-        raise ValueError(f"unknown claim {unknown[0]!r} (known: {', '.join(known)})")
+    real = real or RealData({}, {})
     out, start = Path(out_dir), time.time()
     scale = 0.25 if quick else 1.0
-    done = []
-    for claim in (known[k] for k in (claims or known)):
-        root = out / ("few_data" if claim.key == "frozen" else claim.key)  # frozen reuses the few-data runs' teacher and KD
-        done.append(run_claim(claim, root, seeds, scale, log))
+    planned = []
+    for claim in select_claims(claims, real if real.folders else None, log):
+        setting = claim.paper
+        if setting is not None and setting.dataset in real.folders:
+            root = out / f"{claim.root}_{setting.dataset}"
+            data = f"{setting.dataset} at {real.folders[setting.dataset]}, paper settings e2kd/configs/{setting.config}.yaml"
+            planned.append((claim, paper_configs(claim, root, seeds, real), data))
+        else:  # frozen reuses the few-data runs' teacher and KD
+            planned.append((claim, miniature_configs(claim, out / claim.root, seeds, scale), "shape images (miniature)"))
+    check_teacher_files([(claim, configs) for claim, configs, _ in planned], real)
+    done = [run_claim(claim, configs, log, data) for claim, configs, data in planned]
     seconds = time.time() - start
     figures(done, out)
-    text = report(done, seeds, quick, seconds)
+    text = report(done, seeds, quick, seconds, list(real.overrides))
     atomic_write_text(out / "reproduce.md", text)
-    results = {"seeds": list(seeds), "quick": quick, "seconds": round(seconds, 1), "rule": RULE, "claims": done}
+    results = {"seeds": list(seeds), "quick": quick, "seconds": round(seconds, 1), "rule": RULE, "claims": done,
+               "overrides": list(real.overrides)}
     atomic_write_json(out / "reproduce.json", results)
     log(text)
     return results

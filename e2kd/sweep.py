@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import ExperimentConfig, load_config_dict, parse_override, set_value
+from .config import ExperimentConfig, load_config_dict, parse_override, read_config_file, set_value
+from .config import config_path as resolve_config_path
 from .errors import ConfigError
 from .evaluate import flatten_metrics
 from .runs import atomic_write_text
@@ -90,10 +91,8 @@ def run_sweep(
     from .experiment import distill, train_teacher
     from .runs import finished_results
 
-    path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    base = yaml.safe_load(path.read_text()) or {}
+    path = resolve_config_path(config_path)
+    base = read_config_file(path)
     grid = parse_grid(grid_items)
     if not grid:
         raise ConfigError("sweep needs at least one --grid KEY=V1,V2")

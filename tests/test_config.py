@@ -78,7 +78,24 @@ def test_timm_never_downloads():
 def test_example_configs_validate():
     import pathlib
 
-    examples = sorted((pathlib.Path(__file__).parent.parent / "examples" / "configs").glob("*.yaml"))
-    assert examples
+    root = pathlib.Path(__file__).parent.parent
+    examples = sorted([*(root / "examples" / "configs").glob("*.yaml"), *(root / "e2kd" / "configs").glob("*.yaml")])
+    assert len(examples) >= 9
     for path in examples:
         assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_packaged_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    import pathlib
+
+    from e2kd.config import ConfigError, packaged_configs
+
+    monkeypatch.chdir(tmp_path)
+    path = pathlib.Path(__file__).parent.parent / "e2kd" / "configs" / "voc_bcos_r50_r18.yaml"
+    assert load_config("voc_bcos_r50_r18") == load_config("voc_bcos_r50_r18.yaml") == load_config(path)
+    assert "imagenet_50shot_r34_r18" in packaged_configs()
+    (tmp_path / "voc_bcos_r50_r18.yaml").write_text("seed: 3\n")  # a file of that name wins
+    assert load_config("voc_bcos_r50_r18.yaml").seed == 3
+    with pytest.raises(ConfigError, match=r"^sub/voc_bcos_r50_r18: config file not found \(or name a packaged one: "
+                                          r"imagenet_50shot_r34_r18, "):
+        load_config("sub/voc_bcos_r50_r18")

@@ -17,7 +17,7 @@ from e2kd.data.miniature import write_image_folder, write_voc, write_waterbirds
 
 from .test_datasets import VOC_IMAGES
 
-CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "e2kd" / "configs"
 SMALL = ["--set", "data.options.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=4",
          "--set", "train.warmup_epochs=0"]
 

@@ -1,13 +1,20 @@
 """``e2kd reproduce``: verdicts are computed from the paired numbers, and the quick run runs every claim."""
 
 import json
+from pathlib import Path
 
 import pytest
+import timm
+import torch
+import yaml
 
 from e2kd import reproduce
 from e2kd.cli import main
+from e2kd.config import read_config_file
+from e2kd.data.miniature import write_image_folder, write_voc, write_waterbirds
 from e2kd.reproduce import Measure, report, verdict
 
+from .test_datasets import VOC_IMAGES
 from .test_early_errors import _fails_with
 
 
@@ -44,7 +51,8 @@ def test_verdicts_follow_the_numbers_not_the_hope(tmp_path, monkeypatch):
 
         monkeypatch.setattr(reproduce, "distill", fake_distill)
         (tmp_path / "data").mkdir(exist_ok=True)  # data "already written"
-        result = reproduce.run_claim(claim, tmp_path, [0, 1, 2], 0.1, log=lambda _: None)
+        configs = reproduce.miniature_configs(claim, tmp_path, [0, 1, 2], 0.1)
+        result = reproduce.run_claim(claim, configs, log=lambda _: None)
         for row in result["rows"]:
             assert row["verdict"] == expected
             assert row["differences"] == pytest.approx([b - a for a, b in zip(row["KD"], row["e2KD"])])
@@ -79,3 +87,131 @@ def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, ca
     few, frozen = results["claims"][0], results["claims"][4]
     assert few["rows"][0]["KD"] == frozen["rows"][0]["KD"]
     assert [r["variant"] for r in results["claims"][5]["rows"]] == list(reproduce.BIAS100_VARIANTS)
+
+
+# -- full size on real folders: the paper's configs, pointed at a copy in the real on-disk format ------------
+
+SMALL = ["--set", "data.options.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=4",
+         "--set", "train.warmup_epochs=0", "--set", "data.num_workers=0", "--set", "train.progress=false"]
+
+
+def _timm_teacher(path: Path, arch: str, num_classes: int, nest: bool = False) -> Path:
+    """A checkpoint as users hold it: timm's state dict, or a DDP training checkpoint that nests it."""
+    torch.manual_seed(0)
+    state = timm.create_model(arch, pretrained=False, num_classes=num_classes).state_dict()
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}} if nest else state, path)
+    return path
+
+
+def _stored(run: Path) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_reproduce_on_an_imagenet_folder_runs_the_paper_config_with_the_given_teacher(tmp_path, capsys):
+    folder = tmp_path / "imagenet"
+    write_image_folder(folder, ["n01", "n02", "n03"], {"train": 5, "val": 2}, seed=0)
+    teacher = _timm_teacher(tmp_path / "resnet34.pth", "resnet34", 3)
+    out = tmp_path / "out"
+    imagenet = ["--set", "data.options.shots=3", "--set", "data.options.holdout_per_class=1"]
+    assert main(["reproduce", "--imagenet", str(folder), "--teacher", f"few_data={teacher}", "--seeds", "0",
+                 "--out", str(out), *SMALL, *imagenet]) == 0
+    assert "skipping cnn_to_vit: no teacher (--teacher cnn_to_vit=FILE" in capsys.readouterr().out
+    results = json.loads((out / "reproduce.json").read_text())
+    assert [c["key"] for c in results["claims"]] == ["few_data", "frozen"]
+    runs = out / "few_data_imagenet"
+    # each student is the packaged paper config, with only the folder, teacher, seed, variant and --set changed
+    paper = read_config_file("imagenet_50shot_r34_r18")
+    for run, variant in (("kd_seed0", {"lam": 0.0}), ("e2kd_seed0", {"lam": 1.0}),
+                         ("e2kd_frozen_seed0", {"lam": 1.0, "teacher_mode": "frozen"})):
+        stored = _stored(runs / run)
+        assert stored["data"]["options"]["root"] == str(folder.resolve())
+        assert stored["data"]["options"]["shots"] == 3 and stored["data"]["seed"] == paper["data"]["seed"]
+        assert stored["teacher"]["checkpoint"] == str(teacher.resolve())
+        assert stored["teacher"]["options"]["arch"] == "resnet34" and stored["model"]["options"]["arch"] == "resnet18"
+        assert stored["train"]["optimizer"] == paper["train"]["optimizer"] == "adamw"
+        assert stored["train"]["epochs"] == 1 and stored["train"]["augment"] == "resized_crop_flip"
+        assert {k: stored["distill"][k] for k in variant} == variant
+        assert stored["distill"]["explainer"] == {"name": "gradcam", "options": {"layer": "layer4"}}
+    # the report's numbers are the runs' own
+    few, frozen = results["claims"]
+    kd = json.loads((runs / "kd_seed0" / "metrics.json").read_text())["splits"]["val"]
+    e2 = json.loads((runs / "e2kd_seed0" / "metrics.json").read_text())["splits"]["val"]
+    assert few["rows"][0]["KD"] == [kd["accuracy"]] and few["rows"][1]["e2KD"] == [e2["agreement"]]
+    assert few["rows"][1]["differences"] == pytest.approx([e2["agreement"] - kd["agreement"]])
+    assert frozen["rows"][0]["KD"] == few["rows"][0]["KD"]  # the frozen claim reuses the KD run
+    text = (out / "reproduce.md").read_text()
+    assert "on the data listed per claim below" in text
+    assert f"imagenet at {folder.resolve()}, paper settings e2kd/configs/imagenet_50shot_r34_r18.yaml" in text
+    assert "--set train.epochs=1" in text
+
+    # CNN -> ViT on the same folder, from a B-cos DenseNet-169 file: the students' shift-equivariance
+    # curves reach the report (no teacher curve: a given checkpoint is not evaluated)
+    from e2kd.models import build_model
+
+    dn169 = tmp_path / "densenet_169.pth"
+    torch.save(build_model("bcos_v2_densenet169", None, 3).state_dict(), dn169)
+    vit = ["--set", "model.options={img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}",
+           "--set", "eval.metrics=[accuracy, {name: shift_equivariance, options: {max_shift: 8, step: 4}}]"]
+    assert main(["reproduce", "--imagenet", str(folder), "--teacher", f"cnn_to_vit={dn169}", "--claims", "cnn_to_vit",
+                 "--seeds", "0", "--out", str(tmp_path / "vit"), *SMALL, *imagenet, *vit]) == 0
+    claim = json.loads((tmp_path / "vit" / "reproduce.json").read_text())["claims"][0]
+    curve = json.loads((tmp_path / "vit" / "cnn_to_vit_imagenet" / "e2kd_seed0" / "metrics.json").read_text())
+    curve = curve["splits"]["val"]["shift_equivariance"]
+    assert set(claim["curves"]) == {"KD", "e2KD"} and claim["curves"]["e2KD"] == [curve]
+    assert claim["rows"][0]["e2KD"] == [pytest.approx((curve["shift_4"] + curve["shift_8"]) / 2)]
+    assert (tmp_path / "vit" / "shift.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reproduce_on_waterbirds_and_voc_folders(tmp_path, capsys):
+    """Waterbirds with a nested DDP checkpoint as the teacher; VOC without one, so the guided
+    teacher is trained from its packaged config on the same folder first."""
+    waterbirds, voc = tmp_path / "waterbirds", tmp_path / "voc"
+    write_waterbirds(waterbirds, {"train": {(0, 0): 4, (1, 1): 4}, "val": {g: 1 for g in ((0, 1), (1, 0), (0, 0), (1, 1))},
+                                  "test": {(0, 1): 2, (1, 0): 2, (0, 0): 1, (1, 1): 1}}, seed=1)
+    write_voc(voc, {"trainval": VOC_IMAGES["train"], "test": VOC_IMAGES["val"]})
+    teacher = _timm_teacher(tmp_path / "wb_r50.ckpt", "resnet50", 2, nest=True)
+    out = tmp_path / "out"
+    assert main(["reproduce", "--waterbirds", str(waterbirds), "--voc", str(voc), "--teacher", f"spurious={teacher}",
+                 "--seeds", "0", "--out", str(out), *SMALL]) == 0
+    results = json.loads((out / "reproduce.json").read_text())
+    assert [c["key"] for c in results["claims"]] == ["spurious", "voc"]
+    guided = _stored(out / "voc_voc" / "teacher")
+    assert guided["model"]["name"] == "bcos_resnet50" and guided["train"]["guidance"]["loss"] == "energy"
+    student = _stored(out / "voc_voc" / "e2kd_seed0")
+    assert student["teacher"]["checkpoint"] == str(out.resolve() / "voc_voc" / "teacher" / "model.pt")
+    voc_row = results["claims"][1]["rows"][0]
+    metrics = json.loads((out / "voc_voc" / "e2kd_seed0" / "metrics.json").read_text())
+    assert voc_row["measure"] == "EPG" and voc_row["e2KD"] == [metrics["splits"]["test"]["epg"]]
+    assert "micro_f1" in results["claims"][1]["teacher"]["test"]
+    spurious = json.loads((out / "spurious_waterbirds" / "kd_seed0" / "metrics.json").read_text())
+    assert results["claims"][0]["rows"][0]["KD"] == [spurious["splits"]["test"]["group_accuracy"]["out_of_distribution"]]
+
+
+def test_reproduce_real_data_errors_are_one_line_and_come_before_any_run(tmp_path, capsys):
+    folder = tmp_path / "imagenet"
+    write_image_folder(folder, ["n01", "n02"], {"train": 3, "val": 1}, seed=0)
+    out = tmp_path / "out"
+    base = ["reproduce", "--out", str(out), "--seeds", "0"]
+    _fails_with(capsys, [*base, "--imagenet", str(tmp_path / "nope")], "--imagenet", "not a folder")
+    _fails_with(capsys, [*base, "--imagenet", str(folder)], "nothing to run", "--teacher CLAIM=FILE")
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--claims", "few_data"],
+                "few_data on --imagenet", "needs its teacher: --teacher few_data=FILE (a timm/torchvision ResNet-34")
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", "frozen=x.pth"],
+                "'frozen' is not a claim with a teacher (one of: few_data, spurious, voc, cnn_to_vit)")
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"spurious={folder}"],
+                "spurious runs on --waterbirds DIR, which was not given")
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", "few_data"], "expected CLAIM=FILE")
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={tmp_path / 'r34.pth'}"],
+                "is not a file")
+    _fails_with(capsys, [*base, "--set", "train.epochs=1"], "--set applies to full-size runs on real folders")
+    wrong = _timm_teacher(tmp_path / "resnet50.pth", "resnet50", 2)
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--quick", "--teacher", f"few_data={wrong}"], "--quick")
+    # a checkpoint of the wrong architecture fails at once, naming the keys, before anything trains
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={wrong}",
+                         "--set", "data.options.shots=2", "--set", "data.options.holdout_per_class=1"],
+                "resnet50.pth", "unexpected")
+    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={wrong}", "--set", "data.options.shot=2"],
+                "data.options", "shot")
+    assert not any(out.glob("*/*_seed0"))
