@@ -7,6 +7,7 @@ a comma-separated list loads those names, an empty value loads none.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata as metadata
 import os
@@ -14,7 +15,7 @@ import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -90,7 +91,11 @@ def _where(exc: BaseException) -> str:
 
 
 class _Registry:
-    def __init__(self) -> None:
+    """Entry points of ``distributions`` (None: every installed one); ``honour_env``: restricted by
+    ``E2KD_PLUGINS`` (the process-wide registry), or not (an isolated one, see :func:`isolated_registry`)."""
+
+    def __init__(self, distributions: frozenset[str] | None = None, honour_env: bool = True) -> None:
+        self._only, self._honour_env = distributions, honour_env
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self._entry_points_loaded = False
@@ -105,17 +110,19 @@ class _Registry:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
-        allowed = os.environ.get(ENV_VAR)
+        allowed = os.environ.get(ENV_VAR) if self._honour_env else None
         wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
         seen: set[str] = set()
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            if self._only is not None and dist_name not in self._only:
+                continue
             if ep.name in seen or (wanted is not None and ep.name not in wanted):
                 continue
             seen.add(ep.name)
             if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
                 continue
-            dist = getattr(ep, "dist", None)
-            dist_name = dist.metadata["Name"] if dist is not None else "?"
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must not hide the rest
@@ -193,7 +200,27 @@ class _Registry:
 
     def reset(self) -> None:
         """Forget everything; the next use rediscovers entry points (honours a new E2KD_PLUGINS)."""
-        self.__init__()
+        self.__init__(self._only, self._honour_env)
+
+    def create(self, kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> Any:
+        """Instantiate a registered item with validated options."""
+        info = self.info(kind, name)
+        assert info.cls is not None
+        if not isinstance(options, BaseModel):
+            options = self.validate_options(kind, name, options)
+        return info.cls(options)
+
+    def validate_options(self, kind: str, name: str, options: dict[str, Any] | None, *, source: str | None = None,
+                         path: str = "options") -> BaseModel:
+        """Validate ``options`` with the item's own Options model; one-line PluginError on failure."""
+        info = self.info(kind, name)
+        assert info.cls is not None
+        try:
+            return info.cls.Options(**(options or {}))
+        except ValidationError as exc:
+            source = source or f"{kind} {name!r}"
+            raise PluginError(format_validation_error(exc, source=source, path=path,
+                                                      known=info.cls.Options.model_fields)) from None
 
     # -- lookup --------------------------------------------------------------------
     def info(self, kind: str, name: str) -> PluginInfo:
@@ -282,26 +309,34 @@ def registry() -> _Registry:
     return _REGISTRY
 
 
+def isolated_registry(*, third_party: bool = False) -> _Registry:
+    """A registry of e2kd's built-in plugins only (with ``third_party``: of every installed
+    distribution), whatever ``E2KD_PLUGINS`` says: what the contract tests run over."""
+    return _Registry(None if third_party else frozenset({BUILT_IN_DISTRIBUTION}), honour_env=False)
+
+
+@contextlib.contextmanager
+def use_registry(replacement: _Registry) -> Iterator[_Registry]:
+    """Make ``replacement`` the process-wide registry inside the block (e.g. an isolated one, so
+    that lookups made by the code under test see the same plugins as the test)."""
+    global _REGISTRY
+    saved, _REGISTRY = _REGISTRY, replacement
+    try:
+        yield replacement
+    finally:
+        _REGISTRY = saved
+
+
 def validate_options(
     kind: str, name: str, options: dict[str, Any] | None, *, source: str | None = None, path: str = "options"
 ) -> BaseModel:
     """Validate ``options`` with the item's own Options model; one-line PluginError on failure."""
-    info = _REGISTRY.info(kind, name)
-    assert info.cls is not None
-    try:
-        return info.cls.Options(**(options or {}))
-    except ValidationError as exc:
-        source = source or f"{kind} {name!r}"
-        raise PluginError(format_validation_error(exc, source=source, path=path, known=info.cls.Options.model_fields)) from None
+    return _REGISTRY.validate_options(kind, name, options, source=source, path=path)
 
 
 def create(kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> Any:
     """Instantiate a registered item with validated options."""
-    info = _REGISTRY.info(kind, name)
-    assert info.cls is not None
-    if not isinstance(options, BaseModel):
-        options = validate_options(kind, name, options)
-    return info.cls(options)
+    return _REGISTRY.create(kind, name, options)
 
 
 def get_explainer(name: str, **options: Any) -> Explainer:

@@ -1,3 +1,5 @@
+import copy
+import importlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,6 +9,18 @@ import torch  # noqa: E402
 
 from e2kd.registry import registry  # noqa: E402
 from e2kd.testing import TinyCNN  # noqa: E402
+
+
+def dev_extra(module: str):
+    """Import a module of the dev extra. Missing, it skips the calling test module on a developer's
+    machine but fails loudly in CI (``CI`` set), where the extra must be installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            raise ImportError(f"{module} is missing but CI runs every test: install the dev extra "
+                              f"(pip install -e '.[dev]')") from exc
+        pytest.skip(f"{module} is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +55,17 @@ def tiny_pair():
     return teacher, student, x
 
 
+
+
+@pytest.fixture
+def disagreeing_pair():
+    """A teacher and a student that disagree on every sample: the student is the teacher with its
+    class rows rolled by one, so it predicts (t + 1) mod 3 where the teacher predicts t, and its
+    map of class t + 1 is exactly the teacher's map of class t (float64, 4 images of 8 x 8)."""
+    torch.manual_seed(1)
+    teacher = TinyCNN(width=6).double()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.fc.weight.copy_(teacher.fc.weight.roll(1, dims=0))
+        student.fc.bias.copy_(teacher.fc.bias.roll(1))
+    return teacher, student, torch.randn(4, 3, 8, 8, dtype=torch.float64)

@@ -6,9 +6,10 @@ import torch
 import e2kd
 from e2kd.models import build_model
 
-pytest.importorskip("bcos")
-from bcos.models import densenet as bcos_densenet  # noqa: E402
-from bcos.models import resnet as bcos_resnet  # noqa: E402
+from .conftest import dev_extra
+
+bcos_densenet = dev_extra("bcos.models.densenet")
+bcos_resnet = dev_extra("bcos.models.resnet")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "densenet121"])
@@ -31,7 +32,7 @@ def test_bcos_package_state_dict_gives_same_logits_and_weights(tmp_path, arch):
 def test_bcos_package_simple_vit_state_dict_gives_same_logits_and_weights(tmp_path):
     import warnings
 
-    pytest.importorskip("einops")
+    dev_extra("einops")
     from bcos.models.pretrained import simple_vit_ti_patch16_224
 
     torch.manual_seed(0)
