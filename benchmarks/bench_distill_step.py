@@ -47,6 +47,7 @@ import e2kd
 from _report import emit
 from e2kd.distill import Distiller
 from e2kd.frozen import TeacherCache, build_cache
+from e2kd.runtime import Runtime
 
 
 def hand_steps(teacher, student, optimizer, autocast):
@@ -131,8 +132,8 @@ def measure(args: argparse.Namespace) -> dict:
             "frozen_e2kd": Distiller(None, student, **e2kd_kw),
         })
         cache_dir = tempfile.mkdtemp(prefix="e2kd-bench-cache-")
-        build_cache(cache_dir, teacher, explainer, x.cpu(), {"benchmark": True}, dtype="float16",
-                    batch_size=args.batch_size, device=device, progress=False)
+        build_cache(cache_dir, teacher, explainer, x.cpu(), {"benchmark": True}, dtype="float16", shard_size=512,
+                    batch_size=args.batch_size, progress=False, runtime=Runtime(torch.device(device)))
         cache = TeacherCache.open(cache_dir)
 
         def read_replay() -> dict:

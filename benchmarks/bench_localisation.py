@@ -3,8 +3,8 @@
     python benchmarks/bench_localisation.py                  # 10,000 maps of 64 x 64
     python benchmarks/bench_localisation.py --json out.json
 
-Both implementations are in e2kd_plugins.metrics.localisation; the loop is the plain
-per-sample definition the tests compare the batch version against. Results are checked equal.
+The batch version is e2kd_plugins.metrics.localisation; the loop is the plain per-sample
+definition the tests compare it against (tests/reference.py). Results are checked equal.
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ import platform
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 
 from _report import emit
-from e2kd_plugins.metrics.localisation import energy_pointing_game, epg_loop, explanation_iou, iou_loop
+from e2kd_plugins.metrics.localisation import energy_pointing_game, explanation_iou
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.reference import epg_loop, iou_loop  # noqa: E402
 
 
 def measure(args: argparse.Namespace) -> dict:

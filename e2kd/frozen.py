@@ -118,18 +118,17 @@ def build_cache(
     images: torch.Tensor | Dataset,
     fingerprint: dict[str, Any],
     *,
-    dtype: str = "float16",
-    shard_size: int = 512,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
+    dtype: str,
+    shard_size: int,
+    batch_size: int,
+    progress: bool,
     force: bool = False,
     num_workers: int = 0,
     runtime: Runtime | None = None,
 ) -> Path:
     """Compute and store the teacher's logits and maps for ``images``: a dataset whose items hold
     an ``image`` (read through a DataLoader, shard by shard, in bounded memory) or an (N, C, H, W)
-    tensor. Entries are keyed by sample index.
+    tensor. Entries are keyed by sample index. ``runtime`` gives the device (default: one CPU process).
 
     Resumable: shards already written and intact are kept. A cache made for another
     fingerprint is refused (``force=True`` deletes it first). Under several processes (``runtime``)
@@ -137,7 +136,7 @@ def build_cache(
     main process merges the parts into the index when all are done (same files as one process).
     """
     root = Path(root)
-    runtime = runtime or Runtime(torch.device(device))
+    runtime = runtime or Runtime(torch.device("cpu"))
     n = len(images)
     with runtime.main_first():  # the main process checks, clears (force) and creates the folder
         index = _read_index(root)
@@ -175,7 +174,6 @@ def build_cache(
             maps.append(m[:, 0].cpu())
             bar.update(batch.shape[0])
         entry = {
-            "count": hi - lo,
             "logits": _save_npy(root / _shard_name(shard, "logits"), torch.cat(logits).numpy().astype(np_dtype)),
             "maps": _save_npy(root / _shard_name(shard, "maps"), torch.cat(maps).numpy().astype(np_dtype)),
         }

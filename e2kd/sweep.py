@@ -135,6 +135,9 @@ def write_summaries(rows: list[dict[str, Any]], keys: list[str], out: Path, plot
     metrics = [c for c in columns if "/" in c and not re.search(r"\.(y\d+_g\d+|shift_\d+)$", c)]
     atomic_write_text(out / "sweep.md", markdown_table(rows, keys, metrics))
     done = [r for r in rows if r["status"] == "done"]
+    if plot_metric is not None and done and plot_metric not in metrics:
+        raise ConfigError(f"--plot-metric {plot_metric!r}: no such SPLIT/METRIC column in {out / 'sweep.csv'} "
+                          f"(known: {', '.join(metrics)})")
     if done and metrics:
         metric = plot_metric or ("test_ood/accuracy" if "test_ood/accuracy" in metrics else metrics[0])
         plot(done, keys, metric, out / "sweep.png")

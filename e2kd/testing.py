@@ -148,6 +148,21 @@ def explainer_several_classes_one_capture(explainer: Explainer) -> None:
                                    msg=lambda m: f"class {c} explained after other classes on one capture differs: {m}")
 
 
+def explainer_detached_by_default(explainer: Explainer) -> None:
+    """``explain`` without ``create_graph`` (the default) returns a map that holds no graph (a
+    teacher's or an evaluated model's map keeps no activations alive); with it, one that does."""
+    model = model_for(explainer).eval()
+    x = _x()
+    with torch.enable_grad():
+        with explainer.capture(model, x, trainable=True) as cap:
+            logits = model(cap.inputs)
+        target = torch.zeros(4, dtype=torch.long)
+        assert not cap.explain(logits, target).requires_grad, "explain(...) without create_graph keeps a graph"
+        if explainer.differentiable:
+            assert cap.explain(logits, target, create_graph=True).requires_grad, \
+                "explain(..., create_graph=True) returns a map without a graph"
+
+
 def explainer_frozen_teacher(explainer: Explainer) -> None:
     """A frozen teacher (parameters with requires_grad=False, ``trainable=False``) is explained:
     the captured activations must be made to require grad by the method itself."""
@@ -253,6 +268,7 @@ def explainer_upsampling_declared_truthfully(explainer: Explainer) -> None:
 EXPLAINER_CASES: dict[str, Callable[[Explainer], None]] = {
     "shape_and_batch": explainer_shape_and_batch,
     "several_classes_one_capture": explainer_several_classes_one_capture,
+    "detached_by_default": explainer_detached_by_default,
     "frozen_teacher": explainer_frozen_teacher,
     "hooks_released": explainer_hooks_released,
     "trains_or_refuses": explainer_trains_or_refuses,

@@ -2,7 +2,7 @@
 
 import hashlib
 import pickle
-import re
+import struct
 
 import pytest
 import torch
@@ -124,18 +124,35 @@ def test_a_mismatch_names_missing_unexpected_and_shapes(tmp_path):
     assert "feat.0.weight (4, 4, 1, 1) vs (4, 4, 3, 3)" in message
 
 
+_SAFETENSORS_HEAD = struct.pack("<Q", 40) + b'{"w": {"dtype": "F32", "shape": [4], '  # cut off
+
+
 @pytest.mark.parametrize("content, message", [
     (b"not a checkpoint at all", "neither a safetensors nor a torch.save file"),
-    (None, "holds no state dict (top-level keys 'epoch', 'optimizer'"),
+    ({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}},
+     "holds no state dict (top-level keys 'epoch', 'optimizer'; weights are looked for at the top level and under "
+     "state_dict, model, model_state_dict, module)"),
+    ([torch.zeros(2)], "holds a list, not a state dict"),
+    ({}, "holds no state dict (top-level keys ;"),
+    (_SAFETENSORS_HEAD + b"\0" * 12, "a damaged safetensors file"),
+    ("missing", "file not found (train it first or fix the path)"),
 ])
 def test_unreadable_files_get_one_line(tmp_path, content, message):
     path = tmp_path / "x.pt"
-    if content is None:
-        torch.save({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}}, path)
-    else:
+    if isinstance(content, bytes):
         path.write_bytes(content)
-    with pytest.raises(ModelError, match=re.escape(message)):
+    elif content != "missing":
+        torch.save(content, path)
+    with pytest.raises(ModelError) as error:
         read_state_dict(path)
+    assert str(error.value).startswith(f"checkpoint {path}: {message}") and "\n" not in str(error.value)
+
+
+def test_a_long_mismatch_lists_three_names_and_counts_the_rest(tmp_path):
+    state = {f"extra{i}": torch.zeros(1) for i in range(5)}
+    torch.save({**_model(0).state_dict(), **state}, tmp_path / "more.pt")
+    with pytest.raises(ModelError, match=r"unexpected extra0, extra1, extra2 \(\+2 more\)$"):
+        load_weights(_model(1), tmp_path / "more.pt")
 
 
 def test_a_lightning_checkpoint_is_a_teacher_for_distill(tmp_path):

@@ -28,6 +28,17 @@ def test_plugins_json_lists_kind_name_distribution_description():
     assert ".jpg" in by_name[("dataset", "image_folder")]["options"]["extensions"]["default"]
 
 
+def test_plugins_kind_lists_that_kind_only(capsys):
+    from e2kd.registry import list_plugins
+
+    assert main(["plugins", "--kind", "similarity"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["KIND", "NAME", "DISTRIBUTION"]
+    listed = sorted(line.split()[1] for line in lines[1:] if line.strip() and not line.startswith(" "))
+    assert listed == sorted(i.name for i in list_plugins("similarity")) and "cosine" in listed
+    assert all(line.split()[0] == "similarity" for line in lines[1:] if line.strip() and not line.startswith(" "))
+
+
 def test_train_distill_evaluate_round_trip(tmp_path, capsys):
     teacher_cfg = _write(tmp_path / "teacher.yaml", {**TINY, "out_dir": str(tmp_path / "teacher")})
     assert main(["train-teacher", str(teacher_cfg)]) == 0
@@ -128,12 +139,10 @@ def test_run_dir_with_other_config_is_refused(tmp_path, capsys):
     assert "holds a different run (seed (0 there, 5 now))" in capsys.readouterr().err
 
 
-def test_demo_quick_smoke(tmp_path):
-    from e2kd.demo import run_demo
-
-    lines = []
-    results = run_demo(tmp_path / "demo", seeds=[0], quick=True, log=lines.append)
-    assert (tmp_path / "demo" / "results.json").is_file()
+def test_demo_quick_smoke(tmp_path, capsys):
+    assert main(["demo", "--quick", "--seeds", "0", "--out", str(tmp_path / "demo")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert (tmp_path / "demo" / "explanations.png").stat().st_size > 10_000
     assert set(results["runs"]) == {"teacher", "KD", "e2KD", "e2KD frozen"}
     assert "| e2KD |" in results["table_percent"]
@@ -200,7 +209,8 @@ def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
     ood = report["e2kd"]["splits"]["test_ood"]
     assert set(ood) == set(metrics.split(","))
     assert 0 <= ood["epg"] <= 1 and set(ood["shift_equivariance"]) == {f"shift_{t}" for t in range(9)}
-    assert ood["shift_equivariance"]["shift_0"] == pytest.approx(1.0)
+    curve = ood["shift_equivariance"]  # (its values are checked by hand in test_metrics)
+    assert all(-1 - 1e-6 <= v <= 1 + 1e-6 for v in curve.values()) and curve["shift_8"] < 0.999
     assert ood["group_accuracy"]["out_of_distribution"] == pytest.approx(ood["accuracy"])  # OOD set: no matching background
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.startswith("| run | test_id/accuracy") and "| kd |" in md and "| e2kd |" in md

@@ -19,6 +19,20 @@ def tiny_vit(num_classes=3, img=8, depth=2):
                              patch_size=4, embed_dim=16, depth=depth, num_heads=2)
 
 
+def test_absolute_option_of_the_input_gradient_explainers():
+    from captum.attr import InputXGradient, Saliency
+
+    model = TinyCNN().double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5  # signed inputs: x * grad has both signs
+    target = torch.tensor([1, 2])
+    ixg = e2kd.get_explainer("input_x_gradient", absolute=True).explain(model, x, target)
+    torch.testing.assert_close(ixg, InputXGradient(model).attribute(x.clone().requires_grad_(True), target=target).abs())
+    signed = e2kd.get_explainer("input_x_gradient").explain(model, x, target)
+    assert (signed < 0).any() and torch.equal(signed.abs(), ixg)
+    saliency = e2kd.get_explainer("gradient", absolute=True).explain(model, x, target)
+    torch.testing.assert_close(saliency, Saliency(model).attribute(x.clone().requires_grad_(True), target=target, abs=True))
+
+
 def test_input_x_gradient_and_gradient_match_captum():
     from captum.attr import InputXGradient, Saliency
 
@@ -120,23 +134,61 @@ def test_detaching_the_factor_in_the_forward_would_be_wrong(monkeypatch):
     assert relative_error > 0.1, relative_error.item()
 
 
-@pytest.mark.parametrize("baseline", ["zeros", "mean", 0.5])
-def test_integrated_gradients_trainable_mode_equals_captum(baseline):
+def _baseline_by_hand(x, kind, k=3):
+    """zeros, a constant, each image's channel mean, or a k x k box blur that averages only the
+    pixels inside the image (k: 3 for 8 x 8 images, the shorter side / 4 made odd for larger ones)."""
+    if kind == "zeros":
+        return torch.zeros_like(x)
+    if kind == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    if kind == "blur":
+        out = torch.empty_like(x)
+        h, w, r = *x.shape[-2:], k // 2
+        for i in range(h):
+            for j in range(w):
+                out[..., i, j] = x[..., max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean(dim=(-2, -1))
+        return out
+    return torch.full_like(x, kind)
+
+
+def test_blur_baseline_of_larger_images_by_hand():
+    x = torch.rand(1, 3, 32, 40, dtype=torch.float64)
+    explainer = e2kd.get_explainer("integrated_gradients", baseline="blur")
+    with explainer.capture(TinyCNN().double(), x) as cap:
+        torch.testing.assert_close(cap.baselines(), _baseline_by_hand(x, "blur", k=9))  # 32 // 4 = 8 -> 9
+
+
+def test_explaining_before_the_forward_is_a_clear_error():
+    vit = tiny_vit(depth=1).eval()
+    with e2kd.get_explainer("rollout").capture(vit, torch.rand(1, 3, 8, 8)) as cap:
+        with pytest.raises(RuntimeError, match=r"^rollout: no attention was recorded; run the model inside capture\(\)$"):
+            cap.explain(torch.zeros(1, 3), torch.tensor([0]))
+    with e2kd.get_explainer("gradcam").capture(TinyCNN(), torch.rand(1, 3, 8, 8)) as cap:
+        with pytest.raises(RuntimeError, match=r"^gradcam: layer 'feat' was not run; call the model inside capture\(\)$"):
+            cap.explain(torch.zeros(1, 3), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("baseline, method", [("zeros", "gausslegendre"), ("mean", "gausslegendre"),
+                                              (0.5, "riemann_trapezoid"), ("blur", "riemann_left")])
+def test_integrated_gradients_trainable_mode_equals_captum(baseline, method):
     from captum.attr import IntegratedGradients
 
     model = TinyCNN().double().eval()
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 2, 1])
-    explainer = e2kd.get_explainer("integrated_gradients", n_steps=8, baseline=baseline)
+    explainer = e2kd.get_explainer("integrated_gradients", n_steps=8, baseline=baseline, method=method)
     with explainer.capture(model, x) as cap:
         logits = model(cap.inputs)
     ours = cap.explain(logits, target, create_graph=True)
     frozen = cap.explain(logits, target, create_graph=False)
-    base = cap.baselines()
-    ref = IntegratedGradients(model).attribute(x, baselines=base, target=target, n_steps=8, method="gausslegendre")
+    base = _baseline_by_hand(x, baseline)
+    torch.testing.assert_close(cap.baselines(), base)
+    ref = IntegratedGradients(model).attribute(x, baselines=base, target=target, n_steps=8, method=method)
     torch.testing.assert_close(ours.detach(), ref)
     torch.testing.assert_close(frozen, ref)
     assert ours.requires_grad and not frozen.requires_grad
+    other = IntegratedGradients(model).attribute(x, baselines=base, target=target, n_steps=3, method=method)
+    assert (other - ref).abs().max() > 1e-6  # n_steps reaches captum too
 
 
 def test_integrated_gradients_keeps_batchnorm_statistics():
@@ -178,21 +230,58 @@ def test_gradcam_on_timm_vit_default_layer_is_non_zero_and_matches_hand_computat
     assert last.abs().max() == 0
 
 
-def test_rollout_by_hand_on_a_one_block_vit_and_fused_attention_restored():
-    vit = tiny_vit(depth=1).double().eval()
+def _attention_probabilities(vit, x):
+    """Each block's (B, heads, N, N) attention probabilities, recomputed by hand from its input."""
+    inputs = []
+    handles = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in vit.blocks]
+    logits = vit(x)
+    for h in handles:
+        h.remove()
+    probs = []
+    for block, tokens in zip(vit.blocks, inputs):
+        attn = block.attn
+        b, n, _ = tokens.shape
+        qkv = attn.qkv(block.norm1(tokens)).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        probs.append(((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1))
+    return logits, probs
+
+
+@pytest.mark.parametrize("head_fusion, residual", [("mean", True), ("max", True), ("mean", False)])
+def test_rollout_by_hand_through_three_blocks_and_fused_attention_restored(head_fusion, residual):
+    """rollout = A_3' A_2' A_1' (the last block on the left), A' = (fuse_heads(A) + I) / 2; the class
+    token's row over the patches. Three blocks, so a reversed product or a wrong fusion shows."""
+    vit = tiny_vit(depth=3).double().eval()
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     fused_logits = vit(x)
-    maps = e2kd.get_explainer("rollout", upsample=False).explain(vit, x)
-    assert all(b.attn.fused_attn for b in vit.blocks)  # restored
-    store = {}
-    handle = vit.blocks[0].register_forward_pre_hook(lambda m, a: store.update(t=a[0]))
-    torch.testing.assert_close(vit(x), fused_logits)
-    handle.remove()
-    attn = vit.blocks[0].attn
-    qkv = attn.qkv(vit.blocks[0].norm1(store["t"])).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
-    probs = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1).mean(1)  # (B, N, N)
-    expected = (0.5 * (probs + torch.eye(5, dtype=torch.float64)))[:, 0, 1:].reshape(2, 1, 2, 2)
+    maps = e2kd.get_explainer("rollout", upsample=False, head_fusion=head_fusion, residual=residual).explain(vit, x)
+    assert [b.attn.fused_attn for b in vit.blocks] == [True] * 3  # restored
+    logits, probs = _attention_probabilities(vit, x)
+    torch.testing.assert_close(logits, fused_logits)
+    eye = torch.eye(5, dtype=torch.float64)
+    product = eye
+    for p in probs:
+        a = p.mean(1) if head_fusion == "mean" else p.amax(1)
+        product = (0.5 * (a + eye) if residual else a) @ product
+    expected = product[:, 0, 1:].reshape(2, 1, 2, 2)
     torch.testing.assert_close(maps, expected)
+    other_order = eye
+    for p in probs:
+        a = p.mean(1) if head_fusion == "mean" else p.amax(1)
+        other_order = other_order @ (0.5 * (a + eye) if residual else a)
+    assert (other_order[:, 0, 1:].reshape(2, 1, 2, 2) - expected).abs().max() > 1e-4  # the order matters here
+    other_fusion = probs[0].amax(1) if head_fusion == "mean" else probs[0].mean(1)
+    assert (other_fusion - (probs[0].mean(1) if head_fusion == "mean" else probs[0].amax(1))).abs().max() > 1e-3
+
+
+def test_rollout_names_what_a_model_lacks():
+    from types import SimpleNamespace
+
+    explainer = e2kd.get_explainer("rollout")
+    for model in (SimpleNamespace(blocks=[]), SimpleNamespace(patch_embed=None)):
+        with pytest.raises(ModelError) as error:
+            explainer.check_model(model)
+        assert str(error.value) == ("rollout: SimpleNamespace is not a timm vision transformer (needs blocks and "
+                                    "patch_embed); use gradcam or an input-gradient explainer")
 
 
 def test_rollout_refuses_a_cnn_before_training():

@@ -83,6 +83,20 @@ def test_distiller_loss_and_gradients_equal_the_upsampled_path(arch, similarity,
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
+def test_the_shortcut_hands_both_maps_over_at_feature_resolution(monkeypatch):
+    """What makes it fast: no 32 x 32 map is formed for teacher or student (resnet18: 1 x 1 at
+    layer4 of a 32 px image), and the similarity gets the image size to upsample to."""
+    teacher, student = _pair("resnet18")
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    cosine = e2kd.get_similarity("cosine")
+    seen = []
+    real = type(cosine).upsampled
+    monkeypatch.setattr(type(cosine), "upsampled", lambda self, a, b, size: seen.append((a.shape, b.shape, size))
+                        or real(self, a, b, size))
+    Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"), similarity=cosine)(x)
+    assert seen == [((2, 1, 1, 1), (2, 1, 1, 1), (32, 32))]
+
+
 def test_frozen_teacher_replayed_at_input_resolution_gives_the_same_loss_and_gradient():
     teacher, student = _pair("resnet18")
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -107,8 +121,9 @@ def test_frozen_teacher_replayed_at_input_resolution_gives_the_same_loss_and_gra
 ])
 def test_the_upsampled_path_is_kept_where_the_shortcut_does_not_apply(explainer, similarity, option):
     teacher, student = _pair("resnet18", torch.float32)
-    if isinstance(explainer, dict):
-        explainer = e2kd.get_explainer(explainer.pop("name"), **explainer)
+    if isinstance(explainer, dict):  # (a copy: the parameter is shared by every run of the test)
+        options = dict(explainer)
+        explainer = e2kd.get_explainer(options.pop("name"), **options)
     else:
         explainer = e2kd.get_explainer(explainer)
     distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity(similarity),

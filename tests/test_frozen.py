@@ -158,9 +158,26 @@ def test_stale_cache_names_what_changed(tmp_path, setup):
         with pytest.raises(StaleCacheError, match="made for another setting") as info:
             TeacherCache.open(tmp_path / "c", current)
         assert expected in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(StaleCacheError):
-        build_cache(tmp_path / "c", other, explainer, data.images, cases[0][0], dtype="float32", shard_size=3, progress=False)
+        assert str(info.value).startswith(f"{tmp_path / 'c'}: cache was made for another setting: ")
+    with pytest.raises(StaleCacheError) as info:  # several changes: each named, separated by "; "
+        TeacherCache.open(tmp_path / "c", make_fingerprint(other, TEACHER_REF, explainer, data.identity(), "float16"))
+    assert "setting: preprocessing.storage_dtype" in str(info.value) and "; teacher.weights" in str(info.value)
+    with pytest.raises(StaleCacheError, match=f"^{tmp_path / 'c'}: cache was made for another setting: teacher"):
+        build_cache(tmp_path / "c", other, explainer, data.images, cases[0][0], dtype="float32", shard_size=3,
+                    batch_size=8, progress=False)
     assert TeacherCache.open(tmp_path / "c", fp)  # the refused rebuild left the cache intact
+
+
+def test_the_weights_digest_of_a_bfloat16_teacher():
+    """bfloat16 has no numpy type: its values are digested as float32; any weight change shows."""
+    from e2kd.frozen import weights_digest
+
+    model = build_model(TEACHER_REF["name"], TEACHER_REF["options"], 4)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    digest = weights_digest(half)
+    with torch.no_grad():
+        next(half.parameters()).view(-1)[0] += 1.0
+    assert weights_digest(half) != digest != weights_digest(model)
 
 
 def test_corrupt_truncated_and_missing_caches_are_refused(tmp_path, setup):
@@ -184,6 +201,143 @@ def test_corrupt_truncated_and_missing_caches_are_refused(tmp_path, setup):
     (tmp_path / "c" / "index.json").write_text("{not json")
     with pytest.raises(CacheError, match="unreadable cache index"):
         TeacherCache.open(tmp_path / "c", fp)
+
+
+def test_force_rebuilds_a_stale_cache_and_a_changed_layout_is_refused(tmp_path, setup):
+    teacher, data, explainer = setup
+    _build(tmp_path / "c", teacher, data, explainer)
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.fc.bias[0] += 1.0
+    fp_other = _build(tmp_path / "c", other, data, explainer, force=True)  # deletes the stale cache, then builds
+    cache = TeacherCache.open(tmp_path / "c", fp_other)
+    with torch.no_grad():
+        expected = other(data.images[:3])
+    torch.testing.assert_close(torch.stack([cache[i][0] for i in range(3)]), expected, rtol=1e-5, atol=1e-5)
+    for layout in ({"shard_size": 4}, {"dtype": "float16"}):  # same fingerprint, another layout
+        fp = make_fingerprint(other, TEACHER_REF, explainer, data.identity(), "float32")
+        with pytest.raises(CacheError, match="cache layout differs"):
+            build_cache(tmp_path / "c", other, explainer, data.images, fp, progress=False, batch_size=8,
+                        **{"dtype": "float32", "shard_size": 3, **layout})
+    with pytest.raises(IndexError):
+        cache[len(cache)]
+    with pytest.raises(IndexError):
+        cache[-1]
+    with pytest.raises(CacheError, match=f"cache holds {len(data)} samples, the dataset {len(data) - 1}"):
+        FrozenTeacherDataset(torch.utils.data.Subset(data, range(len(data) - 1)), cache)
+
+
+def test_two_processes_build_the_same_cache_as_one(tmp_path, setup, monkeypatch):
+    """Two ranks (threads here, torch.distributed.barrier replaced by a thread barrier) each compute
+    every second shard into their own part file; the main one merges them: the files are those of
+    a single-process build (7 samples in shards of 2: 4 shards, the last of one sample)."""
+    import threading
+
+    from e2kd.runtime import Runtime
+
+    teacher, data, explainer = setup
+    images = data.images[:7]
+    fp = make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), "float32")
+    build_cache(tmp_path / "one", teacher, explainer, images, fp, dtype="float32", shard_size=2, batch_size=8,
+                progress=False)
+    barrier = threading.Barrier(2, timeout=60)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: barrier.wait())
+    errors = []
+
+    def rank(r):
+        try:
+            build_cache(tmp_path / "a" / "b" / "two", copy.deepcopy(teacher), explainer, images, fp, dtype="float32",
+                        shard_size=2, batch_size=8, progress=False,
+                        runtime=Runtime(torch.device("cpu"), rank=r, world_size=2))
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    one, two = tmp_path / "one", tmp_path / "a" / "b" / "two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # part files removed
+    assert json.loads((two / "index.json").read_text()) == json.loads((one / "index.json").read_text())
+    for path in one.glob("*.npy"):
+        assert (two / path.name).read_bytes() == path.read_bytes(), path.name
+    cache = TeacherCache.open(two, fp)
+    assert len(cache) == 7 and torch.equal(cache[6][0], TeacherCache.open(one, fp)[6][0])
+
+
+def test_part_files_of_an_unfinished_build_are_read_with_care(tmp_path, setup):
+    """A readable part of this build counts; a damaged one or one of another setting does not."""
+    teacher, data, explainer = setup
+    fp = _build(tmp_path / "c", teacher, data, explainer)
+    entries = json.loads((tmp_path / "c" / "index.json").read_text())["shards"]
+    (tmp_path / "c" / "index.part-0.json").write_text(json.dumps({"fingerprint": fp, "shards": {"0": entries["0"]}}))
+    (tmp_path / "c" / "index.part-1.json").write_text("{damaged")
+    (tmp_path / "c" / "index.part-2.json").write_text(json.dumps({"fingerprint": {"other": 1}, "shards": {"1": {}}}))
+    (tmp_path / "c" / "index.part-3.json").write_text(json.dumps({"fingerprint": fp, "shards": {"2": entries["2"]}}))
+    (tmp_path / "c" / "index.part-4.json").write_text(json.dumps({"fingerprint": fp}))  # nothing done yet
+    assert frozen._parts(tmp_path / "c", fp) == {"0": entries["0"], "2": entries["2"]}
+    for broken in ("[1, 2]", '{"fingerprint": {}}', '{"shards": {}}'):
+        (tmp_path / "c" / "index.json").write_text(broken)
+        with pytest.raises(CacheError, match="unreadable cache index"):
+            TeacherCache.open(tmp_path / "c", fp)
+
+
+def test_a_dataset_is_cached_like_its_images_and_a_corrupt_shard_is_recomputed(tmp_path, setup):
+    """Images from a dataset (read shard by shard through a DataLoader) give the files of the same
+    images as one tensor; a shard damaged in place (same size) is found by its checksum and
+    recomputed on the next build; float16 storage is float16 on disk."""
+    import numpy as np
+
+    teacher, data, explainer = setup
+    images = data.images[:7]
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return {"image": images[i], "label": 0}
+
+    fp = make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), "float16")
+    for name, source in (("tensor", images), ("dataset", Items())):
+        build_cache(tmp_path / name, teacher, explainer, source, fp, dtype="float16", shard_size=3, batch_size=2,
+                    progress=False)
+    for path in (tmp_path / "tensor").glob("*.npy"):
+        assert (tmp_path / "dataset" / path.name).read_bytes() == path.read_bytes(), path.name
+        assert np.load(path).dtype == np.float16
+    lengths = [len(np.load(tmp_path / "tensor" / f"shard-{s:05d}.logits.npy")) for s in range(3)]
+    assert lengths == [3, 3, 1]  # 7 samples in shards of 3
+    maps = tmp_path / "tensor" / "shard-00001.maps.npy"
+    original = maps.read_bytes()
+    damaged = bytearray(original)
+    damaged[-2] ^= 0x10
+    maps.write_bytes(bytes(damaged))
+    build_cache(tmp_path / "tensor", teacher, explainer, images, fp, dtype="float16", shard_size=3, batch_size=2,
+                progress=False)
+    assert maps.read_bytes() == original
+    # an index that says complete but lacks a shard is refused
+    index = json.loads((tmp_path / "tensor" / "index.json").read_text())
+    del index["shards"]["2"]
+    (tmp_path / "tensor" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CacheError, match=r"cache is incomplete \(2/3 shards\)"):
+        TeacherCache.open(tmp_path / "tensor", fp)
+
+
+def test_cache_items_through_the_dataset_transform_and_the_fingerprint_hash(tmp_path, setup):
+    teacher, data, explainer = setup
+    fp = _build(tmp_path / "c", teacher, data, explainer)
+    cache = TeacherCache.open(tmp_path / "c", fp)
+    with pytest.raises(IndexError, match=f"^{len(cache)}$"):
+        cache[len(cache)]
+    seen = FrozenTeacherDataset(data, cache, transform=lambda item: {**item, "seen": True})
+    item = seen[3]
+    assert item["seen"] and torch.equal(item["teacher_logits"], cache[3][0])
+    # the hash of a fingerprint does not depend on the order its keys were written in
+    reordered = dict(reversed(list(fp.items())))
+    assert frozen.fingerprint_hash(reordered) == frozen.fingerprint_hash(fp) != frozen.fingerprint_hash({**fp, "x": 1})
 
 
 def test_interrupted_precompute_resumes_to_the_same_cache(tmp_path, setup, monkeypatch):

@@ -103,7 +103,7 @@ def test_closed_form_equals_autograd_in_value_and_second_order_gradient():
     torch.manual_seed(0)
     teacher = timm.create_model("resnet18", pretrained=False, num_classes=5).double()
     student = timm.create_model("resnet18", pretrained=False, num_classes=5).double().eval()
-    x = torch.rand(3, 3, 64, 64, dtype=torch.float64)
+    x = torch.rand(3, 3, 64, 96, dtype=torch.float64)  # a 2 x 3 feature map: h and w differ
     grads, losses = {}, {}
     for closed in (False, True):
         torch.testing.assert_close(e2kd.get_explainer("gradcam", closed_form=closed).explain(teacher, x, 2),
@@ -128,10 +128,60 @@ def test_closed_form_is_refused_where_it_would_be_wrong():
     from e2kd.testing import TinyCNN
 
     closed = e2kd.get_explainer("gradcam", closed_form=True)
-    with pytest.raises(ModelError, match="closed_form needs .*no linear classifier"):
+    prefix = "gradcam: closed_form needs a global-average-pool + linear head right after the layer ("
+    with pytest.raises(ModelError) as error:
         closed.check_model(TinyCNN())
-    with pytest.raises(ModelError, match="dropout 0.3"):
+    assert str(error.value) == (prefix + "no linear classifier (get_classifier()); global pooling None, not 'avg' "
+                                "in TinyCNN); set closed_form: false")
+    with pytest.raises(ModelError) as error:
         closed.check_model(timm.create_model("resnet18", pretrained=False, num_classes=3, drop_rate=0.3))
-    with pytest.raises(ModelError, match="not the last feature stage"):
+    assert str(error.value) == prefix + "dropout 0.3 before the classifier in ResNet); set closed_form: false"
+    with pytest.raises(ModelError) as error:
         e2kd.get_explainer("gradcam", closed_form=True, layer="layer3").check_model(
             timm.create_model("resnet18", pretrained=False, num_classes=3))
+    assert str(error.value) == prefix + "the layer is not the last feature stage 'layer4' in ResNet); set closed_form: false"
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8, patch_size=4,
+                            embed_dim=16, depth=2, num_heads=2)
+    with pytest.raises(ModelError, match=r"the layer is not the last feature stage .* in VisionTransformer\)"):
+        closed.check_model(vit)
+
+
+def test_token_grid_of_vision_transformer_like_models():
+    from types import SimpleNamespace
+
+    from e2kd_plugins.explainers.gradcam import _token_grid
+
+    embed = SimpleNamespace(grid_size=(2, 3))
+    assert _token_grid(SimpleNamespace(patch_embed=embed, blocks=[])) == (1, (2, 3))  # one class token by default
+    assert _token_grid(SimpleNamespace(patch_embed=embed, blocks=[], num_prefix_tokens=5)) == (5, (2, 3))
+    assert _token_grid(SimpleNamespace(patch_embed=embed)) is None  # no blocks
+    assert _token_grid(SimpleNamespace(patch_embed=SimpleNamespace(), blocks=[])) is None  # no grid
+    assert _token_grid(SimpleNamespace(blocks=[])) is None
+
+
+def test_a_vision_transformer_without_feature_info_is_checked_at_its_default_layer():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8, patch_size=4,
+                            embed_dim=16, depth=3, num_heads=2)
+    del vit.feature_info
+    e2kd.get_explainer("gradcam").check_model(vit)  # blocks.1, before the last token mixing
+    assert e2kd.get_explainer("gradcam").explain(vit, torch.rand(1, 3, 8, 8), 0).abs().sum() > 0
+
+
+def test_closed_form_on_a_model_without_feature_stages_names_the_layer():
+    from e2kd_plugins.explainers.gradcam import _linear_head
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat = torch.nn.Conv2d(3, 4, 3)
+            self.global_pool = torch.nn.Module()
+            self.global_pool.pool_type = "avg"
+            self.fc = torch.nn.Linear(4, 2)
+
+        def get_classifier(self):
+            return self.fc
+
+    with pytest.raises(ModelError) as error:
+        _linear_head(Pooled(), "feat")
+    assert str(error.value) == ("gradcam: closed_form needs a global-average-pool + linear head right after the "
+                                "layer (the layer is not the last feature stage None in Pooled); set closed_form: false")

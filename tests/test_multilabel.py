@@ -38,13 +38,30 @@ def test_label_loss_is_bce_for_multi_hot_and_ce_for_indices():
                 + math.log(torch.sigmoid(torch.tensor(2.0)))) / 3
     assert label_loss(z, y).item() == pytest.approx(by_hand, rel=1e-6)
     assert label_loss(z, torch.tensor([2])).item() == pytest.approx(F.cross_entropy(z, torch.tensor([2])).item())
+    assert label_loss(z, y.long()).item() == pytest.approx(by_hand, rel=1e-6)  # integer multi-hot labels too
 
 
 def test_padded_sets_list_members_first_with_zero_weight_padding():
     member = torch.tensor([[False, True, True, False], [True, False, False, False], [False, False, False, True]])
     classes, weights = padded_sets(member)
     assert classes[:, :2].tolist()[0] == [1, 2] and classes[1, 0] == 0 and classes[2, 0] == 3
-    assert weights.tolist() == [[1, 1], [1, 0], [1, 0]]
+    assert weights.tolist() == [[1, 1], [1, 0], [1, 0]] and weights.dtype == torch.float32
+    # every set of one class: one column, no padding
+    classes, weights = padded_sets(torch.tensor([[False, True, False], [True, False, False]]))
+    assert classes.tolist() == [[1], [0]] and weights.tolist() == [[1.0], [1.0]]
+    # members in ascending class order, whatever the row
+    classes, _ = padded_sets(torch.tensor([[True, False, True, True, False, True]]))
+    assert classes.tolist() == [[0, 2, 3, 5]]
+
+
+def test_label_sets_of_indices_and_of_multi_hot_labels():
+    from e2kd.distill import label_sets
+
+    classes, weights = label_sets(torch.tensor([2, 0, 1]))
+    assert classes.tolist() == [[2], [0], [1]] and weights.tolist() == [[1.0], [1.0], [1.0]]
+    # a soft label of exactly 0.5 is not present (> 0.5)
+    classes, weights = label_sets(torch.tensor([[0.5, 1.0, 0.0], [1.0, 0.0, 0.6]]))
+    assert weights.tolist() == [[1.0, 0.0], [1.0, 1.0]] and classes.tolist() == [[1, 0], [0, 2]]
 
 
 def test_positive_classes_explanation_term_averages_over_image_class_pairs():
@@ -93,7 +110,7 @@ def test_multi_label_evaluation_scores_each_present_class_against_its_mask():
     values, skipped = evaluate(model, [{"image": x, "label": labels, "mask": masks}], metrics, teacher=teacher,
                                explainer=explainer)
     assert skipped == {"accuracy": "needs single_label"}
-    from e2kd_plugins.metrics.localisation import epg_loop, iou_loop
+    from .reference import epg_loop, iou_loop
 
     pairs = [(i, c) for i in range(4) for c in range(3) if labels[i, c] > 0]
     maps = torch.cat([explainer.explain(model.eval(), x[i:i + 1], c) for i, c in pairs])

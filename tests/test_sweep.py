@@ -89,3 +89,23 @@ def test_sweep_shards_split_the_runs(tmp_path, base, capsys):
     assert main(args + ["--shard", "1/2"]) == 0
     assert "2/2 runs finished" in capsys.readouterr().out
     assert main(args + ["--shard", "2/2"]) == 2
+
+
+def test_plot_metric_picks_the_plotted_column_and_an_unknown_one_is_named(tmp_path, base, capsys, monkeypatch):
+    import e2kd.sweep as sweep
+
+    plotted = []
+    monkeypatch.setattr(sweep, "plot", lambda rows, keys, metric, path: plotted.append((metric, [r[metric] for r in rows])))
+    out = tmp_path / "sweep"
+    args = ["sweep", str(base), "--grid", "distill.lam=0,1", "--seeds", "0", "--out", str(out)]
+    assert main(args) == 0
+    assert plotted[-1][0] == "test_ood/accuracy"  # the default
+    assert main(args + ["--plot-metric", "test_id/agreement"]) == 0
+    with (out / "sweep.csv").open() as f:
+        column = [float(r["test_id/agreement"]) for r in csv.DictReader(f)]
+    assert plotted[-1] == ("test_id/agreement", column)
+    capsys.readouterr()
+    assert main(args + ["--plot-metric", "test_id/agreemnt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--plot-metric 'test_id/agreemnt': no such SPLIT/METRIC column" in err and "test_id/agreement" in err
+    assert "\n" not in err

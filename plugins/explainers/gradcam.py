@@ -60,8 +60,6 @@ class _GradCAMCapture(Capture):
         if self.classifier_weight is not None:
             # d z_c / d A_k = W_ck / (h w) at every position: alpha_k = W_ck / (h w) exactly
             weights = self.classifier_weight[target].to(acts.dtype)[:, :, None, None] / (acts.shape[2] * acts.shape[3])
-            if not create_graph:
-                weights = weights.detach()
         else:
             score = logits.gather(1, target.view(-1, 1)).sum()
             # keep the graph: the same forward may be explained for several classes
@@ -73,7 +71,7 @@ class _GradCAMCapture(Capture):
             cam = F.relu(cam)
         if self.options.upsample and upsample:
             cam = F.interpolate(cam, size=self.inputs.shape[-2:], mode="bilinear", align_corners=False)
-        return cam
+        return cam if create_graph else cam.detach()
 
 
 def _token_grid(model: nn.Module) -> tuple[int, tuple[int, int]] | None:

@@ -33,7 +33,8 @@ class _InputGradientCapture(Capture):
         score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
         (grad,) = torch.autograd.grad(score, self.inputs, create_graph=create_graph, retain_graph=True)
         out = grad * self.inputs if self.times_input else grad
-        return out.abs() if self.absolute else out
+        out = out.abs() if self.absolute else out
+        return out if create_graph else out.detach()
 
 
 @contextlib.contextmanager

@@ -51,8 +51,9 @@ class _RolloutCapture(Capture):
         rollout = None
         for attn in self.attentions:
             a = attn.mean(1) if self.options.head_fusion == "mean" else attn.max(1).values
-            if self.options.residual:
-                a = 0.5 * (a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device))
+            if self.options.residual:  # (A + I) / 2
+                a = 0.5 * a
+                a.diagonal(dim1=-2, dim2=-1).add_(0.5)
             rollout = a if rollout is None else a @ rollout
         row = rollout[:, 0, self.prefix:]
         out = row.reshape(row.shape[0], 1, *self.grid)

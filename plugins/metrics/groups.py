@@ -38,14 +38,14 @@ class _GroupMetric(Metric):
         hits = self.hits(batch).double().cpu()
         cells, inverse = torch.unique(keys, dim=0, return_inverse=True)
         sums = torch.zeros(len(cells), dtype=torch.float64).index_add_(0, inverse, hits)
-        counts = torch.bincount(inverse, minlength=len(cells)).double()
+        counts = torch.bincount(inverse).double()  # (every cell occurs: the last one has index len(cells) - 1)
         for (label, group), s, n in zip(cells.tolist(), sums.tolist(), counts.tolist()):
             total = self._cells.setdefault((label, group), [0.0, 0.0])
             total[0] += s
             total[1] += n
-        if batch.in_distribution is not None:
-            marked = torch.zeros(len(cells), dtype=torch.bool).index_fill_(
-                0, inverse[batch.in_distribution.view(-1).cpu().bool()], True)
+        if batch.in_distribution is not None:  # a cell is in distribution if the dataset marks its samples so
+            flags = batch.in_distribution.view(-1).cpu().double()
+            marked = torch.zeros(len(cells), dtype=torch.float64).index_add_(0, inverse, flags) > 0
             self._marked.update({tuple(cell): bool(m) for cell, m in zip(cells.tolist(), marked.tolist())})
 
     def _is_id(self, label: int, group: int) -> bool:

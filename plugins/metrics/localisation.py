@@ -3,8 +3,8 @@
 Both score the model's map for each **label** class against that class's object mask (the
 union of the class's boxes for box-annotated data), one value per (image, present class) pair,
 averaged over the pairs. Multi-channel maps are summed over
-channels first. Batch-native; :func:`epg_loop` and :func:`iou_loop` are the straightforward
-per-sample definitions the tests and the benchmark compare against.
+channels first. Batch-native; the tests and the benchmark compare it with the straightforward
+per-sample definitions in ``tests/reference.py``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ CHUNK = 2048  # samples per vectorised step (bounds the memory of intermediates)
 
 
 def _chunks(maps: torch.Tensor, masks: torch.Tensor):
-    """(B, N) attribution (channels summed) and float {0, 1} mask (mask > 0), in chunks of samples."""
-    a = (maps.sum(1) if maps.dim() == 4 and maps.shape[1] > 1 else maps).flatten(1)
-    m = (masks.amax(1) if masks.dim() == 4 and masks.shape[1] > 1 else masks).flatten(1)
+    """(B, N) attribution (channels summed) and float {0, 1} mask (any channel > 0), in chunks of
+    samples, from (B, C, H, W) maps and masks."""
+    a, m = maps.sum(1).flatten(1), masks.amax(1).flatten(1)
     for start in range(0, a.shape[0], CHUNK):
         yield a[start:start + CHUNK], (m[start:start + CHUNK] > 0).to(a.dtype)
 
@@ -61,34 +61,6 @@ def explanation_iou(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 
         union = binary.sum(1) + m.sum(1) - inter
         out.append(torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union)))
     return torch.cat(out)
-
-
-def epg_loop(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per-sample reference implementation of :func:`energy_pointing_game`."""
-    out = []
-    for a, m in zip(maps, masks):
-        a = (a.sum(0) if a.dim() == 3 else a).clamp_min(0)
-        m = (m.amax(0) if m.dim() == 3 else m) > 0
-        total = float(a.sum())
-        out.append(0.0 if total < EPS else float(a[m].sum()) / total)
-    return torch.tensor(out, dtype=maps.dtype)
-
-
-def iou_loop(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Per-sample reference implementation of :func:`explanation_iou`."""
-    out = []
-    for a, m in zip(maps, masks):
-        a = (a.sum(0) if a.dim() == 3 else a).clamp_min(0)
-        m = (m.amax(0) if m.dim() == 3 else m) > 0
-        lo, hi = float(a.min()), float(a.max())
-        if hi - lo >= EPS:
-            a = (a - lo) / (hi - lo)
-        elif hi > 0:
-            a = a / hi
-        b = a > threshold
-        union = int((b | m).sum())
-        out.append(int((b & m).sum()) / union if union else 0.0)
-    return torch.tensor(out, dtype=maps.dtype)
 
 
 class EPG(Metric):

@@ -34,8 +34,7 @@ def shift_diagonal(x: torch.Tensor, t: int) -> torch.Tensor:
 def overlap_cosine(shifted_maps: torch.Tensor, maps: torch.Tensor, t: int) -> torch.Tensor:
     """(B,) cosine between the shifted image's map and the original map where both see the same pixels."""
     h, w = maps.shape[-2:]
-    a = shifted_maps[..., t:, t:] if t else shifted_maps
-    b = maps[..., : h - t, : w - t]
+    a, b = shifted_maps[..., t:, t:], maps[..., : h - t, : w - t]
     return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1, eps=1e-8)
 
 

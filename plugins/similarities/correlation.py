@@ -17,7 +17,7 @@ class CorrelationOptions(BaseModel):
     eps: float = Field(1e-8, gt=0, description="guards against constant maps (their correlation is 0)")
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def pearson(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-sample Pearson correlation of (B, ...) tensors flattened to (B, N)."""
     a = a.flatten(1) - a.flatten(1).mean(dim=1, keepdim=True)
     b = b.flatten(1) - b.flatten(1).mean(dim=1, keepdim=True)
@@ -25,11 +25,17 @@ def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
 
 
 def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ordinal ranks 0..N-1 along dim 1 (ties broken by position)."""
-    order = x.argsort(dim=1, stable=True)
-    out = torch.empty_like(order)
-    out.scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order).contiguous())
-    return out.to(x.dtype if x.is_floating_point() else torch.float32)
+    """Ranks 0..N-1 along dim 1 of a (B, N) tensor, tied values sharing the mean of their positions
+    (as scipy.stats.rankdata's "average" - 1); float64 for float64 input, else float32."""
+    values, order = x.sort(dim=1)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = starts.cumsum(1) - 1  # tie group of each sorted position
+    position = torch.arange(x.shape[1], dtype=dtype, device=x.device).expand(x.shape[0], -1)
+    mean = torch.zeros_like(position).scatter_add_(1, group, position) / torch.zeros_like(position).scatter_add_(
+        1, group, torch.ones_like(position))
+    return torch.empty_like(position).scatter_(1, order, mean.gather(1, group))
 
 
 class Pearson(Similarity):
@@ -50,7 +56,7 @@ class Pearson(Similarity):
 
 class Spearman(Similarity):
     name = "spearman"
-    description = "Spearman rank correlation of flattened maps (ordinal ranks; evaluation only)"
+    description = "Spearman rank correlation of flattened maps (tied values share their mean rank; evaluation only)"
     Options = CorrelationOptions
     differentiable = False
     higher_is_better = True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,7 +68,7 @@ class JensenShannon(Similarity):
         t, eps = self.options.temperature, self.options.eps
         log_p = F.log_softmax(unit_max(a, eps) / t, dim=1)
         log_q = F.log_softmax(unit_max(b, eps) / t, dim=1)
-        log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, dtype=log_p.dtype, device=log_p.device))
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
         kl_pm = (log_p.exp() * (log_p - log_m)).sum(1)
         kl_qm = (log_q.exp() * (log_q - log_m)).sum(1)
         return 0.5 * (kl_pm + kl_qm)

@@ -1,0 +1,164 @@
+"""evaluate_model: which explainer and metric options it uses, its split errors, and evaluation
+split over processes (each process's share, merged) equal to one process over every sample."""
+
+import pytest
+import torch
+
+from e2kd.config import load_config_dict
+from e2kd.data import dataset_of
+from e2kd.errors import ConfigError
+from e2kd.evaluate import eval_explainer, eval_splits, evaluate_model
+from e2kd.models import build_from
+from e2kd.runtime import Runtime
+
+from .conftest import TINY
+
+METRICS = ["accuracy", {"name": "accuracy", "options": {"top_k": 2}}, "agreement", "explanation_similarity",
+           "group_accuracy"]
+
+
+@pytest.fixture
+def setup():
+    config = load_config_dict({**TINY, "teacher": TINY["model"],
+                               "distill": {"explainer": {"name": "gradcam", "options": {"relu": False}}},
+                               "eval": {"metrics": METRICS}})
+    dataset = dataset_of(config)
+    torch.manual_seed(0)
+    return config, build_from(config.model, dataset), build_from(config.teacher, dataset), dataset
+
+
+def test_the_explainer_and_metric_options_of_the_config_are_used(setup):
+    config, model, teacher, dataset = setup
+    assert eval_explainer(config).options.relu is False  # distill.explainer, with its options
+    other = config.model_copy(update={"eval": config.eval.model_copy(
+        update={"explainer": config.distill.explainer.model_copy(update={"options": {"relu": True, "layer": "layers.0"}})})})
+    assert eval_explainer(other).options.layer == "layers.0"  # eval.explainer wins
+    results = evaluate_model(config, model, teacher, dataset, metrics=[m for m in config.eval.metrics
+                                                                        if m.name == "accuracy"])
+    # the two accuracy entries share a name: the later (top-2) one is reported
+    split = results["splits"]["test_id"]
+    with torch.no_grad():
+        images = torch.stack([s["image"] for s in dataset.samples("test_id")])
+        labels = torch.tensor([int(s["label"]) for s in dataset.samples("test_id")])
+        top2 = model(images).topk(2, dim=1).indices
+    assert split["accuracy"] == pytest.approx((top2 == labels[:, None]).any(1).double().mean().item())
+
+
+def test_an_unknown_split_is_named_with_the_known_ones(setup):
+    config, _, _, dataset = setup
+    wrong = config.model_copy(update={"eval": config.eval.model_copy(update={"splits": ["test_id", "tset"]})})
+    with pytest.raises(ConfigError) as error:
+        eval_splits(wrong, dataset)
+    assert str(error.value) == (f"eval.splits: 'synthetic' has no split 'tset' (known: "
+                                f"{', '.join(dataset.splits())})")
+    assert eval_splits(config, dataset) == list(dataset.eval_splits())
+
+
+def test_two_processes_each_evaluating_half_merge_to_one_process(setup, monkeypatch):
+    """Rank r evaluates samples r, r + 2, ...; the metric states are gathered and merged. Run in
+    one process: all_gather_object is replaced by the other rank's recorded state."""
+    config, model, teacher, dataset = setup
+    single = evaluate_model(config, model, teacher, dataset)
+    sent = {}  # (rank, split number) -> what that rank sent
+
+    def gather(out, obj, rank, calls):
+        calls.append(obj)
+        sent[rank, len(calls)] = obj
+        for r in range(2):
+            out[r] = sent.get((r, len(calls)), obj)
+
+    results = {}
+    for rank in (0, 1, 0):  # the second pass of rank 0 sees rank 1's states
+        calls = []
+        monkeypatch.setattr(torch.distributed, "all_gather_object",
+                            lambda out, obj, rank=rank, calls=calls: gather(out, obj, rank, calls))
+        results[rank] = evaluate_model(config, model, teacher, dataset, runtime=Runtime(torch.device("cpu"), rank=rank,
+                                                                                          world_size=2))
+    for split, values in single["splits"].items():
+        for name, value in values.items():
+            if isinstance(value, dict):
+                assert results[0]["splits"][split][name] == pytest.approx(value), (split, name)
+            else:
+                assert results[0]["splits"][split][name] == pytest.approx(value, rel=1e-9), (split, name)
+    n = len(dataset.samples("test_id"))
+    assert sent[1, 1][0]["agreement"]["_count"] == n // 2  # each rank scored its own share
+    assert sent[0, 1][0]["agreement"]["_count"] == n - n // 2
+
+
+@pytest.mark.parametrize("per_class_masks", [True, False])
+def test_every_batch_field_reaches_the_metrics(per_class_masks):
+    """One batch with labels, groups, the dataset's in-distribution marks and masks: every metric
+    equals its value computed here from the explainer, the models and the formulas. The batch is
+    built so that each field matters: the marks disagree with the group == label default, the
+    model is right exactly on the marked samples, and the labels hold both classes."""
+    import e2kd
+    from e2kd.evaluate import evaluate
+    from e2kd.testing import TinyCNN
+    from e2kd_plugins.metrics.shift import overlap_cosine, shift_diagonal
+
+    from .reference import epg_loop
+
+    torch.manual_seed(0)
+    model, teacher = TinyCNN(num_classes=2).double().eval(), TinyCNN(num_classes=2, width=6).double()
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        pred, t_pred = model(x).argmax(1), teacher(x).argmax(1)
+    labels = torch.tensor([0, 1, 1, 0])
+    if (pred == labels).all() or (pred != labels).all():
+        labels[:2] = 1 - labels[:2]  # both classes stay, the model is right on some samples only
+    marks = pred == labels  # the dataset marks the samples the model gets right as in distribution ...
+    groups = torch.where(marks, 1 - labels, labels)  # ... where group == label would say the opposite
+    masks = torch.zeros(4, 2, 8, 8, dtype=torch.float64)
+    masks[:, 0, :2, :2] = 1  # class 0: the top-left corner; class 1: the bottom-right 6 x 6
+    masks[:, 1, 2:, 2:] = 1
+    if not per_class_masks:
+        masks = masks[:, :1]  # one object mask for every class
+    explainer = e2kd.get_explainer("gradient")  # signed input gradients: every class's map has a positive part
+    metrics = {name: e2kd.get_metric(name, **options) for name, options in (
+        ("group_accuracy", {}), ("epg", {}), ("shift_equivariance", {"max_shift": 2}), ("explanation_similarity", {}),
+        ("agreement", {}))}
+    from e2kd.api import Metric
+
+    class Pairs(Metric):  # what a third-party metric sees of the (image, label class) rows
+        name, description, requires = "pairs", "test", frozenset({"label_explanations"})
+
+        def update(self, batch):
+            self._seen = batch.label_pairs.tolist()
+
+        def compute(self):
+            return self._seen
+
+    metrics["pairs"] = Pairs()
+    batch = {"image": x, "label": labels, "group": groups, "in_distribution": marks, "mask": masks}
+    values, skipped = evaluate(model, [batch], metrics, teacher=teacher, explainer=explainer)
+    assert skipped == {}
+    assert values["pairs"] == [[i, int(c)] for i, c in enumerate(labels)]  # (image index, class) per row
+    assert values["group_accuracy"]["in_distribution"] == 1.0 and values["group_accuracy"]["out_of_distribution"] == 0.0
+    label_maps = explainer.explain(model, x, labels)
+    chosen = masks[torch.arange(4), labels if per_class_masks else 0][:, None]
+    expected = epg_loop(label_maps, chosen).mean().item()
+    assert values["epg"] == pytest.approx(expected, rel=1e-9)
+    other = masks[torch.arange(4), 0 if per_class_masks else 0][:, None]  # every class's map against mask 0
+    assert per_class_masks is False or abs(epg_loop(label_maps, other).mean().item() - expected) > 1e-3
+    maps = explainer.explain(model, x, pred)
+    for t in (1, 2):
+        shifted = explainer.explain(model, shift_diagonal(x, t), pred)
+        assert values["shift_equivariance"][f"shift_{t}"] == pytest.approx(overlap_cosine(shifted, maps, t).mean().item())
+    e_s, e_t = explainer.explain(model, x, t_pred), explainer.explain(teacher, x, t_pred)
+    assert values["explanation_similarity"] == pytest.approx(
+        torch.nn.functional.cosine_similarity(e_s.flatten(1), e_t.flatten(1)).mean().item())
+    assert values["agreement"] == pytest.approx((pred == t_pred).double().mean().item())
+
+
+def test_the_explain_function_and_flattened_metrics():
+    import e2kd
+    from e2kd.evaluate import _explain_fn, flatten_metrics
+    from e2kd.testing import TinyCNN
+
+    model, x = TinyCNN().double().eval(), torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    gradcam = e2kd.get_explainer("gradcam")
+    other = (model(x).argmax(1) + 1) % 3  # not the top-1: the given target is explained
+    torch.testing.assert_close(_explain_fn(gradcam, model)(x, other), gradcam.explain(model, x, other))
+    assert _explain_fn(None, model) is None
+    assert flatten_metrics({"a": 1.0, "g": {"worst": 0.5, "y0": {"g1": 0.25}}}) == {
+        "a": 1.0, "g.worst": 0.5, "g.y0.g1": 0.25}
