@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.e2kd-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench mutation clean
 
 install: $(STAMP)
 
@@ -23,5 +23,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_distill_step.py
 
+# Mutation testing of the method code (not part of `make test`: about an hour on 2 cores);
+# scores and surviving mutants: docs/testing.md. ARGS="--files plugins/similarities/cosine.py" narrows it.
+mutation: $(STAMP)
+	$(BIN)/python tools/mutation.py --json docs/mutation.json $(ARGS)
+
 clean:
-	rm -rf $(VENV) demo_out runs *.egg-info
+	rm -rf $(VENV) demo_out runs *.egg-info .mutation

@@ -1,0 +1,172 @@
+"""Mutation testing of the method code with mutmut: ``make mutation`` (or ``python tools/mutation.py``).
+
+mutmut plants one small bug at a time (a flipped operator, a changed constant, a dropped argument)
+and runs the tests that reach it; a mutant the tests do not notice *survived*. This script runs it
+in a copy of the tree (``.mutation/``, so the checkout is never touched and the cache survives
+between runs), then prints and writes the score per file: killed / (mutants - equivalent), where
+the equivalent mutants — changes that cannot alter any result — are listed with their reason in
+``tools/mutation_equivalent.json``.
+
+    python tools/mutation.py                                  # every target file (hours on 2 cores)
+    python tools/mutation.py --files plugins/similarities/cosine.py --tests tests/test_similarities.py
+    python tools/mutation.py --recheck                        # after changing tests: survivors again
+    python tools/mutation.py --report                         # the table of the last run, nothing run
+    cd .mutation && python -m mutmut show NAME                # the diff of one mutant
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EQUIVALENT = ROOT / "tools" / "mutation_equivalent.json"
+
+#: The method code: the loss, evaluation, the frozen cache, and every similarity, metric and explainer.
+TARGETS = ["e2kd/distill.py", "e2kd/evaluate.py", "e2kd/frozen.py", "plugins/similarities/*.py",
+           "plugins/metrics/*.py", "plugins/explainers/*.py"]
+
+#: The fast tests: in-process (a mutant lives in the forked test process; a subprocess would import
+#: the unmutated code) and not marked slow.
+FAST_TESTS = ["tests/test_distill.py", "tests/test_similarities.py", "tests/test_metrics.py",
+              "tests/test_explainers.py", "tests/test_gradcam.py", "tests/test_frozen.py",
+              "tests/test_multilabel.py", "tests/test_feature_resolution.py", "tests/test_contracts.py",
+              "tests/test_guidance.py", "tests/test_mixup.py", "tests/test_early_errors.py", "tests/test_devices.py",
+              "tests/test_evaluate.py", "tests/test_accelerator.py"]
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          -24: "timeout", 24: "timeout", 152: "timeout", None: "not checked"}
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+#: Folders copied into the working copy, under their import names: mutmut names a mutant after its
+#: file's path, and the tests must import it by that name (plugins/ is the package e2kd_plugins).
+COPIED = {"e2kd": "e2kd", "plugins": "e2kd_plugins", "tests": "tests", "examples": "examples"}
+
+
+def _in_work(pattern: str) -> str:
+    return COPIED["plugins"] + pattern[len("plugins"):] if pattern.startswith("plugins/") else pattern
+
+
+def _in_repo(path: str) -> str:
+    return "plugins" + path[len(COPIED["plugins"]):] if path.startswith(COPIED["plugins"] + "/") else path
+
+
+def prepare(work: Path, files: list[str], tests: list[str]) -> None:
+    """Copy the sources and tests into ``work`` (mtimes kept: mutmut re-mutates what changed) and
+    write its mutmut configuration."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder, name in COPIED.items():
+        shutil.copytree(ROOT / folder, work / name, ignore=ignore, dirs_exist_ok=True)
+    section = "\n".join([
+        "", "[tool.mutmut]",
+        f"source_paths = {_toml_list(['e2kd', COPIED['plugins']])}",
+        f"only_mutate = {_toml_list([_in_work(f) for f in files])}",
+        f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
+        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-q"]',
+        # a CPU-time limit of 2 x 4 x (estimated test time + 5 s): an endless loop costs a minute, not an hour
+        "timeout_multiplier = 4.0", "timeout_constant = 5.0",
+        "",
+    ])
+    (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + section)
+
+
+def targets(work: Path, patterns: list[str]) -> list[str]:
+    """The working copy's files matching ``patterns`` (given as repository paths)."""
+    found = sorted(str(p.relative_to(work)) for folder in ("e2kd", COPIED["plugins"]) for p in (work / folder).rglob("*.py"))
+    return [f for f in found if any(fnmatch.fnmatch(f, _in_work(p)) for p in patterns) and not f.endswith("__init__.py")]
+
+
+def scores(work: Path, files: list[str], equivalent: dict[str, str]) -> list[dict]:
+    """Per file: mutants by status, the equivalent ones, and the score over the non-equivalent."""
+    rows = []
+    for path in files:
+        meta = work / "mutants" / f"{path}.meta"
+        if not meta.is_file():
+            continue
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        counts: dict[str, int] = {}
+        survivors = []
+        for name, code in sorted(codes.items()):
+            status = STATUS.get(code, "suspicious")
+            if status == "survived" and name in equivalent:
+                status = "equivalent"
+            counts[status] = counts.get(status, 0) + 1
+            if status in ("survived", "no tests", "timeout", "suspicious", "not checked"):
+                survivors.append((name, status))
+        counted = len(codes) - counts.get("equivalent", 0)
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)  # a timeout is a noticed change
+        rows.append({"file": _in_repo(path), "mutants": len(codes), "counts": counts, "score": killed / counted if counted else 1.0,
+                     "survivors": [n for n, s in survivors if s != "timeout"]})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| file | mutants | killed | timeout | equivalent | survived | no tests | score |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["counts"]
+        lines.append(f"| `{r['file']}` | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
+                     f"{c.get('equivalent', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
+                     f"{100 * r['score']:.1f} % |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", nargs="+", default=TARGETS, help="glob patterns of the files to mutate")
+    parser.add_argument("--tests", nargs="+", default=FAST_TESTS, help="test files that may kill mutants")
+    parser.add_argument("--work", type=Path, default=ROOT / ".mutation", help="working copy (default: .mutation)")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="parallel test processes")
+    parser.add_argument("--recheck", action="store_true", help="recollect which tests reach which code, then run the "
+                        "surviving mutants again (mutmut keeps a verdict until its code changes, not when tests do)")
+    parser.add_argument("--report", action="store_true", help="only print the scores of the last run")
+    parser.add_argument("--json", type=Path, help="also write the scores here")
+    args = parser.parse_args(argv)
+
+    work = args.work.resolve()
+    if not args.report:
+        work.mkdir(parents=True, exist_ok=True)
+        prepare(work, args.files, args.tests)
+        # one thread per test process: the children are forked from a process that has run torch,
+        # and a forked child can hang in an OpenMP pool its parent started
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+               "MKL_NUM_THREADS": "1"}
+        if args.recheck:
+            (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+        batches: list[list[str]] = [[]]  # first the mutants without a verdict (new or changed code)
+        while batches:
+            done = subprocess.run(run + batches.pop(0), cwd=work, env=env)
+            if done.returncode != 0:
+                print(f"mutation: mutmut exited with {done.returncode} (see its output above)", file=sys.stderr)
+                return done.returncode
+            if args.recheck:  # then every survivor again, with the current tests
+                args.recheck = False
+                survivors = [n for r in scores(work, targets(work, args.files), {}) for n in r["survivors"]]
+                batches = [survivors[i:i + 200] for i in range(0, len(survivors), 200)]
+    equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
+    rows = scores(work, targets(work, args.files), {k: v for k, v in equivalent.items() if not k.startswith("_")})
+    if not rows:
+        print(f"mutation: no results in {work / 'mutants'}; run without --report first", file=sys.stderr)
+        return 1
+    print(table(rows))
+    for r in rows:
+        for name in r["survivors"]:
+            print(f"  survived: {name}   (cd {work.name} && python -m mutmut show {name})")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
