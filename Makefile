@@ -26,7 +26,7 @@ bench: $(STAMP)
 # Mutation testing of the method code (not part of `make test`: about an hour on 2 cores);
 # scores and surviving mutants: docs/testing.md. ARGS="--files plugins/similarities/cosine.py" narrows it.
 mutation: $(STAMP)
-	$(BIN)/python tools/mutation.py --json docs/mutation.json $(ARGS)
+	$(BIN)/python tools/mutation.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out runs *.egg-info .mutation

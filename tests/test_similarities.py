@@ -156,8 +156,9 @@ def test_topk_overlap_keeps_round_n_percent_pixels(n, percent, k):
     a = torch.arange(n, 0, -1, dtype=torch.float64).view(1, 1, 1, n)  # top pixels: 0, 1, 2, ...
     b = a.clone()
     b[0, 0, 0, k - 1] = -1.0
-    assert _sim("topk_overlap", percent=percent)(a, b).item() == pytest.approx((k - 1) / (k + 1))
-    assert _sim("topk_overlap", percent=percent)(a, a).item() == 1.0
+    # a batch of two pairs, (a, b) and (a, a): each row scored on its own
+    got = _sim("topk_overlap", percent=percent)(torch.cat([a, a]), torch.cat([b, a]))
+    assert got.tolist() == pytest.approx([(k - 1) / (k + 1), 1.0])
 
 
 def test_topk_overlap_by_hand():
