@@ -23,7 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_distill_step.py
 
-# Mutation testing of the method code (not part of `make test`: about 20 minutes on 2 cores);
+# Mutation testing of the method code (not part of `make test`: about 10 minutes on 2 cores);
 # scores and surviving mutants: docs/testing.md. ARGS="--files plugins/similarities/cosine.py" narrows it.
 mutation: $(STAMP)
 	$(BIN)/python tools/mutation.py $(ARGS)

@@ -7,7 +7,7 @@ between runs), then prints and writes the score per file: killed / (mutants - eq
 the equivalent mutants — changes that cannot alter any result — are listed with their reason in
 ``tools/mutation_equivalent.json``.
 
-    python tools/mutation.py                                  # every target file (about 20 minutes on 2 cores)
+    python tools/mutation.py                                  # every target file (about 10 minutes on 2 cores)
     python tools/mutation.py --files plugins/similarities/cosine.py --tests tests/test_similarities.py
     python tools/mutation.py --recheck                        # after changing tests: survivors again
     python tools/mutation.py --report                         # the table of the last run, nothing run
