@@ -87,6 +87,9 @@ class Claim:
         return self.shares or self.key
 
 
+#: The data line of a claim run on the built-in shape images.
+MINIATURE = "shape images (miniature)"
+
 #: The distill settings of each student variant (over the claim's config).
 VARIANTS = {"KD": {"lam": 0.0}, "e2KD": {"lam": 1.0}, "e2KD frozen": {"lam": 1.0, "teacher_mode": "frozen"}}
 
@@ -345,7 +348,7 @@ def check_teacher_files(planned: list[tuple[Claim, dict[int, dict[str, Experimen
 
 
 def run_claim(claim: Claim, configs: dict[int, dict[str, ExperimentConfig]], log: Callable[[str], None],
-              data: str = "shape images (miniature)") -> dict[str, Any]:
+              data: str = MINIATURE) -> dict[str, Any]:
     """Teacher and students of one claim (``configs`` per seed); the paired rows of the report."""
     seeds = list(configs)
     teacher_config = configs[seeds[0]].get("teacher")
@@ -387,7 +390,7 @@ def _stat(values: list[float]) -> str:
 def report(claims: list[dict[str, Any]], seeds: Sequence[int], quick: bool, seconds: float,
            overrides: Sequence[str] = ()) -> str:
     """The Markdown report: one table row per measured quantity (values in percent)."""
-    miniature = all(c.get("data", "shape images (miniature)") == "shape images (miniature)" for c in claims)
+    miniature = all(c.get("data", MINIATURE) == MINIATURE for c in claims)
     where = "on shape images in the paper's data formats" if miniature else "on the data listed per claim below"
     lines = ["# e2kd reproduce", "",
              f"{'Quick (smoke) run' if quick else 'Full run'} {where}; seeds "
@@ -404,7 +407,7 @@ def report(claims: list[dict[str, Any]], seeds: Sequence[int], quick: bool, seco
     for claim in claims:
         values = ", ".join(f"{split} {metric} {100 * value:.1f}" for split, metrics in claim.get("teacher", {}).items()
                            for metric, value in metrics.items() if isinstance(value, (int, float)))
-        data = claim.get("data", "shape images (miniature)")
+        data = claim.get("data", MINIATURE)
         lines.append(f"- {claim['key']}: {data}; teacher: {values or 'a given checkpoint (not evaluated here)'}")
     if overrides:
         lines += ["", f"Full-size runs with {' '.join(f'--set {o}' for o in overrides)}."]
@@ -473,7 +476,7 @@ def run_reproduce(out_dir: str | Path = "reproduce_out", seeds: Sequence[int] = 
             data = f"{setting.dataset} at {real.folders[setting.dataset]}, paper settings e2kd/configs/{setting.config}.yaml"
             planned.append((claim, paper_configs(claim, root, seeds, real), data))
         else:  # frozen reuses the few-data runs' teacher and KD
-            planned.append((claim, miniature_configs(claim, out / claim.root, seeds, scale), "shape images (miniature)"))
+            planned.append((claim, miniature_configs(claim, out / claim.root, seeds, scale), MINIATURE))
     check_teacher_files([(claim, configs) for claim, configs, _ in planned], real)
     done = [run_claim(claim, configs, log, data) for claim, configs, data in planned]
     seconds = time.time() - start
