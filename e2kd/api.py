@@ -96,6 +96,16 @@ class Explainer(PluginItem):
         extra = self.extra_forwards
         return int(getattr(self.options, extra)) if isinstance(extra, str) else int(extra)
 
+    def map_channels(self, input_channels: int) -> int:
+        """Channels of this instance's maps for inputs of ``input_channels`` (default:
+        :attr:`output_channels`, or the input's when None); override when an option changes it."""
+        return self.output_channels or input_channels
+
+    def at_input_resolution(self) -> bool:
+        """True when this instance's maps are at the input's (H, W) (the default); False for maps
+        at the method's own, smaller resolution (e.g. Grad-CAM with ``upsample: false``)."""
+        return True
+
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`e2kd.errors.ModelError` if this explainer cannot explain ``model``."""
 

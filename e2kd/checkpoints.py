@@ -23,6 +23,7 @@ import hashlib
 import pickle
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,7 +87,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_torch(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's "Detected pickle protocol N ... file an issue" on plain pickles
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function to import
             raise ModelError(f"checkpoint {path}: holds pickled Python objects besides tensors (e.g. a whole model saved "

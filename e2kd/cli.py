@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from .errors import ConfigError, E2KDError
 
@@ -17,6 +19,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.lam=0 (repeatable)")
     p.add_argument("--out", type=Path, help="run directory (overrides out_dir)")
+
+
+def _add_rerun(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rerun", action="store_true", help="train again even if the run directory holds a finished "
+                   "run of this config (its results are replaced)")
 
 
 def _load(args: argparse.Namespace):
@@ -52,13 +59,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([i.to_json() for i in items] + [p.to_json() for p in problems], indent=2, default=str))
         return 0
-    rows = [("KIND", "NAME", "DISTRIBUTION", "CAPABILITIES", "DESCRIPTION")]
+    rows = [("KIND", "NAME", "DISTRIBUTION", "ENTRY POINT", "CAPABILITIES", "DESCRIPTION")]
     for i in items:
         caps = " ".join(f"{k}={v}" for k, v in i.capabilities.items())
-        rows.append((i.kind, i.name, i.distribution, caps, i.description + ("" if i.status == "ok" else f"  [{i.status}]")))
-    widths = [max(len(str(r[c])) for r in rows) for c in range(4)]
+        dist = f"{i.distribution} {i.version}" if i.version else i.distribution
+        rows.append((i.kind, i.name, dist, i.plugin, caps, i.description + ("" if i.status == "ok" else f"  [{i.status}]")))
+    widths = [max(len(str(r[c])) for r in rows) for c in range(5)]
     for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in range(4)) + "  " + r[4])
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in range(5)) + "  " + r[5])
     if problems:
         print(f"\n{len(problems)} plugin problem(s) (the other plugins work; E2KD_DEBUG=1 shows import tracebacks):")
         for p in problems:
@@ -70,7 +78,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
     from .experiment import train_teacher
 
     config = _load(args)
-    _print_results(train_teacher(config))
+    _print_results(train_teacher(config, rerun=args.rerun))
     if _is_main():
         print(f"run directory: {config.out_dir}")
     return 0
@@ -80,7 +88,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .experiment import distill
 
     config = _load(args)
-    _print_results(distill(config))
+    _print_results(distill(config, rerun=args.rerun))
     if _is_main():
         print(f"run directory: {config.out_dir}")
     return 0
@@ -176,7 +184,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2") from None
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     rows = run_sweep(args.config, args.grid, seeds, args.out, shard=(index, count), overrides=args.overrides,
-                     plot_metric=args.plot_metric)
+                     plot_metric=args.plot_metric, rerun=args.rerun)
     done = sum(r["status"] == "done" for r in rows)
     print(f"{done}/{len(rows)} runs finished; wrote {args.out / 'sweep.csv'}, sweep.md"
           + (", sweep.png" if done else ""))
@@ -184,8 +192,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: no usage block, a "did you mean" for a mistyped choice."""
+
+    def error(self, message: str) -> NoReturn:
+        bad = re.search(r"invalid choice: '([^']*)'", message)
+        if bad:
+            choices = [str(c) for a in self._actions if a.choices for c in a.choices]
+            hint = difflib.get_close_matches(bad.group(1), choices, n=1)
+            what = "command" if message.startswith("argument command") else "choice"
+            message = f"unknown {what} {bad.group(1)!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") \
+                + f" (known: {', '.join(choices)})"
+        else:
+            message += f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="e2kd", description="Explanation-enhanced knowledge distillation.")
+    parser = _Parser(prog="e2kd", description="Explanation-enhanced knowledge distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list registered explainers, similarities, metrics, models and datasets")
@@ -195,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-teacher", help="train config.model with cross-entropy")
     _add_config_args(p)
+    _add_rerun(p)
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("distill", help="distill config.teacher into config.model (KD + explanation term)")
     _add_config_args(p)
+    _add_rerun(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("precompute", help="run the teacher once over the training set and cache its logits and "
@@ -226,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
     p.add_argument("--shard", default="0/1", help="run only runs i, i+N, ... (I/N), to split a sweep over processes")
     p.add_argument("--plot-metric", help="SPLIT/METRIC for sweep.png (default: test_ood/accuracy)")
+    p.add_argument("--rerun", action="store_true", help="train every run of this shard again, finished ones too")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="KD vs e2KD on built-in synthetic data (about 2 minutes on 2 CPU cores)")

@@ -381,6 +381,12 @@ def describe_difference(stored: dict[str, Any], current: dict[str, Any], prefix:
             changes += describe_difference(a, b, f"{path}.", where=where)
         elif key == "weights_sha256":
             changes.append(f"{prefix}weights (sha256 {str(a)[:10]}… {where}, {str(b)[:10]}… now)")
+        elif _is_digest(a) and _is_digest(b):
+            changes.append(f"{path} (sha256 {a[:10]}… {where}, {b[:10]}… now)")
         else:
             changes.append(f"{path} ({a!r} {where}, {b!r} now)")
     return changes
+
+
+def _is_digest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)

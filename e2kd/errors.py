@@ -21,6 +21,10 @@ class DataError(E2KDError):
     """A dataset folder, file or image is missing, malformed or unreadable."""
 
 
+class TrainingError(E2KDError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
 class CacheError(E2KDError):
     """A frozen-teacher cache is missing, stale (made for another setting) or corrupt."""
 

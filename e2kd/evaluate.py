@@ -3,6 +3,7 @@ evaluation splits a config names."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Iterable
 
 import torch
@@ -51,14 +52,15 @@ def evaluate(
         t_logits = t_maps = None
         targets = []
         if teacher is not None:
-            t_logits, t_maps, t_top1 = explained_forward(teacher, images, explainer if pair_maps else None)
+            t_logits, t_maps, t_top1 = explained_forward(teacher, images, explainer if pair_maps else None,
+                                                         role="teacher")
             if pair_maps:
                 targets.append(t_top1)
         if label_maps:
             label_targets, label_weights = label_sets(labels)
             targets.append(label_targets)
         logits, maps, _ = explained_forward(model, images, explainer if targets else None,
-                                            torch.cat(targets, dim=1) if targets else None)
+                                            torch.cat(targets, dim=1) if targets else None, role="evaluated model")
         eval_batch = EvalBatch(
             logits=logits, labels=labels, teacher_logits=t_logits,
             explanations=maps[:, 0] if pair_maps else None, teacher_explanations=t_maps[:, 0] if pair_maps else None,
@@ -113,11 +115,13 @@ def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Modul
     runtime = runtime or Runtime(device_of(config))
     explainer = eval_explainer(config)
     training_similarity = create("similarity", config.distill.similarity.name, config.distill.similarity.options)
-    results: dict[str, Any] = {"splits": {}, "skipped": {}}
+    refs = metrics or config.eval.metrics
+    results: dict[str, Any] = {"splits": {}, "skipped": {}, "higher_is_better": {}}
     for split in eval_splits(config, dataset):
-        created = {m.name: create("metric", m.name, m.options) for m in (metrics or config.eval.metrics)}
+        created = {key: create("metric", m.name, m.options) for key, m in zip(metric_keys(refs), refs)}
         for metric in created.values():
             metric.bind(similarity=training_similarity)
+        results["higher_is_better"] = {key: metric.higher_is_better for key, metric in created.items()}
         view = split_view(dataset, split, "eval")
         if runtime.distributed:
             view = Subset(view, range(runtime.rank, len(view), runtime.world_size))
@@ -128,6 +132,18 @@ def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Modul
         results["splits"][split] = values
         results["skipped"].update(skipped)
     return results
+
+
+def metric_keys(refs: list[PluginRef]) -> list[str]:
+    """The key of each metric in the results: its name, and where one name is given with different
+    options, the name with the options written out (``explanation_similarity[similarity=l2]``)."""
+    names = [ref.name for ref in refs]
+    keys = []
+    for ref in refs:
+        options = ",".join(f"{k}={json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}"
+                           for k, v in sorted(ref.options.items()))
+        keys.append(f"{ref.name}[{options}]" if names.count(ref.name) > 1 and options else ref.name)
+    return keys
 
 
 def merge_across_processes(metrics: dict[str, Metric], skipped: dict[str, str],

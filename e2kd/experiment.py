@@ -24,7 +24,7 @@ from . import mixup
 from .guidance import AnnotatedSamples, Guidance
 from .models import build_from, load_teacher
 from .registry import create
-from .runs import atomic_torch_save, atomic_write_json, finished_results, prepare_run_dir
+from .runs import atomic_torch_save, atomic_write_json, prepare_run_dir, reused
 from .runtime import Runtime, progress_enabled, runtime_of
 from .train import fit, make_optimizer, make_schedule
 
@@ -49,19 +49,20 @@ def _fit(config: ExperimentConfig, runtime: Runtime, model: nn.Module, step, dat
                progress=progress_enabled(config), desc=desc)
 
 
-def _run_dir(config: ExperimentConfig, runtime: Runtime) -> Path:
+def _run_dir(config: ExperimentConfig, runtime: Runtime, rerun: bool = False) -> Path:
     """The run directory, created (and checked) by the main process; the others wait for it."""
     with runtime.main_first():
-        out = prepare_run_dir(config) if runtime.is_main else Path(config.out_dir)
+        out = prepare_run_dir(config, rerun=rerun) if runtime.is_main else Path(config.out_dir)
     return out
 
 
-def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
+def train_teacher(config: ExperimentConfig, *, rerun: bool = False) -> dict[str, Any]:
     """Train ``config.model`` on the labels (cross-entropy, or BCE for multi-label data).
 
-    A finished run of the same config is reused; an interrupted one resumes.
+    A finished run of the same config (and code, see :func:`e2kd.runs.produced_by`) is reused
+    unless ``rerun``; an interrupted one resumes.
     """
-    if (done := finished_results(config)) is not None:
+    if (done := reused(config, rerun)) is not None:
         return done
     if config.train.mixup is not None and config.train.guidance is not None:
         raise ConfigError(f"{config.source}: train.mixup: mixed images have no boxes to guide towards; use either "
@@ -80,7 +81,7 @@ def train_teacher(config: ExperimentConfig) -> dict[str, Any]:
             raise ConfigError(f"{config.source}: train.guidance.explainer: {exc}") from None
         g = config.train.guidance
         samples = AnnotatedSamples(dataset.samples(dataset.train_split), g.annotated_fraction, config.seed)
-    out = _run_dir(config, runtime)  # after every check
+    out = _run_dir(config, runtime, rerun)  # after every check
     forward = runtime.ddp(model)
 
     def step(batch, index):
@@ -194,12 +195,13 @@ def precompute(config: ExperimentConfig, *, force: bool = False) -> TeacherCache
     return prepare_cache(config, load_teacher(config, dataset), dataset, force=force)
 
 
-def distill(config: ExperimentConfig) -> dict[str, Any]:
+def distill(config: ExperimentConfig, *, rerun: bool = False) -> dict[str, Any]:
     """Distill ``config.teacher`` into ``config.model``; returns metrics.
 
-    A finished run of the same config is reused; an interrupted one resumes.
+    A finished run of the same config (and code, see :func:`e2kd.runs.produced_by`) is reused
+    unless ``rerun``; an interrupted one resumes.
     """
-    if (done := finished_results(config)) is not None:
+    if (done := reused(config, rerun)) is not None:
         return done
     if config.train.guidance is not None:
         raise ConfigError(f"{config.source}: train.guidance guides a model trained on labels (train-teacher); "
@@ -223,7 +225,7 @@ def distill(config: ExperimentConfig) -> dict[str, Any]:
     # a frozen teacher is replayed from the cache: the distiller gets no teacher model at all
     distiller = make_distiller(config, None if frozen else teacher, student, dataset, runtime.ddp(student))
     cache = prepare_cache(config, teacher, dataset, runtime=runtime) if frozen else None
-    out = _run_dir(config, runtime)
+    out = _run_dir(config, runtime, rerun)
     torch.set_rng_state(rng)
     samples = FrozenTeacherDataset(dataset.samples(dataset.train_split), cache) if frozen else None
 

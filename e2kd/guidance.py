@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from .api import Explainer
-from .distill import at_least_fp32, label_sets
+from .distill import at_least_fp32, check_gradient_path, explain_checked, label_sets
 from .errors import PluginError
 
 #: Guards the divisions of both losses.
@@ -63,6 +63,8 @@ class Guidance:
         if loss not in GUIDANCE_LOSSES:
             raise ValueError(f"guidance loss must be one of {', '.join(GUIDANCE_LOSSES)} (got {loss!r})")
         self.explainer, self.loss = explainer, GUIDANCE_LOSSES[loss]
+        #: Whether the guided map was checked to reach the model's parameters (first guided call).
+        self.graph_checked = False
 
     def __call__(self, model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                  labels: torch.Tensor, masks: torch.Tensor, annotated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +80,16 @@ class Guidance:
         per_class = class_masks(masks, classes)
         losses = []
         for j in range(classes.shape[1]):
-            maps = at_least_fp32(cap.explain(logits, classes[:, j], create_graph=True))
+            maps = explain_checked(self.explainer, cap, logits, classes[:, j], images, role="guided model",
+                                   create_graph=True)
             if maps.shape[1] != 1:
                 raise PluginError(f"guidance needs one-channel maps; explainer {self.explainer.name!r} gives "
                                  f"{maps.shape[1]} channels (for bcos set contribution: true)")
-            losses.append(self.loss(maps, per_class[:, j:j + 1]))
+            if not self.graph_checked:
+                check_gradient_path(self.explainer, maps, model, role="guided model",
+                                    consequence="train.guidance would guide nothing", fix="remove train.guidance")
+                self.graph_checked = True
+            losses.append(self.loss(at_least_fp32(maps), per_class[:, j:j + 1]))
         per_pair = torch.stack(losses, dim=1)
         return logits, (per_pair * weights).sum() / weights.sum()
 

@@ -2,7 +2,9 @@
 
 Plugins are found through the entry-point group ``e2kd`` (built-ins included), loaded
 lazily and once. ``E2KD_PLUGINS`` restricts which entry points load: unset loads all,
-a comma-separated list loads those names, an empty value loads none.
+a comma-separated list loads those names (entry points or distributions), an empty value
+loads none; ``-name`` entries and ``E2KD_DISABLE_PLUGINS`` leave names out (see
+:func:`plugin_selection`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .errors import PluginError
 
 ENTRY_POINT_GROUP = "e2kd"
 ENV_VAR = "E2KD_PLUGINS"
+DISABLE_VAR = "E2KD_DISABLE_PLUGINS"
 DEBUG_VAR = "E2KD_DEBUG"
 #: The distribution of the built-in plugins (in a clash, the other item is the one reported).
 BUILT_IN_DISTRIBUTION = "e2kd"
@@ -54,6 +57,8 @@ class PluginInfo:
     cls: type[PluginItem] | None = field(default=None, compare=False, repr=False)
     #: "ok", or what is wrong ("clash: ..." when two plugins register the name)
     status: str = "ok"
+    #: the distribution's version (None for a plugin registered at run time)
+    version: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +66,7 @@ class PluginInfo:
             "name": self.name,
             "description": self.description,
             "distribution": self.distribution,
+            "version": self.version,
             "plugin": self.plugin,
             "options": self.options,
             "capabilities": self.capabilities,
@@ -84,6 +90,32 @@ class PluginProblem:
                 "status": "error", "error": self.message}
 
 
+def plugin_selection() -> tuple[set[str] | None, set[str]]:
+    """(allowed, excluded) entry-point or distribution names from the environment.
+
+    ``E2KD_PLUGINS`` unset: every entry point; ``a,b``: only those (an entry point's name or its
+    distribution's, e.g. ``e2kd`` for every built-in); empty: none. Entries written ``-name``, and
+    the names in ``E2KD_DISABLE_PLUGINS``, are left out whatever else is allowed.
+    """
+    allowed = os.environ.get(ENV_VAR)
+    entries = [n.strip() for n in (allowed or "").split(",") if n.strip()]
+    excluded = {n[1:].strip() for n in entries if n.startswith("-")}
+    excluded |= {n.strip() for n in os.environ.get(DISABLE_VAR, "").split(",") if n.strip()}
+    wanted = {n for n in entries if not n.startswith("-")}
+    if allowed is None or (not wanted and any(n.startswith("-") for n in entries)):
+        return None, excluded  # unset, or only exclusions: everything else loads
+    return wanted, excluded
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded, or the plugin selection names what is not installed."""
+
+
+def _warn(message: str) -> None:
+    """A one-line warning, ``e2kd:0: PluginWarning: ...`` (no source line of e2kd's under it)."""
+    warnings.warn_explicit(message, PluginWarning, filename="e2kd", lineno=0, module="e2kd")
+
+
 def _where(exc: BaseException) -> str:
     """``file:line`` of the innermost frame of an exception's traceback."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -100,6 +132,7 @@ class _Registry:
         self.pm.add_hookspecs(hookspecs)
         self._entry_points_loaded = False
         self._distributions: dict[str, str] = {}  # plugin name -> distribution name
+        self._versions: dict[str, str] = {}  # plugin name -> distribution version
         self._items: dict[str, dict[str, PluginInfo]] | None = None
         self._failed: list[PluginProblem] = []  # entry points that failed to import
         self._problems: list[PluginProblem] = []  # misdeclared items and clashes (rebuilt with the items)
@@ -110,15 +143,17 @@ class _Registry:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
-        allowed = os.environ.get(ENV_VAR) if self._honour_env else None
-        wanted = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+        wanted, excluded = plugin_selection() if self._honour_env else (None, set())
         seen: set[str] = set()
+        named: set[str] = set()  # selection entries that matched an entry point or a distribution
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else "?"
             if self._only is not None and dist_name not in self._only:
                 continue
-            if ep.name in seen or (wanted is not None and ep.name not in wanted):
+            names = {ep.name, dist_name}
+            named |= names & (excluded | (wanted or set()))
+            if ep.name in seen or names & excluded or (wanted is not None and not names & wanted):
                 continue
             seen.add(ep.name)
             if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
@@ -130,16 +165,19 @@ class _Registry:
                            f"{type(exc).__name__}: {exc} at {_where(exc)}")
                 detail = "".join(traceback.format_exception(exc))
                 self._failed.append(PluginProblem(ep.name, dist_name, message, detail=detail))
-                warnings.warn(f"e2kd: {message}" + ("" if os.environ.get(DEBUG_VAR) else f" ({DEBUG_VAR}=1 shows the traceback)"))
+                _warn(message + ("" if os.environ.get(DEBUG_VAR) else f" ({DEBUG_VAR}=1 shows the traceback)"))
                 if os.environ.get(DEBUG_VAR):
                     print(detail, file=sys.stderr)
                 continue
             self.pm.register(plugin, name=ep.name)
             self._distributions[ep.name] = dist_name
-        if wanted:
-            missing = sorted(wanted - seen)
-            if missing:
-                warnings.warn(f"e2kd: {ENV_VAR} names entry points that are not installed: {', '.join(missing)}")
+            if dist is not None:
+                self._versions[ep.name] = dist.version
+        missing = sorted((wanted or set()) | excluded) if self._only is None else []
+        missing = [n for n in missing if n not in named]
+        if missing:
+            _warn(f"{ENV_VAR} / {DISABLE_VAR} name entry points or distributions that are not installed: "
+                  f"{', '.join(missing)} (e2kd plugins lists both)")
         self.pm.check_pending()
 
     def _collect(self) -> dict[str, dict[str, PluginInfo]]:
@@ -153,10 +191,11 @@ class _Registry:
             # Call each implementation separately to know which plugin registered what.
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 dist = self._distributions.get(impl.plugin_name, "(registered at run time)")
+                version = self._versions.get(impl.plugin_name)
 
-                def register(cls: type, *, _impl=impl, _dist=dist, _kind=kind, _base=base) -> None:
+                def register(cls: type, *, _impl=impl, _dist=dist, _version=version, _kind=kind, _base=base) -> None:
                     try:
-                        info = _describe(cls, _kind, _base, _impl.plugin_name, _dist)
+                        info = replace(_describe(cls, _kind, _base, _impl.plugin_name, _dist), version=_version)
                     except PluginError as exc:  # a misdeclared item is reported, and only its name fails
                         problems.append(PluginProblem(_impl.plugin_name, _dist, str(exc), _kind, getattr(cls, "name", None)))
                         return

@@ -54,14 +54,23 @@ def explanation_figure(
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown: one row per run, one column per split/metric (per-cell and per-shift values left out)."""
+    """Markdown: one row per run, one column per split/metric (per-cell and per-shift values left
+    out); a metric where lower is better is marked ↓."""
     rows = {run: {f"{split}/{k}": v for split, values in r["splits"].items() for k, v in flatten_metrics(values).items()}
             for run, r in results.items()}
+    lower = {key for r in results.values() for key, higher in r.get("higher_is_better", {}).items() if not higher}
     columns = list(dict.fromkeys(c for row in rows.values() for c in row
                                  if ".y" not in c and ".shift_" not in c))
-    lines = ["| run | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+
+    def header(column: str) -> str:
+        metric = column.split("/", 1)[1]
+        return column + (" ↓" if any(metric == k or metric.startswith(f"{k}.") for k in lower) else "")
+
+    lines = ["| run | " + " | ".join(header(c) for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for run, row in rows.items():
         lines.append(f"| {run} | " + " | ".join(f"{row[c]:.4g}" if c in row else "—" for c in columns) + " |")
+    if any(header(c) != c for c in columns):
+        lines.append("\n↓: lower is better")
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +98,8 @@ def evaluate_report(
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process writes the report
         return {"results": results, "figures": {}, "out": str(out)}
     if out.resolve() not in {r.path.resolve() for r in runs}:  # inside a run dir, its own metrics.json is the record
-        atomic_write_json(out / "metrics.json", {name: {k: r[k] for k in ("splits", "skipped")} for name, r in results.items()})
+        atomic_write_json(out / "metrics.json", {name: {k: r[k] for k in ("splits", "skipped", "higher_is_better")
+                                                        if k in r} for name, r in results.items()})
     atomic_write_text(out / "report.md", table(results))
     first = runs[0]
     teacher = next((r.teacher for r in runs if r.teacher is not None), None)

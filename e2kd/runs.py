@@ -3,10 +3,12 @@ config, and loading a finished run."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from .data import ViewDataset, dataset_of, split_view
 from .errors import ConfigError
 from .evaluate import eval_explainer, evaluate_model
 from .models import build_from, load_teacher
-from .registry import create
+from .registry import create, registry
 from .runtime import device_of, runtime_of
 
 if TYPE_CHECKING:
@@ -70,14 +72,46 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, modification time) within the process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def produced_by(config: ExperimentConfig) -> dict[str, Any]:
+    """What besides the config decides a run's results: e2kd's version, the distribution and version
+    of every plugin item the config names, and the SHA-256 of each checkpoint file it starts from
+    (the teacher's, a student's initial weights). Stored in env.json; a run is reused only when it is
+    the same now (a checkpoint file that is gone is not compared)."""
+    plugins = {}
+    for _, kind, ref in config.plugin_refs():
+        info = registry().info(kind, ref.name)
+        plugins[f"{kind} {ref.name}"] = f"{info.distribution} {info.version}" if info.version else info.distribution
+    files = {role: _sha256(ref.checkpoint) for role, ref in (("model", config.model), ("teacher", config.teacher))
+             if ref is not None and ref.checkpoint is not None and ref.checkpoint.is_file()}
+    return {"e2kd": _version("e2kd"), "plugins": plugins, "checkpoints": files}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(seed: int) -> dict[str, Any]:
     """Seed, package versions, git revision and command line of this process."""
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {name: _version(name) for name in _PACKAGES}
     return {
         "seed": seed,
         "python": platform.python_version(),
@@ -102,44 +136,77 @@ def git_revision() -> str | None:
 
 
 def _identity_problem(out: Path, config: ExperimentConfig) -> str | None:
-    """None if ``out`` holds no config or one with the same identity as ``config``, else what differs."""
+    """None if ``out`` holds no config, or one with the same identity as ``config`` produced by the
+    same code and checkpoints (:func:`produced_by`); else what differs."""
     existing = out / "config.yaml"
     if not existing.is_file():
         return None
     stored = stored_config(existing)
     if stored is None:
         return "its config.yaml no longer validates"
-    if identity_digest(stored) == identity_digest(config):
-        return None
-    changes = describe_difference(run_identity(stored), run_identity(config), where="there")
+    if identity_digest(stored) != identity_digest(config):
+        changes = describe_difference(run_identity(stored), run_identity(config), where="there")
+    else:
+        try:
+            record = json.loads((out / "env.json").read_text()).get("produced_by")
+        except (OSError, ValueError):
+            record = None
+        if record is None:
+            return "it records no e2kd and plugin versions (written by an older e2kd)"
+        now = produced_by(config)
+        record = {**record, "checkpoints": {k: v for k, v in record.get("checkpoints", {}).items()
+                                            if k in now["checkpoints"]}}
+        changes = describe_difference(record, now, where="there")
+        if not changes:
+            return None
     return "; ".join(changes[:3]) + (f" (+{len(changes) - 3} more)" if len(changes) > 3 else "")
 
 
-def prepare_run_dir(config: ExperimentConfig) -> Path:
+#: What a run directory holds once trained (removed by ``rerun``; config.yaml and env.json are rewritten).
+TRAINED_FILES = ("model.pt", "checkpoint.pt", "metrics.json", "steps.csv", "epochs.csv")
+
+
+def prepare_run_dir(config: ExperimentConfig, *, rerun: bool = False) -> Path:
     """Create ``config.out_dir`` with config.yaml and env.json; refuse one that holds a (partly)
-    trained run of another config (compared by :func:`e2kd.config.run_identity`, so output folder,
-    progress bar and loader workers may differ)."""
+    trained run of another config or of other code (compared by :func:`e2kd.config.run_identity`,
+    so output folder, progress bar and loader workers may differ, and :func:`produced_by`).
+    ``rerun``: remove what an earlier run trained there and start over (not in a worker that torchrun
+    restarted after a failure: that one resumes the rerun)."""
     out = Path(config.out_dir)
+    if rerun and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:  # a restarted worker resumes
+        for name in TRAINED_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
     problem = _identity_problem(out, config)
     trained = (out / "model.pt").is_file() or (out / "checkpoint.pt").is_file()
     if problem is not None and trained:
-        raise ConfigError(f"{out}: run directory holds a different run ({problem}); "
+        raise ConfigError(f"{out}: run directory holds a different run ({problem}); train it again with --rerun, "
                           f"choose another out_dir (--out) or delete it")
     # a directory with nothing trained in it (e.g. left by a run that failed before its first
     # epoch) is simply taken over by this config
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(config))
-    atomic_write_json(out / "env.json", environment(config.seed))
+    atomic_write_json(out / "env.json", {**environment(config.seed), "produced_by": produced_by(config)})
     return out
 
 
 def finished_results(config: ExperimentConfig) -> dict[str, Any] | None:
-    """The metrics of a finished run of this config in ``config.out_dir``, else None."""
+    """The metrics of a finished run of this config, made by the same code from the same
+    checkpoints, in ``config.out_dir``; else None."""
     out = Path(config.out_dir)
     files = [out / "config.yaml", out / "model.pt", out / "metrics.json"]
     if all(f.is_file() for f in files) and _identity_problem(out, config) is None:
         return json.loads(files[2].read_text())
     return None
+
+
+def reused(config: ExperimentConfig, rerun: bool = False) -> dict[str, Any] | None:
+    """The results of a finished run of this config to reuse (None with ``rerun``), saying so in one line."""
+    done = None if rerun else finished_results(config)
+    if done is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"e2kd: {config.out_dir} holds a finished run of this config (same e2kd, plugin versions and "
+              f"checkpoints): reused, not trained again (--rerun trains it again)", file=sys.stderr)
+    return done
 
 
 @dataclass

@@ -80,6 +80,19 @@ class Runtime:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def mean_over_processes(self, scalars: dict[str, torch.Tensor]) -> dict[str, float]:
+        """0-d tensors as floats, averaged over the processes when distributed (one transfer and
+        one collective for all of them)."""
+        if not scalars:
+            return {}
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # (MPS has no float64)
+        values = torch.stack([v.detach().reshape(()).to(dtype) for v in scalars.values()])
+        if self.distributed:
+            values = values.to(self.device)
+            torch.distributed.all_reduce(values)
+            values = values / self.world_size
+        return dict(zip(scalars, values.tolist()))
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
@@ -106,8 +119,26 @@ def _process_group() -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend)
+        store = _attempt_store()
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
     return dist.get_rank(), dist.get_world_size(), local
+
+
+def _attempt_store():
+    """torchrun's agent store, with keys of this restart attempt only (None when the agent hosts no
+    store). The agent keeps one store across restarts; without the prefix a restarted worker can read
+    the address a killed worker published and fail to connect (seen with gloo, torch 2.14)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+    from torch.distributed.constants import default_pg_timeout
+
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"e2kd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
 
 def device_of(config: ExperimentConfig) -> torch.device:

@@ -86,8 +86,10 @@ def run_sweep(
     overrides: list[str] | None = None,
     plot_metric: str | None = None,
     log: Callable[[str], None] = print,
+    rerun: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run (this shard of) the sweep and write the summaries over every finished run."""
+    """Run (this shard of) the sweep and write the summaries over every finished run (``rerun``:
+    train this shard's runs again, finished ones too)."""
     from .experiment import distill, train_teacher
     from .runs import finished_results
 
@@ -101,10 +103,10 @@ def run_sweep(
     index, count = shard
     mine = [r for i, r in enumerate(runs) if i % count == index]
     for i, run in enumerate(mine, 1):
-        done = finished_results(run.config) is not None
+        done = not rerun and finished_results(run.config) is not None
         log(f"[sweep {i}/{len(mine)}] {run.name}" + (" (finished, skipped)" if done else ""))
         if not done:
-            (distill if run.config.teacher is not None else train_teacher)(run.config)
+            (distill if run.config.teacher is not None else train_teacher)(run.config, rerun=rerun)
     rows = collect(runs)
     write_summaries(rows, list(grid), out, plot_metric)
     return rows

@@ -121,7 +121,7 @@ def explainer_shape_and_batch(explainer: Explainer) -> None:
     """(B, C, H, W) at input resolution, input dtype, finite, non-zero; a batch equals one sample at a time."""
     model = model_for(explainer).eval()
     x = _x()
-    channels = explainer.output_channels or x.shape[1]
+    channels = explainer.map_channels(x.shape[1])
     total = 0.0
     for c in range(3):
         maps = explainer.explain(model, x, c)
@@ -514,11 +514,21 @@ DATASET_CASES: dict[str, Callable[[Dataset], None]] = {
 # -- one call per item ----------------------------------------------------------------------
 
 def _run_all(cases: dict[str, Callable], item: Any) -> None:
+    """Every case on ``item``; the first failure, an assertion or any error the item raises, becomes
+    an AssertionError naming the item and the case (an error's first line; the cause is chained)."""
     for name, case in cases.items():
         try:
             case(item)
         except AssertionError as exc:
             raise AssertionError(f"{type(item).__name__} fails contract case {name!r}: {exc}") from exc
+        except Exception as exc:
+            raise AssertionError(f"{type(item).__name__} fails contract case {name!r}: it raised "
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "(no message)"
 
 
 def check_explainer(explainer: Explainer) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .errors import ModelError
+from .errors import ModelError, TrainingError
 from .runs import atomic_torch_save
 from .runtime import Runtime
 
@@ -170,6 +170,16 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}); delete it to start over") from None
 
 
+def _diverged(step: int, scalars: dict[str, float], checkpoint: Path | None, saved_step: int | None) -> str:
+    """The one-line message of a loss that is not finite."""
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "loss")
+    kept = (f"the last good checkpoint, {checkpoint} (after step {saved_step}), is kept" if saved_step is not None
+            else "no checkpoint was written yet")
+    return (f"step {step}: the loss is {scalars['loss']}" + (f" ({terms})" if terms else "")
+            + f"; training stopped before the update and {kept}; lower train.lr, use train.precision fp32 or bf16, "
+              f"or check the data, then rerun to resume")
+
+
 def fit(
     model: nn.Module,
     step: StepFn,
@@ -194,8 +204,10 @@ def fit(
     processes). With ``checkpoint`` set, the state — model, optimizer, scheduler, loss scaler,
     every RNG, epoch and position inside it — is written there atomically every
     ``checkpoint_every`` steps and at the end of each epoch, and a later call resumes from it
-    exactly (bit-identical with ``num_workers=0`` and deterministic kernels). Returns the
-    per-epoch means of every scalar ``step`` returns.
+    exactly (bit-identical with ``num_workers=0`` and deterministic kernels). The logged scalars
+    are the means over processes (the global batch's); a loss that is not finite stops training
+    with :class:`e2kd.errors.TrainingError` before the update, leaving the last checkpoint as it
+    was. Returns the per-epoch means of every scalar ``step`` returns.
     """
     runtime = runtime or Runtime(torch.device("cpu"))
     sampler = EpochBatches(len(dataset), batch_size, seed=seed, rank=runtime.rank, world_size=runtime.world_size)
@@ -221,8 +233,14 @@ def fit(
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=generator,
                         pin_memory=runtime.device.type == "cuda")
 
+    saved_step = epoch * per_epoch + position if checkpoint is not None and checkpoint.is_file() else None
+
     def save(epoch_: int, position_: int) -> None:
-        if checkpoint is None or not runtime.is_main:
+        nonlocal saved_step
+        if checkpoint is None:
+            return
+        saved_step = epoch_ * per_epoch + position_
+        if not runtime.is_main:
             return
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -243,12 +261,15 @@ def fit(
             out = step(batch, index)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
+            # the global batch's values (every process's mean), as one process over the whole batch logs them
+            scalars = runtime.mean_over_processes({k: v for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0})
+            if not math.isfinite(scalars["loss"]):
+                raise TrainingError(_diverged(index + 1, scalars, checkpoint, saved_step))
             scaler.step(optimizer)
             scaler.update()
             if scheduler is not None:
                 scheduler.step()
             position += 1
-            scalars = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
             for key, value in scalars.items():
                 sums[key] += value
             sums["batches"] += 1

@@ -110,6 +110,18 @@ def test_pickled_objects_are_refused_without_being_run(tmp_path):
     assert not marker.exists()
 
 
+def test_a_plain_pickle_of_another_protocol_is_refused_without_torchs_warning(tmp_path):
+    import warnings
+
+    with (tmp_path / "plain.pkl").open("wb") as f:
+        pickle.Pickler(f, protocol=4).dump({"fc.weight": [1.0, 2.0], "payload": _Sentinel(tmp_path / "ran")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns "Detected pickle protocol 4 ... please file an issue"
+        with pytest.raises(ModelError, match=r"plain.pkl: (holds pickled Python objects|neither a safetensors)"):
+            load_weights(_model(1), tmp_path / "plain.pkl")
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_mismatch_names_missing_unexpected_and_shapes(tmp_path):
     state = _model(0).state_dict()
     state.pop("fc.bias")

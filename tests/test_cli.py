@@ -220,3 +220,17 @@ def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "teacher"), "--metrics", "accuracy,agreement,epg"]) == 0
     alone = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
     assert set(alone["splits"]["test_id"]) == {"accuracy", "epg"} and alone["skipped"] == {"agreement": "needs teacher"}
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["distil", "x.yaml"], "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, "
+                           "train-teacher, distill, "),
+    (["plugins", "--kind", "explainr"], "e2kd plugins: error: unknown choice 'explainr'; did you mean 'explainer'?"),
+    (["distill"], "e2kd distill: error: the following arguments are required: config (see e2kd distill --help)"),
+])
+def test_command_line_mistakes_are_one_line(argv, line, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line), err

@@ -35,13 +35,40 @@ def test_the_explainer_and_metric_options_of_the_config_are_used(setup):
     assert eval_explainer(other).options.layer == "layers.0"  # eval.explainer wins
     results = evaluate_model(config, model, teacher, dataset, metrics=[m for m in config.eval.metrics
                                                                         if m.name == "accuracy"])
-    # the two accuracy entries share a name: the later (top-2) one is reported
+    # the two accuracy entries share a name: each is reported, the second under its options
     split = results["splits"]["test_id"]
+    assert set(split) == {"accuracy", "accuracy[top_k=2]"}
     with torch.no_grad():
         images = torch.stack([s["image"] for s in dataset.samples("test_id")])
         labels = torch.tensor([int(s["label"]) for s in dataset.samples("test_id")])
         top2 = model(images).topk(2, dim=1).indices
-    assert split["accuracy"] == pytest.approx((top2 == labels[:, None]).any(1).double().mean().item())
+    assert split["accuracy[top_k=2]"] == pytest.approx((top2 == labels[:, None]).any(1).double().mean().item())
+    assert split["accuracy"] == pytest.approx((top2[:, 0] == labels).double().mean().item())
+    assert split["accuracy"] < split["accuracy[top_k=2]"]  # the example tells the two apart
+
+
+def test_one_metric_under_two_similarities_keeps_both_and_their_directions(setup):
+    from e2kd.config import PluginRef
+    from e2kd.distill import explained_forward
+    from e2kd.report import table
+
+    config, model, teacher, dataset = setup
+    refs = [PluginRef(name="explanation_similarity", options={"similarity": "cosine"}),
+            PluginRef(name="explanation_similarity", options={"similarity": "l2"}), PluginRef(name="kl_divergence")]
+    results = evaluate_model(config, model, teacher, dataset, metrics=refs)
+    cos, l2 = "explanation_similarity[similarity=cosine]", "explanation_similarity[similarity=l2]"
+    assert results["higher_is_better"] == {cos: True, l2: False, "kl_divergence": False}
+    split = results["splits"]["test_ood"]
+    images = torch.stack([s["image"] for s in dataset.samples("test_ood")])  # the eval view of shape images: as is
+    explainer = eval_explainer(config)
+    _, t_maps, targets = explained_forward(teacher, images, explainer)
+    _, s_maps, _ = explained_forward(model, images, explainer, targets)
+    a, b = s_maps[:, 0].flatten(1).double(), t_maps[:, 0].flatten(1).double()
+    assert split[cos] == pytest.approx(torch.nn.functional.cosine_similarity(a, b).mean().item(), rel=1e-5)
+    assert split[l2] != pytest.approx(split[cos])
+    text = table({"run": results})
+    assert f"test_ood/{l2} ↓" in text and f"test_ood/{cos} |" in text and "test_ood/kl_divergence ↓" in text
+    assert text.rstrip().endswith("↓: lower is better")
 
 
 def test_an_unknown_split_is_named_with_the_known_ones(setup):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,10 @@ def test_plugins_lists_everything_and_names_the_problems(site):
            "ModuleNotFoundError: No module named 'a_dependency_that_is_not_installed' at " in out
     assert "e2kd_broken_layercam/__init__.py:2" in out  # file and line
     assert "Traceback" not in result.stderr
+    # the import failure is one warning line, with no source line of e2kd's under it
+    warning = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("e2kd:0: PluginWarning: could not load plugin entry point "
+                                                       "'layercam'"), result.stderr
     items = json.loads(_e2kd(site, "plugins", "--json").stdout)
     errors = [i for i in items if i["status"] == "error"]
     assert {e["plugin"] for e in errors} == {"layercam", "my_gradcam"}
@@ -145,3 +150,75 @@ def test_only_commands_using_an_affected_name_fail_and_say_why(site, tmp_path):
     line = missing.stderr.strip().splitlines()[-1]
     assert "distill.explainer.name: unknown explainer 'layercam'" in line
     assert "note: could not load plugin entry point 'layercam'" in line
+
+
+def test_a_clashing_distribution_is_left_out_by_name(site, tmp_path):
+    result = _e2kd(site, "plugins", E2KD_PLUGINS="-e2kd-clashing")
+    assert result.returncode == 0 and "clash" not in result.stdout and "half_cosine" not in result.stdout
+    rows = {tuple(line.split()[:4]) for line in result.stdout.splitlines()}
+    assert ("explainer", "gradcam", "e2kd", version("e2kd")) in rows  # distribution and version
+    ok = _e2kd(site, "train-teacher", str(_config(tmp_path, "gradcam", "unclashed")), E2KD_DISABLE_PLUGINS="my_gradcam")
+    assert ok.returncode == 0, ok.stderr
+
+
+def _versioned(version_: str, scale: float) -> dict[str, str]:
+    return {
+        "pyproject.toml": f"""
+            [build-system]
+            requires = ["setuptools>=77"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "e2kd-versioned"
+            version = "{version_}"
+            [project.entry-points.e2kd]
+            versioned = "e2kd_versioned"
+            [tool.setuptools]
+            packages = ["e2kd_versioned"]
+        """,
+        "e2kd_versioned/__init__.py": f"""
+            import torch.nn.functional as F
+            from e2kd import hookimpl
+            from e2kd.api import Similarity
+
+
+            class ScaledCosine(Similarity):
+                name = "scaled_cosine"
+                description = "cosine times a constant that changed between versions"
+
+                def __call__(self, a, b):
+                    return F.cosine_similarity(a.flatten(1), b.flatten(1)) * {scale}
+
+
+            @hookimpl
+            def register_similarities(register):
+                register(ScaledCosine)
+        """,
+    }
+
+
+def test_a_run_is_not_reused_after_its_plugin_changed_version(tmp_path_factory, tmp_path):
+    sites = {}
+    for version_, scale in (("0.0.1", 0.5), ("0.0.2", 0.25)):
+        sites[version_] = tmp_path_factory.mktemp(f"site-{version_}")
+        source = _package(tmp_path_factory.mktemp(f"versioned-{version_}"), _versioned(version_, scale))
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(sites[version_]), str(source)], check=True, capture_output=True)
+    config = {"data": {"name": "synthetic", "options": {"num_classes": 3, "image_size": 16, "train_per_class": 4,
+                                                          "test_per_class": 2}},
+              "model": {"name": "small_resnet", "options": {"widths": [4]}},
+              "distill": {"similarity": "scaled_cosine"}, "train": {"epochs": 1, "batch_size": 8, "progress": False},
+              "eval": {"metrics": ["accuracy"]}, "out_dir": str(tmp_path / "run")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert _e2kd(sites["0.0.1"], "train-teacher", str(path)).returncode == 0
+    again = _e2kd(sites["0.0.1"], "train-teacher", str(path))
+    assert again.returncode == 0 and "reused, not trained again" in again.stderr
+    bumped = _e2kd(sites["0.0.2"], "train-teacher", str(path))
+    assert bumped.returncode == 2
+    line = bumped.stderr.strip().splitlines()[-1]
+    assert "holds a different run (plugins.similarity scaled_cosine ('e2kd-versioned 0.0.1' there, " \
+           "'e2kd-versioned 0.0.2' now)); train it again with --rerun" in line
+    rerun = _e2kd(sites["0.0.2"], "train-teacher", str(path), "--rerun")
+    assert rerun.returncode == 0 and "reused" not in rerun.stderr
+    record = json.loads((tmp_path / "run" / "env.json").read_text())["produced_by"]
+    assert record["plugins"]["similarity scaled_cosine"] == "e2kd-versioned 0.0.2"

@@ -57,6 +57,30 @@ def test_env_var_unknown_name_warns(fresh_registry, monkeypatch):
         e2kd.list_plugins()
 
 
+def test_env_var_takes_distribution_names_and_exclusions(fresh_registry, monkeypatch):
+    everything = {(i.kind, i.name) for i in e2kd.list_plugins()}
+    monkeypatch.setenv("E2KD_PLUGINS", "e2kd")  # a distribution: every built-in
+    fresh_registry.reset()
+    assert {(i.kind, i.name) for i in e2kd.list_plugins()} == everything
+    monkeypatch.setenv("E2KD_PLUGINS", "-gradcam,-distances")  # exclusions only: everything else
+    fresh_registry.reset()
+    left = {(i.kind, i.name) for i in e2kd.list_plugins()}
+    gone = {("explainer", "gradcam"), ("similarity", "l1"), ("similarity", "l2"), ("similarity", "jsd")}
+    assert left == everything - gone
+    monkeypatch.setenv("E2KD_PLUGINS", "gradcam,cosine,distances,-distances")  # an exclusion wins
+    fresh_registry.reset()
+    assert {(i.kind, i.name) for i in e2kd.list_plugins()} == {("explainer", "gradcam"), ("similarity", "cosine")}
+    monkeypatch.delenv("E2KD_PLUGINS")
+    monkeypatch.setenv("E2KD_DISABLE_PLUGINS", "cosine, gradcam")
+    fresh_registry.reset()
+    assert {(i.kind, i.name) for i in e2kd.list_plugins()} == everything - {("explainer", "gradcam"),
+                                                                            ("similarity", "cosine")}
+    monkeypatch.setenv("E2KD_DISABLE_PLUGINS", "cosine,no_such_plugin")
+    fresh_registry.reset()
+    with pytest.warns(UserWarning, match=r"not installed: no_such_plugin \(e2kd plugins lists both\)$"):
+        e2kd.list_plugins()
+
+
 class _Opts(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scale: float = 1.0

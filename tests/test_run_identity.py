@@ -62,3 +62,60 @@ def test_a_moved_experiment_folder_still_loads_its_teacher(tmp_path, monkeypatch
     assert run.config.teacher.checkpoint == tmp_path / "moved" / "teacher" / "model.pt"
     assert run.teacher is not None
     assert main(["evaluate", str(tmp_path / "moved" / "student")]) == 0
+
+
+def _train(cfg, *extra):
+    return main(["train-teacher", str(cfg), *extra])
+
+
+def test_a_finished_run_is_reused_with_one_line_and_rerun_trains_again(tmp_path, capsys):
+    cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")})
+    assert _train(cfg) == 0
+    stamp = (tmp_path / "t" / "model.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _train(cfg) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"e2kd: {tmp_path / 't'} holds a finished run of this config (same e2kd, plugin versions and "
+                   f"checkpoints): reused, not trained again (--rerun trains it again)"]
+    assert (tmp_path / "t" / "model.pt").stat().st_mtime_ns == stamp
+    assert _train(cfg, "--rerun") == 0
+    assert "reused" not in capsys.readouterr().err
+    assert (tmp_path / "t" / "model.pt").stat().st_mtime_ns != stamp
+    steps = [r.split(",")[0] for r in (tmp_path / "t" / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2"]  # the earlier run's log rows are gone, not doubled
+
+
+def test_a_run_made_by_another_plugin_version_or_teacher_file_is_not_reused(tmp_path, capsys):
+    import json
+
+    teacher = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")})
+    assert _train(teacher) == 0
+    student = _write(tmp_path / "s.yaml", {**TINY, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+                                            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+                                            "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "s")})
+    assert main(["distill", str(student)]) == 0
+    env = json.loads((tmp_path / "s" / "env.json").read_text())
+    record = env["produced_by"]
+    assert record["plugins"]["explainer gradcam"] == f"e2kd {record['e2kd']}" and record["e2kd"]
+    assert set(record["checkpoints"]) == {"teacher"}
+    # the same config, a plugin of another version: refused, naming it
+    env["produced_by"]["plugins"]["explainer gradcam"] = "e2kd 0.0.0"
+    (tmp_path / "s" / "env.json").write_text(json.dumps(env))
+    capsys.readouterr()
+    assert main(["distill", str(student)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a different run (plugins.explainer gradcam ('e2kd 0.0.0' there, " in err
+    assert "train it again with --rerun" in err
+    assert main(["distill", str(student), "--rerun"]) == 0
+    # the teacher retrained (another seed): its file changed, the student is not reused
+    assert _train(teacher, "--rerun", "--set", "seed=1") == 0
+    capsys.readouterr()
+    assert main(["distill", str(student)]) == 2
+    assert "checkpoints.teacher (sha256 " in capsys.readouterr().err
+    # a run directory written before runs recorded their code is not taken for this one
+    assert main(["distill", str(student), "--rerun"]) == 0
+    env = json.loads((tmp_path / "s" / "env.json").read_text())
+    del env["produced_by"]
+    (tmp_path / "s" / "env.json").write_text(json.dumps(env))
+    assert main(["distill", str(student)]) == 2
+    assert "it records no e2kd and plugin versions (written by an older e2kd)" in capsys.readouterr().err

@@ -43,11 +43,11 @@ def test_killed_sweep_resumes_and_summarises(tmp_path, base, monkeypatch):
     real = experiment.distill
     calls, kill = [], [True]
 
-    def killed_on_third(config):
+    def killed_on_third(config, **kwargs):
         calls.append(config.out_dir.name)
         if kill[0] and len(calls) == 3:
             raise Killed
-        return real(config)
+        return real(config, **kwargs)
 
     monkeypatch.setattr(experiment, "distill", killed_on_third)
     grid = ["distill.lam=0,1", "distill.similarity=cosine,pearson"]

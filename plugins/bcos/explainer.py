@@ -58,6 +58,9 @@ class Bcos(Explainer):
     Options = BcosOptions
     output_channels = 6
 
+    def map_channels(self, input_channels: int) -> int:
+        return 1 if self.options.contribution else self.output_channels
+
     def check_model(self, model: nn.Module) -> None:
         _encoder(model)
 

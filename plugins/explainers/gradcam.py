@@ -102,6 +102,9 @@ class GradCAM(Explainer):
     def upsamples_bilinearly(self) -> bool:
         return self.options.upsample
 
+    def at_input_resolution(self) -> bool:
+        return self.options.upsample
+
     @contextlib.contextmanager
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
         name = self._layer_name(model) or default_layer_name(model, who="gradcam")

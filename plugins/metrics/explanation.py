@@ -35,6 +35,15 @@ class ExplanationSimilarity(Metric):
         super().__init__(options, **kwargs)
         self.similarity = e2kd.get_similarity(self.options.similarity or "cosine", **self.options.similarity_options)
 
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        return {**super().capabilities(), "higher_is_better": "as its similarity"}
+
+    @property
+    def higher_is_better(self) -> bool:  # type: ignore[override]
+        """The direction of the similarity it averages (a distance: lower is better)."""
+        return self.similarity.higher_is_better
+
     def bind(self, *, similarity: Similarity | None = None) -> None:
         if self.options.similarity is None and similarity is not None:
             self.similarity = similarity  # the run's training similarity, with its options
