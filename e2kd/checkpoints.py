@@ -19,7 +19,6 @@ names the file.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import struct
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .digests import file_sha256
 from .errors import ModelError
 
 #: Keys under which training checkpoints nest the weights, tried in this order.
@@ -65,11 +65,7 @@ def check_hub_hash(path: Path) -> None:
     if match is None or not re.search("[a-f]", match.group(1)):
         return
     expected = match.group(1)
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if not actual.startswith(expected):
         raise ModelError(f"checkpoint {path}: its name says SHA-256 {expected}…, the file's is {actual[:len(expected)]}…; "
                          f"the download is incomplete or corrupt (fetch it again, or rename the file if the suffix is "

@@ -28,6 +28,7 @@ from .api import Explainer
 from .config import describe_difference
 from .data.augment import resize_map
 from .data import make_loader
+from .digests import file_sha256
 from .distill import explained_forward
 from .errors import CacheError, StaleCacheError
 from .runs import atomic_write_bytes, atomic_write_json
@@ -69,14 +70,6 @@ def _shard_name(shard: int, part: str) -> str:
     return f"shard-{shard:05d}.{part}.npy"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -106,7 +99,7 @@ def _shard_ok(root: Path, entry: dict[str, Any], *, checksum: bool) -> str | Non
             return f"{path.name} is missing"
         if path.stat().st_size != info["bytes"]:
             return f"{path.name} is truncated or resized ({path.stat().st_size} bytes, expected {info['bytes']})"
-        if checksum and _sha256_file(path) != info["sha256"]:
+        if checksum and file_sha256(path) != info["sha256"]:
             return f"{path.name} is corrupt (checksum mismatch)"
     return None
 

@@ -3,7 +3,6 @@ config, and loading a finished run."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as metadata
 import json
 import os
@@ -23,6 +22,7 @@ from torch import nn
 from .config import (ExperimentConfig, PluginRef, describe_difference, dump_config, identity_digest, load_config,
                      run_identity, stored_config)
 from .data import ViewDataset, dataset_of, split_view
+from .digests import file_sha256
 from .errors import ConfigError
 from .evaluate import eval_explainer, evaluate_model
 from .models import build_from, load_teacher
@@ -77,11 +77,7 @@ def _sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _FILE_DIGESTS[key] = digest.hexdigest()
+        _FILE_DIGESTS[key] = file_sha256(path)
     return _FILE_DIGESTS[key]
 
 

@@ -23,6 +23,7 @@ from e2kd.testing import TinyCNN
 from e2kd.train import fit
 
 from .conftest import TINY
+from .test_runtime import KILL_AFTER_A_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,24 +131,9 @@ def test_logged_losses_under_two_processes_are_the_global_batchs(tmp_path):
     assert float(epochs_two[1]["loss"]) == pytest.approx(float(epochs_one[1]["loss"]), rel=1e-9)
 
 
-KILL_RANK0_AFTER_FIRST_SAVE = r"""
-import os, signal, sys
-import e2kd.train as train
-saves = {"n": 0}
-real = train.atomic_torch_save
-def save_then_die(obj, path):
-    real(obj, path)
-    saves["n"] += 1
-    if saves["n"] == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
-train.atomic_torch_save = save_then_die
-from e2kd.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def _torchrun(script: Path, *args: str, restarts: int = 0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["KILL_AFTER"] = "1"  # rank 0 (the one that saves) dies after its first checkpoint, in the first attempt
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "--max-restarts", str(restarts), str(script), *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
@@ -156,7 +142,7 @@ def _torchrun(script: Path, *args: str, restarts: int = 0) -> subprocess.Complet
 @pytest.mark.slow
 def test_a_killed_torchrun_worker_restarts_and_ends_with_the_uninterrupted_weights(tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(KILL_RANK0_AFTER_FIRST_SAVE)
+    script.write_text(KILL_AFTER_A_CHECKPOINT)
     train = {**TINY["train"], "epochs": 2, "batch_size": 2, "checkpoint_every": 2}  # 9 per process: 4 steps an epoch
     configs = {}
     for name in ("straight", "killed"):

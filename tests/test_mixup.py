@@ -99,10 +99,34 @@ def test_teacher_and_student_see_the_same_mixed_image(tmp_path, teacher_run, mon
         torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
 
 
-def test_a_teacher_trains_with_mixup(tmp_path):
-    cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "mixup": 0.2}, "out_dir": str(tmp_path / "t")})
+def test_a_teacher_trains_with_mixup_on_mixed_images_and_mixed_labels(tmp_path, monkeypatch):
+    """Each step's label loss is the mixed one, with that step's λ and π and the batch's labels,
+    on logits of the mixed images; the logged loss is that value."""
+    import csv
+
+    import e2kd.experiment as experiment
+
+    seen, real_loss, real_mix = [], mixup.mixed_label_loss, mixup.mix
+    mixed = []
+    monkeypatch.setattr(mixup, "mix", lambda x, lam, perm: mixed.append((x.clone(), lam, perm)) or real_mix(x, lam, perm))
+
+    def spy(logits, labels, lam, perm):
+        value = real_loss(logits, labels, lam, perm)
+        seen.append((labels.clone(), lam, perm.clone(), value.item()))
+        return value
+
+    monkeypatch.setattr(mixup, "mixed_label_loss", spy)
+    monkeypatch.setattr(experiment, "label_loss", lambda *a: pytest.fail("an unmixed label loss under mixup"))
+    cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "mixup": 0.2, "batch_size": 6},
+                                       "out_dir": str(tmp_path / "t")})
     assert main(["train-teacher", str(cfg)]) == 0
-    assert (tmp_path / "t" / "model.pt").is_file()
+    steps = list(csv.DictReader((tmp_path / "t" / "steps.csv").open()))
+    assert len(seen) == len(mixed) == len(steps) == 6  # 18 images, batch 6, 2 epochs
+    for index, ((labels, lam, perm, value), (images, mix_lam, mix_perm), row) in enumerate(zip(seen, mixed, steps)):
+        want_lam, want_perm = mixup.draw(0.2, 6, 0, index)
+        assert lam == mix_lam == want_lam and torch.equal(perm, want_perm) and torch.equal(mix_perm, want_perm)
+        assert labels.shape == (6,) and float(row["loss"]) == pytest.approx(value, rel=1e-6)
+    assert len({tuple(p.tolist()) for _, _, p, _ in seen}) > 1
 
 
 def test_config_errors_are_one_line(tmp_path, teacher_run, capsys):

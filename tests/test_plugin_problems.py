@@ -14,19 +14,24 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BROKEN = {
-    "pyproject.toml": """
+def _pyproject(name: str, entry_point: str, package: str, version_: str = "0.0.1") -> str:
+    """A plugin package's pyproject.toml: one entry point in the e2kd group."""
+    return f"""
         [build-system]
         requires = ["setuptools>=77"]
         build-backend = "setuptools.build_meta"
         [project]
-        name = "e2kd-broken-layercam"
-        version = "0.0.1"
+        name = "{name}"
+        version = "{version_}"
         [project.entry-points.e2kd]
-        layercam = "e2kd_broken_layercam"
+        {entry_point} = "{package}"
         [tool.setuptools]
-        packages = ["e2kd_broken_layercam"]
-    """,
+        packages = ["{package}"]
+    """
+
+
+BROKEN = {
+    "pyproject.toml": _pyproject("e2kd-broken-layercam", "layercam", "e2kd_broken_layercam"),
     "e2kd_broken_layercam/__init__.py": """
         import math
         import a_dependency_that_is_not_installed  # noqa: F401
@@ -34,18 +39,7 @@ BROKEN = {
 }
 
 CLASHING = {
-    "pyproject.toml": """
-        [build-system]
-        requires = ["setuptools>=77"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "e2kd-clashing"
-        version = "0.0.1"
-        [project.entry-points.e2kd]
-        my_gradcam = "e2kd_clashing"
-        [tool.setuptools]
-        packages = ["e2kd_clashing"]
-    """,
+    "pyproject.toml": _pyproject("e2kd-clashing", "my_gradcam", "e2kd_clashing"),
     "e2kd_clashing/__init__.py": """
         from e2kd import hookimpl
         from e2kd.api import Similarity
@@ -163,18 +157,7 @@ def test_a_clashing_distribution_is_left_out_by_name(site, tmp_path):
 
 def _versioned(version_: str, scale: float) -> dict[str, str]:
     return {
-        "pyproject.toml": f"""
-            [build-system]
-            requires = ["setuptools>=77"]
-            build-backend = "setuptools.build_meta"
-            [project]
-            name = "e2kd-versioned"
-            version = "{version_}"
-            [project.entry-points.e2kd]
-            versioned = "e2kd_versioned"
-            [tool.setuptools]
-            packages = ["e2kd_versioned"]
-        """,
+        "pyproject.toml": _pyproject("e2kd-versioned", "versioned", "e2kd_versioned", version_),
         "e2kd_versioned/__init__.py": f"""
             import torch.nn.functional as F
             from e2kd import hookimpl

@@ -39,25 +39,29 @@ def test_measure_reads_values_keys_and_the_mean_of_a_curve():
 
 
 def test_verdicts_follow_the_numbers_not_the_hope(tmp_path, monkeypatch):
-    """The same claim judged on two sets of made-up student results: the verdict flips with them."""
+    """The same claim judged on made-up student results: the verdict follows the paired
+    differences of every seed. The seeds differ, and in the last case the first seed alone would
+    say the opposite of all three."""
     claim = next(c for c in reproduce.CLAIMS if c.key == "few_data")
-    monkeypatch.setattr(reproduce, "train_teacher", lambda config: {})
-    for e2kd_better, expected in ((True, "holds here"), (False, "does not hold here")):
-        def fake_distill(config, e2kd_better=e2kd_better):
-            lam = config.distill.lam
-            good = (lam > 0) == e2kd_better
-            value = 0.6 if good else 0.5
-            return {"splits": {"val": {"accuracy": value + 0.01 * config.seed, "agreement": value}}}
+    monkeypatch.setattr(reproduce, "train_teacher", lambda config, **kw: {})
+    cases = (([0.2, 0.1, 0.05], "holds here"), ([-0.1, -0.1, -0.05], "does not hold here"),
+             ([0.1, 0.05, -0.4], "does not hold here"))
+    for gains, expected in cases:
+        def fake_distill(config, gains=gains, **kw):
+            kd = 0.5 + 0.03 * config.seed
+            value = kd + gains[config.seed] if config.distill.lam > 0 else kd
+            return {"splits": {"val": {"accuracy": value, "agreement": value}}}
 
         monkeypatch.setattr(reproduce, "distill", fake_distill)
         (tmp_path / "data").mkdir(exist_ok=True)  # data "already written"
         configs = reproduce.miniature_configs(claim, tmp_path, [0, 1, 2], 0.1)
         result = reproduce.run_claim(claim, configs, log=lambda _: None)
         for row in result["rows"]:
-            assert row["verdict"] == expected
-            assert row["differences"] == pytest.approx([b - a for a, b in zip(row["KD"], row["e2KD"])])
+            assert row["verdict"] == expected, gains
+            assert row["KD"] == pytest.approx([0.5, 0.53, 0.56])
+            assert row["differences"] == pytest.approx(gains)
     text = report([result], [0, 1, 2], quick=True, seconds=1.0)
-    assert "| accuracy |" in text and "-10.0, -10.0, -10.0" in text and "**does not hold here**" in text
+    assert "| accuracy |" in text and "+10.0, +5.0, -40.0" in text and "**does not hold here**" in text
 
 
 def test_reproduce_errors_are_one_line(tmp_path, capsys):

@@ -22,7 +22,7 @@ from .test_accelerator import DEVICES
 
 ROOT = Path(__file__).resolve().parent.parent
 
-KILL_AFTER_SECOND_CHECKPOINT = r"""
+KILL_AFTER_A_CHECKPOINT = r"""
 import os, signal, sys
 import e2kd.train as train
 saves = {"n": 0}
@@ -30,8 +30,8 @@ real = train.atomic_torch_save
 def save_then_die(obj, path):
     real(obj, path)
     saves["n"] += 1
-    if saves["n"] == int(os.environ["KILL_AFTER"]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if saves["n"] == int(os.environ["KILL_AFTER"]) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)  # (under torchrun: in the first attempt only)
 train.atomic_torch_save = save_then_die
 from e2kd.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -57,7 +57,7 @@ def test_a_run_killed_mid_epoch_resumes_to_identical_weights(tmp_path, command):
     assert main([command, str(straight)]) == 0
     killed = _write(tmp_path / "b.yaml", {**base, "out_dir": str(tmp_path / "b")})
     env = {**os.environ, "KILL_AFTER": "3"}  # saves: step 3, end of epoch 1 (step 4), step 6
-    run = subprocess.run([sys.executable, "-c", KILL_AFTER_SECOND_CHECKPOINT, command, str(killed)], env=env,
+    run = subprocess.run([sys.executable, "-c", KILL_AFTER_A_CHECKPOINT, command, str(killed)], env=env,
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == -signal.SIGKILL, run.stderr
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""Mutation testing of the method code with mutmut: ``make mutation`` (or ``python tools/mutation.py``).
+"""Mutation testing of the package with mutmut: ``make mutation`` (or ``python tools/mutation.py``).
 
 mutmut plants one small bug at a time (a flipped operator, a changed constant, a dropped argument)
 and runs the tests that reach it; a mutant the tests do not notice *survived*. This script runs it
@@ -7,7 +7,8 @@ between runs), then prints and writes the score per file: killed / (mutants - eq
 the equivalent mutants — changes that cannot alter any result — are listed with their reason in
 ``tools/mutation_equivalent.json``.
 
-    python tools/mutation.py                                  # every target file (about 10 minutes on 2 cores)
+    python tools/mutation.py                                  # the whole package (see docs/testing.md for the time)
+    python tools/mutation.py --scope method                   # the method code (about 20 minutes on 2 cores)
     python tools/mutation.py --files plugins/similarities/cosine.py --tests tests/test_similarities.py
     python tools/mutation.py --recheck                        # after changing tests: survivors again
     python tools/mutation.py --report                         # the table of the last run, nothing run
@@ -29,16 +30,25 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = ROOT / "tools" / "mutation_equivalent.json"
 
 #: The method code: the loss, evaluation, the frozen cache, and every similarity, metric and explainer.
-TARGETS = ["e2kd/distill.py", "e2kd/evaluate.py", "e2kd/frozen.py", "plugins/similarities/*.py",
-           "plugins/metrics/*.py", "plugins/explainers/*.py"]
+METHOD = ["e2kd/distill.py", "e2kd/evaluate.py", "e2kd/frozen.py", "plugins/similarities/*.py",
+          "plugins/metrics/*.py", "plugins/explainers/*.py"]
+#: The whole package: the core (datasets, checkpoints, guidance, mixup, the training loop, runtime,
+#: upsampling, reproduce, config, registry, ...) and every built-in plugin.
+PACKAGE = ["e2kd/*.py", "e2kd/data/*.py", "plugins/*/*.py"]
+SCOPES = {"package": PACKAGE, "method": METHOD}
 
-#: The fast tests: in-process (a mutant lives in the forked test process; a subprocess would import
-#: the unmutated code) and not marked slow.
-FAST_TESTS = ["tests/test_distill.py", "tests/test_similarities.py", "tests/test_metrics.py",
-              "tests/test_explainers.py", "tests/test_gradcam.py", "tests/test_frozen.py",
-              "tests/test_multilabel.py", "tests/test_feature_resolution.py", "tests/test_contracts.py",
-              "tests/test_guidance.py", "tests/test_mixup.py", "tests/test_early_errors.py", "tests/test_devices.py",
-              "tests/test_evaluate.py", "tests/test_accelerator.py"]
+#: Tests that cannot kill a mutant or must not run under mutmut: the notebook (executed in a kernel
+#: process), the benchmarks' smoke tests (scripts outside the copied tree) and the mutation tool's
+#: own smoke test (mutmut inside mutmut).
+EXCLUDED_TESTS = {"tests/test_notebook.py", "tests/test_benchmarks.py", "tests/test_mutation_tool.py"}
+
+
+def fast_tests() -> list[str]:
+    """Every test file but :data:`EXCLUDED_TESTS`; run with ``-m "not slow"``. A mutant lives in the
+    forked test process, so in-process tests kill mutants (a subprocess that imports e2kd from the
+    working copy does too, at the cost of its start)."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                  if str(p.relative_to(ROOT)) not in EXCLUDED_TESTS)
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           -24: "timeout", 24: "timeout", 152: "timeout", None: "not checked"}
@@ -72,6 +82,8 @@ def prepare(work: Path, files: list[str], tests: list[str]) -> None:
         f"source_paths = {_toml_list(['e2kd', COPIED['plugins']])}",
         f"only_mutate = {_toml_list([_in_work(f) for f in files])}",
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
+        # data files the tests read from the tree (example configs, the example plugin, packaged configs)
+        f"also_copy = {_toml_list(['examples', 'e2kd/configs'])}",
         'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-q"]',
         # a CPU-time limit of 2 x 4 x (estimated test time + 5 s): an endless loop costs a minute, not an hour
         "timeout_multiplier = 4.0", "timeout_constant = 5.0",
@@ -123,8 +135,11 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", nargs="+", default=TARGETS, help="glob patterns of the files to mutate")
-    parser.add_argument("--tests", nargs="+", default=FAST_TESTS, help="test files that may kill mutants")
+    parser.add_argument("--scope", choices=sorted(SCOPES), default="package",
+                        help="package: every module of e2kd and the built-in plugins (default); method: the method code")
+    parser.add_argument("--files", nargs="+", help="glob patterns of the files to mutate (instead of --scope)")
+    parser.add_argument("--tests", nargs="+", help="test files that may kill mutants (default: all but the notebook "
+                        "and this tool's smoke test)")
     parser.add_argument("--work", type=Path, default=ROOT / ".mutation", help="working copy (default: .mutation)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="parallel test processes")
     parser.add_argument("--recheck", action="store_true", help="recollect which tests reach which code, then run the "
@@ -132,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the scores of the last run")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     args = parser.parse_args(argv)
+    args.files = args.files or SCOPES[args.scope]
+    args.tests = args.tests or fast_tests()
 
     work = args.work.resolve()
     if not args.report:

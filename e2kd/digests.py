@@ -1,0 +1,16 @@
+"""SHA-256 of files: the one reader of a file's digest (checkpoint hash names, cache shard
+checksums, the checkpoints a run starts from)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hexadecimal SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
