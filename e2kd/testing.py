@@ -486,7 +486,8 @@ def dataset_samples_follow_the_contract(dataset: Dataset, limit: int = 4) -> Non
             if dataset.label_type == "multi":
                 assert label.shape == (k,) and label.is_floating_point(), f"{split}[{i}]: multi-hot label expected"
             else:
-                assert label.dim() == 0 and 0 <= int(label) < k, f"{split}[{i}]: class index expected"
+                assert label.dim() == 0 and label.dtype == torch.int64 and 0 <= int(label) < k, \
+                    f"{split}[{i}]: a class index (int64 scalar) expected, got {label.dtype} of shape {tuple(label.shape)}"
             for name in dataset.provides:
                 assert name in item, f"{split}[{i}]: declared field {name!r} missing"
 

@@ -275,3 +275,50 @@ def test_replayed_teacher_map_moves_with_a_real_sized_image():
         aligned = (out["teacher_map"][0] - out["image"][0]).abs().mean()
         mirrored = (out["teacher_map"][0].flip(-1) - out["image"][0]).abs().mean()
         assert aligned < 0.05 and aligned < 0.5 * mirrored
+
+
+def _edit_csv(path, row, column, value):
+    import csv
+
+    rows = list(csv.DictReader(path.open()))
+    rows[row][column] = str(value)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_dataset_identities_tell_splits_roots_and_labels_apart(tmp_path):
+    """What a frozen-teacher cache is keyed by: a split, another copy of the tree, a changed label
+    or background (the same files) or a moved box each give another identity; reopening the same
+    tree gives the same one."""
+    import shutil
+
+    counts = {"train": {(0, 0): 2, (1, 1): 2}, "val": {(0, 1): 1, (1, 0): 1}}
+    write_waterbirds(tmp_path / "wb", counts, seed=1)
+    write_voc(tmp_path / "voc", VOC_IMAGES)
+    write_image_folder(tmp_path / "folder", ["a", "b"], {"train": 2, "val": 1}, size=(16, 16), seed=0)
+    trees = {"waterbirds": ("wb", {}), "voc": ("voc", {}), "image_folder": ("folder", {"image_size": 16})}
+    for name, (folder, options) in trees.items():
+        def identity(root, split="train"):
+            return open_dataset(name, {"root": str(root), **options}).identity(split)
+
+        base = identity(tmp_path / folder)
+        assert base == identity(tmp_path / folder)
+        assert base["split"] == "train" and base != identity(tmp_path / folder, "val"), name
+        shutil.copytree(tmp_path / folder, tmp_path / f"{folder}_copy")
+        copy = identity(tmp_path / f"{folder}_copy")
+        assert copy != base and copy["root"] != base["root"], name
+    metadata = tmp_path / "wb" / "metadata.csv"
+    before = open_dataset("waterbirds", {"root": str(tmp_path / "wb")}).identity("train")
+    for column in ("y", "place"):
+        _edit_csv(metadata, 0, column, 1)
+        after = open_dataset("waterbirds", {"root": str(tmp_path / "wb")}).identity("train")
+        assert after["labels_sha256"] != before["labels_sha256"] and after["files_sha256"] == before["files_sha256"]
+        before = after
+    annotation = tmp_path / "voc" / "VOCdevkit" / "VOC2007" / "Annotations" / "000002.xml"
+    voc_before = open_dataset("voc", {"root": str(tmp_path / "voc")}).identity("train")
+    annotation.write_text(annotation.read_text().replace("<xmax>16</xmax>", "<xmax>17</xmax>"))
+    voc_after = open_dataset("voc", {"root": str(tmp_path / "voc")}).identity("train")
+    assert voc_after["objects_sha256"] != voc_before["objects_sha256"]
+    assert voc_after["files_sha256"] == voc_before["files_sha256"]
