@@ -115,11 +115,41 @@ def test_a_plain_pickle_of_another_protocol_is_refused_without_torchs_warning(tm
 
     with (tmp_path / "plain.pkl").open("wb") as f:
         pickle.Pickler(f, protocol=4).dump({"fc.weight": [1.0, 2.0], "payload": _Sentinel(tmp_path / "ran")})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns "Detected pickle protocol 4 ... please file an issue"
-        with pytest.raises(ModelError, match=r"plain.pkl: (holds pickled Python objects|neither a safetensors)"):
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")  # torch warns "Detected pickle protocol 4 ... please file an issue"
+        with pytest.raises(ModelError, match=r"plain.pkl: neither a safetensors nor a torch.save file \(it does not unpickle as tensors\)"):
             load_weights(_model(1), tmp_path / "plain.pkl")
+    assert [str(w.message) for w in shown] == []
     assert not (tmp_path / "ran").exists()
+
+
+def test_nested_wrapper_prefixes_are_removed_in_any_order():
+    from e2kd.checkpoints import fit_keys
+
+    weight = torch.zeros(1)
+    assert fit_keys({"_orig_mod.module.fc.weight": weight}, {"fc.weight"}) == {"fc.weight": weight}
+    assert fit_keys({"module.model._orig_mod.fc.weight": weight}, {"fc.weight"}) == {"fc.weight": weight}
+
+
+def test_safetensors_is_recognised_by_its_header_alone(tmp_path):
+    """8 bytes little-endian header length, then '{'; the length must fit in the file."""
+    import struct
+
+    from e2kd.checkpoints import is_safetensors
+
+    def file(data: bytes):
+        path = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        path.write_bytes(data)
+        return path
+
+    header = b'{"a": 1}'
+    assert is_safetensors(file(struct.pack("<Q", len(header)) + header))            # length = size - 8 exactly
+    assert is_safetensors(file(struct.pack("<Q", len(header)) + header + b"data"))
+    assert not is_safetensors(file(struct.pack("<Q", len(header) + 1) + header))    # longer than the file
+    assert not is_safetensors(file(struct.pack("<Q", len(header)) + b"[" + header[1:]))  # no '{'
+    assert not is_safetensors(file(struct.pack("<Q", 0) + b"{"))                      # an empty header
+    assert not is_safetensors(file(b"{" * 8))                                         # shorter than 9 bytes
+    assert not is_safetensors(file(b""))
 
 
 def test_a_mismatch_names_missing_unexpected_and_shapes(tmp_path):
@@ -134,6 +164,7 @@ def test_a_mismatch_names_missing_unexpected_and_shapes(tmp_path):
     assert "\n" not in message and "does not fit TinyCNN (expects" in message
     assert "missing fc.bias" in message and "unexpected head.weight" in message
     assert "feat.0.weight (4, 4, 1, 1) vs (4, 4, 3, 3)" in message
+    assert "more)" not in message  # one missing, one unexpected, one shape: all listed
 
 
 _SAFETENSORS_HEAD = struct.pack("<Q", 40) + b'{"w": {"dtype": "F32", "shape": [4], '  # cut off

@@ -62,9 +62,16 @@ def test_a_loss_that_becomes_nan_stops_before_the_update_and_keeps_the_last_chec
     torch.testing.assert_close(model.state_dict(), state["model"], rtol=0, atol=0)
     assert [int(r["step"]) for r in csv.DictReader((tmp_path / "steps.csv").open())] == [1, 2]
     # infinity too, and the message says when nothing was saved yet
-    with pytest.raises(TrainingError, match=r"^step 1: the loss is inf; .*no checkpoint was written yet"):
-        fit(model, lambda b, i: {"loss": model(b["image"].mean((2, 3))).pow(2).sum() * float("inf")}, Images(),
-            epochs=1, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1), progress=False)
+    def infinite(batch, index):
+        loss = model(batch["image"].mean((2, 3))).pow(2).sum()
+        return {"loss": loss * float("inf"), "kd": torch.tensor(0.5), "ce": torch.tensor(0.25)}
+
+    with pytest.raises(TrainingError) as err:
+        fit(model, infinite, Images(), epochs=1, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
+            progress=False)
+    assert str(err.value) == ("step 1: the loss is inf (kd 0.5, ce 0.25); training stopped before the update and no "
+                              "checkpoint was written yet; lower train.lr, use train.precision fp32 or bf16, or check "
+                              "the data, then rerun to resume")
 
 
 def test_a_nan_loss_through_the_command_line_is_one_line(tmp_path, capsys, monkeypatch):

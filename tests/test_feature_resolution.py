@@ -139,3 +139,12 @@ def test_config_switch_reaches_the_distiller():
     for value in (True, False):
         config = ExperimentConfig.model_validate({"distill": {"feature_resolution": value}})
         assert make_distiller(config, teacher, student).at_feature_resolution is value
+
+
+@pytest.mark.parametrize("low, size", [((24, 5), (24, 20)), ((3, 20), (24, 20)), ((6, 5), (24, 20)), ((24, 20), (24, 20))])
+def test_upsampled_sum_when_one_side_is_already_at_size(low, size):
+    """The sum of the upsampled map computed from the small one, with one side (or none) resized."""
+    from e2kd.upsampling import upsample, upsampled_sum
+
+    a = torch.rand(2, 3, *low, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(upsampled_sum(a, size), upsample(a, size).flatten(1).sum(1))

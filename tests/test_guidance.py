@@ -38,6 +38,26 @@ def test_l1_loss_by_hand():
     assert l1_loss(MAP, torch.ones(1, 1, 4, 4)).item() == 0.0
 
 
+def test_l1_loss_normalises_each_map_by_its_own_range():
+    """Maps whose positive parts do not start at 0, with different ranges per map: the min-max
+    normalisation is per map (over its pixels), by hand."""
+    maps = torch.tensor([[1.0, 2.0, 3.0, 5.0], [10.0, 20.0, 30.0, 50.0]]).view(2, 1, 2, 2)
+    masks = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 2, 2).expand(2, 1, 2, 2)
+    # map 1: (A - 1) / 4 -> [0, 0.25, 0.5, 1], outside the mask: 0.25 + 0.5; map 2: (A - 10) / 40, the same
+    expected = (0.25 + 0.5) / 4
+    assert l1_loss(maps, masks).tolist() == pytest.approx([expected, expected])
+    shifted = maps.clone()
+    shifted[1] = shifted[1] - 5  # [5, 15, 25, 45]: (A - 5) / 40 -> [0, 0.25, 0.5, 1]
+    assert l1_loss(shifted, masks).tolist() == pytest.approx([expected, expected])
+
+
+def test_guidance_defaults_to_the_energy_loss_and_names_the_known_losses():
+    explainer = e2kd.get_explainer("gradcam")
+    assert Guidance(explainer).loss is energy_loss and Guidance(explainer, "l1").loss is l1_loss
+    with pytest.raises(ValueError, match=r"^guidance loss must be one of energy, l1 \(got 'dice'\)$"):
+        Guidance(explainer, "dice")
+
+
 def test_class_masks_pick_each_listed_class():
     masks = torch.arange(3.0)[None, :, None, None].expand(2, 3, 2, 2)  # class k's mask is filled with k
     got = class_masks(masks, torch.tensor([[2, 0], [1, 1]]))

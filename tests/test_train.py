@@ -31,6 +31,21 @@ def test_schedule_sets_the_optimizer_lr_each_step():
         make_schedule(optimizer, "step", 4)
 
 
+def test_constant_and_default_warmup_schedules_through_the_optimizer():
+    weight = torch.nn.Parameter(torch.zeros(1))
+    for name, want in (("constant", [0.1] * 4), ("cosine", [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])):
+        optimizer = make_optimizer([weight], "adamw", 0.1, 0.0)
+        schedule = make_schedule(optimizer, name, total_steps=4)  # no warm-up by default
+        seen = []
+        for _ in range(4):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert seen == pytest.approx(want), name
+    # one step after a warm-up: the cosine spans that single step
+    assert lr_factor(1, "cosine", 2, 1) == 1.0 and lr_factor(2, "cosine", 2, 1) == pytest.approx(0.0, abs=1e-12)
+
+
 def test_sgd_is_nesterov_momentum_with_decoupled_weight_decay_by_hand():
     """Two steps of SGD(lr, momentum 0.9, nesterov, weight decay wd) on f(w) = w^2 / 2 (gradient w)."""
     lr, wd, w0 = 0.1, 0.01, 2.0
