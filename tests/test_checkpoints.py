@@ -123,6 +123,17 @@ def test_a_plain_pickle_of_another_protocol_is_refused_without_torchs_warning(tm
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_truncated_torch_file_is_one_line_naming_the_error(tmp_path):
+    torch.save(_model(0).state_dict(), tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError) as info:
+        load_weights(_model(1), tmp_path / "cut.pt")
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {tmp_path / 'cut.pt'}: neither a safetensors nor a torch.save file (")
+    assert "\n" not in message and message.split("(", 1)[1].split(":", 1)[0] in ("RuntimeError", "UnpicklingError", "EOFError")
+
+
 def test_nested_wrapper_prefixes_are_removed_in_any_order():
     from e2kd.checkpoints import fit_keys
 
@@ -165,6 +176,15 @@ def test_a_mismatch_names_missing_unexpected_and_shapes(tmp_path):
     assert "missing fc.bias" in message and "unexpected head.weight" in message
     assert "feat.0.weight (4, 4, 1, 1) vs (4, 4, 3, 3)" in message
     assert "more)" not in message  # one missing, one unexpected, one shape: all listed
+    assert "missing fc.bias; unexpected head.weight; shape (file vs model): feat.0.weight" in message
+    state = _model(0).state_dict()
+    three = sorted(k for k in state if k.endswith(".weight"))[:3]
+    for key in three:
+        state.pop(key)
+    torch.save(state, tmp_path / "three.pt")
+    with pytest.raises(ModelError) as info:
+        load_weights(_model(1), tmp_path / "three.pt")
+    assert str(info.value).endswith(": missing stem.0.weight, feat.0.weight, fc.weight")  # three: no "(+0 more)"
 
 
 _SAFETENSORS_HEAD = struct.pack("<Q", 40) + b'{"w": {"dtype": "F32", "shape": [4], '  # cut off

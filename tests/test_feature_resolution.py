@@ -147,4 +147,16 @@ def test_upsampled_sum_when_one_side_is_already_at_size(low, size):
     from e2kd.upsampling import upsample, upsampled_sum
 
     a = torch.rand(2, 3, *low, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(upsampled_sum(a, size), upsample(a, size).flatten(1).sum(1))
+    # float64 throughout: interpolation weights of another precision would show at 1e-12
+    torch.testing.assert_close(upsampled_sum(a, size), upsample(a, size).flatten(1).sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_maps_larger_than_the_size_or_of_other_channels_are_refused():
+    from e2kd.upsampling import upsampled_inner, upsampled_sum
+
+    with pytest.raises(ValueError, match=r"no larger than \(24, 20\), got \(1, 1, 4, 30\)"):
+        upsampled_sum(torch.zeros(1, 1, 4, 30), (24, 20))  # wider only
+    with pytest.raises(ValueError, match=r"got \(1, 1, 30, 4\)"):
+        upsampled_sum(torch.zeros(1, 1, 30, 4), (24, 20))  # taller only
+    with pytest.raises(ValueError, match=r"^maps with 1 and 3 channels cannot be compared$"):
+        upsampled_inner(torch.zeros(1, 1, 4, 4), torch.zeros(1, 3, 6, 6), (24, 20))

@@ -220,8 +220,10 @@ def test_guidance_refuses_a_detached_map_too():
     _, term = guidance(model, model, x, labels, masks, annotated)
     assert guidance.graph_checked and term.requires_grad
     with pytest.raises(PluginError, match=r"^explainer 'faulty_gradient' returned a guided model map with no gradient "
-                                          r"path .*train.guidance would guide nothing.*remove train.guidance$"):
+                                          r"path .*, so train.guidance would guide nothing; .*, or remove train.guidance$"):
         Guidance(faulty("detached"))(model, model, x, labels, masks, annotated)
+    with pytest.raises(PluginError, match=r"^explainer 'faulty_gradient' returned guided model maps of shape \(4, 1, 4, 4\)"):
+        Guidance(faulty("small"))(model, model, x, labels, masks, annotated)
 
 
 def test_an_explainer_declaring_its_own_resolution_may_return_smaller_maps():
