@@ -149,6 +149,7 @@ def test_upsampled_sum_when_one_side_is_already_at_size(low, size):
     a = torch.rand(2, 3, *low, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # float64 throughout: interpolation weights of another precision would show at 1e-12
     torch.testing.assert_close(upsampled_sum(a, size), upsample(a, size).flatten(1).sum(1), rtol=1e-12, atol=1e-12)
+    assert upsampled_sum(a.float(), size).dtype == torch.float32  # the maps' precision, not the weights
 
 
 def test_maps_larger_than_the_size_or_of_other_channels_are_refused():
