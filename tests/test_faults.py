@@ -167,3 +167,35 @@ def test_a_killed_torchrun_worker_restarts_and_ends_with_the_uninterrupted_weigh
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [int(r["step"]) for r in csv.DictReader((tmp_path / "killed" / "steps.csv").open())]
     assert steps == list(range(1, 9))  # resumed mid-epoch after step 2: nothing repeated or lost
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_its_logs_over(tmp_path):
+    """Killed at step 3 of the first epoch, before any checkpoint: the rerun starts from step 1, and
+    the rows the first attempt logged are dropped, not kept beside the new ones."""
+    model = torch.nn.Linear(3, 1).double()
+
+    def step(batch, index, fail_at=None):
+        if index == fail_at:
+            raise Interrupted
+        return {"loss": model(batch["image"].mean((2, 3))).pow(2).mean()}
+
+    kwargs = dict(epochs=2, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
+                  checkpoint=tmp_path / "checkpoint.pt", log_dir=tmp_path, progress=False)
+    with pytest.raises(Interrupted):
+        fit(model, lambda b, i: step(b, i, fail_at=2), Images(), **kwargs)
+    assert [int(r["step"]) for r in csv.DictReader((tmp_path / "steps.csv").open())] == [1, 2]
+    assert not (tmp_path / "checkpoint.pt").exists()
+    fit(model, step, Images(), **kwargs)
+    assert [int(r["step"]) for r in csv.DictReader((tmp_path / "steps.csv").open())] == list(range(1, 9))
+
+
+def test_a_loss_alone_that_is_nan_names_no_other_terms():
+    model = torch.nn.Linear(3, 1).double()
+    with pytest.raises(TrainingError) as err:
+        fit(model, lambda b, i: {"loss": model(b["image"].mean((2, 3))).sum() * float("nan")}, Images(),
+            epochs=1, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1), progress=False)
+    assert str(err.value).startswith("step 1: the loss is nan; training stopped before the update and no checkpoint")

@@ -90,6 +90,12 @@ def prepare(work: Path, files: list[str], tests: list[str]) -> None:
         "",
     ])
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + section)
+    # mutmut maps tests to functions once and keeps the map: with other tests it would run none
+    # (or the wrong ones), so a changed selection recollects it
+    selection, stats = work / "tests-selected.txt", work / "mutants" / "mutmut-stats.json"
+    if not selection.is_file() or selection.read_text() != "\n".join(tests):
+        stats.unlink(missing_ok=True)
+        selection.write_text("\n".join(tests))
 
 
 def targets(work: Path, patterns: list[str]) -> list[str]:
