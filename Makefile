@@ -23,8 +23,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_distill_step.py
 
-# Mutation testing of the method code (not part of `make test`: about 10 minutes on 2 cores);
-# scores and surviving mutants: docs/testing.md. ARGS="--files plugins/similarities/cosine.py" narrows it.
+# Mutation testing of the whole package (not part of `make test`; hours on 2 cores, see docs/testing.md):
+# ARGS="--scope method" (about 20 minutes) or ARGS="--files e2kd/guidance.py --tests tests/test_guidance.py" narrows it.
 mutation: $(STAMP)
 	$(BIN)/python tools/mutation.py $(ARGS)
 
