@@ -98,6 +98,16 @@ def prepare(work: Path, files: list[str], tests: list[str]) -> None:
         selection.write_text("\n".join(tests))
 
 
+def forget_stale(work: Path, files: list[str]) -> None:
+    """A target left out of an earlier run is a plain copy in ``mutants/`` beside its old verdicts,
+    which mutmut would take as up to date (and find no test for): remove both so it is mutated again."""
+    for path in files:
+        copy = work / "mutants" / path
+        if copy.is_file() and "mutmut" not in copy.read_text():
+            for stale in (copy, copy.with_name(copy.name + ".meta"), copy.with_name(copy.name + ".spans")):
+                stale.unlink(missing_ok=True)
+
+
 def targets(work: Path, patterns: list[str]) -> list[str]:
     """The working copy's files matching ``patterns`` (given as repository paths)."""
     found = sorted(str(p.relative_to(work)) for folder in ("e2kd", COPIED["plugins"]) for p in (work / folder).rglob("*.py"))
@@ -160,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         work.mkdir(parents=True, exist_ok=True)
         prepare(work, args.files, args.tests)
+        forget_stale(work, targets(work, args.files))
         # one thread per test process: the children are forked from a process that has run torch,
         # and a forked child can hang in an OpenMP pool its parent started
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
