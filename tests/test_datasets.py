@@ -44,6 +44,11 @@ def test_image_folder_class_order_labels_and_splits(folder):
     item = val[4]
     direct = np.asarray(Image.open(val.paths[4]).convert("RGB"))
     assert torch.equal(item["image"], torch.from_numpy(direct.copy()).permute(2, 0, 1))
+    # a test/ folder is a third split, evaluated by default
+    write_image_folder(root, CLASSES, {"test": 1}, seed=2)
+    with_test = _folder(root)
+    assert with_test.splits() == ("train", "val", "test") and with_test.eval_splits() == ("val", "test")
+    assert len(with_test.samples("test")) == 3
 
 
 def test_shots_are_seeded_disjoint_from_holdout_and_nested(folder):
@@ -101,13 +106,20 @@ def test_image_folder_errors_name_the_path_and_option(folder, tmp_path):
     with pytest.raises(DataError, match=r"data.options.root: .*nowhere: folder not found"):
         _folder(tmp_path / "nowhere")
     (tmp_path / "only_train" / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"only_train/val: folder not found"):
+    with pytest.raises(DataError, match=r"^data.options.root: .*only_train/val: folder not found"):
         _folder(tmp_path / "only_train")
+    (tmp_path / "only_val" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"^data.options.root: .*only_val/train: folder not found"):
+        _folder(tmp_path / "only_val")
     with pytest.raises(DataError, match=r"12 images, fewer than holdout_per_class \+ shots = 20"):
         _folder(root, shots=10, holdout_per_class=10).files("train")
+    (root / "val" / "apple" / "notes.txt").write_text("")
+    (root / "empty" / "apple").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"empty: no images with extensions \.jpg, \.jpeg, "):
+        _folder(root)._folder_files("empty")
     (root / "val" / "kiwi").mkdir()
     (root / "val" / "kiwi" / "x.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match=r"val/kiwi: class folder not present in"):
+    with pytest.raises(DataError, match=rf"val/kiwi: class folder not present in {root / 'train'}; "):
         _folder(root).samples("val")
     with pytest.raises(ConfigError, match=r"data.options.shot: unknown key; did you mean 'shots'"):
         load_config_dict({"data": {"name": "image_folder", "options": {"root": str(root), "shot": 5}}})
