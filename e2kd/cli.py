@@ -21,9 +21,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="run directory (overrides out_dir)")
 
 
-def _add_rerun(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rerun", action="store_true", help="train again even if the run directory holds a finished "
-                   "run of this config (its results are replaced)")
+def _add_rerun(p: argparse.ArgumentParser, help: str = "train again even if the run directory holds a finished "
+               "run of this config (its results are replaced)") -> None:
+    p.add_argument("--rerun", action="store_true", help=help)
 
 
 def _load(args: argparse.Namespace):
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
     p.add_argument("--shard", default="0/1", help="run only runs i, i+N, ... (I/N), to split a sweep over processes")
     p.add_argument("--plot-metric", help="SPLIT/METRIC for sweep.png (default: test_ood/accuracy)")
-    p.add_argument("--rerun", action="store_true", help="train every run of this shard again, finished ones too")
+    _add_rerun(p, "train every run of this shard again, finished ones too")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="KD vs e2KD on built-in synthetic data (about 2 minutes on 2 CPU cores)")
