@@ -219,3 +219,89 @@ def test_reproduce_real_data_errors_are_one_line_and_come_before_any_run(tmp_pat
     _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={wrong}", "--set", "data.options.shot=2"],
                 "data.options", "shot")
     assert not any(out.glob("*/*_seed0"))
+
+
+# -- the miniature plan: what every claim trains, checked without training ---------------------------
+
+PLAN = Path(__file__).parent / "data" / "reproduce_plan.json"
+
+
+def _plan(root: Path, scale: float, seeds=(0, 1)) -> dict:
+    return {claim.key: reproduce.miniature_configs(claim, root / claim.root, list(seeds), scale)
+            for claim in reproduce.CLAIMS}
+
+
+def _without(config, *fields) -> dict:
+    data = config.model_dump(mode="json")
+    for field in fields:
+        data.pop(field)
+    return data
+
+
+def test_every_claims_students_differ_only_in_their_variant_and_learn_from_its_teacher(tmp_path):
+    for key, per_seed in _plan(tmp_path, 0.25).items():
+        claim = next(c for c in reproduce.CLAIMS if c.key == key)
+        root = (tmp_path / claim.root).resolve()
+        teachers = {seed: configs["teacher"] for seed, configs in per_seed.items()}
+        assert teachers[0].model_dump() == teachers[1].model_dump(), key  # one teacher for every seed
+        teacher = teachers[0]
+        assert teacher.seed == 0 and teacher.out_dir == root / "teacher", key
+        out_dirs = set()
+        for seed, configs in per_seed.items():
+            base, *others = claim.variants
+            assert configs[base].distill.lam == 0.0 and all(configs[v].distill.lam == 1.0 for v in others), key
+            for variant in claim.variants:
+                student = configs[variant]
+                assert student.seed == seed and student.data.seed == seed, (key, variant)
+                assert student.teacher.checkpoint == teacher.out_dir / "model.pt"
+                assert (student.teacher.name, student.teacher.options) == (teacher.model.name, teacher.model.options)
+                assert student.distill.teacher_mode == ("frozen" if variant == "e2KD frozen" else "live")
+                assert student.out_dir.parent == root and student.out_dir.name.endswith(f"_seed{seed}")
+                out_dirs.add(student.out_dir)
+                # the variant is the distill block: everything else is the baseline's
+                same = ("distill", "out_dir")
+                assert _without(student, *same) == _without(configs[base], *same), (key, variant)
+            if key not in ("spurious", "bias100", "bias100_bcos"):  # those teachers see unbiased data
+                assert configs[base].data.options["root"] == teacher.data.options["root"], key
+        assert len(out_dirs) == 2 * len(claim.variants), key  # a folder per (variant, seed)
+
+
+def test_quick_runs_fewer_epochs_on_less_data_than_the_full_plan(tmp_path):
+    quick, full = _plan(tmp_path / "quick", 0.25, seeds=(0,)), _plan(tmp_path / "full", 1.0, seeds=(0,))
+    for key in quick:
+        for name, config in quick[key][0].items():
+            assert 1 <= config.train.epochs < full[key][0][name].train.epochs, (key, name)
+    for folder in ("few_data", "spurious", "voc", "cnn_to_vit"):
+        images = [len(list((tmp_path / scale / folder).rglob("*.png"))) + len(list((tmp_path / scale / folder).rglob("*.jpg")))
+                  for scale in ("quick", "full")]
+        assert 0 < images[0] < images[1], folder
+
+
+def _plan_snapshot(root: Path) -> dict:
+    """Both scales' plans (seed 0; seeds are checked above) with the folder made relative, and the
+    number of image files each claim's data holds."""
+    snapshot = {}
+    for scale, name in ((0.25, "quick"), (1.0, "full")):
+        plan = _plan(root / name, scale, seeds=(0,))
+        snapshot[name] = {key: {variant: json.loads(json.dumps(config.model_dump(mode="json", exclude_defaults=True))
+                                                    .replace(str((root / name).resolve()), "ROOT"))
+                                for variant, config in per_seed[0].items()} for key, per_seed in plan.items()}
+        snapshot[name]["images"] = {folder.name: sum(p.suffix in (".png", ".jpg") for p in folder.rglob("*"))
+                                    for folder in sorted((root / name).iterdir())}
+    return snapshot
+
+
+def test_the_miniature_plan_is_the_one_the_documented_verdicts_came_from(tmp_path):
+    """docs/results.md reports verdicts of this plan: a change to a claim's data, models, epochs or
+    options changes the experiment, so it must be made on purpose — regenerate the snapshot with
+    ``python -m tests.test_reproduce`` and rerun ``e2kd reproduce`` for the docs."""
+    assert _plan_snapshot(tmp_path) == json.loads(PLAN.read_text())
+
+
+if __name__ == "__main__":  # python -m tests.test_reproduce: record the current plan as the reference
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as where:
+        PLAN.parent.mkdir(exist_ok=True)
+        PLAN.write_text(json.dumps(_plan_snapshot(Path(where)), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {PLAN}")

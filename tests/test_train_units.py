@@ -1,0 +1,231 @@
+"""The training loop's parts, each against a value computed independently: RNG state round trips,
+the checkpoint loader's refusal of pickles, the TensorBoard calls, the runtime's precision and layout
+decisions and its process-group set-up (with a real TCP store)."""
+
+import pickle
+import random
+import socket
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from e2kd import runtime as runtime_module
+from e2kd.config import load_config_dict
+from e2kd.errors import ModelError
+from e2kd.runtime import Runtime, device_of, progress_enabled, runtime_of
+from e2kd.train import TrainLog, _load_checkpoint, rng_state, set_rng_state
+
+from .conftest import TINY
+
+
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)], random.gauss(0, 1)
+
+
+def test_rng_state_survives_a_checkpoint_round_trip_for_torch_numpy_and_python(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    random.gauss(0, 1)  # leaves a cached second Gaussian in Python's state (its third field)
+    torch.save(rng_state(), tmp_path / "rng.pt")  # as the checkpoint stores it (tuples come back as lists)
+    expected = _draws()
+    torch.manual_seed(7), np.random.seed(8), random.seed(9)
+    assert _draws() != expected
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() == expected
+
+
+class _Pickled:
+    pass
+
+
+def test_a_resume_checkpoint_that_needs_unpickling_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": _Pickled()}, path)
+    with pytest.raises(ModelError) as caught:
+        _load_checkpoint(path)
+    assert str(caught.value) == (f"{path}: cannot resume from this checkpoint (UnpicklingError); "
+                                 f"delete it to start over")
+    torch.save({"epoch": torch.tensor(3)}, path)
+    assert _load_checkpoint(path)["epoch"].device == torch.device("cpu")
+
+
+class _Writer:
+    """Records what TrainLog hands TensorBoard."""
+    made: list = []
+
+    def __init__(self, folder, purge_step=None):
+        self.folder, self.purge_step, self.scalars, self.closed = folder, purge_step, [], False
+        _Writer.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def tensorboard(monkeypatch):
+    _Writer.made = []
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = _Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    return _Writer.made
+
+
+def test_tensorboard_gets_every_scalar_but_the_counters_at_its_step(tmp_path, tensorboard):
+    log = TrainLog(tmp_path)
+    log.step({"step": 3, "epoch": 1, "loss": 0.5, "lr": 0.1})
+    log.epoch({"epoch": 2, "last_step": 8, "loss": 0.25})
+    log.close()
+    (writer,) = tensorboard
+    assert writer.folder == str(tmp_path / "tensorboard") and writer.purge_step is None
+    assert writer.scalars == [("step/epoch", 1, 3), ("step/loss", 0.5, 3), ("step/lr", 0.1, 3),
+                              ("epoch/loss", 0.25, 2)]
+    assert writer.closed
+    resumed = TrainLog(tmp_path, resume_step=5)  # events after step 5 of the killed run are purged
+    assert resumed.writer.purge_step == 6
+    assert TrainLog(None).writer is None and len(tensorboard) == 2  # no run folder: no writer made
+
+
+def test_resuming_drops_the_log_rows_written_after_the_checkpoint(tmp_path):
+    log = TrainLog(tmp_path)
+    for step in range(1, 7):
+        log.step({"step": step, "loss": step / 10})
+    log.epoch({"epoch": 1, "last_step": 3, "loss": 0.2})
+    log.epoch({"epoch": 2, "last_step": 6, "loss": 0.5})
+    TrainLog(tmp_path, resume_step=4)
+    steps = (tmp_path / "steps.csv").read_text().splitlines()
+    assert steps == ["step,loss", "1,0.1", "2,0.2", "3,0.3", "4,0.4"]
+    assert (tmp_path / "epochs.csv").read_text().splitlines() == ["epoch,last_step,loss", "1,3,0.2"]
+    TrainLog(tmp_path, resume_step=0)  # nothing kept: the files go, the next rows write a header again
+    assert not (tmp_path / "steps.csv").exists() and not (tmp_path / "epochs.csv").exists()
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_autocast_computes_in_the_configured_precision(precision, dtype):
+    a = torch.randn(4, 4)
+    with Runtime(torch.device("cpu"), precision).autocast():
+        assert (a @ a).dtype == dtype
+
+
+def test_only_fp16_scales_the_loss():
+    assert [Runtime(torch.device("cpu"), p).grad_scaler().is_enabled() for p in ("fp32", "bf16", "fp16")] == \
+        [False, False, True]
+
+
+def test_channels_last_applies_to_image_batches_and_models_only_when_asked():
+    images, labels = torch.randn(2, 3, 4, 5), torch.arange(2)
+    last = Runtime(torch.device("cpu"), channels_last=True)
+    assert last.batch(images).is_contiguous(memory_format=torch.channels_last)
+    assert not images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(last.batch(images), images) and torch.equal(last.batch(labels), labels)
+    assert not Runtime(torch.device("cpu")).batch(images).is_contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(3, 2, 3)
+    assert last.model(conv).weight.is_contiguous(memory_format=torch.channels_last)
+    assert not Runtime(torch.device("cpu")).model(nn.Conv2d(3, 2, 3)).weight.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_one_process_passes_values_through_and_does_not_wrap():
+    single = Runtime(torch.device("cpu"))
+    assert single.mean_over_processes({"loss": torch.tensor(0.25), "kd": torch.tensor([1.5])}) == \
+        {"loss": 0.25, "kd": 1.5}
+    assert single.mean_over_processes({}) == {}
+    model = nn.Linear(2, 2)
+    assert single.ddp(model) is model and single.is_main and not single.distributed
+    order = []
+    with single.main_first():
+        order.append("block")
+    assert order == ["block"]
+    assert not Runtime(torch.device("cpu"), rank=1, world_size=2).is_main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_each_restart_attempt_uses_its_own_keys_of_the_agents_store(monkeypatch):
+    port = _free_port()
+    agent = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+    runtime_module._attempt_store().set("address", "x")
+    assert agent.get("e2kd/attempt_3/address") == b"x"
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    runtime_module._attempt_store().set("address", "y")
+    assert agent.get("e2kd/attempt_0/address") == b"y"
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert runtime_module._attempt_store() is None
+
+
+def test_the_process_group_is_joined_with_torchruns_rank_and_world(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, get_rank=lambda: 1, get_world_size=lambda: 2,
+                                 init_process_group=lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(torch, "distributed", fake)
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake)
+    monkeypatch.setattr(runtime_module, "_attempt_store", lambda: "store")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime_module._process_group() == (1, 2, 1)
+    assert calls == [("gloo", {"store": "store", "rank": 1, "world_size": 2})]
+    monkeypatch.setattr(runtime_module, "_attempt_store", lambda: None)
+    runtime_module._process_group()
+    assert calls[-1] == ("gloo", {})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert runtime_module._process_group() == (0, 1, 0) and len(calls) == 2
+
+
+def _config(**train):
+    return load_config_dict({**TINY, "train": {**TINY["train"], **train}})
+
+
+def test_device_and_layout_follow_the_config(monkeypatch):
+    assert device_of(_config(device="cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_of(_config(device="auto")) == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device_of(_config(device="cuda")) == torch.device("cuda", 3)
+    assert device_of(_config(device="cuda:1")) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_of(_config(device="auto")) == torch.device("cuda", 3)
+    monkeypatch.delenv("LOCAL_RANK")
+    got = runtime_of(_config(device="cpu", precision="bf16"))
+    assert (got.device, got.precision, got.rank, got.world_size, got.channels_last) == \
+        (torch.device("cpu"), "bf16", 0, 1, False)
+    assert runtime_of(_config(device="cpu", channels_last=True)).channels_last
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    monkeypatch.setattr(runtime_module, "device_of", lambda config: torch.device("cuda", 0))
+    from e2kd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^config: train.precision: bf16 is not supported by Tesla V100; "
+                                          r"use fp16 or fp32$"):
+        runtime_of(_config(precision="bf16"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    got = runtime_of(_config(precision="bf16"))
+    assert got.channels_last  # channels-last by default on CUDA
+
+
+def test_progress_bars_only_on_the_main_process_of_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert progress_enabled(_config(progress=True))
+    assert not progress_enabled(_config(progress=False))
+    monkeypatch.setenv("RANK", "1")
+    assert not progress_enabled(_config(progress=True))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not progress_enabled(_config(progress=True))
