@@ -229,3 +229,122 @@ def test_progress_bars_only_on_the_main_process_of_a_terminal(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert not progress_enabled(_config(progress=True))
+
+
+# -- fit: what its defaults and its resume restore, seen from outside --------------------------------
+
+class _Recorded(torch.utils.data.Dataset):
+    """Sample i is the float i; remembers the process that loaded each one."""
+
+    def __init__(self, n: int = 12) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        import os
+
+        return {"image": torch.tensor([float(i)]), "pid": torch.tensor(os.getpid())}
+
+
+def _fit(tmp_path=None, steps=None, **kwargs):
+    from e2kd.train import fit
+
+    model = nn.Linear(1, 1)
+    seen = [] if steps is None else steps
+
+    def step(batch, index):
+        seen.append((batch["image"].flatten().tolist(), batch["pid"].unique().tolist()))
+        return {"loss": model(batch["image"]).pow(2).mean()}
+
+    fit(model, step, _Recorded(), batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
+        **{"progress": False, "epochs": 1, **kwargs})
+    return seen
+
+
+def test_fit_draws_the_batches_of_its_seed_in_this_process_by_default():
+    import os
+
+    from e2kd.train import EpochBatches
+
+    def order(seed):
+        sampler = EpochBatches(12, 4, seed=seed)
+        sampler.set_epoch(0)
+        return [[float(i) for i in b] for b in sampler]
+
+    assert [images for images, _ in _fit()] == order(0)
+    assert [images for images, _ in _fit(seed=3)] == order(3) != order(0)
+    assert {pid for _, pids in _fit() for pid in pids} == {os.getpid()}  # num_workers=0 by default
+    assert os.getpid() not in {pid for _, pids in _fit(num_workers=1) for pid in pids}
+
+
+def test_fit_shows_a_progress_bar_named_by_desc_unless_asked_not_to(capsys, tmp_path):
+    _fit(progress=True)
+    err = capsys.readouterr().err
+    assert "train:" in err and "3/3" in err and "step/s" in err
+    _fit(progress=True, checkpoint=tmp_path / "c.pt")
+    capsys.readouterr()
+    _fit(progress=True, checkpoint=tmp_path / "c.pt", epochs=2)  # resumed after epoch 1: the bar starts at 3 of 6
+    err = capsys.readouterr().err
+    assert "3/6" in err and "6/6" in err and "0/6" not in err
+    _fit(progress=True, desc="distill run_a")
+    assert "distill run_a:" in capsys.readouterr().err
+    _fit(progress=False)
+    assert capsys.readouterr().err == ""
+    from e2kd.train import fit
+
+    model = nn.Linear(1, 1)
+    fit(model, lambda b, i: {"loss": model(b["image"]).sum()}, _Recorded(), epochs=1, batch_size=4,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))  # the default shows it
+    assert "train:" in capsys.readouterr().err
+
+
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_path):
+    """Resumed at epoch 1, position 1 of 3 batches an epoch (step 4), the NaN at step 6 keeps that one."""
+    from e2kd.errors import TrainingError
+    from e2kd.train import fit
+
+    model = nn.Linear(1, 1)
+    checkpoint = tmp_path / "checkpoint.pt"
+    kwargs = dict(batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01), checkpoint=checkpoint,
+                  checkpoint_every=4, progress=False)
+
+    def step(batch, index, fail_at=None):
+        if index == fail_at:
+            raise KeyboardInterrupt
+        loss = model(batch["image"]).pow(2).mean()
+        return {"loss": loss * float("nan") if index == 5 and fail_at is None else loss}
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, lambda b, i: step(b, i, fail_at=4), _Recorded(), epochs=3, **kwargs)
+    assert (torch.load(checkpoint, weights_only=True)["epoch"], torch.load(checkpoint, weights_only=True)["position"]) \
+        == (1, 1)
+    with pytest.raises(TrainingError) as err:
+        fit(model, step, _Recorded(), epochs=3, **kwargs)
+    assert str(err.value).startswith(f"step 6: the loss is nan; training stopped before the update and the last good "
+                                     f"checkpoint, {checkpoint} (after step 4), is kept")
+
+
+def test_the_loss_scalers_state_survives_a_resume(tmp_path):
+    """fp16 on the CPU: a loss whose scaled gradient overflows at the initial scale (2^16) makes the
+    scaler skip steps and halve its scale until it fits; a resumed run must keep the lowered scale (a
+    fresh scaler would skip, i.e. drop, the first steps after the resume again), so both runs end equal."""
+    from e2kd.train import fit
+
+    def run(epochs, model, checkpoint):
+        def step(batch, index):
+            return {"loss": (model(batch["image"]) * 1e34).mean()}
+
+        fit(model, step, _Recorded(), epochs=epochs, batch_size=4, progress=False, checkpoint=checkpoint,
+            runtime=Runtime(torch.device("cpu"), "fp16"), optimizer_fn=lambda p: torch.optim.SGD(p, lr=1e-36))
+        return model.weight.item()
+
+    torch.manual_seed(0)
+    whole = run(2, nn.Linear(1, 1), tmp_path / "whole.pt")
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1)
+    run(1, model, tmp_path / "split.pt")
+    assert torch.load(tmp_path / "split.pt", weights_only=True)["scaler"]["scale"] < 2.0 ** 16  # steps were skipped
+    after_one = model.weight.item()
+    assert run(2, model, tmp_path / "split.pt") == whole != after_one
