@@ -6,6 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+# No tqdm monitor thread in tests: it takes tqdm's lock every few seconds, and a test process forked
+# while it holds it (mutmut forks one per mutant) blocks for ever on its first progress bar.
+tqdm.tqdm.monitor_interval = 0
 
 from e2kd.registry import registry  # noqa: E402
 from e2kd.testing import TinyCNN  # noqa: E402

@@ -69,6 +69,7 @@ def test_resuming_inside_an_epoch_skips_the_batches_done():
     (5, 3, 2, 2),    # one full batch: the partial one is kept
     (4, 8, 1, 4),    # a batch larger than the data: clamped to the data
     (12, 4, 3, 4),   # no remainder
+    (3, 1, 3, 1),    # one sample a batch
 ])
 def test_batch_count_and_the_last_partial_batch(n, batch, expected_batches, last):
     sampler = EpochBatches(n, batch, seed=0)
@@ -77,3 +78,7 @@ def test_batch_count_and_the_last_partial_batch(n, batch, expected_batches, last
     assert len(batches[-1]) == last
     assert all(len(b) == min(batch, n) for b in batches[:-1])
     assert len(set(sum(batches, []))) == len(sum(batches, []))  # no sample twice in an epoch
+
+
+def test_before_set_epoch_it_is_epoch_0_of_seed_0():
+    assert list(EpochBatches(12, 4)) == _epoch(EpochBatches(12, 4, seed=0), 0) != _epoch(EpochBatches(12, 4), 1)

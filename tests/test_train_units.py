@@ -105,7 +105,7 @@ def test_resuming_drops_the_log_rows_written_after_the_checkpoint(tmp_path):
     assert not (tmp_path / "steps.csv").exists() and not (tmp_path / "epochs.csv").exists()
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_autocast_computes_in_the_configured_precision(precision, dtype):
     a = torch.randn(4, 4)
     with Runtime(torch.device("cpu"), precision).autocast():
@@ -132,8 +132,8 @@ def test_channels_last_applies_to_image_batches_and_models_only_when_asked():
 
 def test_one_process_passes_values_through_and_does_not_wrap():
     single = Runtime(torch.device("cpu"))
-    assert single.mean_over_processes({"loss": torch.tensor(0.25), "kd": torch.tensor([1.5])}) == \
-        {"loss": 0.25, "kd": 1.5}
+    assert single.mean_over_processes({"loss": torch.tensor(0.1, dtype=torch.float64), "kd": torch.tensor([1.5])}) == \
+        {"loss": 0.1, "kd": 1.5}  # in float64: 0.1 is not rounded to float32's 0.10000000149
     assert single.mean_over_processes({}) == {}
     model = nn.Linear(2, 2)
     assert single.ddp(model) is model and single.is_main and not single.distributed
@@ -182,8 +182,14 @@ def test_the_process_group_is_joined_with_torchruns_rank_and_world(monkeypatch):
     monkeypatch.setattr(runtime_module, "_attempt_store", lambda: None)
     runtime_module._process_group()
     assert calls[-1] == ("gloo", {})
+    monkeypatch.delenv("LOCAL_RANK")  # (torchrun always sets it; without it, device 0)
+    devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    assert runtime_module._process_group() == (1, 2, 0)
+    assert calls[-1] == ("nccl", {}) and devices == [0]  # NCCL on CUDA, on this process's GPU
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert runtime_module._process_group() == (0, 1, 0) and len(calls) == 2
+    assert runtime_module._process_group() == (0, 1, 0) and len(calls) == 3
 
 
 def _config(**train):
@@ -200,6 +206,7 @@ def test_device_and_layout_follow_the_config(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert device_of(_config(device="auto")) == torch.device("cuda", 3)
     monkeypatch.delenv("LOCAL_RANK")
+    assert device_of(_config(device="cuda")) == torch.device("cuda", 0)
     got = runtime_of(_config(device="cpu", precision="bf16"))
     assert (got.device, got.precision, got.rank, got.world_size, got.channels_last) == \
         (torch.device("cpu"), "bf16", 0, 1, False)
@@ -208,11 +215,11 @@ def test_device_and_layout_follow_the_config(monkeypatch):
 
 def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Tesla V100 ({device})")
     monkeypatch.setattr(runtime_module, "device_of", lambda config: torch.device("cuda", 0))
     from e2kd.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^config: train.precision: bf16 is not supported by Tesla V100; "
+    with pytest.raises(ConfigError, match=r"^config: train.precision: bf16 is not supported by Tesla V100 \(cuda:0\); "
                                           r"use fp16 or fp32$"):
         runtime_of(_config(precision="bf16"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
@@ -234,7 +241,7 @@ def test_progress_bars_only_on_the_main_process_of_a_terminal(monkeypatch):
 # -- fit: what its defaults and its resume restore, seen from outside --------------------------------
 
 class _Recorded(torch.utils.data.Dataset):
-    """Sample i is the float i; remembers the process that loaded each one."""
+    """Sample i is the float i."""
 
     def __init__(self, n: int = 12) -> None:
         self.n = n
@@ -243,9 +250,7 @@ class _Recorded(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        import os
-
-        return {"image": torch.tensor([float(i)]), "pid": torch.tensor(os.getpid())}
+        return {"image": torch.tensor([float(i)])}
 
 
 def _fit(tmp_path=None, steps=None, **kwargs):
@@ -255,7 +260,7 @@ def _fit(tmp_path=None, steps=None, **kwargs):
     seen = [] if steps is None else steps
 
     def step(batch, index):
-        seen.append((batch["image"].flatten().tolist(), batch["pid"].unique().tolist()))
+        seen.append(batch["image"].flatten().tolist())
         return {"loss": model(batch["image"]).pow(2).mean()}
 
     fit(model, step, _Recorded(), batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
@@ -263,20 +268,25 @@ def _fit(tmp_path=None, steps=None, **kwargs):
     return seen
 
 
-def test_fit_draws_the_batches_of_its_seed_in_this_process_by_default():
-    import os
-
-    from e2kd.train import EpochBatches
+def test_fit_draws_the_batches_of_its_seed_with_the_workers_asked_for(monkeypatch):
+    import e2kd.train as train
 
     def order(seed):
-        sampler = EpochBatches(12, 4, seed=seed)
+        sampler = train.EpochBatches(12, 4, seed=seed)
         sampler.set_epoch(0)
         return [[float(i) for i in b] for b in sampler]
 
-    assert [images for images, _ in _fit()] == order(0)
-    assert [images for images, _ in _fit(seed=3)] == order(3) != order(0)
-    assert {pid for _, pids in _fit() for pid in pids} == {os.getpid()}  # num_workers=0 by default
-    assert os.getpid() not in {pid for _, pids in _fit(num_workers=1) for pid in pids}
+    assert _fit() == order(0)
+    assert _fit(seed=3) == order(3) != order(0)
+    workers = []  # (no worker process is started: one forked from a test runner may hang)
+
+    def loader(dataset, *, num_workers, **kwargs):
+        workers.append(num_workers)
+        return torch.utils.data.DataLoader(dataset, num_workers=0, **kwargs)
+
+    monkeypatch.setattr(train, "DataLoader", loader)
+    _fit(), _fit(num_workers=3)
+    assert workers == [0, 3]
 
 
 def test_fit_shows_a_progress_bar_named_by_desc_unless_asked_not_to(capsys, tmp_path):
@@ -288,6 +298,17 @@ def test_fit_shows_a_progress_bar_named_by_desc_unless_asked_not_to(capsys, tmp_
     _fit(progress=True, checkpoint=tmp_path / "c.pt", epochs=2)  # resumed after epoch 1: the bar starts at 3 of 6
     err = capsys.readouterr().err
     assert "3/6" in err and "6/6" in err and "0/6" not in err
+    assert "img/s=" in err and "loss=" in err  # throughput and loss beside the bar
+    assert err.endswith("\r")  # and the finished bar is cleared, not left on screen
+    (tmp_path / "c.pt").unlink()
+    _fit(progress=True, checkpoint=tmp_path / "c.pt", checkpoint_every=2, epochs=2)
+    capsys.readouterr()
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state.update(epoch=1, position=1)  # as if killed after step 4 of 6
+    torch.save(state, tmp_path / "c.pt")
+    _fit(progress=True, checkpoint=tmp_path / "c.pt", epochs=2)
+    err = capsys.readouterr().err
+    assert "4/6" in err and "3/6" not in err
     _fit(progress=True, desc="distill run_a")
     assert "distill run_a:" in capsys.readouterr().err
     _fit(progress=False)
@@ -348,3 +369,79 @@ def test_the_loss_scalers_state_survives_a_resume(tmp_path):
     assert torch.load(tmp_path / "split.pt", weights_only=True)["scaler"]["scale"] < 2.0 ** 16  # steps were skipped
     after_one = model.weight.item()
     assert run(2, model, tmp_path / "split.pt") == whole != after_one
+
+
+def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp_path, monkeypatch):
+    """2 epochs of 3 batches of 4, the loss of step i equal to i: epoch means 1 and 4; a clock that
+    advances 0.5 s a reading makes the throughput 4 / 0.5 images a second."""
+    import csv
+
+    import e2kd.train as train
+
+    clock = iter(0.5 * i for i in range(1000))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    model = nn.Linear(1, 1)
+
+    def step(batch, index):
+        return {"loss": model(batch["image"]).sum() * 0 + index, "kd": torch.tensor(2.0 * index)}
+
+    history = train.fit(model, step, _Recorded(), epochs=2, batch_size=4, log_dir=tmp_path, progress=False,
+                        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))
+    assert history == [{"epoch": 1, "loss": 1.0, "kd": 2.0}, {"epoch": 2, "loss": 4.0, "kd": 8.0}]
+    steps = list(csv.DictReader((tmp_path / "steps.csv").open()))
+    assert [(int(r["step"]), int(r["epoch"])) for r in steps] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    assert [float(r["images_per_s"]) for r in steps] == [8.0] * 6
+    epochs = list(csv.DictReader((tmp_path / "epochs.csv").open()))
+    assert [(r["epoch"], r["last_step"], r["loss"], r["kd"]) for r in epochs] == [("1", "3", "1.0", "2.0"),
+                                                                                  ("2", "6", "4.0", "8.0")]
+    # one batch an epoch: its mean is its value
+    one = train.fit(model, lambda b, i: step(b, i + 3), _Recorded(4), epochs=1, batch_size=4, progress=False,
+                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))
+    assert one == [{"epoch": 1, "loss": 3.0, "kd": 6.0}]
+
+
+def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch):
+    import e2kd.train as train
+
+    class Half(Runtime):  # rank 0 of 2, with the mean over processes of one process
+        def mean_over_processes(self, scalars):
+            return Runtime(torch.device("cpu")).mean_over_processes(scalars)
+
+    clock = iter(0.5 * i for i in range(1000))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    model = nn.Linear(1, 1)
+    rows = []
+    monkeypatch.setattr(train.TrainLog, "step", lambda self, row: rows.append(row))
+    train.fit(model, lambda b, i: {"loss": model(b["image"]).sum()}, _Recorded(), epochs=1, batch_size=3,
+              runtime=Half(torch.device("cpu"), rank=0, world_size=2), progress=False,
+              optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))
+    assert [r["images_per_s"] for r in rows] == [12.0, 12.0]  # 2 x 3 images in 0.5 s
+
+
+def test_a_parameter_without_a_gradient_in_a_step_is_not_updated(tmp_path):
+    """Gradients are cleared to None, not zero: AdamW skips a parameter the step did not use (a zero
+    gradient would still move it by its momentum and weight decay)."""
+    import e2kd.train as train
+
+    model = nn.Linear(1, 1)
+    after = []
+
+    def step(batch, index):
+        after.append(model.bias.detach().clone())
+        used = model(batch["image"]) if index == 0 else batch["image"] * model.weight
+        return {"loss": used.sum()}
+
+    train.fit(model, step, _Recorded(), epochs=1, batch_size=4, progress=False,
+              optimizer_fn=lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1))
+    assert not torch.equal(after[0], after[1]) and torch.equal(after[1], after[2])
+    assert torch.equal(after[2], model.bias.detach())
+
+
+def test_checkpoints_are_written_every_k_steps_inside_an_epoch_and_at_its_end(tmp_path, monkeypatch):
+    import e2kd.train as train
+
+    saved = []
+    monkeypatch.setattr(train, "atomic_torch_save", lambda state, path: saved.append((state["epoch"], state["position"])))
+    _fit(checkpoint=tmp_path / "c.pt", checkpoint_every=1, epochs=2)
+    # the end of an epoch is saved once, as the start of the next (never as position 3 of 3)
+    assert saved == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]

@@ -114,6 +114,33 @@ def targets(work: Path, patterns: list[str]) -> list[str]:
     return [f for f in found if any(fnmatch.fnmatch(f, _in_work(p)) for p in patterns) and not f.endswith("__init__.py")]
 
 
+def run_in_subprocesses(work: Path, files: list[str], tests: list[str], patterns: list[str], env: dict) -> None:
+    """Run ``tests`` once more for each survivor (or mutant without tests) whose name matches one of
+    ``patterns``: tests whose code runs in child processes (``torchrun`` workers, ``mp.spawn``) that
+    mutmut cannot trace, so it never pairs them with that code. The children import the mutated
+    package (``PYTHONPATH``) and inherit the mutant's name; a failing test kills the mutant."""
+    env = {**env, "PYTHONPATH": str(work / "mutants")}
+    for path in files:
+        meta = work / "mutants" / f"{path}.meta"
+        if not meta.is_file():
+            continue
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        chosen = [n for n, c in sorted(codes.items()) if STATUS.get(c) in ("survived", "no tests")
+                  and any(fnmatch.fnmatch(n, p) for p in patterns)]
+        for i, name in enumerate(chosen, 1):
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "",
+                                   *tests], cwd=work / "mutants", env={**env, "MUTANT_UNDER_TEST": name},
+                                  capture_output=True, text=True)
+            if done.returncode not in (0, 1):
+                raise SystemExit(f"mutation: the subprocess tests could not run ({done.returncode}):\n"
+                                 f"{done.stdout[-2000:]}")
+            codes[name] = 1 if done.returncode == 1 else 0
+            print(f"mutation: [{i}/{len(chosen)}] {name}: {'killed' if codes[name] else 'survived'} "
+                  f"by the subprocess tests", flush=True)
+            meta.write_text(json.dumps(data, indent=4))
+
+
 def scores(work: Path, files: list[str], equivalent: dict[str, str]) -> list[dict]:
     """Per file: mutants by status, the equivalent ones, and the score over the non-equivalent."""
     rows = []
@@ -134,7 +161,8 @@ def scores(work: Path, files: list[str], equivalent: dict[str, str]) -> list[dic
         counted = len(codes) - counts.get("equivalent", 0)
         killed = counts.get("killed", 0) + counts.get("timeout", 0)  # a timeout is a noticed change
         rows.append({"file": _in_repo(path), "mutants": len(codes), "counts": counts, "score": killed / counted if counted else 1.0,
-                     "survivors": [n for n, s in survivors if s != "timeout"]})
+                     "survivors": [n for n, s in survivors if s != "timeout"],
+                     "timeouts": [n for n, s in survivors if s == "timeout"]})
     return rows
 
 
@@ -160,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="parallel test processes")
     parser.add_argument("--recheck", action="store_true", help="recollect which tests reach which code, then run the "
                         "surviving mutants again (mutmut keeps a verdict until its code changes, not when tests do)")
+    parser.add_argument("--subprocess-tests", nargs="+", default=[], help="tests (node ids; slow ones too) that "
+                        "run the package in child processes, e.g. under torchrun: run once more for each survivor "
+                        "matching --subprocess-mutants")
+    parser.add_argument("--subprocess-mutants", nargs="+", default=["*"], help="glob patterns of mutant names "
+                        "for --subprocess-tests (default: every survivor)")
     parser.add_argument("--report", action="store_true", help="only print the scores of the last run")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     args = parser.parse_args(argv)
@@ -184,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             if done.returncode != 0:
                 print(f"mutation: mutmut exited with {done.returncode} (see its output above)", file=sys.stderr)
                 return done.returncode
-            if args.recheck:  # then every survivor again, with the current tests
+            if args.recheck:  # then every survivor (and timeout: a test that hung counts as a kill) again
                 args.recheck = False
-                survivors = [n for r in scores(work, targets(work, args.files), {}) for n in r["survivors"]]
+                survivors = [n for r in scores(work, targets(work, args.files), {}) for n in r["survivors"] + r["timeouts"]]
                 batches = [survivors[i:i + 200] for i in range(0, len(survivors), 200)]
+        if args.subprocess_tests:
+            run_in_subprocesses(work, targets(work, args.files), args.subprocess_tests, args.subprocess_mutants, env)
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}
     rows = scores(work, targets(work, args.files), {k: v for k, v in equivalent.items() if not k.startswith("_")})
     if not rows:
