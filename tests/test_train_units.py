@@ -445,3 +445,33 @@ def test_checkpoints_are_written_every_k_steps_inside_an_epoch_and_at_its_end(tm
     _fit(checkpoint=tmp_path / "c.pt", checkpoint_every=1, epochs=2)
     # the end of an epoch is saved once, as the start of the next (never as position 3 of 3)
     assert saved == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
+
+
+def test_logged_scalars_are_python_floats_whatever_the_tensors_dtype():
+    got = Runtime(torch.device("cpu")).mean_over_processes({"loss": torch.tensor(0.5, dtype=torch.bfloat16),
+                                                            "count": torch.tensor(3)})
+    assert got == {"loss": 0.5, "count": 3.0} and all(type(v) is float for v in got.values())
+
+
+def test_batches_and_models_go_to_the_runtimes_device():
+    meta = Runtime(torch.device("meta"))
+    assert meta.batch(torch.ones(2, 3)).is_meta and meta.model(nn.Linear(2, 2)).weight.is_meta
+
+
+def test_distributed_wrapping_and_buffer_sync_use_this_processs_gpu_and_rank_0(monkeypatch):
+    """What the runtime hands torch.distributed, recorded without a process group (the real thing
+    runs under torchrun in tests/test_faults.py and tests/test_ddp.py)."""
+    import torch.nn.parallel
+
+    wrapped, sent = [], []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, **kw: wrapped.append((model, kw)) or "wrapped")
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: sent.append((tensor, src)))
+    model = nn.BatchNorm1d(2)
+    assert Runtime(torch.device("cuda", 1), rank=1, world_size=2).ddp(model) == "wrapped"
+    assert Runtime(torch.device("cpu"), rank=1, world_size=2).ddp(model) == "wrapped"
+    assert wrapped == [(model, {"device_ids": [1]}), (model, {"device_ids": None})]
+    Runtime(torch.device("cpu"), rank=1, world_size=2).sync_buffers(model)
+    assert [(id(t), src) for t, src in sent] == [(id(b), 0) for b in model.buffers()] and len(sent) == 3
+    Runtime(torch.device("cpu")).sync_buffers(model)  # one process: nothing to send
+    assert len(sent) == 3
