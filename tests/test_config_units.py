@@ -164,3 +164,82 @@ def test_plugin_errors_name_the_field_and_source(tmp_path):
 def test_a_packaged_config_is_loaded_by_name_with_its_path_as_source():
     config = load_config("voc_bcos_r50_r18")
     assert config.source.endswith("e2kd/configs/voc_bcos_r50_r18.yaml")
+
+
+def test_every_plugin_field_is_named_in_its_error():
+    cases = [({"data": "nope"}, "data.name: unknown dataset 'nope'"),
+             ({"teacher": "nope"}, "teacher.name: unknown model 'nope'"),
+             ({"eval": {"explainer": "nope"}}, "eval.explainer.name: unknown explainer 'nope'"),
+             ({"train": {"guidance": {"explainer": "nope"}}}, "train.guidance.explainer.name: unknown explainer 'nope'"),
+             ({"distill": {"explainer": {"name": "gradcam", "options": {"layr": 1}}}},
+              "distill.explainer.options.layr: unknown key; did you mean 'layer'?")]
+    for data, expected in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config_dict(data, source="e.yaml")
+        assert str(err.value).startswith(f"e.yaml: {expected}"), str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config_dict({"train": {"epochs": "x"}}, source="e.yaml")
+    assert str(err.value).startswith("e.yaml: train.epochs: Input should be a valid integer")
+    assert load_config_dict({}).source == "config"
+
+
+def test_nested_typos_get_the_hint_of_their_own_section():
+    with pytest.raises(ConfigError) as err:
+        load_config_dict({"train": {"guidance": {"wieght": 2}}})
+    assert str(err.value).startswith("config: train.guidance.wieght: unknown key; did you mean 'weight'?")
+    with pytest.raises(ConfigError) as err:  # a list index on the way: no hint, still one line
+        load_config_dict({"eval": {"metrics": [{"name": "accuracy", "optionz": {}}]}})
+    assert str(err.value).startswith("config: eval.metrics.0.optionz: unknown key (known: none)")
+
+
+def test_a_non_differentiable_explainer_cannot_guide_or_train(fresh_registry):
+    from e2kd import hookimpl
+    from e2kd.api import Explainer
+
+    class Fixed(Explainer):
+        name, description, differentiable = "fixed", "a fixed map", False
+
+    class Plugin:
+        @hookimpl
+        def register_explainers(self, register):
+            register(Fixed)
+
+    fresh_registry.register_plugin(Plugin(), name="fixed_plugin")
+    with pytest.raises(ConfigError) as err:
+        load_config_dict({"train": {"guidance": {"explainer": "fixed"}}}, source="e.yaml")
+    assert str(err.value) == ("e.yaml: train.guidance.explainer: explainer 'fixed' is not differentiable and cannot "
+                              "guide a model (pick a differentiable one, e.g. gradcam or bcos)")
+    with pytest.raises(ConfigError) as err:
+        load_config_dict({"teacher": "small_resnet", "distill": {"explainer": "fixed"}}, source="e.yaml")
+    assert str(err.value).startswith("e.yaml: distill.explainer: explainer 'fixed' is not differentiable")
+    assert load_config_dict({"eval": {"explainer": "fixed"}})  # evaluation may use it
+
+
+def test_yaml_that_cannot_even_be_read_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"seed: 1\x07\n")  # a control character: a reader error, with no position or problem
+    with pytest.raises(ConfigError) as err:
+        read_config_file(path)
+    assert str(err.value) == f"{path}: malformed YAML: invalid YAML"
+
+
+def test_dump_keeps_the_schema_order_and_writes_paths_as_text(tmp_path):
+    config = load_config_dict({"model": {"name": "small_resnet", "checkpoint": str(tmp_path / "m.pt")}})
+    from e2kd.config import dump_config
+
+    text = dump_config(config)
+    assert text.splitlines()[0] == "seed: 0" and text.index("data:") < text.index("model:") < text.index("train:")
+    assert f"checkpoint: {tmp_path / 'm.pt'}" in text
+    identity = run_identity(config)
+    assert identity["model"]["checkpoint"] == str(tmp_path / "m.pt")  # JSON values, not Path objects
+    import hashlib
+    import json
+
+    assert identity_digest(config) == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def test_a_digest_is_64_lowercase_hex_characters():
+    from e2kd.config import _is_digest
+
+    assert _is_digest("0123456789abcdef" * 4)
+    assert not any(_is_digest(v) for v in ("X" * 64, "A" * 64, "a" * 63, 64, None))

@@ -305,3 +305,122 @@ if __name__ == "__main__":  # python -m tests.test_reproduce: record the current
         PLAN.parent.mkdir(exist_ok=True)
         PLAN.write_text(json.dumps(_plan_snapshot(Path(where)), indent=1, sort_keys=True) + "\n")
     print(f"wrote {PLAN}")
+
+
+# -- verdict, report and the run itself, on made-up numbers ----------------------------------------
+
+@pytest.mark.parametrize("differences, expected", [
+    ([0.4, 0.4, 0.0, 0.0], "does not hold here"),   # half the seeds positive (a zero is no gain), though mean > error
+    ([0.3, 0.01], "holds here"),                     # both seeds positive: mean 0.155 > standard error 0.145
+    ([0.2, 0.2, 0.2, -0.05], "holds here"),          # 3 of 4 positive, mean 0.1375 > 0.0625
+])
+def test_verdict_rule_at_its_edges(differences, expected):
+    assert verdict(differences) == expected
+
+
+def test_verdict_needs_a_difference():
+    with pytest.raises(ValueError, match="^no paired differences$"):
+        verdict([])
+
+
+def test_the_report_of_made_up_claims_line_by_line():
+    claims = [
+        {"key": "few_data", "title": "Few data", "data": reproduce.MINIATURE,
+         "teacher": {"val": {"accuracy": 0.8, "agreement": 0.75, "curve": {"shift_1": 1.0}}},
+         "rows": [{"measure": "accuracy", "paper": "49.8 -> 54.9", "baseline": "KD", "variant": "e2KD",
+                   "KD": [0.5, 0.6], "e2KD": [0.55, 0.7], "differences": [0.05, 0.1], "verdict": "holds here"}]},
+        {"key": "voc", "title": "VOC", "data": "voc at /data/voc", "teacher": {},
+         "rows": [{"measure": "EPG", "paper": "60.1 -> 71.1", "baseline": "KD", "variant": "e2KD",
+                   "KD": [0.4], "e2KD": [0.3], "differences": [-0.1], "verdict": "does not hold here"}]},
+    ]
+    text = report(claims, [0, 1], quick=False, seconds=90.0, overrides=["train.epochs=1", "seed=2"])
+    assert text == "\n".join([
+        "# e2kd reproduce", "",
+        "Full run on the data listed per claim below; seeds 0, 1; 1.5 min. Values in percent, mean ± std over seeds; "
+        f"Δ = e2KD − KD per seed (paired). Verdict rule: {reproduce.RULE}.", "",
+        "| claim | measure | paper (KD → e2KD) | KD | e2KD | Δ per seed | verdict |",
+        "|---|---|---|---|---|---|---|",
+        "| Few data (e2KD vs KD) | accuracy | 49.8 -> 54.9 | 55.0 ± 7.1 | 62.5 ± 10.6 | +5.0, +10.0 | **holds here** |",
+        "| VOC (e2KD vs KD) | EPG | 60.1 -> 71.1 | 40.0 | 30.0 | -10.0 | **does not hold here** |", "",
+        "Data and teachers (the teacher is the same for every seed of a claim):", "",
+        "- few_data: shape images (miniature); teacher: val accuracy 80.0, val agreement 75.0",
+        "- voc: voc at /data/voc; teacher: a given checkpoint (not evaluated here)", "",
+        "Full-size runs with --set train.epochs=1 --set seed=2.", ""])
+    quick = report([{**claims[0], "data": reproduce.MINIATURE}, {**claims[1], "data": reproduce.MINIATURE}], [3],
+                   quick=True, seconds=30.0)
+    assert quick.splitlines()[2].startswith("Quick (smoke) run on shape images in the paper's data formats; seeds 3; "
+                                            "0.5 min.")
+    assert quick.endswith("teacher: a given checkpoint (not evaluated here)\n")
+    no_data_key = [{k: v for k, v in c.items() if k != "data"} for c in claims]
+    assert "on shape images" in report(no_data_key, [0], quick=True, seconds=1.0)  # a claim without one: miniature
+
+
+def _fake_runs(monkeypatch, gains):
+    """train_teacher and distill replaced by made-up results: the teacher's, and per student a value
+    of its seed and variant (e2KD = KD + gains[seed]), with a shift curve of the same value."""
+    calls = []
+
+    def train_teacher(config, **kw):
+        calls.append(("teacher", config.out_dir.name))
+        return {"splits": {"val": {"accuracy": 0.9, "shift_equivariance": {"shift_0": 1.0, "shift_4": 0.5}}}}
+
+    def distill(config, **kw):
+        value = 0.5 + 0.03 * config.seed + (gains[config.seed] if config.distill.lam > 0 else 0.0)
+        calls.append((config.out_dir.name, value))
+        return {"splits": {"val": {"accuracy": value, "agreement": value - 0.1,
+                                   "shift_equivariance": {"shift_0": 1.0, "shift_4": value, "shift_8": value / 2}}}}
+
+    monkeypatch.setattr(reproduce, "train_teacher", train_teacher)
+    monkeypatch.setattr(reproduce, "distill", distill)
+    return calls
+
+
+def test_run_claim_pairs_each_seeds_runs_and_keeps_the_curves_teacher_first(tmp_path, monkeypatch):
+    claim = next(c for c in reproduce.CLAIMS if c.key == "cnn_to_vit")
+    calls = _fake_runs(monkeypatch, {0: 0.1, 1: -0.02})
+    (tmp_path / "data").mkdir()
+    logged = []
+    result = reproduce.run_claim(claim, reproduce.miniature_configs(claim, tmp_path, [0, 1], 0.25), logged.append)
+    assert calls[0] == ("teacher", "teacher") and len(calls) == 5
+    assert logged == ["[e2kd reproduce] cnn_to_vit: KD, seed 0", "[e2kd reproduce] cnn_to_vit: e2KD, seed 0",
+                      "[e2kd reproduce] cnn_to_vit: KD, seed 1", "[e2kd reproduce] cnn_to_vit: e2KD, seed 1"]
+    (row,) = result["rows"]
+    kd = [0.75 * 0.5, 0.75 * 0.53]  # the mean over the non-zero shifts: (v + v / 2) / 2
+    assert row["KD"] == pytest.approx(kd) and row["e2KD"] == pytest.approx([0.75 * 0.6, 0.75 * 0.51])
+    assert row["differences"] == pytest.approx([0.075, -0.015]) and row["verdict"] == verdict(row["differences"])
+    assert list(result["curves"]) == ["teacher", "KD", "e2KD"]
+    assert result["curves"]["teacher"] == [{"shift_0": 1.0, "shift_4": 0.5}]
+    assert [c["shift_4"] for c in result["curves"]["e2KD"]] == pytest.approx([0.6, 0.51])
+    assert result["teacher"] == {"val": {"accuracy": 0.9}}  # the curve is not a number of the report
+    assert {k: result[k] for k in ("key", "title", "variants", "data")} == {
+        "key": "cnn_to_vit", "title": claim.title, "variants": ["KD", "e2KD"], "data": reproduce.MINIATURE}
+    # a given teacher checkpoint (no teacher config): nothing trained, no teacher curve or numbers
+    configs = reproduce.miniature_configs(claim, tmp_path, [0], 0.25)
+    del configs[0]["teacher"]
+    calls.clear()
+    given = reproduce.run_claim(claim, configs, logged.append, data="imagenet at /x")
+    assert all(c[0] != "teacher" for c in calls) and list(given["curves"]) == ["KD", "e2KD"]
+    assert given["teacher"] == {} and given["data"] == "imagenet at /x"
+
+
+def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, monkeypatch):
+    _fake_runs(monkeypatch, {0: 0.1, 1: 0.05})
+    logged = []
+    results = reproduce.run_reproduce(tmp_path, seeds=(0, 1), quick=True, claims=["few_data", "cnn_to_vit"],
+                                      log=logged.append)
+    stored = json.loads((tmp_path / "reproduce.json").read_text())
+    assert stored == json.loads(json.dumps(results))
+    assert (stored["seeds"], stored["quick"], stored["rule"], stored["overrides"]) == ([0, 1], True, reproduce.RULE, [])
+    assert [c["key"] for c in stored["claims"]] == ["few_data", "cnn_to_vit"]
+    few = stored["claims"][0]
+    assert [r["measure"] for r in few["rows"]] == ["accuracy", "agreement"]
+    assert few["rows"][0]["KD"] == pytest.approx([0.5, 0.53]) and few["rows"][0]["differences"] == pytest.approx([0.1, 0.05])
+    text = (tmp_path / "reproduce.md").read_text()
+    # the report of these results (its time line aside: the run's own duration)
+    assert text.splitlines()[3:] == report(results["claims"], [0, 1], True, 0.0).splitlines()[3:]
+    assert logged[-1] == text and text.startswith("# e2kd reproduce\n\nQuick (smoke) run on shape images")
+    for figure in ("reproduce.png", "shift.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
+    assert (tmp_path / "few_data" / "data").is_dir() and (tmp_path / "cnn_to_vit" / "data").is_dir()
+    with pytest.raises(ValueError, match="^at least one seed$"):
+        reproduce.run_reproduce(tmp_path, seeds=())

@@ -451,6 +451,8 @@ def test_logged_scalars_are_python_floats_whatever_the_tensors_dtype():
     got = Runtime(torch.device("cpu")).mean_over_processes({"loss": torch.tensor(0.5, dtype=torch.bfloat16),
                                                             "count": torch.tensor(3)})
     assert got == {"loss": 0.5, "count": 3.0} and all(type(v) is float for v in got.values())
+    (count,) = Runtime(torch.device("cpu")).mean_over_processes({"count": torch.tensor(3)}).values()
+    assert type(count) is float  # an integer tensor alone too
 
 
 def test_batches_and_models_go_to_the_runtimes_device():
