@@ -413,3 +413,11 @@ def test_two_validation_problems_are_counted():
         _Options(scale="x")  # a bad scale and a missing layer
     except Exception as exc:
         assert format_validation_error(exc, source="s").endswith(" [+1 more problem(s)]")
+
+
+def test_the_first_entry_point_of_a_name_is_the_one_tried_even_when_it_fails(entry_points):
+    entry_points += [_broken("dup", "first-dist"), _EntryPoint("dup", "second-dist", plugin=_plugin("second"))]
+    registry = _Registry()
+    with pytest.warns(registry_module.PluginWarning):
+        assert _names(registry) == []
+    assert [p.distribution for p in registry.problems()] == ["first-dist"]

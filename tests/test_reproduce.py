@@ -12,6 +12,7 @@ from e2kd import reproduce
 from e2kd.cli import main
 from e2kd.config import read_config_file
 from e2kd.data.miniature import write_image_folder, write_voc, write_waterbirds
+from e2kd.errors import ConfigError
 from e2kd.reproduce import Measure, report, verdict
 
 from .test_datasets import VOC_IMAGES
@@ -253,6 +254,7 @@ def test_every_claims_students_differ_only_in_their_variant_and_learn_from_its_t
             for variant in claim.variants:
                 student = configs[variant]
                 assert student.seed == seed and student.data.seed == seed, (key, variant)
+                assert student.source == f"reproduce {key} {variant}"
                 assert student.teacher.checkpoint == teacher.out_dir / "model.pt"
                 assert (student.teacher.name, student.teacher.options) == (teacher.model.name, teacher.model.options)
                 assert student.distill.teacher_mode == ("frozen" if variant == "e2KD frozen" else "live")
@@ -277,6 +279,25 @@ def test_quick_runs_fewer_epochs_on_less_data_than_the_full_plan(tmp_path):
         assert 0 < images[0] < images[1], folder
 
 
+def _tree_digest(folder: Path) -> str:
+    """SHA-256 over every file under ``folder`` in path order: the decoded pixels of a PNG (lossless,
+    so the same whatever zlib wrote), the size of a JPEG (its pixels depend on the libjpeg version),
+    the bytes of anything else (annotations, lists, metadata)."""
+    import hashlib
+
+    from PIL import Image
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix in (".png", ".jpg"):
+            with Image.open(path) as image:
+                content = f"{image.mode} {image.size}".encode() + (image.tobytes() if path.suffix == ".png" else b"")
+        else:
+            content = path.read_bytes()
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + content)
+    return digest.hexdigest()
+
+
 def _plan_snapshot(root: Path) -> dict:
     """Both scales' plans (seed 0; seeds are checked above) with the folder made relative, and the
     number of image files each claim's data holds."""
@@ -288,6 +309,7 @@ def _plan_snapshot(root: Path) -> dict:
                                 for variant, config in per_seed[0].items()} for key, per_seed in plan.items()}
         snapshot[name]["images"] = {folder.name: sum(p.suffix in (".png", ".jpg") for p in folder.rglob("*"))
                                     for folder in sorted((root / name).iterdir())}
+        snapshot[name]["data_sha256"] = {folder.name: _tree_digest(folder) for folder in sorted((root / name).iterdir())}
     return snapshot
 
 
@@ -313,6 +335,7 @@ if __name__ == "__main__":  # python -m tests.test_reproduce: record the current
     ([0.4, 0.4, 0.0, 0.0], "does not hold here"),   # half the seeds positive (a zero is no gain), though mean > error
     ([0.3, 0.01], "holds here"),                     # both seeds positive: mean 0.155 > standard error 0.145
     ([0.2, 0.2, 0.2, -0.05], "holds here"),          # 3 of 4 positive, mean 0.1375 > 0.0625
+    ([0.3, 0.3, -0.3], "does not hold here"),        # mean 0.1 < standard error 0.2 (sd / sqrt(3))
 ])
 def test_verdict_rule_at_its_edges(differences, expected):
     assert verdict(differences) == expected
@@ -347,12 +370,13 @@ def test_the_report_of_made_up_claims_line_by_line():
         "- voc: voc at /data/voc; teacher: a given checkpoint (not evaluated here)", "",
         "Full-size runs with --set train.epochs=1 --set seed=2.", ""])
     quick = report([{**claims[0], "data": reproduce.MINIATURE}, {**claims[1], "data": reproduce.MINIATURE}], [3],
-                   quick=True, seconds=30.0)
+                   quick=True, seconds=600.0)
     assert quick.splitlines()[2].startswith("Quick (smoke) run on shape images in the paper's data formats; seeds 3; "
-                                            "0.5 min.")
+                                            "10.0 min.")
     assert quick.endswith("teacher: a given checkpoint (not evaluated here)\n")
     no_data_key = [{k: v for k, v in c.items() if k != "data"} for c in claims]
-    assert "on shape images" in report(no_data_key, [0], quick=True, seconds=1.0)  # a claim without one: miniature
+    text = report(no_data_key, [0], quick=True, seconds=1.0)  # a claim without a data line is a miniature
+    assert "on shape images" in text and "- few_data: shape images (miniature); teacher: val accuracy 80.0" in text
 
 
 def _fake_runs(monkeypatch, gains):
@@ -404,7 +428,17 @@ def test_run_claim_pairs_each_seeds_runs_and_keeps_the_curves_teacher_first(tmp_
 
 
 def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, monkeypatch):
+    from e2kd import viz
+
     _fake_runs(monkeypatch, {0: 0.1, 1: 0.05})
+    epochs = []
+    real_distill = reproduce.distill
+    monkeypatch.setattr(reproduce, "distill", lambda c, **kw: epochs.append(c.train.epochs) or real_distill(c))
+    plots = []
+    for name in ("plot_paired", "plot_curves"):
+        real = getattr(viz, name)
+        monkeypatch.setattr(viz, name, lambda data, path, _real=real, _name=name, **kw:
+                            plots.append((_name, data, path.name, kw)) or _real(data, path, **kw))
     logged = []
     results = reproduce.run_reproduce(tmp_path, seeds=(0, 1), quick=True, claims=["few_data", "cnn_to_vit"],
                                       log=logged.append)
@@ -422,5 +456,34 @@ def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, m
     for figure in ("reproduce.png", "shift.png"):
         assert (tmp_path / figure).stat().st_size > 1000
     assert (tmp_path / "few_data" / "data").is_dir() and (tmp_path / "cnn_to_vit" / "data").is_dir()
+    assert set(epochs) == {reproduce._epochs(0.25, 120), reproduce._epochs(0.25, 40)}  # the quick scale
+    assert isinstance(stored["seconds"], float) and 0 < stored["seconds"] < 600
+    assert stored["seconds"] == round(stored["seconds"], 1)
+    (paired, rows, path, kw), (curves, lines, shift_path, shift_kw) = plots
+    assert (paired, path, curves, shift_path) == ("plot_paired", "reproduce.png", "plot_curves", "shift.png")
+    assert rows[0] == ("few_data: accuracy (e2KD)", pytest.approx([10.0, 5.0]), True)
+    assert kw == {"xlabel": "e2KD − KD per seed (points); bar: mean, green: holds here",
+                  "title": "e2kd reproduce: paired differences"}
+    assert list(lines) == ["teacher", "KD", "e2KD"]  # at the teacher's shifts, each the mean over seeds
+    assert lines["e2KD"] == ([0, 4], pytest.approx([1.0, (0.6 + 0.58) / 2]))
+    assert shift_kw == {"xlabel": "diagonal shift (px)", "ylabel": "cosine on the overlap",
+                        "title": "cnn_to_vit: shift equivariance of explanations"}
     with pytest.raises(ValueError, match="^at least one seed$"):
         reproduce.run_reproduce(tmp_path, seeds=())
+
+
+def test_real_folder_claims_skip_those_without_a_teacher_and_say_so(tmp_path):
+    real = reproduce.RealData({"imagenet": tmp_path}, {"few_data": tmp_path / "r34.pth"})
+    logged = []
+    chosen = reproduce.select_claims(None, real, logged.append)
+    assert [c.key for c in chosen] == ["few_data", "frozen"]  # frozen shares few_data's teacher
+    assert logged == ["[e2kd reproduce] skipping cnn_to_vit: no teacher (--teacher cnn_to_vit=FILE: "
+                      f"{reproduce.CLAIMS[3].paper.teacher})"]
+    later = reproduce.RealData({"imagenet": tmp_path}, {"cnn_to_vit": tmp_path / "dn169.pth"})
+    assert [c.key for c in reproduce.select_claims(None, later, logged.append)] == ["cnn_to_vit"]
+    with pytest.raises(ConfigError) as err:
+        reproduce.select_claims(None, reproduce.RealData({"imagenet": tmp_path}, {}), logged.append)
+    assert str(err.value) == ("nothing to run on the given folders: give the teachers with --teacher CLAIM=FILE "
+                              "(e.g. --teacher few_data=/models/resnet34.pth)")
+    assert [c.key for c in reproduce.select_claims(None, None)] == [c.key for c in reproduce.CLAIMS]
+    assert reproduce._epochs(0.01, 30) == 1  # at least one epoch
