@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,26 @@ def test_scores_count_each_status_and_leave_equivalent_mutants_out(tmp_path):
     assert rows["score"] == pytest.approx((2 + 1) / (6 - 1))  # a timeout is a noticed change
     assert rows["survivors"] == ["m.x_f__mutmut_2", "m.x_f__mutmut_5"]
     assert "| `plugins/metrics/m.py` | 6 | 2 | 1 | 1 | 1 | 1 | 60.0 % |" in mutation.table([rows])
+    assert rows["timeouts"] == ["m.x_f__mutmut_4"]
+
+
+def test_subprocess_tests_judge_the_matching_survivors_with_the_mutant_named_in_their_environment(tmp_path):
+    """A test that passes only under mutant 3 (as its child process sees it): it kills 2, leaves 3
+    surviving, and would kill 5 if it ran it (5 does not match), and 1, already killed, is not run."""
+    meta = tmp_path / "mutants" / "e2kd" / "m.py.meta"
+    meta.parent.mkdir(parents=True)
+    codes = {"e2kd.m.x_f__mutmut_1": 1, "e2kd.m.x_f__mutmut_2": 0, "e2kd.m.x_f__mutmut_3": 33,
+             "e2kd.m.x_g__mutmut_5": 0}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    (tmp_path / "mutants" / "test_child.py").write_text(
+        "import os, subprocess, sys\n"
+        "def test_a_child_process_sees_the_mutant():\n"
+        "    child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"MUTANT_UNDER_TEST\"])'],\n"
+        "                           capture_output=True, text=True)\n"
+        "    assert child.stdout.strip() == 'e2kd.m.x_f__mutmut_3'\n")
+    mutation.run_in_subprocesses(tmp_path, ["e2kd/m.py"], ["test_child.py"], ["*x_f*"], dict(os.environ))
+    assert json.loads(meta.read_text())["exit_code_by_key"] == {**codes, "e2kd.m.x_f__mutmut_2": 1,
+                                                                "e2kd.m.x_f__mutmut_3": 0}
 
 
 def test_every_listed_equivalent_mutant_gives_a_reason():

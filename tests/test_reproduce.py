@@ -299,8 +299,8 @@ def _tree_digest(folder: Path) -> str:
 
 
 def _plan_snapshot(root: Path) -> dict:
-    """Both scales' plans (seed 0; seeds are checked above) with the folder made relative, and the
-    number of image files each claim's data holds."""
+    """Both scales' plans (seed 0; seeds are checked above) with the folder made relative, and per
+    claim the number of image files its data holds and their digest (:func:`_tree_digest`)."""
     snapshot = {}
     for scale, name in ((0.25, "quick"), (1.0, "full")):
         plan = _plan(root / name, scale, seeds=(0,))
@@ -318,15 +318,6 @@ def test_the_miniature_plan_is_the_one_the_documented_verdicts_came_from(tmp_pat
     options changes the experiment, so it must be made on purpose — regenerate the snapshot with
     ``python -m tests.test_reproduce`` and rerun ``e2kd reproduce`` for the docs."""
     assert _plan_snapshot(tmp_path) == json.loads(PLAN.read_text())
-
-
-if __name__ == "__main__":  # python -m tests.test_reproduce: record the current plan as the reference
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as where:
-        PLAN.parent.mkdir(exist_ok=True)
-        PLAN.write_text(json.dumps(_plan_snapshot(Path(where)), indent=1, sort_keys=True) + "\n")
-    print(f"wrote {PLAN}")
 
 
 # -- verdict, report and the run itself, on made-up numbers ----------------------------------------
@@ -381,16 +372,17 @@ def test_the_report_of_made_up_claims_line_by_line():
 
 def _fake_runs(monkeypatch, gains):
     """train_teacher and distill replaced by made-up results: the teacher's, and per student a value
-    of its seed and variant (e2KD = KD + gains[seed]), with a shift curve of the same value."""
+    of its seed and variant (e2KD = KD + gains[seed]), with a shift curve of the same value. Returns
+    the configs run, in order."""
     calls = []
 
     def train_teacher(config, **kw):
-        calls.append(("teacher", config.out_dir.name))
+        calls.append(config)
         return {"splits": {"val": {"accuracy": 0.9, "shift_equivariance": {"shift_0": 1.0, "shift_4": 0.5}}}}
 
     def distill(config, **kw):
         value = 0.5 + 0.03 * config.seed + (gains[config.seed] if config.distill.lam > 0 else 0.0)
-        calls.append((config.out_dir.name, value))
+        calls.append(config)
         return {"splits": {"val": {"accuracy": value, "agreement": value - 0.1,
                                    "shift_equivariance": {"shift_0": 1.0, "shift_4": value, "shift_8": value / 2}}}}
 
@@ -405,7 +397,7 @@ def test_run_claim_pairs_each_seeds_runs_and_keeps_the_curves_teacher_first(tmp_
     (tmp_path / "data").mkdir()
     logged = []
     result = reproduce.run_claim(claim, reproduce.miniature_configs(claim, tmp_path, [0, 1], 0.25), logged.append)
-    assert calls[0] == ("teacher", "teacher") and len(calls) == 5
+    assert [c.out_dir.name for c in calls] == ["teacher", "kd_seed0", "e2kd_seed0", "kd_seed1", "e2kd_seed1"]
     assert logged == ["[e2kd reproduce] cnn_to_vit: KD, seed 0", "[e2kd reproduce] cnn_to_vit: e2KD, seed 0",
                       "[e2kd reproduce] cnn_to_vit: KD, seed 1", "[e2kd reproduce] cnn_to_vit: e2KD, seed 1"]
     (row,) = result["rows"]
@@ -423,17 +415,14 @@ def test_run_claim_pairs_each_seeds_runs_and_keeps_the_curves_teacher_first(tmp_
     del configs[0]["teacher"]
     calls.clear()
     given = reproduce.run_claim(claim, configs, logged.append, data="imagenet at /x")
-    assert all(c[0] != "teacher" for c in calls) and list(given["curves"]) == ["KD", "e2KD"]
+    assert [c.out_dir.name for c in calls] == ["kd_seed0", "e2kd_seed0"] and list(given["curves"]) == ["KD", "e2KD"]
     assert given["teacher"] == {} and given["data"] == "imagenet at /x"
 
 
 def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, monkeypatch):
     from e2kd import viz
 
-    _fake_runs(monkeypatch, {0: 0.1, 1: 0.05})
-    epochs = []
-    real_distill = reproduce.distill
-    monkeypatch.setattr(reproduce, "distill", lambda c, **kw: epochs.append(c.train.epochs) or real_distill(c))
+    calls = _fake_runs(monkeypatch, {0: 0.1, 1: 0.05})
     plots = []
     for name in ("plot_paired", "plot_curves"):
         real = getattr(viz, name)
@@ -456,7 +445,8 @@ def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, m
     for figure in ("reproduce.png", "shift.png"):
         assert (tmp_path / figure).stat().st_size > 1000
     assert (tmp_path / "few_data" / "data").is_dir() and (tmp_path / "cnn_to_vit" / "data").is_dir()
-    assert set(epochs) == {reproduce._epochs(0.25, 120), reproduce._epochs(0.25, 40)}  # the quick scale
+    students = {c.train.epochs for c in calls if c.out_dir.name != "teacher"}
+    assert students == {reproduce._epochs(0.25, 120), reproduce._epochs(0.25, 40)}  # the quick scale
     assert isinstance(stored["seconds"], float) and 0 < stored["seconds"] < 600
     assert stored["seconds"] == round(stored["seconds"], 1)
     (paired, rows, path, kw), (curves, lines, shift_path, shift_kw) = plots
@@ -487,3 +477,12 @@ def test_real_folder_claims_skip_those_without_a_teacher_and_say_so(tmp_path):
                               "(e.g. --teacher few_data=/models/resnet34.pth)")
     assert [c.key for c in reproduce.select_claims(None, None)] == [c.key for c in reproduce.CLAIMS]
     assert reproduce._epochs(0.01, 30) == 1  # at least one epoch
+
+
+if __name__ == "__main__":  # python -m tests.test_reproduce: record the current plan as the reference
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as where:
+        PLAN.parent.mkdir(exist_ok=True)
+        PLAN.write_text(json.dumps(_plan_snapshot(Path(where)), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {PLAN}")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from e2kd import runtime as runtime_module
+from e2kd import runtime as runtime_module, train
 from e2kd.config import load_config_dict
-from e2kd.errors import ModelError
+from e2kd.errors import ConfigError, ModelError, TrainingError
 from e2kd.runtime import Runtime, device_of, progress_enabled, runtime_of
 from e2kd.train import TrainLog, _load_checkpoint, rng_state, set_rng_state
 
@@ -28,7 +28,7 @@ def _draws() -> tuple:
 def test_rng_state_survives_a_checkpoint_round_trip_for_torch_numpy_and_python(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     random.gauss(0, 1)  # leaves a cached second Gaussian in Python's state (its third field)
-    torch.save(rng_state(), tmp_path / "rng.pt")  # as the checkpoint stores it (tuples come back as lists)
+    torch.save(rng_state(), tmp_path / "rng.pt")  # as the checkpoint stores it
     expected = _draws()
     torch.manual_seed(7), np.random.seed(8), random.seed(9)
     assert _draws() != expected
@@ -216,8 +216,6 @@ def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Tesla V100 ({device})")
     monkeypatch.setattr(runtime_module, "device_of", lambda config: torch.device("cuda", 0))
-    from e2kd.errors import ConfigError
-
     with pytest.raises(ConfigError, match=r"^config: train.precision: bf16 is not supported by Tesla V100 \(cuda:0\); "
                                           r"use fp16 or fp32$"):
         runtime_of(_config(precision="bf16"))
@@ -254,8 +252,6 @@ class _Recorded(torch.utils.data.Dataset):
 
 def _fit(**kwargs):
     """fit over _Recorded (12 samples, batches of 4, lr 0); the batches seen, as lists of floats."""
-    from e2kd.train import fit
-
     model = nn.Linear(1, 1)
     seen = []
 
@@ -263,14 +259,12 @@ def _fit(**kwargs):
         seen.append(batch["image"].flatten().tolist())
         return {"loss": model(batch["image"]).pow(2).mean()}
 
-    fit(model, step, _Recorded(), batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
+    train.fit(model, step, _Recorded(), batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
         **{"progress": False, "epochs": 1, **kwargs})
     return seen
 
 
 def test_fit_draws_the_batches_of_its_seed_with_the_workers_asked_for(monkeypatch):
-    import e2kd.train as train
-
     def order(seed):
         sampler = train.EpochBatches(12, 4, seed=seed)
         sampler.set_epoch(0)
@@ -313,19 +307,14 @@ def test_fit_shows_a_progress_bar_named_by_desc_unless_asked_not_to(capsys, tmp_
     assert "distill run_a:" in capsys.readouterr().err
     _fit(progress=False)
     assert capsys.readouterr().err == ""
-    from e2kd.train import fit
-
     model = nn.Linear(1, 1)
-    fit(model, lambda b, i: {"loss": model(b["image"]).sum()}, _Recorded(), epochs=1, batch_size=4,
+    train.fit(model, lambda b, i: {"loss": model(b["image"]).sum()}, _Recorded(), epochs=1, batch_size=4,
         optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))  # the default shows it
     assert "train:" in capsys.readouterr().err
 
 
 def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_path):
     """Resumed at epoch 1, position 1 of 3 batches an epoch (step 4), the NaN at step 6 keeps that one."""
-    from e2kd.errors import TrainingError
-    from e2kd.train import fit
-
     model = nn.Linear(1, 1)
     checkpoint = tmp_path / "checkpoint.pt"
     kwargs = dict(batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01), checkpoint=checkpoint,
@@ -338,11 +327,11 @@ def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_pa
         return {"loss": loss * float("nan") if index == 5 and fail_at is None else loss}
 
     with pytest.raises(KeyboardInterrupt):
-        fit(model, lambda b, i: step(b, i, fail_at=4), _Recorded(), epochs=3, **kwargs)
-    assert (torch.load(checkpoint, weights_only=True)["epoch"], torch.load(checkpoint, weights_only=True)["position"]) \
-        == (1, 1)
+        train.fit(model, lambda b, i: step(b, i, fail_at=4), _Recorded(), epochs=3, **kwargs)
+    state = torch.load(checkpoint, weights_only=True)
+    assert (state["epoch"], state["position"]) == (1, 1)
     with pytest.raises(TrainingError) as err:
-        fit(model, step, _Recorded(), epochs=3, **kwargs)
+        train.fit(model, step, _Recorded(), epochs=3, **kwargs)
     assert str(err.value).startswith(f"step 6: the loss is nan; training stopped before the update and the last good "
                                      f"checkpoint, {checkpoint} (after step 4), is kept")
 
@@ -351,13 +340,11 @@ def test_the_loss_scalers_state_survives_a_resume(tmp_path):
     """fp16 on the CPU: a loss whose scaled gradient overflows at the initial scale (2^16) makes the
     scaler skip steps and halve its scale until it fits; a resumed run must keep the lowered scale (a
     fresh scaler would skip, i.e. drop, the first steps after the resume again), so both runs end equal."""
-    from e2kd.train import fit
-
     def run(epochs, model, checkpoint):
         def step(batch, index):
             return {"loss": (model(batch["image"]) * 1e34).mean()}
 
-        fit(model, step, _Recorded(), epochs=epochs, batch_size=4, progress=False, checkpoint=checkpoint,
+        train.fit(model, step, _Recorded(), epochs=epochs, batch_size=4, progress=False, checkpoint=checkpoint,
             runtime=Runtime(torch.device("cpu"), "fp16"), optimizer_fn=lambda p: torch.optim.SGD(p, lr=1e-36))
         return model.weight.item()
 
@@ -371,15 +358,18 @@ def test_the_loss_scalers_state_survives_a_resume(tmp_path):
     assert run(2, model, tmp_path / "split.pt") == whole != after_one
 
 
-def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp_path, monkeypatch):
+@pytest.fixture
+def half_second_clock(monkeypatch):
+    """The training loop's clock, 0.5 s later at each reading (the time module itself untouched)."""
+    readings = iter(0.5 * i for i in range(1000))
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
+
+
+def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp_path, half_second_clock):
     """2 epochs of 3 batches of 4, the loss of step i equal to i: epoch means 1 and 4; a clock that
     advances 0.5 s a reading makes the throughput 4 / 0.5 images a second."""
     import csv
 
-    import e2kd.train as train
-
-    clock = iter(0.5 * i for i in range(1000))
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
     model = nn.Linear(1, 1)
 
     def step(batch, index):
@@ -400,15 +390,11 @@ def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp
     assert one == [{"epoch": 1, "loss": 3.0, "kd": 6.0}]
 
 
-def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch):
-    import e2kd.train as train
-
+def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch, half_second_clock):
     class Half(Runtime):  # rank 0 of 2, with the mean over processes of one process
         def mean_over_processes(self, scalars):
             return Runtime(torch.device("cpu")).mean_over_processes(scalars)
 
-    clock = iter(0.5 * i for i in range(1000))
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
     model = nn.Linear(1, 1)
     rows = []
     monkeypatch.setattr(train.TrainLog, "step", lambda self, row: rows.append(row))
@@ -418,11 +404,9 @@ def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch):
     assert [r["images_per_s"] for r in rows] == [12.0, 12.0]  # 2 x 3 images in 0.5 s
 
 
-def test_a_parameter_without_a_gradient_in_a_step_is_not_updated(tmp_path):
+def test_a_parameter_without_a_gradient_in_a_step_is_not_updated():
     """Gradients are cleared to None, not zero: AdamW skips a parameter the step did not use (a zero
     gradient would still move it by its momentum and weight decay)."""
-    import e2kd.train as train
-
     model = nn.Linear(1, 1)
     after = []
 
@@ -438,8 +422,6 @@ def test_a_parameter_without_a_gradient_in_a_step_is_not_updated(tmp_path):
 
 
 def test_checkpoints_are_written_every_k_steps_inside_an_epoch_and_at_its_end(tmp_path, monkeypatch):
-    import e2kd.train as train
-
     saved = []
     monkeypatch.setattr(train, "atomic_torch_save", lambda state, path: saved.append((state["epoch"], state["position"])))
     _fit(checkpoint=tmp_path / "c.pt", checkpoint_every=1, epochs=2)

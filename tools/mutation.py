@@ -115,30 +115,27 @@ def targets(work: Path, patterns: list[str]) -> list[str]:
 
 
 def run_in_subprocesses(work: Path, files: list[str], tests: list[str], patterns: list[str], env: dict) -> None:
-    """Run ``tests`` once more for each survivor (or mutant without tests) whose name matches one of
+    """Run ``tests`` once more for each survivor (see :func:`scores`) whose name matches one of
     ``patterns``: tests whose code runs in child processes (``torchrun`` workers, ``mp.spawn``) that
     mutmut cannot trace, so it never pairs them with that code. The children import the mutated
     package (``PYTHONPATH``) and inherit the mutant's name; a failing test kills the mutant."""
     env = {**env, "PYTHONPATH": str(work / "mutants")}
     for path in files:
-        meta = work / "mutants" / f"{path}.meta"
-        if not meta.is_file():
-            continue
-        data = json.loads(meta.read_text())
-        codes = data["exit_code_by_key"]
-        chosen = [n for n, c in sorted(codes.items()) if STATUS.get(c) in ("survived", "no tests")
-                  and any(fnmatch.fnmatch(n, p) for p in patterns)]
-        for i, name in enumerate(chosen, 1):
-            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "",
-                                   *tests], cwd=work / "mutants", env={**env, "MUTANT_UNDER_TEST": name},
-                                  capture_output=True, text=True)
-            if done.returncode not in (0, 1):
-                raise SystemExit(f"mutation: the subprocess tests could not run ({done.returncode}):\n"
-                                 f"{done.stdout[-2000:]}")
-            codes[name] = 1 if done.returncode == 1 else 0
-            print(f"mutation: [{i}/{len(chosen)}] {name}: {'killed' if codes[name] else 'survived'} "
-                  f"by the subprocess tests", flush=True)
-            meta.write_text(json.dumps(data, indent=4))
+        for row in scores(work, [path], {}):  # (none for a file without results)
+            chosen = [n for n in row["survivors"] if any(fnmatch.fnmatch(n, p) for p in patterns)]
+            meta = work / "mutants" / f"{path}.meta"
+            data = json.loads(meta.read_text())
+            for i, name in enumerate(chosen, 1):
+                done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "",
+                                       *tests], cwd=work / "mutants", env={**env, "MUTANT_UNDER_TEST": name},
+                                      capture_output=True, text=True)
+                if done.returncode not in (0, 1):
+                    raise SystemExit(f"mutation: the subprocess tests could not run ({done.returncode}):\n"
+                                     f"{done.stdout[-2000:]}")
+                data["exit_code_by_key"][name] = done.returncode  # 1: a test failed, the mutant is killed
+                print(f"mutation: [{i}/{len(chosen)}] {name}: {'killed' if done.returncode else 'survived'} "
+                      f"by the subprocess tests", flush=True)
+                meta.write_text(json.dumps(data, indent=4))  # after each: an interrupted pass keeps its verdicts
 
 
 def scores(work: Path, files: list[str], equivalent: dict[str, str]) -> list[dict]:
