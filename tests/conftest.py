@@ -1,6 +1,7 @@
 import copy
 import importlib
 import os
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -11,6 +12,10 @@ import tqdm  # noqa: E402
 # No tqdm monitor thread in tests: it takes tqdm's lock every few seconds, and a test process forked
 # while it holds it (mutmut forks one per mutant) blocks for ever on its first progress bar.
 tqdm.tqdm.monitor_interval = 0
+# And a lock of this process only: tqdm's default write lock includes a multiprocessing semaphore that
+# forked test processes share, so one killed while drawing a bar (a mutant's timeout) would leave it
+# taken, and every later test process would block on its first bar.
+tqdm.tqdm.set_lock(threading.RLock())
 
 from e2kd.registry import registry  # noqa: E402
 from e2kd.testing import TinyCNN  # noqa: E402

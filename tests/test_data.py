@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from e2kd_plugins.datasets.synthetic import SyntheticShapes
-from e2kd.data.augment import make_augment
+from e2kd.data.augment import make_view
 
 
 def test_generation_is_deterministic_and_prefix_stable():
@@ -49,7 +49,7 @@ def test_mask_marks_the_object_pixels():
 
 
 def test_joint_augmentation_keeps_mask_aligned():
-    d = SyntheticShapes(4, num_classes=4, image_size=32, seed=0, transform=make_augment("flip_crop", 32))
+    d = SyntheticShapes(4, num_classes=4, image_size=32, seed=0, transform=make_view("train", 32, augment="flip_crop"))
     torch.manual_seed(0)
     for i in range(len(d)):
         item = d[i]

@@ -9,7 +9,7 @@ import e2kd
 from e2kd import frozen
 from e2kd.cli import main
 from e2kd_plugins.datasets.synthetic import SyntheticShapes
-from e2kd.data.augment import make_augment
+from e2kd.data.augment import make_view
 from e2kd.distill import Distiller
 from e2kd.errors import CacheError, StaleCacheError
 from e2kd.frozen import FrozenTeacherDataset, TeacherCache, build_cache, make_fingerprint
@@ -85,7 +85,7 @@ def _item(size=16, seed=0):
 @pytest.mark.parametrize("kind", ["flip", "flip_crop", "resized_crop_flip"])
 def test_map_channel_goes_through_the_image_geometry(kind):
     """A map that is a function of the image stays that function after augmentation."""
-    augment = make_augment(kind, 16)
+    augment = make_view("train", 16, augment=kind)
     for seed in range(8):
         item = _item(seed=seed)
         item["teacher_map"] = 2 * item["image"][1:2] - item["image"][:1]
@@ -98,7 +98,7 @@ def test_map_channel_goes_through_the_image_geometry(kind):
 
 def test_flip_crop_of_stored_map_equals_same_op_on_the_explanation():
     """Recover the crop offset and flip from the image, apply them to the map directly, compare."""
-    augment = make_augment("flip_crop", 16)
+    augment = make_view("train", 16, augment="flip_crop")
     pad = 2
     for seed in range(6):
         item = _item(seed=seed)
@@ -123,9 +123,9 @@ def test_flip_crop_of_stored_map_equals_same_op_on_the_explanation():
 def test_photometric_augmentation_leaves_the_map_alone():
     item = _item()
     torch.manual_seed(3)
-    geometric = make_augment("flip_crop", 16)(item)
+    geometric = make_view("train", 16, augment="flip_crop")(item)
     torch.manual_seed(3)
-    jittered = make_augment("flip_crop", 16, color_jitter=0.4)(item)
+    jittered = make_view("train", 16, augment="flip_crop", color_jitter=0.4)(item)
     assert torch.equal(jittered["teacher_map"], geometric["teacher_map"])
     assert not torch.equal(jittered["image"], geometric["image"])
 

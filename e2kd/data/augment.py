@@ -156,9 +156,3 @@ def make_view(
     geometry = view_geometry(view, image_size, fixed_size=fixed_size, augment=augment)
     return View(geometry, color_jitter if view == "train" else 0.0, num_classes)
 
-
-def make_augment(kind: str, image_size: int, color_jitter: float = 0.0) -> View | None:
-    """Training transform for images stored at ``image_size`` (None when it does nothing)."""
-    if kind == "none" and color_jitter == 0:
-        return None
-    return make_view("train", image_size, fixed_size=True, augment=kind, color_jitter=color_jitter)

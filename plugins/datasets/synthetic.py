@@ -8,7 +8,6 @@ dataset is reproducible bit for bit and independent of how many samples are draw
 
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import numpy as np
@@ -89,12 +88,6 @@ class SyntheticShapes(Dataset):
         item = {"image": self.images[index], "label": self.labels[index], "mask": self.masks[index],
                 "group": self.groups[index], "in_distribution": self.groups[index] == self.labels[index]}
         return self.transform(item) if self.transform is not None else item
-
-    def without_transform(self) -> "SyntheticShapes":
-        """The same samples (shared tensors), un-augmented."""
-        plain = copy.copy(self)
-        plain.transform = None
-        return plain
 
     def identity(self) -> dict:
         """What determines the samples (for cache fingerprints); the transform is not part of it."""
