@@ -462,12 +462,18 @@ def dataset_declares_itself(dataset: Dataset) -> None:
     """Splits, class names, identity: consistent and JSON-serialisable; files exist (``check``)."""
     dataset.check()
     splits = dataset.splits()
-    assert splits and dataset.train_split in splits and set(dataset.eval_splits()) <= set(splits)
+    assert splits, "splits() names no split"
+    assert dataset.train_split in splits, f"the train split {dataset.train_split!r} is not one of splits() {splits}"
+    unknown = sorted(set(dataset.eval_splits()) - set(splits))
+    assert not unknown, f"eval_splits() names {unknown}, which splits() {splits} does not"
     names = dataset.class_names()
-    assert names and len(set(names)) == len(names), "class names must be unique"
+    assert names, "class_names() is empty"
+    assert len(set(names)) == len(names), "class names must be unique"
     for split in splits:
         identity = dataset.identity(split)
-        assert json.loads(json.dumps(identity)) == identity and identity == dataset.identity(split)
+        assert json.loads(json.dumps(identity)) == identity, \
+            f"identity({split!r}) does not survive a JSON round trip (use str, int, float, bool, list, dict)"
+        assert identity == dataset.identity(split), f"identity({split!r}) changes from one call to the next"
 
 
 def dataset_samples_follow_the_contract(dataset: Dataset, limit: int = 4) -> None:
@@ -481,7 +487,9 @@ def dataset_samples_follow_the_contract(dataset: Dataset, limit: int = 4) -> Non
             item = samples[i]
             image = item["image"]
             assert image.dim() == 3 and image.shape[0] == 3, f"{split}[{i}]: image of shape {tuple(image.shape)}"
-            assert image.dtype == torch.uint8 or (image.is_floating_point() and 0 <= image.min() and image.max() <= 1)
+            assert image.dtype == torch.uint8 or (image.is_floating_point() and 0 <= image.min() and image.max() <= 1), \
+                f"{split}[{i}]: image of {image.dtype} in [{float(image.min()):.4g}, {float(image.max()):.4g}]; " \
+                f"expected uint8, or float in [0, 1]"
             label = torch.as_tensor(item["label"])
             if dataset.label_type == "multi":
                 assert label.shape == (k,) and label.is_floating_point(), f"{split}[{i}]: multi-hot label expected"
@@ -502,7 +510,8 @@ def dataset_loads_in_every_view(dataset: Dataset) -> None:
         size = dataset.image_size
         assert batch["image"].shape[1:] == (3, size, size) and batch["image"].dtype == torch.float32, \
             f"{view} view: batch of shape {tuple(batch['image'].shape)}"
-        assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+        assert 0 <= batch["image"].min() and batch["image"].max() <= 1, \
+            f"{view} view: pixels in [{float(batch['image'].min()):.4g}, {float(batch['image'].max()):.4g}], not [0, 1]"
 
 
 DATASET_CASES: dict[str, Callable[[Dataset], None]] = {

@@ -89,55 +89,6 @@ def test_file_datasets_contract(tmp_path):
     testing.check_dataset(CONTRACT.create("dataset", "voc", {"root": str(tmp_path / "v"), "image_size": 16}))
 
 
-def test_the_kit_catches_the_bugs_it_is_for():
-    """Each case fails on a plugin with the mistake it guards against (so the kit can fail)."""
-    import torch
-
-    from e2kd.api import Similarity
-
-    class MaximisesDistance(Similarity):  # lower-is-better distance declared higher-is-better
-        name = "bad_l2"
-        description = "test"
-
-        def __call__(self, a, b):
-            return (a - b).flatten(1).norm(dim=1)
-
-    with pytest.raises(AssertionError, match="self_is_best"):
-        testing.check_similarity(MaximisesDistance())
-
-    import contextlib
-
-    from e2kd.api import Capture, Explainer
-
-    class InputGradient(Explainer):
-        name = "input_gradient_test"
-        description = "test"
-        output_channels = None
-        retain = True
-
-        @contextlib.contextmanager
-        def capture(self, model, inputs, *, trainable=True):
-            x = inputs.detach().requires_grad_(True)
-            cap = Capture(x)
-
-            def explain(logits, target, *, create_graph=False):
-                score = logits.gather(1, target[:, None]).sum()
-                (g,) = torch.autograd.grad(score, x, create_graph=create_graph,
-                                           retain_graph=True if self.retain else None)
-                return g if create_graph else g.detach()
-
-            cap.explain = explain
-            yield cap
-
-    testing.EXPLAINER_CASES["several_classes_one_capture"](InputGradient())  # correct: keeps the graph
-
-    class Forgetful(InputGradient):
-        retain = False  # frees the graph after the first class
-
-    with pytest.raises(RuntimeError, match="second time"):
-        testing.EXPLAINER_CASES["several_classes_one_capture"](Forgetful())
-
-
 def test_an_evaluation_only_explainer_passes_the_kit_as_such():
     """differentiable = False: explained like any other, refused for training (not trained by the kit)."""
     gradient = type(CONTRACT.create("explainer", "gradient"))
