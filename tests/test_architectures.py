@@ -153,3 +153,35 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@pytest.mark.parametrize("cfg, mean, std", [
+    (None, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # no config: ImageNet's statistics
+    ({}, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ({"mean": (0.5, 0.25, 0.0), "std": (0.5, 0.5, 2.0)}, [0.5, 0.25, 0.0], [0.5, 0.5, 2.0]),
+])
+def test_timm_normalisation_comes_from_the_pretrained_config_or_imagenets(monkeypatch, cfg, mean, std):
+    import timm
+    from torch import nn
+
+    def create(arch, **kwargs):
+        model = nn.Conv2d(3, 3, 1)
+        if cfg is not None:
+            model.pretrained_cfg = cfg
+        return model
+
+    monkeypatch.setattr(timm, "create_model", create)
+    model = REGISTRY.create("model", "timm", {"arch": "resnet18"}).build(3)
+    assert model.input_mean.flatten().tolist() == pytest.approx(mean)
+    assert model.input_std.flatten().tolist() == pytest.approx(std)
+
+
+def test_small_resnet_normalises_only_when_asked_with_the_missing_half_neutral():
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = REGISTRY.create("model", "small_resnet", {"widths": [4]}).build(2)
+    assert not hasattr(plain, "input_mean")
+    mean_only = REGISTRY.create("model", "small_resnet", {"widths": [4], "mean": [0.5, 0.5, 0.5]}).build(2)
+    assert mean_only.input_mean.flatten().tolist() == [0.5] * 3 and mean_only.input_std.flatten().tolist() == [1.0] * 3
+    std_only = REGISTRY.create("model", "small_resnet", {"widths": [4], "std": [2.0, 2.0, 2.0]}).build(2)
+    assert std_only.input_mean.flatten().tolist() == [0.0] * 3 and std_only.input_std.flatten().tolist() == [2.0] * 3
+    assert mean_only(x).shape == (1, 2)

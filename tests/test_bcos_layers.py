@@ -175,3 +175,64 @@ def test_the_bcos_explainer_refuses_other_models_and_a_capture_never_run():
     with explainer.capture(model, torch.rand(1, 3, 8, 8)) as cap:
         with pytest.raises(RuntimeError, match=r"^bcos: the model was not run inside capture\(\)$"):
             cap.explain(torch.zeros(1, 3, requires_grad=True), torch.tensor([0]))
+
+
+def test_blocks_add_their_shortcut_and_a_7x7_stem_pads_by_3():
+    from e2kd_plugins.bcos.models import BasicBlock
+
+    torch.manual_seed(7)
+    block = BasicBlock(4, 6, 2).double().eval()
+    x = torch.rand(1, 4, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(block(x), block.body(x) + block.shortcut(x))
+    model = REGISTRY.create("model", "bcos_resnet18", {}).build(3)
+    assert model.stem[0][0].padding == 3 and model.stem[1][0].padding == 1
+    seen = []
+    model.stages[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    model.eval()(torch.rand(1, 3, 66, 66))
+    assert seen == [17]  # 66 -> 33 (7x7/2, padding 3) -> 17 (3x3/2, padding 1)
+
+
+def test_bcos_units_normalise_weights_of_any_norm():
+    torch.manual_seed(8)
+    conv = BcosConv2d(2, 1, kernel_size=1).double()
+    with torch.no_grad():
+        conv.weight.mul_(1e-3 / conv.weight.norm())  # a norm far below 1
+    x = torch.rand(1, 2, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(conv(x)[0, 0, 0, 0], _bcos_by_hand(x[0, :, 0, 0], conv.weight[0], 2.0, conv.eps))
+
+
+def test_dynamic_matmul_under_cpu_autocast_saves_operands_in_the_product_dtype():
+    weights = torch.rand(2, 3, 3, requires_grad=True)  # float32, as a softmax under autocast
+    values = torch.rand(2, 3, 4).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = DynamicMatmul.apply(weights, values)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert weights.grad.dtype == torch.float32 and values.grad.dtype == torch.bfloat16
+
+
+def test_vit_adds_position_embeddings_and_reads_the_class_token():
+    torch.manual_seed(9)
+    model = REGISTRY.create("model", "bcos_vit_tiny", {"img_size": 16, "patch_size": 8, "embed_dim": 12, "depth": 1,
+                                                        "num_heads": 2}).build(3).double().eval()
+    assert 0.01 < float(model.pos_embed.detach().std()) < 0.03  # initialised at std 0.02
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    tokens = model.patch_embed(model.encode(x))
+    tokens = torch.cat([model.cls_token.expand(2, 1, 12), tokens], dim=1) + model.pos_embed
+    want = model.logit_bias(model.head(model.norm(model.blocks(tokens))[:, 0]))
+    torch.testing.assert_close(model(x), want)
+    with torch.no_grad():
+        model.pos_embed.add_(torch.randn_like(model.pos_embed))  # (a constant would be centred away)
+    assert not torch.allclose(model(x), want)
+
+
+def test_the_bcos_explainer_needs_the_bcos_flag_as_well_as_the_encoding():
+    from e2kd.errors import ModelError
+
+    model = REGISTRY.create("model", "bcos_small", {"widths": [4]}).build(3)
+    del type(model).bcos  # (restored below) a network with the encoding but without the flag
+    try:
+        with pytest.raises(ModelError, match="is not a B-cos network"):
+            REGISTRY.create("explainer", "bcos").check_model(model)
+    finally:
+        type(model).bcos = True
