@@ -236,3 +236,11 @@ def test_the_bcos_explainer_needs_the_bcos_flag_as_well_as_the_encoding():
             REGISTRY.create("explainer", "bcos").check_model(model)
     finally:
         type(model).bcos = True
+
+
+@pytest.mark.parametrize("options", [{"img_size": 30, "patch_size": 8}, {"embed_dim": 13, "num_heads": 2}])
+def test_the_vit_builder_refuses_sizes_that_do_not_divide(options):
+    builder = REGISTRY.create("model", "bcos_vit_tiny", {"img_size": 32, "patch_size": 8, "embed_dim": 12, "depth": 1,
+                                                          "num_heads": 2, **options})
+    with pytest.raises(ValueError, match=r"^img_size must be a multiple of patch_size and embed_dim of num_heads$"):
+        builder.build(3)
