@@ -61,3 +61,104 @@ def test_every_model_is_explained_for_the_reference_models_class():
     own, _ = report.explanation_maps({"student": student}, x, explainer)
     torch.testing.assert_close(own["student"], explainer.explain(student, x, student(x).argmax(1)))
     assert not torch.equal(student(x).argmax(1), target)  # the two choices differ on these images
+
+
+class _FakeRun:
+    """What evaluate_report reads of a loaded run, with made-up results."""
+
+    def __init__(self, root, name, teacher=True, shift=False):
+        from e2kd.testing import TinyCNN
+
+        self.name, self.path = name, root / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(len(name))
+        self.model = TinyCNN(num_classes=3).eval()
+        self.teacher = TinyCNN(num_classes=3).eval() if teacher else None
+        self.config = SimpleNamespace(eval=SimpleNamespace(splits=["val", "test_ood"]))
+        self.class_names = ["a", "b", "c"]
+        self.asked = []
+        split = {"accuracy": 0.5 + len(name) / 100}
+        if shift:
+            split["shift_equivariance"] = {"shift_0": 1.0, "shift_4": 0.75}
+        self.results = {"splits": {"test_ood": split}, "skipped": {"x": "why"}, "higher_is_better": {"accuracy": True},
+                        "extra": "not written"}
+
+    def evaluate(self, metrics):
+        self.asked.append(metrics)
+        return self.results
+
+    def split(self, name):
+        assert name == "test_ood"
+        return [{"image": torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)), "label": i % 3}
+                for i in range(8)]
+
+    def explainer(self):
+        from e2kd.registry import get_explainer
+
+        return get_explainer("gradient")
+
+
+def _fake_report(monkeypatch, runs):
+    import json
+
+    figures, curves = [], []
+    monkeypatch.setattr(report, "load_run", lambda path: runs[str(path)])
+    monkeypatch.setattr(report, "explanation_figure", lambda models, images, labels, explainer, path, **kw: (
+        figures.append((list(models), images.shape, labels.tolist(), explainer.name, path, kw)), path)[1])
+    monkeypatch.setattr(report, "plot_curves", lambda data, path, **kw: (curves.append((data, path, kw)), path)[1])
+    return figures, curves, json
+
+
+def test_evaluate_report_writes_metrics_table_and_figures_for_every_run(tmp_path, monkeypatch):
+    runs = {str(tmp_path / n): _FakeRun(tmp_path, n, shift=(n == "kd")) for n in ("kd", "e2kd")}
+    figures, curves, json = _fake_report(monkeypatch, runs)
+    logs = []
+    out = report.evaluate_report(list(runs), tmp_path / "out", metrics=["accuracy"], log=logs.append)
+    results = {r.name: r.results for r in runs.values()}
+    assert [r.asked for r in runs.values()] == [[["accuracy"]], [["accuracy"]]]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {
+        name: {k: r[k] for k in ("splits", "skipped", "higher_is_better")} for name, r in results.items()}
+    assert (tmp_path / "out" / "report.md").read_text() == report.table(results)
+    (models, shape, labels, explainer, path, kw), = figures
+    assert models == ["teacher", "kd", "e2kd"] and shape == (6, 3, 8, 8) and labels == [0, 2, 1, 0, 0, 2]  # items 0, 2, 4, 6, 0, 2 of 8
+    assert explainer == "gradient" and path == tmp_path / "out" / "explanations.png"
+    assert kw == {"reference": "teacher", "class_names": ["a", "b", "c"],
+                  "title": "gradient explanations for the teacher's class on test_ood images"}
+    (data, path, kw), = curves
+    assert data == {"kd": ([0, 4], [1.0, 0.75])} and path == tmp_path / "out" / "shift.png"
+    assert kw == {"xlabel": "diagonal shift (px)", "ylabel": "cosine on the overlap",
+                  "title": "shift equivariance of explanations (test_ood)"}
+    assert out == {"results": results, "out": str(tmp_path / "out"),
+                   "figures": {"explanations": str(tmp_path / "out" / "explanations.png"),
+                               "shift": str(tmp_path / "out" / "shift.png")}}
+    assert logs == [f"[evaluate] {tmp_path / 'kd'}", f"[evaluate] {tmp_path / 'e2kd'}", report.table(results),
+                    "wrote " + ", ".join(str(tmp_path / "out" / f) for f in
+                                         ("metrics.json", "report.md", "explanations.png", "shift.png"))]
+
+
+def test_one_run_without_a_teacher_reports_into_its_own_folder(tmp_path, monkeypatch):
+    run = _FakeRun(tmp_path, "alone", teacher=False)
+    figures, curves, json = _fake_report(monkeypatch, {str(run.path): run})
+    out = report.evaluate_report([run.path], log=lambda line: None)
+    assert out["out"] == str(run.path) and not (run.path / "metrics.json").exists()  # its own record stays
+    assert (run.path / "report.md").is_file() and curves == [] and list(out["figures"]) == ["explanations"]
+    (models, _, _, _, _, kw), = figures
+    assert models == ["alone"] and kw["reference"] is None
+    assert kw["title"] == "gradient explanations for each model's predicted class on test_ood images"
+
+
+def test_reports_over_several_runs_default_to_e2kd_report_and_other_ranks_write_nothing(tmp_path, monkeypatch):
+    import pytest
+
+    runs = {str(tmp_path / n): _FakeRun(tmp_path, n) for n in ("a", "b")}
+    _fake_report(monkeypatch, runs)
+    monkeypatch.chdir(tmp_path)
+    assert report.evaluate_report(list(runs), log=lambda line: None)["out"] == "e2kd_report"
+    assert (tmp_path / "e2kd_report" / "report.md").is_file()
+    monkeypatch.setenv("RANK", "1")
+    out = report.evaluate_report(list(runs), tmp_path / "other", log=lambda line: None)
+    assert out == {"results": {n: r.results for n, r in zip(("a", "b"), runs.values())}, "figures": {},
+                   "out": str(tmp_path / "other")}
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match=r"^no run directories given$"):
+        report.evaluate_report([])
