@@ -33,7 +33,7 @@ def test_grid_values_are_yaml_scalars_and_keys_unique():
 def test_run_names_are_the_cell_and_seed_made_safe_for_folders():
     run = sweep.SweepRun({"distill.similarity": "top k", "train.lr": 0.1}, 3, None)
     assert run.name == "distill.similarity=top-k_train.lr=0.1_seed=3"
-    assert sweep._slug("a/b c:d=e_f.g-h") == "a-b-c-d=e_f.g-h"
+    assert sweep._slug("a/b c:d=e_f.g-h") == "a-b-c-d=e_f.g-h" and sweep._slug("Top K") == "Top-K"
 
 
 def test_the_plan_is_the_cross_product_times_seeds_each_config_validated(tmp_path):
@@ -51,6 +51,10 @@ def test_the_plan_is_the_cross_product_times_seeds_each_config_validated(tmp_pat
         sweep.plan(BASE, {"train.epochs": [-1]}, [0], tmp_path, "base.yaml")
     with pytest.raises(ConfigError, match=r"^base.yaml \(sweep cell \{'train.nothing': 1\}\): train.nothing: unknown key"):
         sweep.plan(BASE, {"train.nothing": [1]}, [0], tmp_path, "base.yaml")
+    with pytest.raises(ConfigError, match=r"--grid train.lr.x"):
+        sweep.plan(BASE, {"train.lr.x": [1]}, [0], tmp_path, "base.yaml")
+    with pytest.raises(ConfigError, match=r"^base.yaml: "):
+        sweep.plan({**BASE, "train": {"epochs": -1}}, {"train.lr": [0.1]}, [0], tmp_path, "base.yaml")
 
 
 ROWS = [
@@ -89,6 +93,8 @@ def test_summaries_write_every_row_to_csv_and_leave_per_cell_columns_out_of_the_
         sweep.write_summaries(ood, ["x"], tmp_path, plot_metric="val/loss")
     plotted.clear()
     sweep.write_summaries([ROWS[3], ROWS[4]], ["x"], tmp_path, plot_metric="val/loss")  # nothing finished: no plot
+    no_metrics = [{k: v for k, v in r.items() if "/" not in k} for r in ROWS[:2]]
+    sweep.write_summaries(no_metrics, ["x"], tmp_path)  # finished, but no metric was asked for: no plot
     assert plotted == []
 
 
@@ -118,6 +124,18 @@ def test_the_plot_is_the_metric_against_the_first_key_one_line_per_other_combina
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["y=a", "y=b"]
 
 
+def test_points_are_drawn_in_the_order_of_the_swept_value(monkeypatch):
+    rows = [{"x": x, "seed": 0, "m": v} for x, v in ((2.0, 1.0), (0.5, 5.0), (1.0, 3.0))]
+    (line,) = _captured_plot(monkeypatch, rows, ["x"], "m").containers
+    assert line.lines[0].get_xydata().tolist() == [[0.5, 5.0], [1.0, 3.0], [2.0, 1.0]]
+
+
+def test_the_line_label_names_every_other_key(monkeypatch):
+    rows = [{"x": 1, "y": "a", "z": 2, "seed": 0, "m": 1.0}, {"x": 2, "y": "a", "z": 2, "seed": 0, "m": 2.0}]
+    (line,) = _captured_plot(monkeypatch, rows, ["x", "y", "z"], "m").containers
+    assert line.get_label() == "y=a, z=2"
+
+
 def test_the_plot_places_words_and_flags_evenly_and_a_single_key_is_labelled_by_the_metric(monkeypatch):
     rows = [{"s": s, "seed": 0, "m": v} for s, v in (("cosine", 1.0), ("pearson", 2.0))]
     ax = _captured_plot(monkeypatch, rows, ["s"], "m")
@@ -138,19 +156,25 @@ def test_run_sweep_runs_its_shard_in_order_skips_finished_runs_and_logs_each(tmp
     config.write_text(yaml.safe_dump(BASE))
     trained, logs = [], []
     finished = {"train.lr=0.2_seed=0"}
-    monkeypatch.setattr(e2kd.experiment, "train_teacher", lambda c, rerun: trained.append((c.out_dir.name, rerun)))
+    monkeypatch.setattr(e2kd.experiment, "train_teacher", lambda c, rerun: trained.append((c.out_dir.name, rerun))
+                        if c.train.epochs == 1 else trained.append((c.out_dir.name, rerun, c.train.epochs)))
     monkeypatch.setattr(e2kd.runs, "finished_results", lambda c: {"splits": {"val": {"accuracy": c.train.lr}}}
                         if c.out_dir.name in finished else None)
     rows = sweep.run_sweep(config, ["train.lr=0.1,0.2,0.3"], [0], tmp_path / "out", shard=(0, 2), log=logs.append)
     assert trained == [("train.lr=0.1_seed=0", False), ("train.lr=0.3_seed=0", False)]
     assert logs == ["[sweep 1/2] train.lr=0.1_seed=0", "[sweep 2/2] train.lr=0.3_seed=0"]
     assert [r["status"] for r in rows] == ["missing", "done", "missing"] and rows[1]["val/accuracy"] == 0.2
+    assert [r["run"] for r in rows] == ["train.lr=0.1_seed=0", "train.lr=0.2_seed=0", "train.lr=0.3_seed=0"]
     logs.clear()
     sweep.run_sweep(config, ["train.lr=0.1,0.2,0.3"], [0], tmp_path / "out", shard=(1, 2), log=logs.append)
     assert logs == ["[sweep 1/1] train.lr=0.2_seed=0 (finished, skipped)"]
     trained.clear()
     sweep.run_sweep(config, ["train.lr=0.2"], [0], tmp_path / "out", log=logs.append, rerun=True,
                     overrides=["train.epochs=2"])
-    assert trained == [("train.lr=0.2_seed=0", True)]
+    assert trained == [("train.lr=0.2_seed=0", True, 2)]  # the overrides reach every run
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "train": {"epochs": 0}}))
+    with pytest.raises(ConfigError, match=rf"^{bad}"):
+        sweep.run_sweep(bad, ["train.lr=0.1"], [0], tmp_path / "out")
     with pytest.raises(ConfigError, match=r"^sweep needs at least one --grid KEY=V1,V2$"):
         sweep.run_sweep(config, [], [0], tmp_path / "out")
