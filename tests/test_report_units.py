@@ -162,3 +162,35 @@ def test_reports_over_several_runs_default_to_e2kd_report_and_other_ranks_write_
     assert not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match=r"^no run directories given$"):
         report.evaluate_report([])
+
+
+def test_a_run_evaluated_on_other_splits_adds_no_shift_curve(tmp_path, monkeypatch):
+    runs = {str(tmp_path / n): _FakeRun(tmp_path, n, shift=True) for n in ("kd", "e2kd")}
+    runs[str(tmp_path / "e2kd")].results = {"splits": {"val": {"accuracy": 0.5}}}
+    _, curves, _ = _fake_report(monkeypatch, runs)
+    report.evaluate_report(list(runs), tmp_path / "out", log=lambda line: None)
+    assert list(curves[0][0]) == ["kd"]
+
+
+def test_the_explanation_figure_shows_each_models_map_and_prediction():
+    import numpy as np
+
+    from e2kd.registry import get_explainer
+    from e2kd.testing import TinyCNN
+
+    torch.manual_seed(10)
+    teacher, student = TinyCNN(num_classes=3).eval(), TinyCNN(num_classes=3).eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.1, 6]).view(2, 1, 1, 1)
+    explainer = get_explainer("gradient")
+    fig = report.explanation_figure({"teacher": teacher, "student": student}, x, torch.tensor([0, 1]), explainer, None,
+                                    reference="teacher", class_names=["a", "b", "c"], title="T")
+    axes = np.asarray(fig.axes).reshape(2, 3)
+    maps, preds = report.explanation_maps({"teacher": teacher, "student": student}, x, explainer, reference="teacher")
+    for j, name in ((1, "teacher"), (2, "student")):
+        heat = np.asarray(axes[0, j].get_images()[1].get_array())
+        m = maps[name][0].sum(0)
+        np.testing.assert_allclose(heat, (m / m.abs().max()).numpy(), rtol=1e-5, atol=1e-6)
+        label = axes[1, j].get_xlabel()
+        assert label.endswith(["a", "b", "c"][int(preds[name][1])])
+    assert [ax.get_title() for ax in axes[0]] == ["input", "teacher", "student"] and fig._suptitle.get_text() == "T"
+    assert axes[1, 0].get_ylabel() == "b"
