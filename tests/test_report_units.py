@@ -194,3 +194,12 @@ def test_the_explanation_figure_shows_each_models_map_and_prediction():
         assert label.endswith(["a", "b", "c"][int(preds[name][1])])
     assert [ax.get_title() for ax in axes[0]] == ["input", "teacher", "student"] and fig._suptitle.get_text() == "T"
     assert axes[1, 0].get_ylabel() == "b"
+
+
+def test_the_explanation_figure_is_written_where_asked(tmp_path):
+    from e2kd.registry import get_explainer
+    from e2kd.testing import TinyCNN
+
+    path = report.explanation_figure({"m": TinyCNN().eval()}, torch.rand(2, 3, 8, 8), None, get_explainer("gradient"),
+                                     tmp_path / "e.png")
+    assert path == tmp_path / "e.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
