@@ -79,3 +79,11 @@ def disagreeing_pair():
         student.fc.weight.copy_(teacher.fc.weight.roll(1, dims=0))
         student.fc.bias.copy_(teacher.fc.bias.roll(1))
     return teacher, student, torch.randn(4, 3, 8, 8, dtype=torch.float64)
+
+
+@pytest.fixture
+def spread_images():
+    """Four 8 x 8 images of very different brightness, to which TinyCNN(num_classes=3) seeded 10
+    gives different top-1 classes (a test that must tell "each image's top-1" from one class uses them)."""
+    return torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.1, 1, 3, 6]).view(4, 1, 1, 1)
+

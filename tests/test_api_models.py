@@ -144,10 +144,10 @@ class _Gradient(Explainer):
         return cm()
 
 
-def test_explain_defaults_to_each_images_top1_and_takes_a_class_for_all():
+def test_explain_defaults_to_each_images_top1_and_takes_a_class_for_all(spread_images):
     torch.manual_seed(10)
     model = TinyCNN(num_classes=3)
-    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.1, 1, 3, 6]).view(4, 1, 1, 1)
+    x = spread_images
     explainer = _Gradient()
     top1 = model(x).argmax(1)
     assert len(set(top1.tolist())) > 1  # the images disagree: a flattened argmax would pick other classes

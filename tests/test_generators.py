@@ -127,7 +127,7 @@ def test_generated_data_is_the_snapshot(name, tmp_path, monkeypatch):
         f"(e2kd/data/shapes.py) when rendering changed, and regenerate: python -m tests.test_generators")
 
 
-def test_the_snapshot_tells_seeds_and_sizes_apart(tmp_path, monkeypatch):
+def test_the_digest_ignores_the_folder_and_sees_a_changed_pixel(tmp_path, monkeypatch):
     a = digest_of("shapes_folder_biased", tmp_path / "a", monkeypatch)
     monkeypatch.setattr(shape_formats, "render", lambda label, bg, size, rng: render(label, bg, size, rng)[::-1][::-1])
     assert digest_of("shapes_folder_biased", tmp_path / "b", monkeypatch) == a  # the same work, another folder

@@ -46,13 +46,13 @@ def test_figures_show_the_last_evaluated_split():
     assert report.figure_split(run) == "b"
 
 
-def test_every_model_is_explained_for_the_reference_models_class():
+def test_every_model_is_explained_for_the_reference_models_class(spread_images):
     from e2kd.registry import get_explainer
     from e2kd.testing import TinyCNN
 
     torch.manual_seed(10)
     teacher, student = TinyCNN(num_classes=3).eval(), TinyCNN(num_classes=3).eval()
-    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.1, 1, 3, 6]).view(4, 1, 1, 1)
+    x = spread_images
     explainer = get_explainer("gradient")
     maps, preds = report.explanation_maps({"teacher": teacher, "student": student}, x, explainer, reference="teacher")
     target = teacher(x).argmax(1)
@@ -172,7 +172,7 @@ def test_a_run_evaluated_on_other_splits_adds_no_shift_curve(tmp_path, monkeypat
     assert list(curves[0][0]) == ["kd"]
 
 
-def test_the_explanation_figure_shows_each_models_map_and_prediction():
+def test_the_explanation_figure_shows_each_models_map_and_prediction(spread_images):
     import numpy as np
 
     from e2kd.registry import get_explainer
@@ -180,7 +180,7 @@ def test_the_explanation_figure_shows_each_models_map_and_prediction():
 
     torch.manual_seed(10)
     teacher, student = TinyCNN(num_classes=3).eval(), TinyCNN(num_classes=3).eval()
-    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.1, 6]).view(2, 1, 1, 1)
+    x = spread_images[[0, 3]]
     explainer = get_explainer("gradient")
     fig = report.explanation_figure({"teacher": teacher, "student": student}, x, torch.tensor([0, 1]), explainer, None,
                                     reference="teacher", class_names=["a", "b", "c"], title="T")

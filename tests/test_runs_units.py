@@ -13,6 +13,8 @@ import torch
 
 from e2kd import runs
 
+from .test_sweep_units import BASE  # the same small teacher run
+
 
 @pytest.mark.parametrize("write, read", [
     (lambda p, v: runs.atomic_write_bytes(p, v.encode()), lambda p: p.read_text()),
@@ -80,10 +82,6 @@ def test_git_revision_of_the_source_tree(monkeypatch, answers, want):
                             {"cwd": root, "capture_output": True, "text": True, "timeout": 5})
 
 
-BASE = {"data": {"name": "synthetic", "options": {"num_classes": 3, "image_size": 16, "train_per_class": 2,
-                                                  "test_per_class": 2}},
-        "model": {"name": "small_resnet", "options": {"widths": [4]}},
-        "train": {"epochs": 1, "batch_size": 4, "progress": False}, "eval": {"metrics": ["accuracy"]}}
 
 
 def _config(tmp_path, **train):

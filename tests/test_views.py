@@ -97,7 +97,7 @@ def test_resized_crop_of_any_size_images_is_imagenets_8_to_100_percent():
     assert min(areas) < 0.2 and min(areas) > 0.05
 
 
-def _aliasing(image_size: int, source: int) -> torch.Tensor:
+def _aliasing(source: int) -> torch.Tensor:
     """A checkerboard of period 2 at ``source`` px: sampled without antialiasing at a factor-3 step
     it stays black and white; antialiased it averages to grey."""
     board = ((torch.arange(source)[None, :] + torch.arange(source)[:, None]) % 2).float()
@@ -114,7 +114,7 @@ def _aliasing(image_size: int, source: int) -> torch.Tensor:
     lambda: geometric_transform("resized_crop_flip", 8),
 ], ids=["eval", "whole", "none", "flip", "flip_crop", "resized_crop_flip", "fixed resized_crop_flip"])
 def test_every_resize_is_antialiased(make):
-    image = _aliasing(8, 27)
+    image = _aliasing(27)
     spreads = []
     for seed in range(8):
         torch.manual_seed(seed)
