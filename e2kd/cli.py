@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list registered explainers, similarities, metrics, models and datasets")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--kind", choices=["explainer", "similarity", "metric", "model", "dataset"])
+    p.add_argument("--kind", choices=["explainer", "similarity", "metric", "model", "dataset"],
+                   help="list only the items of this kind")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("train-teacher", help="train config.model with cross-entropy")
@@ -235,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate finished runs: metrics.json, report.md, explanation grid, "
                        "shift curve")
-    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="finished run directories (several: one report comparing them)")
     p.add_argument("--out", type=Path, help="report directory (default: the run itself, or e2kd_report for several)")
     p.add_argument("--metrics", help="comma-separated metric names replacing the config's eval.metrics, "
                    "e.g. accuracy,agreement,epg,explanation_iou,group_accuracy,shift_equivariance")
@@ -248,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a swept key and its values (repeatable), e.g. --grid distill.similarity=cosine,pearson")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config value for every run")
+                   help="override a base config value for every run (repeatable)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
     p.add_argument("--shard", default="0/1", help="run only runs i, i+N, ... (I/N), to split a sweep over processes")
     p.add_argument("--plot-metric", help="SPLIT/METRIC for sweep.png (default: test_ood/accuracy)")

@@ -60,7 +60,7 @@ def _toml_list(values: list[str]) -> str:
 
 #: Folders copied into the working copy, under their import names: mutmut names a mutant after its
 #: file's path, and the tests must import it by that name (plugins/ is the package e2kd_plugins).
-COPIED = {"e2kd": "e2kd", "plugins": "e2kd_plugins", "tests": "tests", "examples": "examples"}
+COPIED = {"e2kd": "e2kd", "plugins": "e2kd_plugins", "tests": "tests", "examples": "examples", "docs": "docs"}
 
 
 def _in_work(pattern: str) -> str:
@@ -82,8 +82,9 @@ def prepare(work: Path, files: list[str], tests: list[str]) -> None:
         f"source_paths = {_toml_list(['e2kd', COPIED['plugins']])}",
         f"only_mutate = {_toml_list([_in_work(f) for f in files])}",
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
-        # data files the tests read from the tree (example configs, the example plugin, packaged configs)
-        f"also_copy = {_toml_list(['examples', 'e2kd/configs'])}",
+        # data files the tests read from the tree (example configs, the example plugin, packaged configs,
+        # the docs generated from the code)
+        f"also_copy = {_toml_list(['examples', 'e2kd/configs', 'docs'])}",
         'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-q"]',
         # a CPU-time limit of 2 x 4 x (estimated test time + 5 s): an endless loop costs a minute, not an hour
         "timeout_multiplier = 4.0", "timeout_constant = 5.0",
