@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.e2kd-installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench mutation clean
+.PHONY: install demo test lint format bench mutation clean
 
 install: $(STAMP)
 
@@ -19,6 +19,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The lint gate (.ci/run fails on a violation): ruff lint and format check, mypy over the public seams.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Rewrite the files ruff can fix (formatting, import order, ...); then `make lint`.
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_distill_step.py

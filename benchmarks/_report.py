@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from e2kd.runs import atomic_write_json
+from e2kd.storage import atomic_write_json
 
 
 def emit(result: dict, json_path: str | None) -> None:

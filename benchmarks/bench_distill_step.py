@@ -42,9 +42,9 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
+from _report import emit
 
 import e2kd
-from _report import emit
 from e2kd.distill import Distiller
 from e2kd.frozen import TeacherCache, build_cache
 from e2kd.runtime import Runtime
@@ -59,8 +59,12 @@ def hand_steps(teacher, student, optimizer, autocast):
         return F.relu((grad.mean(dim=(2, 3), keepdim=True) * features).sum(1, keepdim=True))
 
     def kd(s_logits, t_logits):
-        return F.kl_div(F.log_softmax(s_logits.float(), 1), F.log_softmax(t_logits.float(), 1), reduction="batchmean",
-                        log_target=True)
+        return F.kl_div(
+            F.log_softmax(s_logits.float(), 1),
+            F.log_softmax(t_logits.float(), 1),
+            reduction="batchmean",
+            log_target=True,
+        )
 
     def hand_kd(x):
         with autocast():
@@ -121,19 +125,33 @@ def measure(args: argparse.Namespace) -> dict:
     }
     # images in [0, 1] (what e2kd's loaders give; the B-cos encoding [x, 1 - x] expects it)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(
-        memory_format=memory_format)
+        memory_format=memory_format
+    )
     hand, replay, cache_read_s = {}, {}, None
     if not bcos:
-        distillers.update({
-            "e2kd_upsampled": Distiller(teacher, student, feature_resolution=False, **e2kd_kw),
-            "e2kd_closed": Distiller(teacher, student, **{**e2kd_kw, "explainer": e2kd.get_explainer(
-                "gradcam", closed_form=True)}),
-            "frozen_kd": Distiller(None, student, lam=0.0),
-            "frozen_e2kd": Distiller(None, student, **e2kd_kw),
-        })
+        distillers.update(
+            {
+                "e2kd_upsampled": Distiller(teacher, student, feature_resolution=False, **e2kd_kw),
+                "e2kd_closed": Distiller(
+                    teacher, student, **{**e2kd_kw, "explainer": e2kd.get_explainer("gradcam", closed_form=True)}
+                ),
+                "frozen_kd": Distiller(None, student, lam=0.0),
+                "frozen_e2kd": Distiller(None, student, **e2kd_kw),
+            }
+        )
         cache_dir = tempfile.mkdtemp(prefix="e2kd-bench-cache-")
-        build_cache(cache_dir, teacher, explainer, x.cpu(), {"benchmark": True}, dtype="float16", shard_size=512,
-                    batch_size=args.batch_size, progress=False, runtime=Runtime(torch.device(device)))
+        build_cache(
+            cache_dir,
+            teacher,
+            explainer,
+            x.cpu(),
+            {"benchmark": True},
+            dtype="float16",
+            shard_size=512,
+            batch_size=args.batch_size,
+            progress=False,
+            runtime=Runtime(torch.device(device)),
+        )
         cache = TeacherCache.open(cache_dir)
 
         def read_replay() -> dict:
@@ -174,7 +192,7 @@ def measure(args: argparse.Namespace) -> dict:
     times: dict[str, list[float]] = {m: [] for m in modes}
     peak: dict[str, float | None] = {m: None for m in modes}
     for rep in range(args.repeats):
-        order = modes[rep % len(modes):] + modes[:rep % len(modes)]
+        order = modes[rep % len(modes) :] + modes[: rep % len(modes)]
         for mode in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -191,13 +209,21 @@ def measure(args: argparse.Namespace) -> dict:
         return med[a] / med[b] if a in med and b in med else None
 
     return {
-        "benchmark": "distill_step", "family": args.family,
-        "teacher": args.teacher_arch, "student": args.arch,
-        "image_size": args.image_size, "batch_size": args.batch_size, "device": str(device),
+        "benchmark": "distill_step",
+        "family": args.family,
+        "teacher": args.teacher_arch,
+        "student": args.arch,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "precision": args.precision, "channels_last": args.channels_last, "explain_every": args.explain_every,
-        "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.machine(),
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "explain_every": args.explain_every,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
         "median_step_s": med,
         "images_per_s": {m: args.batch_size / t for m, t in med.items()},
         "peak_memory_mib": peak,
@@ -218,8 +244,12 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", choices=["timm", "bcos"], default="timm", help="timm CNNs with Grad-CAM, or B-cos "
-                                                                               "ResNets with the B-cos explainer")
+    p.add_argument(
+        "--family",
+        choices=["timm", "bcos"],
+        default="timm",
+        help="timm CNNs with Grad-CAM, or B-cos ResNets with the B-cos explainer",
+    )
     p.add_argument("--arch", default="resnet18", help="student (timm name; with --family bcos: resnet18, ...)")
     p.add_argument("--teacher-arch", default="resnet34", help="teacher (timm name)")
     p.add_argument("--image-size", type=int, default=224)
@@ -236,12 +266,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = measure(args)
     emit(result, args.json)
-    ratios = ", ".join(f"{key[6:].replace('_over_', '/')} {value:.3f}" for key, value in result.items()
-                       if key.startswith("ratio_") and value is not None)
+    ratios = ", ".join(
+        f"{key[6:].replace('_over_', '/')} {value:.3f}"
+        for key, value in result.items()
+        if key.startswith("ratio_") and value is not None
+    )
     memory = "".join(f", {mode} {mib:.0f} MiB" for mode, mib in result["peak_memory_mib"].items() if mib)
-    print(f"{args.family} {result['student']} <- {result['teacher']}, {args.image_size} px, batch {args.batch_size}, "
-          f"{args.precision}{', channels_last' if args.channels_last else ''} on {result['device_name']}: "
-          f"{ratios}{memory}", file=sys.stderr)
+    print(
+        f"{args.family} {result['student']} <- {result['teacher']}, {args.image_size} px, batch {args.batch_size}, "
+        f"{args.precision}{', channels_last' if args.channels_last else ''} on {result['device_name']}: "
+        f"{ratios}{memory}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import timm
 import torch
-
 from _report import emit
+
 from e2kd.data.miniature import write_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,13 +34,43 @@ CONFIG = ROOT / "e2kd" / "configs" / "imagenet_50shot_r34_r18.yaml"
 
 
 def run_epoch(folder: Path, teacher: Path, out: Path, lam: float, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-m", "e2kd", "distill", str(CONFIG), "--out", str(out),
-               "--set", f"data.options.root={folder}", "--set", "data.options.shots=null",
-               "--set", "data.options.holdout_per_class=0", "--set", f"data.options.image_size={args.image_size}",
-               "--set", f"data.num_workers={args.workers}", "--set", f"teacher.checkpoint={teacher}",
-               "--set", "train.epochs=1", "--set", "train.warmup_epochs=0", "--set", f"train.batch_size={args.batch_size}",
-               "--set", f"train.device={args.device}", "--set", f"train.precision={args.precision}",
-               "--set", f"distill.lam={lam}", "--set", "eval.metrics=[accuracy]", "--set", "train.progress=false"]
+    command = [
+        sys.executable,
+        "-m",
+        "e2kd",
+        "distill",
+        str(CONFIG),
+        "--out",
+        str(out),
+        "--set",
+        f"data.options.root={folder}",
+        "--set",
+        "data.options.shots=null",
+        "--set",
+        "data.options.holdout_per_class=0",
+        "--set",
+        f"data.options.image_size={args.image_size}",
+        "--set",
+        f"data.num_workers={args.workers}",
+        "--set",
+        f"teacher.checkpoint={teacher}",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.warmup_epochs=0",
+        "--set",
+        f"train.batch_size={args.batch_size}",
+        "--set",
+        f"train.device={args.device}",
+        "--set",
+        f"train.precision={args.precision}",
+        "--set",
+        f"distill.lam={lam}",
+        "--set",
+        "eval.metrics=[accuracy]",
+        "--set",
+        "train.progress=false",
+    ]
     start = time.perf_counter()
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
@@ -68,17 +98,27 @@ def main(argv=None) -> int:
         write_image_folder(folder, classes, {"train": args.per_class, "val": 2}, size=(256, 384), seed=0)
         teacher = tmp / "resnet34.pt"
         torch.save(timm.create_model("resnet34", pretrained=False, num_classes=args.classes).state_dict(), teacher)
-        result = {"benchmark": "distill epoch (CLI, imagenet config)", "machine": platform.machine(),
-                  "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "device": args.device, "precision": args.precision,
-                  "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu"
-                  else platform.processor() or "cpu", "image_size": args.image_size,
-                  "jpeg_sizes": "256-384 px per side", "train_images": args.classes * args.per_class,
-                  "batch_size": args.batch_size, "num_workers": args.workers}
+        result = {
+            "benchmark": "distill epoch (CLI, imagenet config)",
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": args.device,
+            "precision": args.precision,
+            "device_name": torch.cuda.get_device_name()
+            if torch.cuda.is_available() and args.device != "cpu"
+            else platform.processor() or "cpu",
+            "image_size": args.image_size,
+            "jpeg_sizes": "256-384 px per side",
+            "train_images": args.classes * args.per_class,
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+        }
         for name, lam in (("kd", 0.0), ("e2kd", 1.0)):
             result[name] = run_epoch(folder, teacher, tmp / name, lam, args)
-    result["ratio_e2kd_over_kd_images_per_s"] = (result["kd"]["median_images_per_s"]
-                                                 / result["e2kd"]["median_images_per_s"])
+    result["ratio_e2kd_over_kd_images_per_s"] = (
+        result["kd"]["median_images_per_s"] / result["e2kd"]["median_images_per_s"]
+    )
     emit(result, args.json)
     return 0
 

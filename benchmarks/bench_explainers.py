@@ -20,9 +20,9 @@ import time
 
 import timm
 import torch
+from _report import emit
 
 import e2kd
-from _report import emit
 from e2kd.distill import Distiller
 
 CNN_EXPLAINERS = {"gradcam": {}, "gradient": {}, "input_x_gradient": {}, "integrated_gradients": {"n_steps": 8}}
@@ -36,12 +36,17 @@ def _models(kind: str, size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     if kind == "vit":
         make = lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=100, img_size=size)  # noqa: E731
         return make(), make()
-    return (timm.create_model("resnet18", pretrained=False, num_classes=100),
-            timm.create_model("resnet18", pretrained=False, num_classes=100))
+    return (
+        timm.create_model("resnet18", pretrained=False, num_classes=100),
+        timm.create_model("resnet18", pretrained=False, num_classes=100),
+    )
 
 
 def step_ratios(args: argparse.Namespace) -> dict:
-    settings = [(name, opts, "cnn") for name, opts in CNN_EXPLAINERS.items()] + [("bcos", {}, "bcos"), ("rollout", {}, "vit")]
+    settings = [(name, opts, "cnn") for name, opts in CNN_EXPLAINERS.items()] + [
+        ("bcos", {}, "bcos"),
+        ("rollout", {}, "vit"),
+    ]
     if args.only:
         settings = [s for s in settings if s[0] in args.only.split(",")]
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
@@ -51,11 +56,16 @@ def step_ratios(args: argparse.Namespace) -> dict:
         optimizer = torch.optim.SGD(student.parameters(), lr=1e-4)
         modes = {
             "kd": Distiller(teacher, student, lam=0.0),
-            "e2kd": Distiller(teacher, student, explainer=e2kd.get_explainer(name, **opts),
-                              similarity=e2kd.get_similarity("cosine"), lam=1.0),
+            "e2kd": Distiller(
+                teacher,
+                student,
+                explainer=e2kd.get_explainer(name, **opts),
+                similarity=e2kd.get_similarity("cosine"),
+                lam=1.0,
+            ),
         }
 
-        def step(mode: str) -> float:
+        def step(mode: str, modes=modes, optimizer=optimizer) -> float:
             start = time.perf_counter()
             out = modes[mode](x)
             optimizer.zero_grad(set_to_none=True)
@@ -67,11 +77,16 @@ def step_ratios(args: argparse.Namespace) -> dict:
             step(mode)  # warm-up
         times = {m: [] for m in modes}
         for rep in range(args.repeats):
-            for mode in (["kd", "e2kd"] if rep % 2 == 0 else ["e2kd", "kd"]):
+            for mode in ["kd", "e2kd"] if rep % 2 == 0 else ["e2kd", "kd"]:
                 times[mode].append(step(mode))
         med = {m: statistics.median(t) for m, t in times.items()}
-        results[name] = {"models": kind, "options": opts, "kd_s": med["kd"], "e2kd_s": med["e2kd"],
-                         "ratio_e2kd_over_kd": med["e2kd"] / med["kd"]}
+        results[name] = {
+            "models": kind,
+            "options": opts,
+            "kd_s": med["kd"],
+            "e2kd_s": med["e2kd"],
+            "ratio_e2kd_over_kd": med["e2kd"] / med["kd"],
+        }
         print(f"{name:22s} e2KD/KD = {med['e2kd'] / med['kd']:.2f}", file=sys.stderr)
     return results
 
@@ -108,13 +123,17 @@ def gradcam_throughput(args: argparse.Namespace) -> dict:
     times = {k: [] for k in runners}
     names = list(runners)
     for rep in range(args.repeats):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             start = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - start)
     ips = {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
-    out = {"arch": args.throughput_arch, "batch": x.shape[0], "images_per_s": ips,
-           "ours_over_captum": ips["e2kd"] / ips["captum"]}
+    out = {
+        "arch": args.throughput_arch,
+        "batch": x.shape[0],
+        "images_per_s": ips,
+        "ours_over_captum": ips["e2kd"] / ips["captum"],
+    }
     if "pytorch_grad_cam" in ips:
         out["ours_over_pytorch_grad_cam"] = ips["e2kd"] / ips["pytorch_grad_cam"]
     else:
@@ -134,9 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
-    result = {"benchmark": "explainers", "torch": torch.__version__, "machine": platform.machine(),
-              "threads": torch.get_num_threads(), "image_size": args.image_size, "batch_size": args.batch_size,
-              "repeats": args.repeats, "step_ratios": step_ratios(args)}
+    result = {
+        "benchmark": "explainers",
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "step_ratios": step_ratios(args),
+    }
     if not args.skip_throughput:
         result["gradcam_throughput"] = gradcam_throughput(args)
     emit(result, args.json)

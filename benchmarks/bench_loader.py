@@ -22,20 +22,24 @@ import time
 from pathlib import Path
 
 import torch
+from _report import emit
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from _report import emit
 from e2kd.data import make_loader, open_dataset, split_view
 from e2kd.data.miniature import write_image_folder
 
 
 def hand_dataset(root: Path, split: str, train: bool) -> ImageFolder:
-    geometry = ([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()] if train
-                else [v2.Resize(256, antialias=True), v2.CenterCrop(224)])
-    return ImageFolder(str(root / split), transform=v2.Compose([v2.PILToTensor(), *geometry,
-                                                                v2.ToDtype(torch.float32, scale=True)]))
+    geometry = (
+        [v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()]
+        if train
+        else [v2.Resize(256, antialias=True), v2.CenterCrop(224)]
+    )
+    return ImageFolder(
+        str(root / split), transform=v2.Compose([v2.PILToTensor(), *geometry, v2.ToDtype(torch.float32, scale=True)])
+    )
 
 
 def drain(loader) -> int:
@@ -59,7 +63,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
         times = {name: [] for name in loaders}
         names = list(loaders)
         for rep in range(args.repeats):
-            for name in (names if rep % 2 == 0 else names[::-1]):
+            for name in names if rep % 2 == 0 else names[::-1]:
                 start = time.perf_counter()
                 n = drain(loaders[name])
                 times[name].append(n / (time.perf_counter() - start))
@@ -90,9 +94,14 @@ def main(argv=None) -> int:
         result = {
             "benchmark": "loader throughput (JPEG decode + view), images/s",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpus": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
-            "images_per_split": per_class * len(classes), "jpeg_size": args.size, "batch_size": args.batch_size,
-            "repeats": args.repeats, **measure(args, root),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "images_per_split": per_class * len(classes),
+            "jpeg_size": args.size,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            **measure(args, root),
         }
     emit(result, args.json)
     return 0

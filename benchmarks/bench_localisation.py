@@ -13,12 +13,11 @@ import argparse
 import platform
 import sys
 import time
-
 from pathlib import Path
 
 import torch
-
 from _report import emit
+
 from e2kd_plugins.metrics.localisation import energy_pointing_game, explanation_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,9 +46,16 @@ def measure(args: argparse.Namespace) -> dict:
         torch.testing.assert_close(a, b)
     best = {k: min(v) for k, v in timings.items()}
     return {
-        "benchmark": "localisation_metrics", "maps": args.n, "size": args.size, "repeats": args.repeats,
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-        "batch_s_best": best["batch"], "loop_s_best": best["loop"], "speedup_batch_over_loop": best["loop"] / best["batch"],
+        "benchmark": "localisation_metrics",
+        "maps": args.n,
+        "size": args.size,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "batch_s_best": best["batch"],
+        "loop_s_best": best["loop"],
+        "speedup_batch_over_loop": best["loop"] / best["batch"],
         "timings_s": timings,
     }
 
@@ -63,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     result = measure(args)
     emit(result, args.json)
-    print(f"EPG + IoU over {args.n} maps of {args.size}x{args.size}: batch-native is "
-          f"{result['speedup_batch_over_loop']:.0f}x the per-sample loop", file=sys.stderr)
+    print(
+        f"EPG + IoU over {args.n} maps of {args.size}x{args.size}: batch-native is "
+        f"{result['speedup_batch_over_loop']:.0f}x the per-sample loop",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -26,6 +26,7 @@ def __getattr__(name: str):
         return getattr(notebook, name)
     raise AttributeError(f"module 'e2kd' has no attribute {name!r}")
 
+
 __all__ = [
     "errors",
     "hookimpl",

@@ -6,8 +6,9 @@ The core only talks to these interfaces; concrete methods live in plugins.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -23,7 +24,6 @@ class NoOptions(BaseModel):
 class PluginItem:
     """What every registered item declares about itself."""
 
-    kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
@@ -71,30 +71,25 @@ class Explainer(PluginItem):
         maps = cap.explain(logits, target, create_graph=True)
     """
 
-    kind = "explainer"
     #: The map is differentiable w.r.t. the model parameters (usable for e2KD training).
     differentiable: ClassVar[bool] = True
     #: The method reads a layer of the model (option ``layer``).
     needs_layer: ClassVar[bool] = False
     #: Model forwards per explanation beyond the training forward: a number, or the name of the
-    #: option that sets it (e.g. ``"n_steps"``); :meth:`forwards_per_explanation` gives the value.
+    #: option that sets it (e.g. ``"n_steps"``); shown by ``e2kd plugins``.
     extra_forwards: ClassVar[int | str] = 0
     #: Channels of the returned map (None: as many as the input has).
     output_channels: ClassVar[int | None] = 1
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
+        """What ``e2kd plugins`` lists: differentiable, layer needed, extra forwards, map channels."""
         return {
             "differentiable": cls.differentiable,
             "needs_layer": cls.needs_layer,
             "extra_forwards": cls.extra_forwards,
             "output_channels": cls.output_channels,
         }
-
-    def forwards_per_explanation(self) -> int:
-        """Extra model forwards one explanation costs with this instance's options."""
-        extra = self.extra_forwards
-        return int(getattr(self.options, extra)) if isinstance(extra, str) else int(extra)
 
     def map_channels(self, input_channels: int) -> int:
         """Channels of this instance's maps for inputs of ``input_channels`` (default:
@@ -116,9 +111,7 @@ class Explainer(PluginItem):
         return False
 
     @contextlib.contextmanager
-    def capture(
-        self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True
-    ) -> Iterator[Capture]:
+    def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
         """Install what the method needs around one forward of ``model`` and remove it on exit.
 
         ``trainable=False`` promises that the explanation will not be back-propagated
@@ -127,24 +120,23 @@ class Explainer(PluginItem):
         raise NotImplementedError
         yield  # pragma: no cover
 
-    def explain(
-        self, model: nn.Module, inputs: torch.Tensor, target: torch.Tensor | int | None = None
-    ) -> torch.Tensor:
+    def explain(self, model: nn.Module, inputs: torch.Tensor, target: torch.Tensor | int | None = None) -> torch.Tensor:
         """Convenience for notebooks: explain ``target`` (default: the top-1 class), detached."""
         with torch.enable_grad():
             with self.capture(model, inputs, trainable=False) as cap:
                 logits = model(cap.inputs)
             if target is None:
-                target = logits.argmax(1)
+                chosen = logits.argmax(1)
             elif isinstance(target, int):
-                target = torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
-            return cap.explain(logits, target, create_graph=False).detach()
+                chosen = torch.full((inputs.shape[0],), target, dtype=torch.long, device=inputs.device)
+            else:
+                chosen = target
+            return cap.explain(logits, chosen, create_graph=False).detach()
 
 
 class Similarity(PluginItem):
     """Per-sample similarity of two explanation batches: (B, ...) x (B, ...) -> (B,)."""
 
-    kind = "similarity"
     differentiable: ClassVar[bool] = True
     higher_is_better: ClassVar[bool] = True
     #: :meth:`upsampled` is implemented: the similarity of bilinearly upsampled maps, computed
@@ -153,10 +145,16 @@ class Similarity(PluginItem):
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        return {"differentiable": cls.differentiable, "higher_is_better": cls.higher_is_better,
-                "feature_resolution": cls.feature_resolution}
+        """What ``e2kd plugins`` lists: differentiable, direction, feature-resolution support."""
+        return {
+            "differentiable": cls.differentiable,
+            "higher_is_better": cls.higher_is_better,
+            "feature_resolution": cls.feature_resolution,
+        }
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-sample similarity (B,) of two batches of maps (B, C, H, W) of the same size;
+        differentiable in ``a`` when :attr:`differentiable`."""
         raise NotImplementedError
 
     def upsampled(self, a: torch.Tensor, b: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -213,8 +211,9 @@ class EvalBatch:
 
 
 #: Every requirement a metric may declare (see :meth:`EvalBatch.available`).
-REQUIREMENTS = frozenset({"labels", "single_label", "teacher", "explanations", "label_explanations", "masks",
-                          "groups", "model"})
+REQUIREMENTS = frozenset(
+    {"labels", "single_label", "teacher", "explanations", "label_explanations", "masks", "groups", "model"}
+)
 
 
 class Metric(PluginItem):
@@ -227,7 +226,6 @@ class Metric(PluginItem):
     by element, booleans or). A metric whose state does not add overrides both.
     """
 
-    kind = "metric"
     #: Data the metric needs: any of :data:`REQUIREMENTS`.
     requires: ClassVar[frozenset[str]] = frozenset()
     higher_is_better: ClassVar[bool] = True
@@ -238,13 +236,15 @@ class Metric(PluginItem):
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
+        """What ``e2kd plugins`` lists: the data the metric requires and its direction."""
         return {"requires": sorted(cls.requires), "higher_is_better": cls.higher_is_better}
 
-    def bind(self, *, similarity: "Similarity | None" = None) -> None:
+    def bind(self, *, similarity: Similarity | None = None) -> None:
         """Called by the evaluator before a run is evaluated, with the run's training similarity
         (its options included); metrics that compare explanations may default to it."""
 
     def reset(self) -> None:
+        """Forget every batch seen (called on construction and before each split)."""
         self._total = 0.0
         self._count = 0
 
@@ -262,11 +262,14 @@ class Metric(PluginItem):
             setattr(self, key, _add_states(getattr(self, key), value))
 
     def update(self, batch: EvalBatch) -> None:
+        """Accumulate one batch; by default the sum and count of :meth:`per_sample`. Override
+        with :meth:`compute` (and keep accumulators in ``_*`` attributes) for other reductions."""
         values = self.per_sample(batch).detach().double()
         self._total += float(values.sum())
         self._count += values.numel()
 
     def compute(self) -> float | dict[str, float]:
+        """The value over every batch seen (a float, or named values); NaN before any batch."""
         return self._total / self._count if self._count else float("nan")
 
 
@@ -283,22 +286,30 @@ def _add_states(a: Any, b: Any) -> Any:
 class ModelBuilder(PluginItem):
     """Builds an image classifier (images -> logits) from its options."""
 
-    kind = "model"
-
     def build(self, num_classes: int) -> nn.Module:
+        """A freshly initialised model with ``num_classes`` outputs, built from this item's options."""
         raise NotImplementedError
 
     @classmethod
     def define(
-        cls, name: str, description: str, build: Callable[[BaseModel, int], nn.Module],
+        cls,
+        name: str,
+        description: str,
+        build: Callable[[BaseModel, int], nn.Module],
         options: type[BaseModel] = NoOptions,
-    ) -> type["ModelBuilder"]:
+    ) -> type[ModelBuilder]:
         """A registrable builder class whose ``build(num_classes)`` calls ``build(options, num_classes)``
         (for families of architectures that differ only in a few numbers)."""
-        return type(f"{name}_builder", (cls,), {
-            "name": name, "description": description, "Options": options,
-            "build": lambda self, num_classes: build(self.options, num_classes),
-        })
+        return type(
+            f"{name}_builder",
+            (cls,),
+            {
+                "name": name,
+                "description": description,
+                "Options": options,
+                "build": lambda self, num_classes: build(self.options, num_classes),
+            },
+        )
 
 
 #: What a dataset's samples may carry besides ``image`` and ``label``.
@@ -326,7 +337,6 @@ class Dataset(PluginItem):
     Options are validated like every plugin's; ``seed`` (``data.seed``) draws subsets.
     """
 
-    kind = "dataset"
     #: "single": a class index per image; "multi": a multi-hot vector per image.
     label_type: ClassVar[str] = "single"
     #: Optional sample fields this dataset provides (any of :data:`SAMPLE_FIELDS`).
@@ -342,12 +352,13 @@ class Dataset(PluginItem):
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
+        """What ``e2kd plugins`` lists: label type and optional sample fields."""
         return {"label_type": cls.label_type, "provides": sorted(cls.provides)}
 
     @property
     def image_size(self) -> int:
         """Side of the square images the models see (option ``image_size`` by default)."""
-        return int(getattr(self.options, "image_size"))
+        return int(self.options.image_size)  # type: ignore[attr-defined]
 
     def check(self) -> None:
         """Raise :class:`e2kd.errors.DataError` naming the missing path, before anything runs."""
@@ -358,6 +369,7 @@ class Dataset(PluginItem):
 
     @property
     def train_split(self) -> str:
+        """The split that trains: the first of :meth:`splits` unless overridden."""
         return self.splits()[0]
 
     def eval_splits(self) -> tuple[str, ...]:
@@ -365,18 +377,24 @@ class Dataset(PluginItem):
         return tuple(s for s in self.splits() if s != self.train_split)
 
     def class_names(self) -> list[str]:
+        """The class names, in label order (their count is :attr:`num_classes`)."""
         raise NotImplementedError
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (of :meth:`class_names`)."""
         return len(self.class_names())
 
-    def samples(self, split: str) -> "torch.utils.data.Dataset[dict[str, Any]]":
+    def samples(self, split: str) -> torch.utils.data.Dataset[dict[str, Any]]:
         """The raw samples of ``split`` (see the class docstring), indexable and sized."""
         raise NotImplementedError
 
     def identity(self, split: str) -> dict[str, Any]:
         """What determines the samples of ``split`` (for cache fingerprints): name, options, and
         for file-based data the root and a digest of the file list."""
-        return {"dataset": self.name, "split": split, "seed": self.seed,
-                "options": self.options.model_dump(mode="json")}
+        return {
+            "dataset": self.name,
+            "split": split,
+            "seed": self.seed,
+            "options": self.options.model_dump(mode="json"),
+        }

@@ -67,9 +67,11 @@ def check_hub_hash(path: Path) -> None:
     expected = match.group(1)
     actual = file_sha256(path)
     if not actual.startswith(expected):
-        raise ModelError(f"checkpoint {path}: its name says SHA-256 {expected}…, the file's is {actual[:len(expected)]}…; "
-                         f"the download is incomplete or corrupt (fetch it again, or rename the file if the suffix is "
-                         f"not a hash)")
+        raise ModelError(
+            f"checkpoint {path}: its name says SHA-256 {expected}…, the file's is {actual[: len(expected)]}…; "
+            f"the download is incomplete or corrupt (fetch it again, or rename the file if the suffix is "
+            f"not a hash)"
+        )
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -88,19 +90,26 @@ def _read_torch(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function to import
-            raise ModelError(f"checkpoint {path}: holds pickled Python objects besides tensors (e.g. a whole model saved "
-                             f"with torch.save(model)); e2kd does not unpickle those: save model.state_dict() "
-                             f"instead") from None
-        raise ModelError(f"checkpoint {path}: neither a safetensors nor a torch.save file (it does not unpickle as "
-                         f"tensors)") from None
+            raise ModelError(
+                f"checkpoint {path}: holds pickled Python objects besides tensors (e.g. a whole model saved "
+                f"with torch.save(model)); e2kd does not unpickle those: save model.state_dict() "
+                f"instead"
+            ) from None
+        raise ModelError(
+            f"checkpoint {path}: neither a safetensors nor a torch.save file (it does not unpickle as tensors)"
+        ) from None
     except Exception as exc:
-        raise ModelError(f"checkpoint {path}: neither a safetensors nor a torch.save file "
-                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise ModelError(
+            f"checkpoint {path}: neither a safetensors nor a torch.save file ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
 
 
 def _is_state_dict(value: object) -> bool:
-    return isinstance(value, dict) and bool(value) and all(
-        isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
+    )
 
 
 def _unnest(state: object, path: Path) -> dict[str, torch.Tensor]:
@@ -111,8 +120,10 @@ def _unnest(state: object, path: Path) -> dict[str, torch.Tensor]:
             if _is_state_dict(state.get(key)):
                 return state[key]
         keys = ", ".join(map(repr, list(state)[:8]))
-        raise ModelError(f"checkpoint {path}: holds no state dict (top-level keys {keys}; weights are looked for at the "
-                         f"top level and under {', '.join(NESTING_KEYS)})")
+        raise ModelError(
+            f"checkpoint {path}: holds no state dict (top-level keys {keys}; weights are looked for at the "
+            f"top level and under {', '.join(NESTING_KEYS)})"
+        )
     raise ModelError(f"checkpoint {path}: holds a {type(state).__name__}, not a state dict")
 
 
@@ -123,7 +134,7 @@ def fit_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, to
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     return state
 
@@ -135,13 +146,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     state = fit_keys(read_state_dict(path), set(own))
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        parts = [f"{label} {_first(names)}" for label, names in
-                 (("missing", missing), ("unexpected", unexpected), ("shape (file vs model):", wrong)) if names]
-        raise ModelError(f"checkpoint {path}: does not fit {type(model).__name__} (expects {len(own)} tensors): "
-                         f"{'; '.join(parts)}")
+        parts = [
+            f"{label} {_first(names)}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("shape (file vs model):", wrong))
+            if names
+        ]
+        raise ModelError(
+            f"checkpoint {path}: does not fit {type(model).__name__} (expects {len(own)} tensors): {'; '.join(parts)}"
+        )
     model.load_state_dict(state)
 
 

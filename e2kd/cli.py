@@ -5,24 +5,32 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from .errors import ConfigError, E2KDError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="experiment YAML file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set distill.lam=0 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set distill.lam=0 (repeatable)",
+    )
     p.add_argument("--out", type=Path, help="run directory (overrides out_dir)")
 
 
-def _add_rerun(p: argparse.ArgumentParser, help: str = "train again even if the run directory holds a finished "
-               "run of this config (its results are replaced)") -> None:
+def _add_rerun(
+    p: argparse.ArgumentParser,
+    help: str = "train again even if the run directory holds a finished run of this config (its results are replaced)",
+) -> None:
     p.add_argument("--rerun", action="store_true", help=help)
 
 
@@ -36,7 +44,9 @@ def _load(args: argparse.Namespace):
 
 def _is_main() -> bool:
     """Under torchrun only the main process (RANK 0) reports."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from .runtime import is_main_process
+
+    return is_main_process()
 
 
 def _print_results(results: dict) -> None:
@@ -63,7 +73,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for i in items:
         caps = " ".join(f"{k}={v}" for k, v in i.capabilities.items())
         dist = f"{i.distribution} {i.version}" if i.version else i.distribution
-        rows.append((i.kind, i.name, dist, i.plugin, caps, i.description + ("" if i.status == "ok" else f"  [{i.status}]")))
+        rows.append(
+            (i.kind, i.name, dist, i.plugin, caps, i.description + ("" if i.status == "ok" else f"  [{i.status}]"))
+        )
     widths = [max(len(str(r[c])) for r in rows) for c in range(5)]
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in range(5)) + "  " + r[5])
@@ -101,8 +113,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     if not _is_main():
         return 0
     fp = cache.index["fingerprint"]
-    print(f"teacher cache: {cache.root} ({len(cache)} samples, {cache.index['dtype']}, "
-          f"explainer {fp['explainer']['name']}, teacher weights {fp['teacher']['weights_sha256'][:12]})")
+    print(
+        f"teacher cache: {cache.root} ({len(cache)} samples, {cache.index['dtype']}, "
+        f"explainer {fp['explainer']['name']}, teacher weights {fp['teacher']['weights_sha256'][:12]})"
+    )
     return 0
 
 
@@ -116,7 +130,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, results in report["results"].items():
         print(f"== {name}")
         _print_results(results)
-    print("wrote " + ", ".join([str(Path(report["out"]) / n) for n in ("metrics.json", "report.md")] + list(report["figures"].values())))
+    print(
+        "wrote "
+        + ", ".join(
+            [str(Path(report["out"]) / n) for n in ("metrics.json", "report.md")] + list(report["figures"].values())
+        )
+    )
     return 0
 
 
@@ -132,8 +151,11 @@ def _real_data(args: argparse.Namespace):
     """--imagenet/--waterbirds/--voc folders, --teacher CLAIM=FILE and --set, checked; None without folders."""
     from .reproduce import CLAIMS, RealData
 
-    folders = {name: getattr(args, name).expanduser().resolve() for name in ("imagenet", "waterbirds", "voc")
-               if getattr(args, name) is not None}
+    folders = {
+        name: getattr(args, name).expanduser().resolve()
+        for name in ("imagenet", "waterbirds", "voc")
+        if getattr(args, name) is not None
+    }
     for name, folder in folders.items():
         if not folder.is_dir():
             raise ConfigError(f"--{name} {folder}: not a folder (give the root of your copy, see docs/datasets.md)")
@@ -154,11 +176,15 @@ def _real_data(args: argparse.Namespace):
         teachers[key] = path
     if not folders:
         if args.overrides:
-            raise ConfigError("--set applies to full-size runs on real folders (--imagenet, --waterbirds, --voc); "
-                              "the miniatures have fixed settings")
+            raise ConfigError(
+                "--set applies to full-size runs on real folders (--imagenet, --waterbirds, --voc); "
+                "the miniatures have fixed settings"
+            )
         return None
     if args.quick:
-        raise ConfigError("--quick shrinks the miniatures; shrink full-size runs with --set (e.g. --set train.epochs=1)")
+        raise ConfigError(
+            "--quick shrinks the miniatures; shrink full-size runs with --set (e.g. --set train.epochs=1)"
+        )
     return RealData(folders, teachers, tuple(args.overrides))
 
 
@@ -183,11 +209,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ValueError, AssertionError):
         raise ConfigError(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 0/2") from None
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    rows = run_sweep(args.config, args.grid, seeds, args.out, shard=(index, count), overrides=args.overrides,
-                     plot_metric=args.plot_metric, rerun=args.rerun)
+    rows = run_sweep(
+        args.config,
+        args.grid,
+        seeds,
+        args.out,
+        shard=(index, count),
+        overrides=args.overrides,
+        plot_metric=args.plot_metric,
+        rerun=args.rerun,
+    )
     done = sum(r["status"] == "done" for r in rows)
-    print(f"{done}/{len(rows)} runs finished; wrote {args.out / 'sweep.csv'}, sweep.md"
-          + (", sweep.png" if done else ""))
+    print(
+        f"{done}/{len(rows)} runs finished; wrote {args.out / 'sweep.csv'}, sweep.md" + (", sweep.png" if done else "")
+    )
     print((args.out / "sweep.md").read_text())
     return 0
 
@@ -201,8 +236,11 @@ class _Parser(argparse.ArgumentParser):
             choices = [str(c) for a in self._actions if a.choices for c in a.choices]
             hint = difflib.get_close_matches(bad.group(1), choices, n=1)
             what = "command" if message.startswith("argument command") else "choice"
-            message = f"unknown {what} {bad.group(1)!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") \
+            message = (
+                f"unknown {what} {bad.group(1)!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
                 + f" (known: {', '.join(choices)})"
+            )
         else:
             message += f" (see {self.prog} --help)"
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -214,8 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list registered explainers, similarities, metrics, models and datasets")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--kind", choices=["explainer", "similarity", "metric", "model", "dataset"],
-                   help="list only the items of this kind")
+    p.add_argument(
+        "--kind",
+        choices=["explainer", "similarity", "metric", "model", "dataset"],
+        help="list only the items of this kind",
+    )
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("train-teacher", help="train config.model with cross-entropy")
@@ -228,29 +269,56 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rerun(p)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("precompute", help="run the teacher once over the training set and cache its logits and "
-                       "explanations (for distill.teacher_mode: frozen); resumes after a kill")
+    p = sub.add_parser(
+        "precompute",
+        help="run the teacher once over the training set and cache its logits and "
+        "explanations (for distill.teacher_mode: frozen); resumes after a kill",
+    )
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild a cache that was made for another setting")
     p.set_defaults(func=cmd_precompute)
 
-    p = sub.add_parser("evaluate", help="evaluate finished runs: metrics.json, report.md, explanation grid, "
-                       "shift curve")
-    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
-                   help="finished run directories (several: one report comparing them)")
+    p = sub.add_parser(
+        "evaluate", help="evaluate finished runs: metrics.json, report.md, explanation grid, shift curve"
+    )
+    p.add_argument(
+        "run_dirs",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="finished run directories (several: one report comparing them)",
+    )
     p.add_argument("--out", type=Path, help="report directory (default: the run itself, or e2kd_report for several)")
-    p.add_argument("--metrics", help="comma-separated metric names replacing the config's eval.metrics, "
-                   "e.g. accuracy,agreement,epg,explanation_iou,group_accuracy,shift_equivariance")
+    p.add_argument(
+        "--metrics",
+        help="comma-separated metric names replacing the config's eval.metrics, "
+        "e.g. accuracy,agreement,epg,explanation_iou,group_accuracy,shift_equivariance",
+    )
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sweep", help="run the cross product of --grid values x --seeds; resumable; writes "
-                       "sweep.csv, sweep.md (mean ± std) and sweep.png")
+    p = sub.add_parser(
+        "sweep",
+        help="run the cross product of --grid values x --seeds; resumable; writes "
+        "sweep.csv, sweep.md (mean ± std) and sweep.png",
+    )
     p.add_argument("config", type=Path, help="base experiment YAML file")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
-                   help="a swept key and its values (repeatable), e.g. --grid distill.similarity=cosine,pearson")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        required=True,
+        help="a swept key and its values (repeatable), e.g. --grid distill.similarity=cosine,pearson",
+    )
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config value for every run (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config value for every run (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
     p.add_argument("--shard", default="0/1", help="run only runs i, i+N, ... (I/N), to split a sweep over processes")
     p.add_argument("--plot-metric", help="SPLIT/METRIC for sweep.png (default: test_ood/accuracy)")
@@ -259,26 +327,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="KD vs e2KD on built-in synthetic data (about 2 minutes on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2; the table shows mean ± std)")
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2; the table shows mean ± std)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds, numbers meaningless)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("reproduce", help="each of the paper's claims (a miniature, or full size on your data), KD vs "
-                                         "e2KD over seeds, with computed verdicts (reproduce.md)")
+    p = sub.add_parser(
+        "reproduce",
+        help="each of the paper's claims (a miniature, or full size on your data), KD vs "
+        "e2KD over seeds, with computed verdicts (reproduce.md)",
+    )
     p.add_argument("--out", type=Path, default=Path("reproduce_out"), help="output directory (default: reproduce_out)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2)")
-    p.add_argument("--claims", help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos (default: all)")
+    p.add_argument(
+        "--claims",
+        help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos (default: all)",
+    )
     p.add_argument("--quick", action="store_true", help="small data and few epochs: a smoke run (minutes)")
-    real = p.add_argument_group("full size on real data", "the claims on a given folder run with the paper's settings "
-                                "(e2kd/configs) instead of the miniature")
-    real.add_argument("--imagenet", type=Path, metavar="DIR", help="ImageNet root (train/, val/): few_data, frozen, cnn_to_vit")
+    real = p.add_argument_group(
+        "full size on real data",
+        "the claims on a given folder run with the paper's settings (e2kd/configs) instead of the miniature",
+    )
+    real.add_argument(
+        "--imagenet", type=Path, metavar="DIR", help="ImageNet root (train/, val/): few_data, frozen, cnn_to_vit"
+    )
     real.add_argument("--waterbirds", type=Path, metavar="DIR", help="Waterbirds root (metadata.csv): spurious")
     real.add_argument("--voc", type=Path, metavar="DIR", help="VOC root (VOCdevkit/VOC2007): voc")
-    real.add_argument("--teacher", dest="teachers", action="append", default=[], metavar="CLAIM=FILE",
-                      help="teacher checkpoint of a claim: few_data (also frozen), spurious, cnn_to_vit, voc (voc "
-                           "trains the guided teacher when none is given); repeatable")
-    real.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a value in every full-size run, e.g. --set train.batch_size=128 (repeatable)")
+    real.add_argument(
+        "--teacher",
+        dest="teachers",
+        action="append",
+        default=[],
+        metavar="CLAIM=FILE",
+        help="teacher checkpoint of a claim: few_data (also frozen), spurious, cnn_to_vit, voc (voc "
+        "trains the guided teacher when none is given); repeatable",
+    )
+    real.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value in every full-size run, e.g. --set train.batch_size=128 (repeatable)",
+    )
     p.set_defaults(func=cmd_reproduce)
     return parser
 

@@ -6,8 +6,6 @@ Plugins are named by string; their options are validated by the plugin's own
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -79,25 +77,36 @@ class DistillConfig(StrictModel):
     explainer: PluginRef = PluginRef(name="gradcam")
     similarity: PluginRef = PluginRef(name="cosine")
     teacher_mode: Literal["live", "frozen"] = Field(
-        "live", description="frozen: replay teacher logits and maps precomputed once per training image")
+        "live", description="frozen: replay teacher logits and maps precomputed once per training image"
+    )
     cache_dir: Path | None = Field(
-        None, description="frozen-teacher cache (default: next to the teacher checkpoint, named by fingerprint)")
+        None, description="frozen-teacher cache (default: next to the teacher checkpoint, named by fingerprint)"
+    )
     kd: Literal["auto", "softmax", "binary"] = Field(
-        "auto", description="KD term: softmax KL, or per-class binary KL on sigmoids (auto: from the dataset's labels)")
+        "auto", description="KD term: softmax KL, or per-class binary KL on sigmoids (auto: from the dataset's labels)"
+    )
     cache_dtype: Literal["float16", "float32"] = "float16"
     shard_size: int = Field(512, ge=1, description="samples per cache shard")
     explain_classes: Literal["auto", "top1", "label", "topk", "all", "positive"] = Field(
-        "auto", description="classes whose explanations are matched (loss averaged over them); auto: top1 for "
-                            "single-label data (the paper), positive (teacher logit > 0) for multi-label data")
+        "auto",
+        description="classes whose explanations are matched (loss averaged over them); auto: top1 for "
+        "single-label data (the paper), positive (teacher logit > 0) for multi-label data",
+    )
     top_k: int = Field(2, ge=1, description="k for explain_classes: topk")
-    explain_every: int = Field(1, ge=1, description="compute the explanation term on every K-th step only "
-                                                    "(plain KD in between; the paper's code: 16 for ResNets, 4 for ViTs)")
+    explain_every: int = Field(
+        1,
+        ge=1,
+        description="compute the explanation term on every K-th step only "
+        "(plain KD in between; the paper's code: 16 for ResNets, 4 for ViTs)",
+    )
     feature_resolution: bool = Field(
-        True, description="compare bilinearly upsampled maps at the explainer's feature resolution when the explainer "
-                          "and the similarity support it (the same value, computed exactly; false: form the upsampled maps)")
+        True,
+        description="compare bilinearly upsampled maps at the explainer's feature resolution when the explainer "
+        "and the similarity support it (the same value, computed exactly; false: form the upsampled maps)",
+    )
 
     @model_validator(mode="after")
-    def _frozen_is_top1(self) -> "DistillConfig":
+    def _frozen_is_top1(self) -> DistillConfig:
         if self.teacher_mode == "frozen" and self.explain_classes not in ("auto", "top1"):
             raise ValueError("a frozen teacher caches top-1 maps only: use explain_classes: top1 or teacher_mode: live")
         return self
@@ -111,13 +120,19 @@ class DistillConfig(StrictModel):
 class GuidanceConfig(StrictModel):
     """Model guidance of a teacher (Rao et al., ICCV 2023; see e2kd.guidance)."""
 
-    loss: Literal["energy", "l1"] = Field("energy", description="energy: 1 - share of positive attribution inside "
-                                                                "the boxes; l1: normalised attribution outside them")
+    loss: Literal["energy", "l1"] = Field(
+        "energy",
+        description="energy: 1 - share of positive attribution inside "
+        "the boxes; l1: normalised attribution outside them",
+    )
     weight: float = Field(1.0, gt=0, description="weight of the guidance term beside the classification loss")
-    explainer: PluginRef = Field(PluginRef(name="gradcam"), description="a differentiable explainer giving "
-                                                                       "one-channel maps (bcos: contribution: true)")
-    annotated_fraction: float = Field(1.0, gt=0, le=1, description="share of training images whose masks are used "
-                                                                   "(a seeded subset)")
+    explainer: PluginRef = Field(
+        PluginRef(name="gradcam"),
+        description="a differentiable explainer giving one-channel maps (bcos: contribution: true)",
+    )
+    annotated_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of training images whose masks are used (a seeded subset)"
+    )
 
 
 class TrainConfig(StrictModel):
@@ -129,28 +144,43 @@ class TrainConfig(StrictModel):
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0, description="linear learning-rate warm-up before the schedule (the paper: 5)")
     augment: Literal["auto", "none", "flip", "flip_crop", "resized_crop_flip"] = Field(
-        "auto", description="training geometry (auto: the dataset's default; see docs/datasets.md)")
-    color_jitter: float = Field(0.0, ge=0, description="photometric jitter strength (image only, never the teacher map)")
+        "auto", description="training geometry (auto: the dataset's default; see docs/datasets.md)"
+    )
+    color_jitter: float = Field(
+        0.0, ge=0, description="photometric jitter strength (image only, never the teacher map)"
+    )
     device: str = Field("auto", description="cpu, cuda, cuda:N, ... (auto: CUDA when available)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast precision of the forward and explanations; losses in float32; fp16 adds loss scaling")
-    channels_last: bool | None = Field(None, description="channels-last memory format for models and batches "
-                                                         "(default: on for CUDA)")
-    checkpoint_every: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps "
-                                                                 "(default: at the end of each epoch)")
+        "fp32",
+        description="autocast precision of the forward and explanations; losses in float32; fp16 adds loss scaling",
+    )
+    channels_last: bool | None = Field(
+        None, description="channels-last memory format for models and batches (default: on for CUDA)"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="save a resumable checkpoint every N steps (default: at the end of each epoch)"
+    )
     progress: bool = True
-    guidance: GuidanceConfig | None = Field(None, description="guide the explanations of a model trained by "
-                                                              "train-teacher towards the dataset's boxes or masks")
-    mixup: float | None = Field(None, gt=0, description="mixup alpha: each step trains on lam*x + (1-lam)*x[perm], "
-                                                        "lam ~ Beta(alpha, alpha); distilling, the teacher sees the same "
-                                                        "mixed image (the paper: Waterbirds)")
+    guidance: GuidanceConfig | None = Field(
+        None,
+        description="guide the explanations of a model trained by train-teacher towards the dataset's boxes or masks",
+    )
+    mixup: float | None = Field(
+        None,
+        gt=0,
+        description="mixup alpha: each step trains on lam*x + (1-lam)*x[perm], "
+        "lam ~ Beta(alpha, alpha); distilling, the teacher sees the same "
+        "mixed image (the paper: Waterbirds)",
+    )
 
 
 class EvalConfig(StrictModel):
     metrics: list[PluginRef] = Field(
         default_factory=lambda: [PluginRef(name=n) for n in ("accuracy", "agreement", "explanation_similarity")]
     )
-    explainer: PluginRef | None = Field(None, description="explainer for explanation metrics (default: distill.explainer)")
+    explainer: PluginRef | None = Field(
+        None, description="explainer for explanation metrics (default: distill.explainer)"
+    )
     splits: list[str] | None = Field(None, description="splits to evaluate (default: the dataset's evaluation splits)")
 
 
@@ -173,13 +203,16 @@ class ExperimentConfig(StrictModel):
     @field_validator("out_dir")
     @classmethod
     def _resolve(cls, value: Path) -> Path:
-        return _absolute(value)
+        return _absolute(value)  # type: ignore[return-value]
 
     def plugin_refs(self) -> list[tuple[str, str, PluginRef]]:
         """(field path, kind, ref) of every plugin the config names."""
-        refs = [("data", "dataset", self.data), ("model", "model", self.model),
-                ("distill.explainer", "explainer", self.distill.explainer),
-                ("distill.similarity", "similarity", self.distill.similarity)]
+        refs = [
+            ("data", "dataset", self.data),
+            ("model", "model", self.model),
+            ("distill.explainer", "explainer", self.distill.explainer),
+            ("distill.similarity", "similarity", self.distill.similarity),
+        ]
         if self.teacher is not None:
             refs.append(("teacher", "model", self.teacher))
         if self.eval.explainer is not None:
@@ -208,20 +241,28 @@ def validate_plugins(config: ExperimentConfig, source: str = "config") -> None:
                 raise ConfigError(f"{source}: {path}.options: {exc}") from None
     g = config.train.guidance
     if g is not None and not registry().info("explainer", g.explainer.name).capabilities["differentiable"]:
-        raise ConfigError(f"{source}: train.guidance.explainer: explainer {g.explainer.name!r} is not differentiable and "
-                          f"cannot guide a model (pick a differentiable one, e.g. gradcam or bcos)")
+        raise ConfigError(
+            f"{source}: train.guidance.explainer: explainer {g.explainer.name!r} is not differentiable and "
+            f"cannot guide a model (pick a differentiable one, e.g. gradcam or bcos)"
+        )
     d = config.distill
     if config.teacher is not None and d.lam > 0:
         for field, kind, ref in (("explainer", "explainer", d.explainer), ("similarity", "similarity", d.similarity)):
             if not registry().info(kind, ref.name).capabilities["differentiable"]:
-                raise ConfigError(f"{source}: distill.{field}: {kind} {ref.name!r} is not differentiable and cannot "
-                                  f"train a student (use it for evaluation, pick a differentiable one, or set distill.lam: 0)")
+                raise ConfigError(
+                    f"{source}: distill.{field}: {kind} {ref.name!r} is not differentiable and cannot "
+                    f"train a student (use it for evaluation, pick a differentiable one, or set distill.lam: 0)"
+                )
 
 
 def _resolve_path_options(ref: PluginRef, options: BaseModel) -> None:
     """Make every path-typed plugin option given in ``ref`` absolute (e.g. a dataset's ``root``)."""
     for key, field in type(options).model_fields.items():
-        if key in ref.options and ref.options[key] is not None and Path in (field.annotation, *get_args(field.annotation)):
+        if (
+            key in ref.options
+            and ref.options[key] is not None
+            and Path in (field.annotation, *get_args(field.annotation))
+        ):
             ref.options[key] = str(_absolute(Path(ref.options[key])))
 
 
@@ -260,7 +301,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config_dict(data: dict[str, Any], *, source: str = "config", overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config_dict(
+    data: dict[str, Any], *, source: str = "config", overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Validate a config given as a dict, then apply ``--set`` style overrides over the resolved values."""
     config = _validate(data or {}, source)
     if overrides:
@@ -330,33 +373,15 @@ def _known_keys(exc: ValidationError) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        candidates = [
+            a
+            for a in getattr(annotation, "__args__", (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not candidates:
             return []
         model = candidates[0]
     return list(model.model_fields)
-
-
-#: Fields that do not change what a run computes (the device and memory format only its floating-point
-#: rounding); a run directory is matched without them, so a run started on a CPU may resume on a GPU.
-VOLATILE_FIELDS = (("out_dir",), ("train", "progress"), ("train", "checkpoint_every"), ("train", "device"),
-                   ("train", "channels_last"), ("data", "num_workers"))
-
-
-def run_identity(config: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config without :data:`VOLATILE_FIELDS`: what a run directory is matched by."""
-    data = config.model_dump(mode="json")
-    for keys in VOLATILE_FIELDS:
-        node = data
-        for key in keys[:-1]:
-            node = node.get(key, {})
-        node.pop(keys[-1], None)
-    return data
-
-
-def identity_digest(config: ExperimentConfig) -> str:
-    """SHA-256 of :func:`run_identity`."""
-    return hashlib.sha256(json.dumps(run_identity(config), sort_keys=True).encode()).hexdigest()
 
 
 def stored_config(path: Path) -> ExperimentConfig | None:
@@ -366,27 +391,3 @@ def stored_config(path: Path) -> ExperimentConfig | None:
         return _validate(yaml.safe_load(path.read_text()) or {}, str(path))
     except (ConfigError, yaml.YAMLError):
         return None
-
-
-def describe_difference(stored: dict[str, Any], current: dict[str, Any], prefix: str = "", *,
-                        where: str = "in the cache") -> list[str]:
-    """Human-readable list of what differs between two nested dicts."""
-    changes = []
-    for key in sorted(set(stored) | set(current)):
-        a, b = stored.get(key), current.get(key)
-        if a == b:
-            continue
-        path = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += describe_difference(a, b, f"{path}.", where=where)
-        elif key == "weights_sha256":
-            changes.append(f"{prefix}weights (sha256 {str(a)[:10]}… {where}, {str(b)[:10]}… now)")
-        elif _is_digest(a) and _is_digest(b):
-            changes.append(f"{path} (sha256 {a[:10]}… {where}, {b[:10]}… now)")
-        else:
-            changes.append(f"{path} ({a!r} {where}, {b!r} now)")
-    return changes
-
-
-def _is_digest(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)

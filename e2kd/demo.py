@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .config import load_config_dict
 from .experiment import distill, train_teacher
-from .runs import load_run
 from .registry import create
 from .report import explanation_figure, sample_images
-from .runs import atomic_write_json, atomic_write_text
+from .runs import load_run
+from .storage import atomic_write_json, atomic_write_text
 
 TEACHER_WIDTHS = [24, 48, 96]
 STUDENT_WIDTHS = [16, 32, 64]
@@ -37,8 +38,11 @@ def demo_configs(out: Path, seed: int, quick: bool = False) -> dict[str, dict[st
     test = {"num_classes": classes, "image_size": size, "test_per_class": max(8, int(100 * scale))}
     teacher = {
         "seed": 0,
-        "data": {"name": "synthetic", "options": {**test, "train_per_class": max(8, int(200 * scale)), "bias": 0.0},
-                 "seed": 0},
+        "data": {
+            "name": "synthetic",
+            "options": {**test, "train_per_class": max(8, int(200 * scale)), "bias": 0.0},
+            "seed": 0,
+        },
         "model": {"name": "small_resnet", "options": {"widths": TEACHER_WIDTHS}},
         "train": {"epochs": 1 if quick else 6, "batch_size": 64, "lr": 3e-3},
         "eval": {"metrics": ["accuracy"]},
@@ -51,8 +55,13 @@ def demo_configs(out: Path, seed: int, quick: bool = False) -> dict[str, dict[st
             "data": {"name": "synthetic", "options": {**test, "train_per_class": 16, "bias": 0.95}, "seed": seed},
             "model": {"name": "small_resnet", "options": {"widths": STUDENT_WIDTHS}},
             "teacher": {**teacher["model"], "checkpoint": str(out / "teacher" / "model.pt")},
-            "distill": {"lam": lam, "temperature": 1.0, "explainer": "gradcam", "similarity": "cosine",
-                        "teacher_mode": mode},
+            "distill": {
+                "lam": lam,
+                "temperature": 1.0,
+                "explainer": "gradcam",
+                "similarity": "cosine",
+                "teacher_mode": mode,
+            },
             "train": {"epochs": 2 if quick else 60, "batch_size": 32, "lr": 3e-3},
             "out_dir": str(out / f"{variant.lower().replace(' ', '_')}_seed{seed}"),
         }
@@ -88,14 +97,18 @@ def summary_table(rows: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path = "demo_out", seeds: Sequence[int] = (0, 1, 2), *, quick: bool = False, log=print) -> dict[str, Any]:
+def run_demo(
+    out_dir: str | Path = "demo_out", seeds: Sequence[int] = (0, 1, 2), *, quick: bool = False, log=print
+) -> dict[str, Any]:
     """Train the teacher, distill KD and e2KD students, evaluate, write results and a figure."""
     out = Path(out_dir)
     start = time.time()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     configs = {seed: demo_configs(out, seed, quick) for seed in seeds}
     first = configs[seeds[0]]
-    log(f"[e2kd demo] training the teacher on unbiased data ({first['teacher']['data']['options']['train_per_class']} images/class) ...")
+    log(
+        f"[e2kd demo] training the teacher on unbiased data ({first['teacher']['data']['options']['train_per_class']} images/class) ..."
+    )
     teacher_cfg = load_config_dict(first["teacher"], source="demo teacher")
     teacher_results = train_teacher(teacher_cfg)
     rows: dict[str, list[dict[str, Any]]] = {"teacher": [teacher_results]}
@@ -125,8 +138,10 @@ def run_demo(out_dir: str | Path = "demo_out", seeds: Sequence[int] = (0, 1, 2),
         d_sim = _mean(e2, "test_ood", "explanation_similarity") - _mean(kd, "test_ood", "explanation_similarity")
         d_ood = _mean(e2, "test_ood", "accuracy") - _mean(kd, "test_ood", "accuracy")
         d_agree = _mean(e2, "test_id", "agreement") - _mean(kd, "test_id", "agreement")
-        log(f"{variant} - KD: OOD explanation similarity {100 * d_sim:+.1f}, OOD accuracy {100 * d_ood:+.1f}, "
-            f"ID agreement {100 * d_agree:+.1f} points")
+        log(
+            f"{variant} - KD: OOD explanation similarity {100 * d_sim:+.1f}, OOD accuracy {100 * d_ood:+.1f}, "
+            f"ID agreement {100 * d_agree:+.1f} points"
+        )
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and {figure} in {results['seconds']:.0f} s")
     return results
 
@@ -142,7 +157,12 @@ def _figure(out: Path, configs: dict[str, dict[str, Any]], seed: int) -> Path:
     models = {"teacher": kd.teacher, **{variant: run.model for variant, run in runs.items()}}
     images, labels = sample_images(kd.split("test_ood"))
     return explanation_figure(
-        models, images, labels, create("explainer", "gradcam"), out / "explanations.png", reference="teacher",
+        models,
+        images,
+        labels,
+        create("explainer", "gradcam"),
+        out / "explanations.png",
+        reference="teacher",
         class_names=kd.class_names,
         title=f"Grad-CAM for the teacher's class on out-of-distribution images (seed {seed}); red = wrong",
     )

@@ -10,15 +10,17 @@ classes are those the teacher predicts positive (the loss averages over (image, 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .api import Explainer, Similarity
-from .errors import PluginError
-
+from .errors import ModelError
+from .explaining import check_gradient_path, check_trainable, explain_checked, explained_forward
+from .labels import label_loss, label_sets, padded_sets
+from .runtime import at_least_fp32
 
 #: Which classes' explanations are matched: the teacher's top-1 (the paper), the label (every
 #: present class for multi-hot labels), the teacher's top-k, every class, or the classes the
@@ -37,7 +39,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
-def binary_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def binary_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """T^2 * sum over classes of KL(t || s) + KL(1 - t || 1 - s), t, s = sigmoid(z / T) clamped to
     [1e-6, 1 - 1e-6]; averaged over the batch (multi-label KD)."""
     t = temperature
@@ -45,27 +49,6 @@ def binary_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
     q = torch.sigmoid(student_logits / t).clamp(BINARY_CLAMP, 1 - BINARY_CLAMP)
     kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
     return kl.sum(1).mean() * (t * t)
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors (autocast outputs) as float32; float32/float64 unchanged."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def padded_sets(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, K) bool membership -> (B, k) class indices and (B, k) float weights, k = the largest set;
-    each row lists its members first (ascending), padded with weight-0 entries."""
-    k = max(1, int(member.sum(1).max()))
-    order = torch.sort(member.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
-    return order, member.gather(1, order).to(torch.float32)
-
-
-def label_sets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, k) present label classes and (B, k) float weights: the label itself for class indices,
-    every present class (padded with weight-0 entries) for multi-hot labels."""
-    if labels.dim() == 2:
-        return padded_sets(labels > 0.5)
-    return labels.view(-1, 1), torch.ones(labels.shape[0], 1, device=labels.device)
 
 
 class Distiller:
@@ -124,12 +107,16 @@ class Distiller:
         self.student_forward = student_forward or student
         if self.lam > 0:
             check_trainable(explainer, similarity)
-            for model in (teacher, student):
+            for role, model in (("teacher", teacher), ("student", student)):
                 if model is not None:
-                    explainer.check_model(model)
+                    try:
+                        explainer.check_model(model)
+                    except ModelError as exc:
+                        raise ModelError(f"the {role} does not fit: {exc}") from None
         #: Maps are compared at the explainer's feature resolution (see ``feature_resolution``).
-        self.at_feature_resolution = (self.lam > 0 and feature_resolution and explainer.upsamples_bilinearly()
-                                      and similarity.feature_resolution)
+        self.at_feature_resolution = (
+            self.lam > 0 and feature_resolution and explainer.upsamples_bilinearly() and similarity.feature_resolution
+        )
         #: Whether the explanation term was checked to reach the student's parameters (first explaining call).
         self.graph_checked = False
 
@@ -173,8 +160,13 @@ class Distiller:
                 return targets
 
             teacher_logits, teacher_maps, targets = explained_forward(
-                self.teacher, images, self.explainer if explains else None, choose if explains else None,
-                upsample=not self.at_feature_resolution, role="teacher")
+                self.teacher,
+                images,
+                self.explainer if explains else None,
+                choose if explains else None,
+                upsample=not self.at_feature_resolution,
+                role="teacher",
+            )
             weights = chosen.get("weights")
         s_ctx = self.explainer.capture(self.student, images, trainable=True) if explains else contextlib.nullcontext()
         with s_ctx as s_cap:
@@ -183,23 +175,39 @@ class Distiller:
         if explains:
             upsample = not self.at_feature_resolution
             size = None if upsample else tuple(images.shape[-2:])
-            student_maps = [explain_checked(self.explainer, s_cap, student_logits, targets[:, j], images, role="student",
-                                            create_graph=True, upsample=upsample)
-                            for j in range(targets.shape[1])]
-            per_class = torch.stack([
-                self.similarity.loss(at_least_fp32(m), at_least_fp32(teacher_maps[:, j].detach()), size)
-                for j, m in enumerate(student_maps)
-            ], dim=1)
+            student_maps = [
+                explain_checked(
+                    self.explainer,
+                    s_cap,
+                    student_logits,
+                    targets[:, j],
+                    images,
+                    role="student",
+                    create_graph=True,
+                    upsample=upsample,
+                )
+                for j in range(targets.shape[1])
+            ]
+            per_class = torch.stack(
+                [
+                    self.similarity.loss(at_least_fp32(m), at_least_fp32(teacher_maps[:, j].detach()), size)
+                    for j, m in enumerate(student_maps)
+                ],
+                dim=1,
+            )
             explanation = per_class.mean() if weights is None else (per_class * weights).sum() / weights.sum()
             if not self.graph_checked:
-                check_gradient_path(self.explainer, student_maps[0], self.student, term=explanation,
-                                    similarity=self.similarity)
+                check_gradient_path(
+                    self.explainer, student_maps[0], self.student, term=explanation, similarity=self.similarity
+                )
                 self.graph_checked = True
             out["explanation"] = explanation
             out["loss"] = out["loss"] + self.lam * explanation
         return out
 
-    def targets(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def targets(
+        self, teacher_logits: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, k) classes whose explanations are matched (default: the teacher's top-1), and (B, k)
         weights of the (image, class) pairs where rows have sets of different sizes (else None)."""
         mode = self.explain_classes
@@ -215,14 +223,18 @@ class Distiller:
             member = teacher_logits > 0
             member[torch.arange(len(member), device=member.device), teacher_logits.argmax(1)] = True
             return padded_sets(member)
-        return torch.arange(teacher_logits.shape[1], device=teacher_logits.device).expand(teacher_logits.shape[0], -1), None
+        return torch.arange(teacher_logits.shape[1], device=teacher_logits.device).expand(
+            teacher_logits.shape[0], -1
+        ), None
 
     def losses(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """The logit terms (KD and optional CE), in float32; the explanation term is added by the caller."""
         logits = at_least_fp32(student_logits)
-        kd = (binary_kd_loss if self.kd == "binary" else kd_loss)(logits, at_least_fp32(teacher_logits), self.temperature)
+        kd = (binary_kd_loss if self.kd == "binary" else kd_loss)(
+            logits, at_least_fp32(teacher_logits), self.temperature
+        )
         zero = kd.new_zeros(())
         ce = zero
         if self.ce_weight > 0:
@@ -237,128 +249,3 @@ class Distiller:
             "student_logits": student_logits.detach(),
             "teacher_logits": teacher_logits,
         }
-
-
-def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for class indices; binary cross-entropy (mean over classes) for multi-hot labels."""
-    if labels.dim() == 2:
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    return F.cross_entropy(logits, labels)
-
-
-Targets = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
-
-
-def explained_forward(
-    model: nn.Module, images: torch.Tensor, explainer: Explainer | None, targets: Targets = None,
-    *, upsample: bool = True, role: str = "model",
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Run a frozen ``model`` (eval mode) once and explain it: logits, detached maps, explained classes.
-
-    ``targets`` is a (B, k) tensor of classes, a function of the logits returning one, or None
-    for the model's own top-1. Maps are (B, k, C, H, W), or None without an explainer
-    (``upsample=False``: before the explainer's final bilinear upsampling); their shape is checked
-    against the explainer's declaration (``role`` names the model in the error). This is the one
-    place that runs a teacher (or an evaluated model) and explains its classes.
-    """
-    if model.training:  # (eval() walks every module: a cost per step when already in eval mode)
-        model.eval()
-    if explainer is None:
-        with torch.no_grad():
-            logits = model(images)
-        return logits, None, logits.argmax(dim=1, keepdim=True)
-    with torch.enable_grad():
-        with explainer.capture(model, images, trainable=False) as cap:
-            logits = model(cap.inputs)
-        if targets is None:
-            targets = logits.argmax(dim=1, keepdim=True)
-        elif callable(targets):
-            targets = targets(logits.detach())
-        maps = torch.stack([explain_checked(explainer, cap, logits, targets[:, j], images, role=role,
-                                            upsample=upsample).detach()
-                            for j in range(targets.shape[1])], dim=1)
-    return logits.detach(), maps, targets
-
-
-def check_map_shape(explainer: Explainer, maps: torch.Tensor, images: torch.Tensor, *, role: str = "model",
-                    upsample: bool = True) -> None:
-    """One-line PluginError when ``maps`` break the explainer's declaration: (B, C, H, W) with C its
-    :meth:`~e2kd.api.Explainer.map_channels` and (H, W) the input's (``upsample=False``, or an
-    explainer not :meth:`~e2kd.api.Explainer.at_input_resolution`: at most that)."""
-    b, c, h, w = images.shape
-    channels = explainer.map_channels(c)
-    upsample = upsample and explainer.at_input_resolution()
-    got = tuple(maps.shape)
-    if maps.dim() != 4 or got[0] != b or got[1] != channels:
-        problem = "not 4-D" if maps.dim() != 4 else ("another batch size" if got[0] != b else
-                                                     f"{got[1]} channels where the explainer declares {channels}")
-    elif upsample and got[2:] != (h, w):
-        problem = f"{got[2]} x {got[3]} where the input is {h} x {w} (upsample the map to the input)"
-    elif not upsample and (got[2] > h or got[3] > w):
-        problem = f"{got[2]} x {got[3]}, larger than the {h} x {w} input"
-    else:
-        return
-    want = f"({b}, {channels}, {h}, {w})" if upsample else f"({b}, {channels}, <= {h}, <= {w})"
-    raise PluginError(f"explainer {explainer.name!r} returned {role} maps of shape {got}, expected {want}: {problem}; "
-                      f"maps are (B, C, H, W) at input resolution with C = map_channels() (docs/plugins.md)")
-
-
-def explain_checked(explainer: Explainer, cap, logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor, *,
-                    role: str = "model", create_graph: bool = False, upsample: bool = True) -> torch.Tensor:
-    """``cap.explain(...)`` whose map shape is checked (:func:`check_map_shape`); an explainer that
-    frees its graph after the first of several classes gets a one-line PluginError."""
-    low = {} if upsample else {"upsample": False}
-    try:
-        maps = cap.explain(logits, target, create_graph=create_graph, **low)
-    except RuntimeError as exc:
-        if "backward through the graph a second time" not in str(exc):
-            raise
-        raise PluginError(f"explainer {explainer.name!r} explains only one class per capture: its explain() frees the "
-                          f"graph, but several classes are explained on one forward (explain_classes other than "
-                          f"top1); keep the graph (torch.autograd.grad(..., retain_graph=True)) as the capture "
-                          f"contract in e2kd.api.Capture says, or use explain_classes: top1") from None
-    check_map_shape(explainer, maps, images, role=role, upsample=upsample)
-    return maps
-
-
-def reaches(tensor: torch.Tensor, params: list[torch.Tensor]) -> bool:
-    """Whether ``tensor``'s autograd graph leads to any of ``params`` (a walk over the graph, no backward)."""
-    wanted = {id(p) for p in params if p.requires_grad}
-    stack, seen = [tensor.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if id(getattr(node, "variable", None)) in wanted:
-            return True
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
-def check_gradient_path(explainer: Explainer, trained_map: torch.Tensor, model: nn.Module, *,
-                        term: torch.Tensor | None = None, similarity: Similarity | None = None, role: str = "student",
-                        consequence: str = "distill.lam > 0 would train plain KD", fix: str = "set distill.lam: 0") -> None:
-    """One-line PluginError unless the map (and the ``term`` built from it with ``similarity``) has
-    a gradient path to ``model``'s parameters: a detached map or similarity trains nothing, silently."""
-    params = list(model.parameters())
-    if not reaches(trained_map, params):
-        raise PluginError(f"explainer {explainer.name!r} returned a {role} map with no gradient path to the {role}'s "
-                          f"parameters under create_graph=True, so {consequence}; build the map from the captured "
-                          f"forward without .detach() or torch.no_grad() (e2kd.testing.check_explainer shows where), "
-                          f"or {fix}")
-    if term is not None and similarity is not None and not reaches(term, params):
-        raise PluginError(f"similarity {similarity.name!r} cuts the gradient: its loss of a trainable student map has "
-                          f"no gradient path to the student's parameters, so distill.lam > 0 would train plain KD; "
-                          f"compute it with differentiable torch operations (no .detach(), .item() or numpy), or "
-                          f"declare differentiable = False")
-
-
-def check_trainable(explainer: Explainer | None, similarity: Similarity | None) -> None:
-    """Refuse, before training starts, plugins that cannot carry an e2KD gradient."""
-    if explainer is None or similarity is None:
-        raise PluginError("distill.lam > 0 needs both distill.explainer and distill.similarity")
-    if not explainer.differentiable:
-        raise PluginError(f"explainer {explainer.name!r} is not differentiable and cannot train a student (use it for evaluation, or set distill.lam: 0)")
-    if not similarity.differentiable:
-        raise PluginError(f"similarity {similarity.name!r} is not differentiable and cannot train a student (use it for evaluation, or pick a differentiable one)")

@@ -4,7 +4,8 @@ evaluation splits a config names."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,10 +14,14 @@ from torch.utils.data import Subset
 from .api import Dataset, EvalBatch, Explainer, Metric
 from .config import ExperimentConfig, PluginRef
 from .data import make_loader, split_view
-from .distill import explained_forward, label_sets
 from .errors import ConfigError
+from .explaining import explained_forward
+from .labels import label_sets
 from .registry import create
-from .runtime import Runtime, device_of
+from .runtime import Runtime, at_least_fp32, runtime_of
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 EVAL_BATCH_SIZE = 256
 
@@ -28,15 +33,19 @@ def evaluate(
     *,
     teacher: nn.Module | None = None,
     explainer: Explainer | None = None,
-    device: str | torch.device = "cpu",
+    runtime: Runtime | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Run ``metrics`` over ``batches``; returns (values, skipped metric -> reason).
 
     A metric whose requirements the data or setting cannot meet is skipped, not failed.
     Explanations are computed only when a metric needs them: the model and the teacher are
     each run once per batch, and one capture of the model explains both the teacher's top-1
-    class and the present label classes.
+    class and the present label classes. ``runtime`` gives the device and precision (the forwards
+    and explanations run under its autocast, as in training; logits and maps reach the metrics
+    in at least float32); default: one CPU process in float32.
     """
+    runtime = runtime or Runtime(torch.device("cpu"))
+    device = runtime.device
     was_training = model.training
     for metric in metrics.values():
         metric.reset()
@@ -52,25 +61,40 @@ def evaluate(
         t_logits = t_maps = None
         targets = []
         if teacher is not None:
-            t_logits, t_maps, t_top1 = explained_forward(teacher, images, explainer if pair_maps else None,
-                                                         role="teacher")
+            with runtime.autocast():
+                t_logits, t_maps, t_top1 = explained_forward(
+                    teacher, images, explainer if pair_maps else None, role="teacher"
+                )
+            t_logits, t_maps = _fp32(t_logits), _fp32(t_maps)
             if pair_maps:
                 targets.append(t_top1)
         if label_maps:
             label_targets, label_weights = label_sets(labels)
             targets.append(label_targets)
-        logits, maps, _ = explained_forward(model, images, explainer if targets else None,
-                                            torch.cat(targets, dim=1) if targets else None, role="evaluated model")
+        with runtime.autocast():
+            logits, maps, _ = explained_forward(
+                model,
+                images,
+                explainer if targets else None,
+                torch.cat(targets, dim=1) if targets else None,
+                role="evaluated model",
+            )
+        logits, maps = _fp32(logits), _fp32(maps)
         eval_batch = EvalBatch(
-            logits=logits, labels=labels, teacher_logits=t_logits,
-            explanations=maps[:, 0] if pair_maps else None, teacher_explanations=t_maps[:, 0] if pair_maps else None,
-            groups=_get(batch, "group", device), in_distribution=_get(batch, "in_distribution", device),
-            images=images, explain=_explain_fn(explainer, model),
+            logits=logits,
+            labels=labels,
+            teacher_logits=t_logits,
+            explanations=maps[:, 0] if pair_maps else None,
+            teacher_explanations=t_maps[:, 0] if pair_maps else None,
+            groups=_get(batch, "group", device),
+            in_distribution=_get(batch, "in_distribution", device),
+            images=images,
+            explain=_explain_fn(explainer, model),
         )
         if label_maps:
             rows, cols = torch.nonzero(label_weights > 0, as_tuple=True)
             classes = label_targets[rows, cols]
-            eval_batch.label_explanations = maps[:, int(pair_maps):][rows, cols]
+            eval_batch.label_explanations = maps[:, int(pair_maps) :][rows, cols]
             eval_batch.label_pairs = torch.stack([rows, classes], dim=1)
             masks = _get(batch, "mask", device)
             if masks is not None:
@@ -90,43 +114,50 @@ def evaluate(
     return {name: metric.compute() for name, metric in (active or {}).items()}, skipped
 
 
-def eval_explainer(config: ExperimentConfig) -> Explainer:
-    """The explainer evaluation uses: ``eval.explainer``, else ``distill.explainer``."""
-    ref = config.eval.explainer or config.distill.explainer
-    return create("explainer", ref.name, ref.options)
-
-
 def eval_splits(config: ExperimentConfig, dataset: Dataset) -> list[str]:
     """``eval.splits``, else the dataset's evaluation splits; an unknown split is a one-line error."""
     splits = config.eval.splits or list(dataset.eval_splits())
     unknown = [s for s in splits if s not in dataset.splits()]
     if unknown:
-        raise ConfigError(f"eval.splits: {dataset.name!r} has no split {unknown[0]!r} (known: {', '.join(dataset.splits())})")
+        raise ConfigError(
+            f"eval.splits: {dataset.name!r} has no split {unknown[0]!r} (known: {', '.join(dataset.splits())})"
+        )
     return splits
 
 
-def evaluate_model(config: ExperimentConfig, model: nn.Module, teacher: nn.Module | None, dataset: Dataset,
-                   metrics: list[PluginRef] | None = None, runtime: Runtime | None = None) -> dict[str, Any]:
-    """Every evaluation split through the eval view, with ``metrics`` (default ``eval.metrics``).
+def evaluate_model(
+    plan: Plan,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    metrics: list[PluginRef] | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Every evaluation split of ``plan`` through the eval view, with ``metrics`` (default
+    ``eval.metrics``), each built once and bound to the plan's similarity; the explanations are the
+    plan's evaluation explainer's.
 
     Under several processes each evaluates every ``world_size``-th sample and the metric states
     are merged (:meth:`e2kd.api.Metric.merge`); every process returns the same results.
     """
-    runtime = runtime or Runtime(device_of(config))
-    explainer = eval_explainer(config)
-    training_similarity = create("similarity", config.distill.similarity.name, config.distill.similarity.options)
+    config, dataset = plan.config, plan.dataset
+    runtime = runtime or runtime_of(config)
     refs = metrics or config.eval.metrics
-    results: dict[str, Any] = {"splits": {}, "skipped": {}, "higher_is_better": {}}
+    created = {key: create("metric", m.name, m.options) for key, m in zip(metric_keys(refs), refs)}
+    for metric in created.values():
+        metric.bind(similarity=plan.similarity)
+    results: dict[str, Any] = {
+        "splits": {},
+        "skipped": {},
+        "higher_is_better": {key: metric.higher_is_better for key, metric in created.items()},
+    }
     for split in eval_splits(config, dataset):
-        created = {key: create("metric", m.name, m.options) for key, m in zip(metric_keys(refs), refs)}
-        for metric in created.values():
-            metric.bind(similarity=training_similarity)
-        results["higher_is_better"] = {key: metric.higher_is_better for key, metric in created.items()}
         view = split_view(dataset, split, "eval")
         if runtime.distributed:
             view = Subset(view, range(runtime.rank, len(view), runtime.world_size))
         loader = make_loader(view, EVAL_BATCH_SIZE, num_workers=config.data.num_workers, device=runtime.device)
-        values, skipped = evaluate(model, loader, created, teacher=teacher, explainer=explainer, device=runtime.device)
+        values, skipped = evaluate(
+            model, loader, created, teacher=teacher, explainer=plan.eval_explainer, runtime=runtime
+        )
         if runtime.distributed:
             values, skipped = merge_across_processes(created, skipped, runtime)
         results["splits"][split] = values
@@ -140,14 +171,17 @@ def metric_keys(refs: list[PluginRef]) -> list[str]:
     names = [ref.name for ref in refs]
     keys = []
     for ref in refs:
-        options = ",".join(f"{k}={json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}"
-                           for k, v in sorted(ref.options.items()))
+        options = ",".join(
+            f"{k}={json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}"
+            for k, v in sorted(ref.options.items())
+        )
         keys.append(f"{ref.name}[{options}]" if names.count(ref.name) > 1 and options else ref.name)
     return keys
 
 
-def merge_across_processes(metrics: dict[str, Metric], skipped: dict[str, str],
-                           runtime: Runtime) -> tuple[dict[str, Any], dict[str, str]]:
+def merge_across_processes(
+    metrics: dict[str, Metric], skipped: dict[str, str], runtime: Runtime
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Merge every process's metric states; (values, skipped) as one process over all samples."""
     gathered: list[Any] = [None] * runtime.world_size
     torch.distributed.all_gather_object(gathered, ({n: m.state() for n, m in metrics.items()}, skipped))
@@ -158,6 +192,10 @@ def merge_across_processes(metrics: dict[str, Metric], skipped: dict[str, str],
             for name, metric in active.items():
                 metric.merge(states[name])
     return {name: metric.compute() for name, metric in active.items()}, skipped
+
+
+def _fp32(x: torch.Tensor | None) -> torch.Tensor | None:
+    return at_least_fp32(x) if x is not None else None
 
 
 def _explain_fn(explainer: Explainer | None, model: nn.Module):

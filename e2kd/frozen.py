@@ -15,8 +15,9 @@ import hashlib
 import io
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,14 +26,13 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .api import Explainer
-from .config import describe_difference
-from .data.augment import resize_map
 from .data import make_loader
+from .data.augment import resize_map
 from .digests import file_sha256
-from .distill import explained_forward
 from .errors import CacheError, StaleCacheError
-from .runs import atomic_write_bytes, atomic_write_json
-from .runtime import Runtime
+from .explaining import explained_forward
+from .runtime import Runtime, at_least_fp32
+from .storage import atomic_write_bytes, atomic_write_json, describe_difference
 
 CACHE_FORMAT = 1
 INDEX = "index.json"
@@ -50,15 +50,21 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def make_fingerprint(
-    teacher: nn.Module, teacher_ref: dict[str, Any], explainer: Explainer, dataset_identity: dict[str, Any], dtype: str
+    teacher: nn.Module,
+    teacher_ref: dict[str, Any],
+    explainer: Explainer,
+    dataset_identity: dict[str, Any],
+    dtype: str,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Everything the stored values depend on, component by component."""
+    """Everything the stored values depend on, component by component (``precision``: the autocast
+    precision the teacher ran at, the run's ``train.precision``)."""
     return {
         "format": CACHE_FORMAT,
         "teacher": {**teacher_ref, "weights_sha256": weights_digest(teacher)},
         "explainer": {"name": explainer.name, "options": explainer.options.model_dump(mode="json")},
         "dataset": dataset_identity,
-        "preprocessing": {"view": "whole un-augmented image", "storage_dtype": dtype},
+        "preprocessing": {"view": "whole un-augmented image", "storage_dtype": dtype, "precision": precision},
     }
 
 
@@ -140,10 +146,19 @@ def build_cache(
                 shutil.rmtree(root)
             index = None
         if index is None:
-            index = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "num_samples": n, "shard_size": shard_size,
-                     "dtype": dtype, "shards": {}, "complete": False}
+            index = {
+                "format": CACHE_FORMAT,
+                "fingerprint": fingerprint,
+                "num_samples": n,
+                "shard_size": shard_size,
+                "dtype": dtype,
+                "shards": {},
+                "complete": False,
+            }
         elif index["num_samples"] != n or index["shard_size"] != shard_size or index["dtype"] != dtype:
-            raise CacheError(f"{root}: cache layout differs (samples/shard size/dtype); delete it or use another cache_dir")
+            raise CacheError(
+                f"{root}: cache layout differs (samples/shard size/dtype); delete it or use another cache_dir"
+            )
         if runtime.is_main:
             root.mkdir(parents=True, exist_ok=True)
     index["shards"].update(_parts(root, fingerprint))
@@ -152,8 +167,13 @@ def build_cache(
     teacher = teacher.to(runtime.device).eval()
     mine = [s for s in range(num_shards) if s % runtime.world_size == runtime.rank]
     part = {"fingerprint": fingerprint, "shards": {}}
-    bar = tqdm(total=sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine), desc="precompute teacher",
-               unit="img", disable=not progress or not runtime.is_main, leave=False)
+    bar = tqdm(
+        total=sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine),
+        desc="precompute teacher",
+        unit="img",
+        disable=not progress or not runtime.is_main,
+        leave=False,
+    )
     for shard in mine:
         lo, hi = shard * shard_size, min(n, (shard + 1) * shard_size)
         entry = index["shards"].get(str(shard))
@@ -162,9 +182,10 @@ def build_cache(
             continue
         logits, maps = [], []
         for batch in _batches(images, lo, hi, batch_size, num_workers, runtime.device):
-            z, m, _ = explained_forward(teacher, batch.to(runtime.device), explainer)
-            logits.append(z.cpu())
-            maps.append(m[:, 0].cpu())
+            with runtime.autocast():  # the teacher a live distillation would see, at the run's precision
+                z, m, _ = explained_forward(teacher, batch.to(runtime.device), explainer)
+            logits.append(at_least_fp32(z).cpu())
+            maps.append(at_least_fp32(m[:, 0]).cpu())
             bar.update(batch.shape[0])
         entry = {
             "logits": _save_npy(root / _shard_name(shard, "logits"), torch.cat(logits).numpy().astype(np_dtype)),
@@ -201,12 +222,13 @@ def _parts(root: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     return shards
 
 
-def _batches(images: torch.Tensor | Dataset, lo: int, hi: int, batch_size: int, num_workers: int,
-             device: str | torch.device) -> Iterator[torch.Tensor]:
+def _batches(
+    images: torch.Tensor | Dataset, lo: int, hi: int, batch_size: int, num_workers: int, device: str | torch.device
+) -> Iterator[torch.Tensor]:
     """The images of samples lo..hi-1 in batches."""
     if isinstance(images, torch.Tensor):
         for start in range(lo, hi, batch_size):
-            yield images[start:min(hi, start + batch_size)]
+            yield images[start : min(hi, start + batch_size)]
         return
     loader = make_loader(Subset(images, range(lo, hi)), batch_size, num_workers=num_workers, device=device)
     for batch in loader:
@@ -232,7 +254,9 @@ class TeacherCache:
         self._maps = [np.load(root / e["maps"]["file"], mmap_mode="r") for e in shards]
 
     @classmethod
-    def open(cls, root: str | Path, fingerprint: dict[str, Any] | None = None, *, checksum: bool = True) -> "TeacherCache":
+    def open(
+        cls, root: str | Path, fingerprint: dict[str, Any] | None = None, *, checksum: bool = True
+    ) -> TeacherCache:
         """Open ``root``; refuse it if missing, incomplete, stale (fingerprint differs) or corrupt."""
         root = Path(root)
         index = _read_index(root)
@@ -242,8 +266,10 @@ class TeacherCache:
             raise _stale(root, index["fingerprint"], fingerprint)
         expected = (index["num_samples"] + index["shard_size"] - 1) // index["shard_size"]
         if not index.get("complete") or len(index["shards"]) != expected:
-            raise CacheError(f"{root}: cache is incomplete ({len(index['shards'])}/{expected} shards); "
-                             f"rerun `e2kd precompute` to finish it")
+            raise CacheError(
+                f"{root}: cache is incomplete ({len(index['shards'])}/{expected} shards); "
+                f"rerun `e2kd precompute` to finish it"
+            )
         for shard in range(expected):
             problem = _shard_ok(root, index["shards"][str(shard)], checksum=checksum)
             if problem is not None:

@@ -15,15 +15,18 @@ images only (guidance from few annotations).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from .api import Explainer
-from .distill import at_least_fp32, check_gradient_path, explain_checked, label_sets
 from .errors import PluginError
+from .explaining import check_gradient_path, explain_checked
+from .labels import label_sets
+from .runtime import at_least_fp32
 
 #: Guards the divisions of both losses.
 EPS = 1e-7
@@ -45,7 +48,10 @@ def l1_loss(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (normalised * (1 - masks.flatten(1).to(positive.dtype))).mean(1)
 
 
-GUIDANCE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"energy": energy_loss, "l1": l1_loss}
+GUIDANCE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "energy": energy_loss,
+    "l1": l1_loss,
+}
 
 
 def class_masks(masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -66,8 +72,15 @@ class Guidance:
         #: Whether the guided map was checked to reach the model's parameters (first guided call).
         self.graph_checked = False
 
-    def __call__(self, model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                 labels: torch.Tensor, masks: torch.Tensor, annotated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        model: nn.Module,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor,
+        annotated: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, term): ``forward`` runs ``model`` (e.g. its DDP wrapper); ``annotated`` (B,)
         marks the images whose masks count. The explanation is not computed when none does."""
         if not bool(annotated.any()):
@@ -80,16 +93,25 @@ class Guidance:
         per_class = class_masks(masks, classes)
         losses = []
         for j in range(classes.shape[1]):
-            maps = explain_checked(self.explainer, cap, logits, classes[:, j], images, role="guided model",
-                                   create_graph=True)
+            maps = explain_checked(
+                self.explainer, cap, logits, classes[:, j], images, role="guided model", create_graph=True
+            )
             if maps.shape[1] != 1:
-                raise PluginError(f"guidance needs one-channel maps; explainer {self.explainer.name!r} gives "
-                                 f"{maps.shape[1]} channels (for bcos set contribution: true)")
+                raise PluginError(
+                    f"guidance needs one-channel maps; explainer {self.explainer.name!r} gives "
+                    f"{maps.shape[1]} channels (for bcos set contribution: true)"
+                )
             if not self.graph_checked:
-                check_gradient_path(self.explainer, maps, model, role="guided model",
-                                    consequence="train.guidance would guide nothing", fix="remove train.guidance")
+                check_gradient_path(
+                    self.explainer,
+                    maps,
+                    model,
+                    role="guided model",
+                    consequence="train.guidance would guide nothing",
+                    fix="remove train.guidance",
+                )
                 self.graph_checked = True
-            losses.append(self.loss(at_least_fp32(maps), per_class[:, j:j + 1]))
+            losses.append(self.loss(at_least_fp32(maps), per_class[:, j : j + 1]))
         per_pair = torch.stack(losses, dim=1)
         return logits, (per_pair * weights).sum() / weights.sum()
 

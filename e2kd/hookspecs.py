@@ -9,7 +9,7 @@ the first time anything asks the registry for an item (or lists plugins).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .distill import label_loss
+from .labels import label_loss
 
 
 def draw(alpha: float, batch_size: int, seed: int, step: int) -> tuple[float, torch.Tensor]:

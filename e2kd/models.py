@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -68,7 +69,9 @@ def _normalize(module: nn.Module, args: tuple) -> tuple:
     return ((x - module.input_mean.to(x.dtype)) / module.input_std.to(x.dtype), *args[1:])
 
 
-def build_model(name: str, options: dict[str, Any] | None, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:
+def build_model(
+    name: str, options: dict[str, Any] | None, num_classes: int, checkpoint: str | Path | None = None
+) -> nn.Module:
     """Build a registered model; load ``checkpoint`` (a state dict file) if given."""
     from .registry import create
 
@@ -83,12 +86,12 @@ def module_device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
-def build_from(ref: "ModelConfig", dataset: "Dataset", checkpoint: str | Path | None = None) -> nn.Module:
+def build_from(ref: ModelConfig, dataset: Dataset, checkpoint: str | Path | None = None) -> nn.Module:
     """The model a config section names, with the dataset's number of classes."""
     return build_model(ref.name, ref.options, dataset.num_classes, checkpoint)
 
 
-def load_teacher(config: "ExperimentConfig", dataset: "Dataset") -> nn.Module:
+def load_teacher(config: ExperimentConfig, dataset: Dataset) -> nn.Module:
     """The config's trained teacher; one-line errors when it is missing."""
     from .errors import ConfigError
 
@@ -99,7 +102,7 @@ def load_teacher(config: "ExperimentConfig", dataset: "Dataset") -> nn.Module:
     return build_from(config.teacher, dataset, config.teacher.checkpoint)
 
 
-_FOUND: "weakref.WeakKeyDictionary[nn.Module, dict[str, list[nn.Module]]]" = weakref.WeakKeyDictionary()
+_FOUND: weakref.WeakKeyDictionary[nn.Module, dict[str, list[nn.Module]]] = weakref.WeakKeyDictionary()
 
 
 def find_modules(model: nn.Module, key: str, test: Callable[[nn.Module], bool]) -> list[nn.Module]:

@@ -1,16 +1,17 @@
 """A small API for interactive use: load runs, explain, compare, show.
 
-    import e2kd
-    run = e2kd.load_run("demo_out/e2kd_seed0")
-    images, labels = e2kd.sample_images(run.split("test_ood"))
-    maps = {"teacher": e2kd.explain(run.teacher, images), "student": e2kd.explain(run.model, images)}
-    e2kd.compare(maps["student"], maps["teacher"])      # {"cosine": ..., "pearson": ..., ...}
-    e2kd.show(images, maps, labels=labels, class_names=run.class_names)   # a matplotlib Figure
+import e2kd
+run = e2kd.load_run("demo_out/e2kd_seed0")
+images, labels = e2kd.sample_images(run.split("test_ood"))
+maps = {"teacher": e2kd.explain(run.teacher, images), "student": e2kd.explain(run.model, images)}
+e2kd.compare(maps["student"], maps["teacher"])      # {"cosine": ..., "pearson": ..., ...}
+e2kd.show(images, maps, labels=labels, class_names=run.class_names)   # a matplotlib Figure
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,10 @@ __all__ = ["LoadedRun", "load_run", "sample_images", "explain", "compare", "show
 
 
 def explain(
-    model: nn.Module, images: torch.Tensor, explainer: str = "gradcam", target: torch.Tensor | int | None = None,
+    model: nn.Module,
+    images: torch.Tensor,
+    explainer: str = "gradcam",
+    target: torch.Tensor | int | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Explanations (B, C, H, W) of ``model`` for ``target`` (default: its top-1 class), detached.
@@ -42,8 +46,13 @@ def compare(a: torch.Tensor, b: torch.Tensor, similarities: Sequence[str] = DEFA
 
 
 def show(
-    images: torch.Tensor, maps: dict[str, torch.Tensor], *, labels: torch.Tensor | None = None,
-    models: dict[str, nn.Module] | None = None, class_names: Sequence[str] | None = None, title: str | None = None,
+    images: torch.Tensor,
+    maps: dict[str, torch.Tensor],
+    *,
+    labels: torch.Tensor | None = None,
+    models: dict[str, nn.Module] | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ):
     """A Figure: the images, then each named map over them; ``models`` adds their predictions,
     ``class_names`` (e.g. ``run.class_names``) names the classes."""
@@ -51,4 +60,6 @@ def show(
     if models:
         with torch.no_grad():
             predictions = {name: m.eval()(images.to(module_device(m))).argmax(1) for name, m in models.items()}
-    return plot_explanations(images, maps, None, labels=labels, predictions=predictions, class_names=class_names, title=title)
+    return plot_explanations(
+        images, maps, None, labels=labels, predictions=predictions, class_names=class_names, title=title
+    )

@@ -16,8 +16,9 @@ import os
 import sys
 import traceback
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -86,8 +87,14 @@ class PluginProblem:
     detail: str = field(default="", compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "plugin": self.plugin, "distribution": self.distribution,
-                "status": "error", "error": self.message}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "status": "error",
+            "error": self.message,
+        }
 
 
 def plugin_selection() -> tuple[set[str] | None, set[str]]:
@@ -161,8 +168,10 @@ class _Registry:
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must not hide the rest
-                message = (f"could not load plugin entry point {ep.name!r} ({ep.value}, {dist_name}): "
-                           f"{type(exc).__name__}: {exc} at {_where(exc)}")
+                message = (
+                    f"could not load plugin entry point {ep.name!r} ({ep.value}, {dist_name}): "
+                    f"{type(exc).__name__}: {exc} at {_where(exc)}"
+                )
                 detail = "".join(traceback.format_exception(exc))
                 self._failed.append(PluginProblem(ep.name, dist_name, message, detail=detail))
                 _warn(message + ("" if os.environ.get(DEBUG_VAR) else f" ({DEBUG_VAR}=1 shows the traceback)"))
@@ -176,8 +185,10 @@ class _Registry:
         missing = sorted((wanted or set()) | excluded) if self._only is None else []
         missing = [n for n in missing if n not in named]
         if missing:
-            _warn(f"{ENV_VAR} / {DISABLE_VAR} name entry points or distributions that are not installed: "
-                  f"{', '.join(missing)} (e2kd plugins lists both)")
+            _warn(
+                f"{ENV_VAR} / {DISABLE_VAR} name entry points or distributions that are not installed: "
+                f"{', '.join(missing)} (e2kd plugins lists both)"
+            )
         self.pm.check_pending()
 
     def _collect(self) -> dict[str, dict[str, PluginInfo]]:
@@ -197,7 +208,9 @@ class _Registry:
                     try:
                         info = replace(_describe(cls, _kind, _base, _impl.plugin_name, _dist), version=_version)
                     except PluginError as exc:  # a misdeclared item is reported, and only its name fails
-                        problems.append(PluginProblem(_impl.plugin_name, _dist, str(exc), _kind, getattr(cls, "name", None)))
+                        problems.append(
+                            PluginProblem(_impl.plugin_name, _dist, str(exc), _kind, getattr(cls, "name", None))
+                        )
                         return
                     if info.name in clashes[_kind]:
                         clashes[_kind][info.name].append(info)
@@ -213,10 +226,16 @@ class _Registry:
                 # whatever order the entry points were found in
                 infos.sort(key=lambda i: (i.distribution != BUILT_IN_DISTRIBUTION, i.distribution, i.plugin))
                 owners = " and ".join(f"plugin {i.plugin!r} ({i.distribution})" for i in infos)
-                problems.append(PluginProblem(
-                    infos[-1].plugin, infos[-1].distribution,
-                    f"{kind} {name!r} is registered twice: by {owners}; uninstall or rename one, "
-                    f"or restrict loading with {ENV_VAR}", kind, name))
+                problems.append(
+                    PluginProblem(
+                        infos[-1].plugin,
+                        infos[-1].distribution,
+                        f"{kind} {name!r} is registered twice: by {owners}; uninstall or rename one, "
+                        f"or restrict loading with {ENV_VAR}",
+                        kind,
+                        name,
+                    )
+                )
         self._items, self._clashes, self._problems = items, clashes, problems
         return items
 
@@ -231,7 +250,7 @@ class _Registry:
         registered = self.pm.register(plugin, name=name)
         self.pm.check_pending()
         self._items = None
-        return registered
+        return registered  # type: ignore[return-value]
 
     def unregister_plugin(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -239,7 +258,7 @@ class _Registry:
 
     def reset(self) -> None:
         """Forget everything; the next use rediscovers entry points (honours a new E2KD_PLUGINS)."""
-        self.__init__(self._only, self._honour_env)
+        self.__init__(self._only, self._honour_env)  # type: ignore[misc]
 
     def create(self, kind: str, name: str, options: dict[str, Any] | BaseModel | None = None) -> Any:
         """Instantiate a registered item with validated options."""
@@ -249,8 +268,9 @@ class _Registry:
             options = self.validate_options(kind, name, options)
         return info.cls(options)
 
-    def validate_options(self, kind: str, name: str, options: dict[str, Any] | None, *, source: str | None = None,
-                         path: str = "options") -> BaseModel:
+    def validate_options(
+        self, kind: str, name: str, options: dict[str, Any] | None, *, source: str | None = None, path: str = "options"
+    ) -> BaseModel:
         """Validate ``options`` with the item's own Options model; one-line PluginError on failure."""
         info = self.info(kind, name)
         assert info.cls is not None
@@ -258,8 +278,9 @@ class _Registry:
             return info.cls.Options(**(options or {}))
         except ValidationError as exc:
             source = source or f"{kind} {name!r}"
-            raise PluginError(format_validation_error(exc, source=source, path=path,
-                                                      known=info.cls.Options.model_fields)) from None
+            raise PluginError(
+                format_validation_error(exc, source=source, path=path, known=info.cls.Options.model_fields)
+            ) from None
 
     # -- lookup --------------------------------------------------------------------
     def info(self, kind: str, name: str) -> PluginInfo:
@@ -274,7 +295,11 @@ class _Registry:
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         known_text = ", ".join(known) if known else f"none (check {ENV_VAR} and installed plugins)"
         failed = sorted(self._failed, key=lambda p: p.plugin != name)  # a same-named entry point first
-        note = f"; note: {failed[0].message}" + (f" (+{len(failed) - 1} more failed plugins)" if len(failed) > 1 else "") if failed else ""
+        note = (
+            f"; note: {failed[0].message}" + (f" (+{len(failed) - 1} more failed plugins)" if len(failed) > 1 else "")
+            if failed
+            else ""
+        )
         raise PluginError(f"unknown {kind} {name!r}{did_you_mean} (known: {known_text}){note}")
 
     def all(self) -> list[PluginInfo]:
@@ -282,11 +307,16 @@ class _Registry:
         self._collect()
         out = []
         for kind in KINDS:
-            infos = list(self._items[kind].values())
+            infos = list(self._items[kind].values())  # type: ignore[index]
             for name, clashing in self._clashes[kind].items():
-                infos += [_replace_status(i, f"clash: {name!r} also registered by "
-                                             + ", ".join(repr(o.plugin) for o in clashing if o is not i))
-                          for i in clashing]
+                infos += [
+                    _replace_status(
+                        i,
+                        f"clash: {name!r} also registered by "
+                        + ", ".join(repr(o.plugin) for o in clashing if o is not i),
+                    )
+                    for i in clashing
+                ]
             out += sorted(infos, key=lambda i: (i.name, i.plugin))
         return out
 
@@ -300,20 +330,28 @@ def _describe(cls: type, kind: str, base: type[PluginItem], plugin: str, dist: s
         raise PluginError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it does not subclass {base.__name__}")
     if not cls.name or not cls.description:
         raise PluginError(f"plugin {plugin!r}: {cls.__name__} must set class attributes 'name' and 'description'")
-    if kind == "metric" and not set(cls.requires) <= REQUIREMENTS:
-        unknown = sorted(set(cls.requires) - REQUIREMENTS)
-        raise PluginError(f"plugin {plugin!r}: metric {cls.name!r} requires unknown data {unknown} (known: {sorted(REQUIREMENTS)})")
-    if kind == "dataset" and (cls.label_type not in ("single", "multi") or not set(cls.provides) <= SAMPLE_FIELDS):
-        raise PluginError(f"plugin {plugin!r}: dataset {cls.name!r} must declare label_type 'single' or 'multi' and "
-                          f"provides within {sorted(SAMPLE_FIELDS)}")
+    if kind == "metric" and not set(cls.requires) <= REQUIREMENTS:  # type: ignore[attr-defined]
+        unknown = sorted(set(cls.requires) - REQUIREMENTS)  # type: ignore[attr-defined]
+        raise PluginError(
+            f"plugin {plugin!r}: metric {cls.name!r} requires unknown data {unknown} (known: {sorted(REQUIREMENTS)})"
+        )
+    if kind == "dataset" and (cls.label_type not in ("single", "multi") or not set(cls.provides) <= SAMPLE_FIELDS):  # type: ignore[attr-defined]
+        raise PluginError(
+            f"plugin {plugin!r}: dataset {cls.name!r} must declare label_type 'single' or 'multi' and "
+            f"provides within {sorted(SAMPLE_FIELDS)}"
+        )
     options_model = cls.Options
     if not (isinstance(options_model, type) and issubclass(options_model, BaseModel)):
         raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Options must be a pydantic model")
     if options_model.model_config.get("extra") != "forbid":
         raise PluginError(f"plugin {plugin!r}: {cls.__name__}.Options must set model_config extra='forbid'")
     options = {
-        key: {"type": _type_name(f.annotation), "required": f.is_required(),
-              "default": None if f.is_required() else f.get_default(call_default_factory=True), "help": f.description or ""}
+        key: {
+            "type": _type_name(f.annotation),
+            "required": f.is_required(),
+            "default": None if f.is_required() else f.get_default(call_default_factory=True),
+            "help": f.description or "",
+        }
         for key, f in options_model.model_fields.items()
     }
     return PluginInfo(kind, cls.name, cls.description, dist, plugin, options, cls.capabilities(), cls)
@@ -402,7 +440,7 @@ def get_dataset(name: str, seed: int = 0, **options: Any) -> Dataset:
     """The dataset registered as ``name``, configured with ``options`` (``seed`` draws subsets)."""
     info = _REGISTRY.info("dataset", name)
     assert info.cls is not None
-    return info.cls(validate_options("dataset", name, options), seed=seed)
+    return info.cls(validate_options("dataset", name, options), seed=seed)  # type: ignore[return-value]
 
 
 def list_plugins(kind: str | None = None) -> list[PluginInfo]:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from .api import Explainer
-from .distill import explained_forward
 from .evaluate import flatten_metrics
+from .explaining import explained_forward
 from .models import module_device
-from .runs import LoadedRun, atomic_write_json, atomic_write_text, load_run
+from .runs import LoadedRun, load_run
+from .runtime import is_main_process
+from .storage import atomic_write_json, atomic_write_text
 from .viz import plot_curves, plot_explanations
 
 
@@ -27,7 +29,11 @@ def sample_images(dataset: Dataset, n: int = 6) -> tuple[torch.Tensor, torch.Ten
 
 
 def explanation_maps(
-    models: dict[str, nn.Module], images: torch.Tensor, explainer: Explainer, *, reference: str | None = None,
+    models: dict[str, nn.Module],
+    images: torch.Tensor,
+    explainer: Explainer,
+    *,
+    reference: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every model's map (and top-1 prediction) on the same images, each computed on that model's
     device, all for the class ``models[reference]`` predicts, or each model's own top-1."""
@@ -37,30 +43,46 @@ def explanation_maps(
     maps, preds = {}, {}
     for name, model in models.items():
         device = module_device(model)
-        logits, m, _ = explained_forward(model, images.to(device), explainer,
-                                         targets.to(device) if targets is not None else None)
+        logits, m, _ = explained_forward(
+            model, images.to(device), explainer, targets.to(device) if targets is not None else None
+        )
         maps[name], preds[name] = m[:, 0], logits.argmax(1)
     return maps, preds
 
 
 def explanation_figure(
-    models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor | None, explainer: Explainer,
-    path: Path, *, reference: str | None = None, class_names: Sequence[str] | None = None, title: str | None = None,
+    models: dict[str, nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    explainer: Explainer,
+    path: Path,
+    *,
+    reference: str | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     """A figure of :func:`explanation_maps` (the images stay where they are; maps come back to the CPU)."""
     maps, preds = explanation_maps(models, images, explainer, reference=reference)
-    return plot_explanations(images.cpu(), {k: v.cpu() for k, v in maps.items()}, path, labels=labels,
-                             predictions={k: v.cpu() for k, v in preds.items()}, class_names=class_names, title=title)
+    return plot_explanations(
+        images.cpu(),
+        {k: v.cpu() for k, v in maps.items()},
+        path,
+        labels=labels,
+        predictions={k: v.cpu() for k, v in preds.items()},
+        class_names=class_names,
+        title=title,
+    )
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: one row per run, one column per split/metric (per-cell and per-shift values left
     out); a metric where lower is better is marked ↓."""
-    rows = {run: {f"{split}/{k}": v for split, values in r["splits"].items() for k, v in flatten_metrics(values).items()}
-            for run, r in results.items()}
+    rows = {
+        run: {f"{split}/{k}": v for split, values in r["splits"].items() for k, v in flatten_metrics(values).items()}
+        for run, r in results.items()
+    }
     lower = {key for r in results.values() for key, higher in r.get("higher_is_better", {}).items() if not higher}
-    columns = list(dict.fromkeys(c for row in rows.values() for c in row
-                                 if ".y" not in c and ".shift_" not in c))
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row if ".y" not in c and ".shift_" not in c))
 
     def header(column: str) -> str:
         metric = column.split("/", 1)[1]
@@ -81,7 +103,10 @@ def figure_split(run: LoadedRun) -> str:
 
 
 def evaluate_report(
-    run_dirs: list[str | Path], out: str | Path | None = None, *, metrics: list[str] | None = None,
+    run_dirs: list[str | Path],
+    out: str | Path | None = None,
+    *,
+    metrics: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate each run (rewriting its metrics.json) and write metrics.json, report.md,
@@ -95,11 +120,16 @@ def evaluate_report(
         run = load_run(run_dir)
         runs.append(run)
         results[run.name] = run.evaluate(metrics)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the main process writes the report
+    if not is_main_process():  # under torchrun the main process writes the report
         return {"results": results, "figures": {}, "out": str(out)}
     if out.resolve() not in {r.path.resolve() for r in runs}:  # inside a run dir, its own metrics.json is the record
-        atomic_write_json(out / "metrics.json", {name: {k: r[k] for k in ("splits", "skipped", "higher_is_better")
-                                                        if k in r} for name, r in results.items()})
+        atomic_write_json(
+            out / "metrics.json",
+            {
+                name: {k: r[k] for k in ("splits", "skipped", "higher_is_better") if k in r}
+                for name, r in results.items()
+            },
+        )
     atomic_write_text(out / "report.md", table(results))
     first = runs[0]
     teacher = next((r.teacher for r in runs if r.teacher is not None), None)
@@ -108,17 +138,31 @@ def evaluate_report(
     images, labels = sample_images(first.split(split))
     explainer = first.explainer()
     whose = "the teacher's class" if teacher is not None else "each model's predicted class"
-    figures = {"explanations": explanation_figure(
-        models, images, labels, explainer, out / "explanations.png",
-        reference="teacher" if teacher is not None else None, class_names=first.class_names,
-        title=f"{explainer.name} explanations for {whose} on {split} images")}
-    curves = {name: r["splits"][split]["shift_equivariance"] for name, r in results.items()
-              if "shift_equivariance" in r["splits"].get(split, {})}
+    figures = {
+        "explanations": explanation_figure(
+            models,
+            images,
+            labels,
+            explainer,
+            out / "explanations.png",
+            reference="teacher" if teacher is not None else None,
+            class_names=first.class_names,
+            title=f"{explainer.name} explanations for {whose} on {split} images",
+        )
+    }
+    curves = {
+        name: r["splits"][split]["shift_equivariance"]
+        for name, r in results.items()
+        if "shift_equivariance" in r["splits"].get(split, {})
+    }
     if curves:
         figures["shift"] = plot_curves(
             {name: ([int(k.split("_")[1]) for k in c], list(c.values())) for name, c in curves.items()},
-            out / "shift.png", xlabel="diagonal shift (px)", ylabel="cosine on the overlap",
-            title=f"shift equivariance of explanations ({split})")
+            out / "shift.png",
+            xlabel="diagonal shift (px)",
+            ylabel="cosine on the overlap",
+            title=f"shift equivariance of explanations ({split})",
+        )
     log(table(results))
     log("wrote " + ", ".join(str(p) for p in [out / "metrics.json", out / "report.md", *figures.values()]))
     return {"results": results, "figures": {k: str(v) for k, v in figures.items()}, "out": str(out)}

@@ -3,6 +3,7 @@ config, and loading a finished run."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as metadata
 import json
 import os
@@ -10,66 +11,56 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
-from .config import (ExperimentConfig, PluginRef, describe_difference, dump_config, identity_digest, load_config,
-                     run_identity, stored_config)
-from .data import ViewDataset, dataset_of, split_view
+from .config import ExperimentConfig, PluginRef, dump_config, load_config, stored_config
+from .data import ViewDataset, split_view
 from .digests import file_sha256
 from .errors import ConfigError
-from .evaluate import eval_explainer, evaluate_model
+from .evaluate import evaluate_model
 from .models import build_from, load_teacher
+from .plan import Plan, plan_run
 from .registry import create, registry
-from .runtime import device_of, runtime_of
+from .runtime import device_of, is_main_process, runtime_of
+from .storage import atomic_write_json, atomic_write_text, describe_difference
 
 if TYPE_CHECKING:
     from .api import Dataset, Explainer
 
+#: Fields that do not change what a run computes (the device and memory format only its floating-point
+#: rounding); a run directory is matched without them, so a run started on a CPU may resume on a GPU.
+VOLATILE_FIELDS = (
+    ("out_dir",),
+    ("train", "progress"),
+    ("train", "checkpoint_every"),
+    ("train", "device"),
+    ("train", "channels_last"),
+    ("data", "num_workers"),
+)
+
+
+def run_identity(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config without :data:`VOLATILE_FIELDS`: what a run directory is matched by."""
+    data = config.model_dump(mode="json")
+    for keys in VOLATILE_FIELDS:
+        node = data
+        for key in keys[:-1]:
+            node = node.get(key, {})
+        node.pop(keys[-1], None)
+    return data
+
+
+def identity_digest(config: ExperimentConfig) -> str:
+    """SHA-256 of :func:`run_identity`."""
+    return hashlib.sha256(json.dumps(run_identity(config), sort_keys=True).encode()).hexdigest()
+
+
 _PACKAGES = ("e2kd", "torch", "torchvision", "timm", "captum", "pluggy", "pydantic", "numpy")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -93,8 +84,11 @@ def produced_by(config: ExperimentConfig) -> dict[str, Any]:
     for _, kind, ref in config.plugin_refs():
         info = registry().info(kind, ref.name)
         plugins[f"{kind} {ref.name}"] = f"{info.distribution} {info.version}" if info.version else info.distribution
-    files = {role: _sha256(ref.checkpoint) for role, ref in (("model", config.model), ("teacher", config.teacher))
-             if ref is not None and ref.checkpoint is not None and ref.checkpoint.is_file()}
+    files = {
+        role: _sha256(ref.checkpoint)
+        for role, ref in (("model", config.model), ("teacher", config.teacher))
+        if ref is not None and ref.checkpoint is not None and ref.checkpoint.is_file()
+    }
     return {"e2kd": _version("e2kd"), "plugins": plugins, "checkpoints": files}
 
 
@@ -125,7 +119,13 @@ def git_revision() -> str | None:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -150,8 +150,10 @@ def _identity_problem(out: Path, config: ExperimentConfig) -> str | None:
         if record is None:
             return "it records no e2kd and plugin versions (written by an older e2kd)"
         now = produced_by(config)
-        record = {**record, "checkpoints": {k: v for k, v in record.get("checkpoints", {}).items()
-                                            if k in now["checkpoints"]}}
+        record = {
+            **record,
+            "checkpoints": {k: v for k, v in record.get("checkpoints", {}).items() if k in now["checkpoints"]},
+        }
         changes = describe_difference(record, now, where="there")
         if not changes:
             return None
@@ -164,7 +166,7 @@ TRAINED_FILES = ("model.pt", "checkpoint.pt", "metrics.json", "steps.csv", "epoc
 
 def prepare_run_dir(config: ExperimentConfig, *, rerun: bool = False) -> Path:
     """Create ``config.out_dir`` with config.yaml and env.json; refuse one that holds a (partly)
-    trained run of another config or of other code (compared by :func:`e2kd.config.run_identity`,
+    trained run of another config or of other code (compared by :func:`run_identity`,
     so output folder, progress bar and loader workers may differ, and :func:`produced_by`).
     ``rerun``: remove what an earlier run trained there and start over (not in a worker that torchrun
     restarted after a failure: that one resumes the rerun)."""
@@ -176,8 +178,10 @@ def prepare_run_dir(config: ExperimentConfig, *, rerun: bool = False) -> Path:
     problem = _identity_problem(out, config)
     trained = (out / "model.pt").is_file() or (out / "checkpoint.pt").is_file()
     if problem is not None and trained:
-        raise ConfigError(f"{out}: run directory holds a different run ({problem}); train it again with --rerun, "
-                          f"choose another out_dir (--out) or delete it")
+        raise ConfigError(
+            f"{out}: run directory holds a different run ({problem}); train it again with --rerun, "
+            f"choose another out_dir (--out) or delete it"
+        )
     # a directory with nothing trained in it (e.g. left by a run that failed before its first
     # epoch) is simply taken over by this config
     out.mkdir(parents=True, exist_ok=True)
@@ -199,9 +203,12 @@ def finished_results(config: ExperimentConfig) -> dict[str, Any] | None:
 def reused(config: ExperimentConfig, rerun: bool = False) -> dict[str, Any] | None:
     """The results of a finished run of this config to reuse (None with ``rerun``), saying so in one line."""
     done = None if rerun else finished_results(config)
-    if done is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"e2kd: {config.out_dir} holds a finished run of this config (same e2kd, plugin versions and "
-              f"checkpoints): reused, not trained again (--rerun trains it again)", file=sys.stderr)
+    if done is not None and is_main_process():
+        print(
+            f"e2kd: {config.out_dir} holds a finished run of this config (same e2kd, plugin versions and "
+            f"checkpoints): reused, not trained again (--rerun trains it again)",
+            file=sys.stderr,
+        )
     return done
 
 
@@ -219,8 +226,13 @@ class LoadedRun:
         return self.path.name
 
     @cached_property
+    def plan(self) -> Plan:
+        """The run's evaluation, planned once: its dataset, evaluation explainer and similarity."""
+        return plan_run(self.config, "evaluate")
+
+    @property
     def dataset(self) -> Dataset:
-        return dataset_of(self.config)
+        return self.plan.dataset
 
     @property
     def class_names(self) -> list[str]:
@@ -229,17 +241,15 @@ class LoadedRun:
     def split(self, name: str) -> ViewDataset:
         """One split of the run's dataset, un-augmented (the evaluation view)."""
         if name not in self.dataset.splits():
-            raise ConfigError(f"{self.path}: dataset {self.dataset.name!r} has no split {name!r} "
-                              f"(known: {', '.join(self.dataset.splits())})")
+            raise ConfigError(
+                f"{self.path}: dataset {self.dataset.name!r} has no split {name!r} "
+                f"(known: {', '.join(self.dataset.splits())})"
+            )
         return split_view(self.dataset, name, "eval")
-
-    def datasets(self) -> dict[str, ViewDataset]:
-        """Every split, un-augmented (the evaluation view)."""
-        return {name: self.split(name) for name in self.dataset.splits()}
 
     def explainer(self) -> Explainer:
         """The explainer the run evaluates with (eval.explainer, else distill.explainer)."""
-        return eval_explainer(self.config)
+        return self.plan.eval_explainer
 
     def evaluate(self, metrics: list[str] | None = None) -> dict[str, Any]:
         """Re-evaluate (optionally with other metrics; split over torchrun's processes); the main
@@ -248,7 +258,7 @@ class LoadedRun:
         for ref in refs or []:
             create("metric", ref.name)  # unknown names fail here, with the known ones listed
         runtime = runtime_of(self.config)
-        results = evaluate_model(self.config, self.model, self.teacher, self.dataset, refs, runtime=runtime)
+        results = evaluate_model(self.plan, self.model, self.teacher, refs, runtime=runtime)
         previous = self.path / "metrics.json"
         if previous.is_file():
             results["history"] = json.loads(previous.read_text()).get("history", [])

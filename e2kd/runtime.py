@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -136,8 +136,13 @@ def _attempt_store():
     import torch.distributed as dist
     from torch.distributed.constants import default_pg_timeout
 
-    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-                          is_master=False, timeout=default_pg_timeout)
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
     return dist.PrefixStore(f"e2kd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
 
@@ -160,11 +165,25 @@ def runtime_of(config: ExperimentConfig) -> Runtime:
     if config.train.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         from .errors import ConfigError
 
-        raise ConfigError(f"{config.source}: train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
-                          f"use fp16 or fp32")
+        raise ConfigError(
+            f"{config.source}: train.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+            f"use fp16 or fp32"
+        )
     return Runtime(device, config.train.precision, rank, world, channels_last)
+
+
+def is_main_process() -> bool:
+    """Whether this process reports and writes files: rank 0 under torchrun, or the only process.
+    Read from torchrun's environment, so it answers before any runtime (or process group) exists;
+    it agrees with :attr:`Runtime.is_main`."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def progress_enabled(config: ExperimentConfig) -> bool:
     """Progress bars: when asked for, on the main process, and stderr is a terminal."""
-    return config.train.progress and sys.stderr.isatty() and int(os.environ.get("RANK", "0")) == 0
+    return config.train.progress and sys.stderr.isatty() and is_main_process()
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (autocast outputs) as float32; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

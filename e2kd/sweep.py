@@ -16,9 +16,10 @@ import io
 import itertools
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -26,7 +27,7 @@ from .config import ExperimentConfig, load_config_dict, parse_override, read_con
 from .config import config_path as resolve_config_path
 from .errors import ConfigError
 from .evaluate import flatten_metrics
-from .runs import atomic_write_text
+from .storage import atomic_write_text
 
 
 @dataclass
@@ -57,8 +58,14 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def plan(base: dict[str, Any], grid: dict[str, list[Any]], seeds: list[int], out_dir: Path, source: str,
-         overrides: list[str] | None = None) -> list[SweepRun]:
+def plan(
+    base: dict[str, Any],
+    grid: dict[str, list[Any]],
+    seeds: list[int],
+    out_dir: Path,
+    source: str,
+    overrides: list[str] | None = None,
+) -> list[SweepRun]:
     """Every run's validated config; raises ConfigError before anything runs."""
     resolved = load_config_dict(base, source=source, overrides=overrides).model_dump(mode="json")
     keys, runs = list(grid), []
@@ -119,7 +126,12 @@ def collect(runs: list[SweepRun]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         results = finished_results(run.config)
-        row: dict[str, Any] = {"run": run.name, **run.cell, "seed": run.seed, "status": "done" if results else "missing"}
+        row: dict[str, Any] = {
+            "run": run.name,
+            **run.cell,
+            "seed": run.seed,
+            "status": "done" if results else "missing",
+        }
         if results:
             for split, values in results["splits"].items():
                 row.update({f"{split}/{k}": v for k, v in flatten_metrics(values).items()})
@@ -138,8 +150,10 @@ def write_summaries(rows: list[dict[str, Any]], keys: list[str], out: Path, plot
     atomic_write_text(out / "sweep.md", markdown_table(rows, keys, metrics))
     done = [r for r in rows if r["status"] == "done"]
     if plot_metric is not None and done and plot_metric not in metrics:
-        raise ConfigError(f"--plot-metric {plot_metric!r}: no such SPLIT/METRIC column in {out / 'sweep.csv'} "
-                          f"(known: {', '.join(metrics)})")
+        raise ConfigError(
+            f"--plot-metric {plot_metric!r}: no such SPLIT/METRIC column in {out / 'sweep.csv'} "
+            f"(known: {', '.join(metrics)})"
+        )
     if done and metrics:
         metric = plot_metric or ("test_ood/accuracy" if "test_ood/accuracy" in metrics else metrics[0])
         plot(done, keys, metric, out / "sweep.png")
@@ -185,7 +199,9 @@ def plot(rows: list[dict[str, Any]], keys: list[str], metric: str, path: Path) -
     ax = fig.subplots()
     for combo, group in _cells(rows, others).items():
         by_x = _cells(group, [x_key])
-        points = sorted(((position[x], [r[metric] for r in g if metric in r]) for (x,), g in by_x.items()), key=lambda p: p[0])
+        points = sorted(
+            ((position[x], [r[metric] for r in g if metric in r]) for (x,), g in by_x.items()), key=lambda p: p[0]
+        )
         points = [(x, v) for x, v in points if v]
         label = ", ".join(f"{k}={v}" for k, v in zip(others, combo)) or metric
         means = [statistics.fmean(v) for _, v in points]

@@ -26,7 +26,8 @@ from __future__ import annotations
 import gc
 import json
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,9 +36,19 @@ from .api import Dataset, EvalBatch, Explainer, Metric, ModelBuilder, Similarity
 from .errors import ModelError, PluginError
 
 __all__ = [
-    "TinyCNN", "model_for", "check_gradient",
-    "check_explainer", "check_similarity", "check_metric", "check_model", "check_dataset",
-    "EXPLAINER_CASES", "SIMILARITY_CASES", "METRIC_CASES", "MODEL_CASES", "DATASET_CASES",
+    "TinyCNN",
+    "model_for",
+    "check_gradient",
+    "check_explainer",
+    "check_similarity",
+    "check_metric",
+    "check_model",
+    "check_dataset",
+    "EXPLAINER_CASES",
+    "SIMILARITY_CASES",
+    "METRIC_CASES",
+    "MODEL_CASES",
+    "DATASET_CASES",
 ]
 
 
@@ -46,7 +57,9 @@ class TinyCNN(nn.Module):
 
     def __init__(self, num_classes: int = 3, width: int = 4, bn: bool = False) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width) if bn else nn.Identity(), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width) if bn else nn.Identity(), nn.ReLU()
+        )
         self.feat = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
         self.fc = nn.Linear(width, num_classes)
         self.feature_info = [{"num_chs": width, "reduction": 2, "module": "feat"}]
@@ -58,8 +71,16 @@ class TinyCNN(nn.Module):
 def _tiny_vit(num_classes: int = 3) -> nn.Module:
     import timm
 
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=8,
-                             patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=num_classes,
+        img_size=8,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+    )
 
 
 def _bcos_small(num_classes: int = 3) -> nn.Module:
@@ -68,8 +89,12 @@ def _bcos_small(num_classes: int = 3) -> nn.Module:
     return get_model_builder("bcos_small", widths=[4, 6]).build(num_classes)
 
 
-def model_for(explainer: Explainer, dtype: torch.dtype = torch.float64, seed: int = 0,
-              candidates: list[Callable[[], nn.Module]] | None = None) -> nn.Module:
+def model_for(
+    explainer: Explainer,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    candidates: list[Callable[[], nn.Module]] | None = None,
+) -> nn.Module:
     """A tiny 3-class model for 8 x 8 images that ``explainer`` accepts: a plain CNN, else a small
     B-cos network (if registered), else a tiny timm ViT. Pass ``candidates`` for other architectures."""
     makers = candidates or [TinyCNN, _bcos_small, _tiny_vit]
@@ -82,12 +107,21 @@ def model_for(explainer: Explainer, dtype: torch.dtype = torch.float64, seed: in
             return model
         except (ModelError, PluginError) as exc:
             problems.append(str(exc))
-    raise AssertionError(f"no test model fits explainer {explainer.name!r} ({'; '.join(problems)}); "
-                         f"pass candidates=[...] with a model it accepts")
+    raise AssertionError(
+        f"no test model fits explainer {explainer.name!r} ({'; '.join(problems)}); "
+        f"pass candidates=[...] with a model it accepts"
+    )
 
 
-def check_gradient(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor], *, samples: int = 3,
-                   rel: float = 1e-5, abs: float = 1e-8, seed: int = 0) -> list[torch.Tensor]:
+def check_gradient(
+    loss_fn: Callable[[], torch.Tensor],
+    params: list[torch.Tensor],
+    *,
+    samples: int = 3,
+    rel: float = 1e-5,
+    abs: float = 1e-8,
+    seed: int = 0,
+) -> list[torch.Tensor]:
     """Autograd gradient of ``loss_fn()`` w.r.t. ``params`` vs central finite differences on ``samples``
     random entries of every parameter (use float64 models); returns the autograd gradients."""
     grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
@@ -106,8 +140,9 @@ def check_gradient(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tenso
             flat[i] = orig
             numeric = (up - down) / (2 * eps)
             got = g.reshape(-1)[i].item()
-            assert math.isclose(got, numeric, rel_tol=rel, abs_tol=abs), \
+            assert math.isclose(got, numeric, rel_tol=rel, abs_tol=abs), (
                 f"gradient of parameter {tuple(p.shape)}[{i}]: autograd {got:.6g}, finite differences {numeric:.6g}"
+            )
     return grads
 
 
@@ -116,6 +151,7 @@ def _x(n: int = 4, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.T
 
 
 # -- explainers ---------------------------------------------------------------------------
+
 
 def explainer_shape_and_batch(explainer: Explainer) -> None:
     """(B, C, H, W) at input resolution, input dtype, finite, non-zero; a batch equals one sample at a time."""
@@ -128,7 +164,7 @@ def explainer_shape_and_batch(explainer: Explainer) -> None:
         assert maps.shape == (4, channels, 8, 8), f"map shape {tuple(maps.shape)}, expected {(4, channels, 8, 8)}"
         assert maps.dtype == x.dtype, f"map dtype {maps.dtype}, input dtype {x.dtype}"
         assert torch.isfinite(maps).all(), "the maps are not finite"
-        one_by_one = torch.cat([explainer.explain(model, x[i:i + 1], c) for i in range(4)])
+        one_by_one = torch.cat([explainer.explain(model, x[i : i + 1], c) for i in range(4)])
         torch.testing.assert_close(maps, one_by_one, msg=lambda m: f"batch differs from one sample at a time: {m}")
         total += float(maps.abs().sum())
     assert total > 0, "every map is zero"
@@ -144,8 +180,11 @@ def explainer_several_classes_one_capture(explainer: Explainer) -> None:
             logits = model(cap.inputs)
         maps = [cap.explain(logits, torch.full((4,), c, dtype=torch.long)).detach() for c in (0, 2, 1)]
     for c, got in zip((0, 2, 1), maps):
-        torch.testing.assert_close(got, explainer.explain(model, x, c),
-                                   msg=lambda m: f"class {c} explained after other classes on one capture differs: {m}")
+        torch.testing.assert_close(
+            got,
+            explainer.explain(model, x, c),
+            msg=lambda m: f"class {c} explained after other classes on one capture differs: {m}",  # noqa: B023
+        )
 
 
 def explainer_detached_by_default(explainer: Explainer) -> None:
@@ -159,8 +198,9 @@ def explainer_detached_by_default(explainer: Explainer) -> None:
         target = torch.zeros(4, dtype=torch.long)
         assert not cap.explain(logits, target).requires_grad, "explain(...) without create_graph keeps a graph"
         if explainer.differentiable:
-            assert cap.explain(logits, target, create_graph=True).requires_grad, \
+            assert cap.explain(logits, target, create_graph=True).requires_grad, (
                 "explain(..., create_graph=True) returns a map without a graph"
+            )
 
 
 def explainer_frozen_teacher(explainer: Explainer) -> None:
@@ -200,7 +240,8 @@ def explainer_trains_or_refuses(explainer: Explainer) -> None:
     """Differentiable: the e2KD gradient through the student's map equals finite differences, the
     teacher replayed from its stored outputs gives the live loss, and a few steps lower the term.
     Evaluation-only (``differentiable = False``): the distiller refuses it with lam > 0."""
-    from .distill import Distiller, explained_forward
+    from .distill import Distiller
+    from .explaining import explained_forward
     from .registry import get_similarity
 
     cosine = get_similarity("cosine")
@@ -252,10 +293,14 @@ def explainer_upsampling_declared_truthfully(explainer: Explainer) -> None:
             logits = model(cap.inputs)
         full = cap.explain(logits, target, create_graph=True)
         low = cap.explain(logits, target, create_graph=True, upsample=False)
-    assert low.dim() == 4 and low.shape[-2:] != full.shape[-2:], \
+    assert low.dim() == 4 and low.shape[-2:] != full.shape[-2:], (
         f"upsample=False gave {tuple(low.shape)}, the same size as the upsampled map"
-    torch.testing.assert_close(upsample(low, full.shape[-2:]), full,
-                               msg=lambda m: f"bilinear upsampling of the upsample=False map is not the map: {m}")
+    )
+    torch.testing.assert_close(
+        upsample(low, full.shape[-2:]),
+        full,
+        msg=lambda m: f"bilinear upsampling of the upsample=False map is not the map: {m}",
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     weights = torch.rand(full.shape, dtype=full.dtype, generator=torch.Generator().manual_seed(3))
     g_full = torch.autograd.grad((full * weights).sum(), params, retain_graph=True, allow_unused=True)
@@ -278,13 +323,14 @@ EXPLAINER_CASES: dict[str, Callable[[Explainer], None]] = {
 
 # -- similarities -------------------------------------------------------------------------
 
+
 def similarity_batch_native(similarity: Similarity) -> None:
     """(B,) finite values; a batch equals one pair at a time."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(5, 1, 8, 8, generator=g), torch.rand(5, 1, 8, 8, generator=g)
     batch = similarity(a, b)
     assert batch.shape == (5,) and torch.isfinite(batch).all(), f"values of shape {tuple(batch.shape)}, expected (5,)"
-    torch.testing.assert_close(batch, torch.cat([similarity(a[i:i + 1], b[i:i + 1]) for i in range(5)]))
+    torch.testing.assert_close(batch, torch.cat([similarity(a[i : i + 1], b[i : i + 1]) for i in range(5)]))
 
 
 def similarity_self_is_best(similarity: Similarity) -> None:
@@ -316,8 +362,9 @@ def similarity_training_reduces_distance(similarity: Similarity) -> None:
     score = similarity(x.detach(), target).mean().item()
     first = similarity(x0, target).mean().item()
     assert end < start, f"minimising the loss did not lower it ({start:.4g} -> {end:.4g})"
-    assert (score > first) if similarity.higher_is_better else (score < first), \
+    assert (score > first) if similarity.higher_is_better else (score < first), (
         "minimising the loss made the maps less similar: check higher_is_better"
+    )
 
 
 def similarity_feature_resolution_exact(similarity: Similarity) -> None:
@@ -334,8 +381,11 @@ def similarity_feature_resolution_exact(similarity: Similarity) -> None:
         b = torch.rand(3, 1, *b_size, dtype=torch.float64, generator=g)
         got = similarity.upsampled(a, b, size)
         want = similarity(upsample(a, size), upsample(b, size))
-        torch.testing.assert_close(got, want, msg=lambda m: f"upsampled() differs from the upsampled maps' value "
-                                                            f"({a_size} vs {b_size} -> {size}): {m}")
+        torch.testing.assert_close(
+            got,
+            want,
+            msg=lambda m: f"upsampled() differs from the upsampled maps' value ({a_size} vs {b_size} -> {size}): {m}",  # noqa: B023
+        )
         if similarity.differentiable:
             (g_got,) = torch.autograd.grad(got.sum(), a)
             (g_want,) = torch.autograd.grad(want.sum(), a)
@@ -352,6 +402,7 @@ SIMILARITY_CASES: dict[str, Callable[[Similarity], None]] = {
 
 # -- metrics ------------------------------------------------------------------------------
 
+
 def full_eval_batch(n: int = 6, num_classes: int = 3, seed: int = 0) -> EvalBatch:
     """A batch with every field a metric may require (random values, single labels)."""
     g = torch.Generator().manual_seed(seed)
@@ -359,13 +410,17 @@ def full_eval_batch(n: int = 6, num_classes: int = 3, seed: int = 0) -> EvalBatc
     groups = torch.randint(0, num_classes, (n,), generator=g)
     images = torch.rand(n, 3, 8, 8, generator=g)
     return EvalBatch(
-        logits=torch.randn(n, num_classes, generator=g), labels=labels,
+        logits=torch.randn(n, num_classes, generator=g),
+        labels=labels,
         teacher_logits=torch.randn(n, num_classes, generator=g),
-        explanations=torch.rand(n, 1, 8, 8, generator=g), teacher_explanations=torch.rand(n, 1, 8, 8, generator=g),
+        explanations=torch.rand(n, 1, 8, 8, generator=g),
+        teacher_explanations=torch.rand(n, 1, 8, 8, generator=g),
         label_explanations=torch.randn(n, 1, 8, 8, generator=g),
         label_masks=(torch.rand(n, 1, 8, 8, generator=g) > 0.6).float(),
         label_pairs=torch.stack([torch.arange(n), labels], dim=1),
-        groups=groups, in_distribution=groups == labels, images=images,
+        groups=groups,
+        in_distribution=groups == labels,
+        images=images,
         explain=lambda x, target: x.mean(1, keepdim=True),
     )
 
@@ -393,8 +448,9 @@ def metric_accumulates(metric: Metric) -> None:
     assert whole and whole.keys() == halves.keys(), "compute() returns other keys after two updates"
     for key, value in whole.items():
         assert math.isfinite(value), f"{key} is not finite"
-        assert math.isclose(halves[key], value, rel_tol=1e-6, abs_tol=1e-9), \
+        assert math.isclose(halves[key], value, rel_tol=1e-6, abs_tol=1e-9), (
             f"{key}: {halves[key]} over two half batches, {value} over the whole batch"
+        )
 
 
 def metric_reset_forgets(metric: Metric) -> None:
@@ -422,8 +478,9 @@ def metric_merges(metric: Metric) -> None:
     merged = _flat(metric.compute())
     assert merged.keys() == whole.keys(), "merged states compute other keys"
     for key, value in whole.items():
-        assert math.isclose(merged[key], value, rel_tol=1e-6, abs_tol=1e-9), \
+        assert math.isclose(merged[key], value, rel_tol=1e-6, abs_tol=1e-9), (
             f"{key}: {merged[key]} from merged states, {value} from one evaluation"
+        )
 
 
 METRIC_CASES: dict[str, Callable[[Metric], None]] = {
@@ -434,6 +491,7 @@ METRIC_CASES: dict[str, Callable[[Metric], None]] = {
 
 
 # -- models -------------------------------------------------------------------------------
+
 
 def model_builds_and_round_trips(builder: ModelBuilder, image_size: int = 32) -> None:
     """(B, K) finite logits on [0, 1] images; a state-dict round trip gives the same logits; the
@@ -458,6 +516,7 @@ MODEL_CASES: dict[str, Callable[[ModelBuilder], None]] = {"builds_and_round_trip
 
 # -- datasets -----------------------------------------------------------------------------
 
+
 def dataset_declares_itself(dataset: Dataset) -> None:
     """Splits, class names, identity: consistent and JSON-serialisable; files exist (``check``)."""
     dataset.check()
@@ -471,8 +530,9 @@ def dataset_declares_itself(dataset: Dataset) -> None:
     assert len(set(names)) == len(names), "class names must be unique"
     for split in splits:
         identity = dataset.identity(split)
-        assert json.loads(json.dumps(identity)) == identity, \
+        assert json.loads(json.dumps(identity)) == identity, (
             f"identity({split!r}) does not survive a JSON round trip (use str, int, float, bool, list, dict)"
+        )
         assert identity == dataset.identity(split), f"identity({split!r}) changes from one call to the next"
 
 
@@ -487,15 +547,19 @@ def dataset_samples_follow_the_contract(dataset: Dataset, limit: int = 4) -> Non
             item = samples[i]
             image = item["image"]
             assert image.dim() == 3 and image.shape[0] == 3, f"{split}[{i}]: image of shape {tuple(image.shape)}"
-            assert image.dtype == torch.uint8 or (image.is_floating_point() and 0 <= image.min() and image.max() <= 1), \
-                f"{split}[{i}]: image of {image.dtype} in [{float(image.min()):.4g}, {float(image.max()):.4g}]; " \
+            assert image.dtype == torch.uint8 or (
+                image.is_floating_point() and 0 <= image.min() and image.max() <= 1
+            ), (
+                f"{split}[{i}]: image of {image.dtype} in [{float(image.min()):.4g}, {float(image.max()):.4g}]; "
                 f"expected uint8, or float in [0, 1]"
+            )
             label = torch.as_tensor(item["label"])
             if dataset.label_type == "multi":
                 assert label.shape == (k,) and label.is_floating_point(), f"{split}[{i}]: multi-hot label expected"
             else:
-                assert label.dim() == 0 and label.dtype == torch.int64 and 0 <= int(label) < k, \
+                assert label.dim() == 0 and label.dtype == torch.int64 and 0 <= int(label) < k, (
                     f"{split}[{i}]: a class index (int64 scalar) expected, got {label.dtype} of shape {tuple(label.shape)}"
+                )
             for name in dataset.provides:
                 assert name in item, f"{split}[{i}]: declared field {name!r} missing"
 
@@ -504,14 +568,18 @@ def dataset_loads_in_every_view(dataset: Dataset) -> None:
     """Batches of the ``train`` and ``eval`` views come out at the dataset's image size, float in [0, 1]."""
     from .data import make_loader, split_view
 
-    for view, split in (("train", dataset.train_split), ("eval", dataset.eval_splits()[0] if dataset.eval_splits()
-                                                          else dataset.train_split)):
+    for view, split in (
+        ("train", dataset.train_split),
+        ("eval", dataset.eval_splits()[0] if dataset.eval_splits() else dataset.train_split),
+    ):
         batch = next(iter(make_loader(split_view(dataset, split, view), 2)))
         size = dataset.image_size
-        assert batch["image"].shape[1:] == (3, size, size) and batch["image"].dtype == torch.float32, \
+        assert batch["image"].shape[1:] == (3, size, size) and batch["image"].dtype == torch.float32, (
             f"{view} view: batch of shape {tuple(batch['image'].shape)}"
-        assert 0 <= batch["image"].min() and batch["image"].max() <= 1, \
+        )
+        assert 0 <= batch["image"].min() and batch["image"].max() <= 1, (
             f"{view} view: pixels in [{float(batch['image'].min()):.4g}, {float(batch['image'].max()):.4g}], not [0, 1]"
+        )
 
 
 DATASET_CASES: dict[str, Callable[[Dataset], None]] = {
@@ -523,6 +591,7 @@ DATASET_CASES: dict[str, Callable[[Dataset], None]] = {
 
 # -- one call per item ----------------------------------------------------------------------
 
+
 def _run_all(cases: dict[str, Callable], item: Any) -> None:
     """Every case on ``item``; the first failure, an assertion or any error the item raises, becomes
     an AssertionError naming the item and the case (an error's first line; the cause is chained)."""
@@ -532,8 +601,10 @@ def _run_all(cases: dict[str, Callable], item: Any) -> None:
         except AssertionError as exc:
             raise AssertionError(f"{type(item).__name__} fails contract case {name!r}: {exc}") from exc
         except Exception as exc:
-            raise AssertionError(f"{type(item).__name__} fails contract case {name!r}: it raised "
-                                 f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise AssertionError(
+                f"{type(item).__name__} fails contract case {name!r}: it raised "
+                f"{type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

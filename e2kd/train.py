@@ -10,8 +10,9 @@ import math
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .errors import ModelError, TrainingError
-from .runs import atomic_torch_save
 from .runtime import Runtime
+from .storage import atomic_torch_save
 
 StepFn = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
 LOSS_KEYS = ("loss", "kd", "explanation", "ce")
@@ -46,12 +47,14 @@ def lr_factor(step: int, name: str, total_steps: int, warmup_steps: int = 0) -> 
     return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span))
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
-                  warmup_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+def make_schedule(
+    optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
     if name not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {name!r} (known: cosine, constant)")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, name=name, total_steps=total_steps, warmup_steps=warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, name=name, total_steps=total_steps, warmup_steps=warmup_steps)
+    )
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -81,16 +84,19 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         order = torch.cat([order, order[: self.per_rank * self.world_size - self.n]])  # pad to equal shards
-        mine = order[self.rank::self.world_size].tolist()
+        mine = order[self.rank :: self.world_size].tolist()
         for b in range(self.skip, len(self)):
-            yield mine[b * self.batch_size:(b + 1) * self.batch_size]
+            yield mine[b * self.batch_size : (b + 1) * self.batch_size]
 
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a step may draw from (torch CPU and CUDA, numpy, Python), as tensors and lists."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                                                       *np_state[2:]], "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -125,7 +131,9 @@ class TrainLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.writer = SummaryWriter(
+                str(folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
         except (ImportError, ModuleNotFoundError):
             self.writer = None
 
@@ -167,17 +175,25 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"{path}: cannot resume from this checkpoint ({type(exc).__name__}); delete it to start over") from None
+        raise ModelError(
+            f"{path}: cannot resume from this checkpoint ({type(exc).__name__}); delete it to start over"
+        ) from None
 
 
 def _diverged(step: int, scalars: dict[str, float], checkpoint: Path | None, saved_step: int | None) -> str:
     """The one-line message of a loss that is not finite."""
     terms = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "loss")
-    kept = (f"the last good checkpoint, {checkpoint} (after step {saved_step}), is kept" if saved_step is not None
-            else "no checkpoint was written yet")
-    return (f"step {step}: the loss is {scalars['loss']}" + (f" ({terms})" if terms else "")
-            + f"; training stopped before the update and {kept}; lower train.lr, use train.precision fp32 or bf16, "
-              f"or check the data, then rerun to resume")
+    kept = (
+        f"the last good checkpoint, {checkpoint} (after step {saved_step}), is kept"
+        if saved_step is not None
+        else "no checkpoint was written yet"
+    )
+    return (
+        f"step {step}: the loss is {scalars['loss']}"
+        + (f" ({terms})" if terms else "")
+        + f"; training stopped before the update and {kept}; lower train.lr, use train.precision fp32 or bf16, "
+        f"or check the data, then rerun to resume"
+    )
 
 
 def fit(
@@ -227,11 +243,17 @@ def fit(
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         epoch, position, history, sums = state["epoch"], state["position"], state["history"], state["sums"]
-    log = TrainLog(Path(log_dir) if log_dir is not None and runtime.is_main else None,
-                   resume_step=epoch * per_epoch + position)
+    log = TrainLog(
+        Path(log_dir) if log_dir is not None and runtime.is_main else None, resume_step=epoch * per_epoch + position
+    )
     generator = torch.Generator()
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, generator=generator,
-                        pin_memory=runtime.device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=runtime.device.type == "cuda",
+    )
 
     saved_step = epoch * per_epoch + position if checkpoint is not None and checkpoint.is_file() else None
 
@@ -242,14 +264,29 @@ def fit(
         saved_step = epoch_ * per_epoch + position_
         if not runtime.is_main:
             return
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                           "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng_state(),
-                           "epoch": epoch_, "position": position_, "history": history, "sums": dict(sums)},
-                          checkpoint)
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "rng": rng_state(),
+                "epoch": epoch_,
+                "position": position_,
+                "history": history,
+                "sums": dict(sums),
+            },
+            checkpoint,
+        )
 
-    bar = tqdm(total=epochs * per_epoch, initial=epoch * per_epoch + position, desc=desc, unit="step",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=epochs * per_epoch,
+        initial=epoch * per_epoch + position,
+        desc=desc,
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
     while epoch < epochs:
         model.train()
         sampler.set_epoch(epoch, skip=position)
@@ -275,15 +312,21 @@ def fit(
             sums["batches"] += 1
             now = time.perf_counter()
             images = len(batch["image"]) * runtime.world_size
-            row = {"step": index + 1, "epoch": epoch + 1, **scalars, "lr": optimizer.param_groups[0]["lr"],
-                   "images_per_s": images / max(now - tick, 1e-9)}
+            row = {
+                "step": index + 1,
+                "epoch": epoch + 1,
+                **scalars,
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": images / max(now - tick, 1e-9),
+            }
             if runtime.device.type == "cuda":
                 row["gpu_memory_mb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
             tick = now
             log.step(row)
             bar.update(1)
-            bar.set_postfix({"img/s": f"{row['images_per_s']:.0f}",
-                             **{k: f"{v:.3f}" for k, v in scalars.items() if k in LOSS_KEYS}})
+            bar.set_postfix(
+                {"img/s": f"{row['images_per_s']:.0f}", **{k: f"{v:.3f}" for k, v in scalars.items() if k in LOSS_KEYS}}
+            )
             if checkpoint_every and (index + 1) % checkpoint_every == 0 and position < per_epoch:
                 save(epoch, position)
         batches = max(sums.pop("batches", 0), 1)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from matplotlib.figure import Figure  # the OO API: no global pyplot state, works under any backend
 
-from .runs import atomic_write_bytes
+from .storage import atomic_write_bytes
 
 
 def _to_image(x: torch.Tensor):
@@ -76,8 +76,12 @@ def plot_explanations(
 
 
 def plot_curves(
-    curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *,
-    xlabel: str = "", ylabel: str = "", title: str | None = None,
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str | None = None,
 ) -> Path:
     """One line per name: ``curves[name] = (xs, ys)``."""
     fig = Figure(figsize=(5.5, 3.8))
@@ -94,13 +98,14 @@ def plot_curves(
     return save_figure(fig, Path(path))
 
 
-def plot_paired(rows: Sequence[tuple[str, Sequence[float], bool]], path: str | Path, *, xlabel: str = "",
-                title: str | None = None) -> Path:
+def plot_paired(
+    rows: Sequence[tuple[str, Sequence[float], bool]], path: str | Path, *, xlabel: str = "", title: str | None = None
+) -> Path:
     """One line per row ``(label, differences, holds)``: each difference as a dot, their mean as a
     bar (green where the row's verdict holds), and the zero line."""
     fig = Figure(figsize=(7.5, 0.45 * len(rows) + 1.4))
     ax = fig.subplots()
-    for i, (label, diffs, holds) in enumerate(reversed(list(rows))):
+    for i, (_label, diffs, holds) in enumerate(reversed(list(rows))):
         mean = sum(diffs) / len(diffs)
         ax.barh(i, mean, color="tab:green" if holds else "tab:gray", alpha=0.5, height=0.6)
         ax.plot(list(diffs), [i] * len(diffs), "o", color="black", markersize=3.5)

@@ -28,8 +28,9 @@ def dev_extra(module: str):
         return importlib.import_module(module)
     except ImportError as exc:
         if os.environ.get("CI"):
-            raise ImportError(f"{module} is missing but CI runs every test: install the dev extra "
-                              f"(pip install -e '.[dev]')") from exc
+            raise ImportError(
+                f"{module} is missing but CI runs every test: install the dev extra (pip install -e '.[dev]')"
+            ) from exc
         pytest.skip(f"{module} is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 
@@ -65,8 +66,6 @@ def tiny_pair():
     return teacher, student, x
 
 
-
-
 @pytest.fixture
 def disagreeing_pair():
     """A teacher and a student that disagree on every sample: the student is the teacher with its
@@ -85,5 +84,6 @@ def disagreeing_pair():
 def spread_images():
     """Four 8 x 8 images of very different brightness, to which TinyCNN(num_classes=3) seeded 10
     gives different top-1 classes (a test that must tell "each image's top-1" from one class uses them)."""
-    return torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.1, 1, 3, 6]).view(4, 1, 1, 1)
-
+    return torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.1, 1, 3, 6]).view(
+        4, 1, 1, 1
+    )

@@ -20,7 +20,8 @@ import yaml
 
 import e2kd
 from e2kd.cli import main
-from e2kd.distill import Distiller, explained_forward
+from e2kd.distill import Distiller
+from e2kd.explaining import explained_forward
 from e2kd.registry import registry
 
 from .conftest import TINY
@@ -68,8 +69,13 @@ VANISHING = pytest.mark.xfail(strict=True, reason="random-init B-cos DenseNet ma
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", [pytest.param(n, marks=VANISHING) if n in ("bcos_densenet121", "bcos_densenet169")
-                                  else n for n in sorted(BUILT_IN_MODELS)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=VANISHING) if n in ("bcos_densenet121", "bcos_densenet169") else n
+        for n in sorted(BUILT_IN_MODELS)
+    ],
+)
 def test_bf16_autocast_explains_and_trains_every_built_in_model(name, device):
     """Under bf16 autocast each built-in model explains — maps agree with fp32 to cosine > 0.9 (deep
     B-cos networks' input-level maps pass through every bf16 layer: 0.94 for a B-cos-v2 ResNet-50;
@@ -102,6 +108,7 @@ def test_bf16_autocast_explains_and_trains_every_built_in_model(name, device):
 
 # -- CUDA against the CPU -------------------------------------------------------------------
 
+
 @pytest.fixture
 def exact_float32():
     """No TF32 (CUDA matmuls and convolutions in full float32), restored afterwards."""
@@ -112,9 +119,14 @@ def exact_float32():
 
 
 @cuda_only
-@pytest.mark.parametrize("name, explainer, feature_resolution", [
-    ("timm", "gradcam", True), ("timm", "gradcam", False), ("bcos_small", "bcos", True),
-])
+@pytest.mark.parametrize(
+    "name, explainer, feature_resolution",
+    [
+        ("timm", "gradcam", True),
+        ("timm", "gradcam", False),
+        ("bcos_small", "bcos", True),
+    ],
+)
 def test_distiller_on_the_device_equals_the_cpu(name, explainer, feature_resolution, exact_float32):
     """The same e2KD step on the device and on the CPU: loss terms to 1e-4, gradients to 1e-3."""
     options, size = BUILT_IN_MODELS[name]
@@ -125,12 +137,20 @@ def test_distiller_on_the_device_equals_the_cpu(name, explainer, feature_resolut
     results = {}
     for device in ("cpu", TARGET):
         t, s = copy.deepcopy(teacher).to(device), copy.deepcopy(student).to(device)
-        distiller = Distiller(t, s, explainer=e2kd.get_explainer(explainer), similarity=e2kd.get_similarity("cosine"),
-                              lam=1.0, feature_resolution=feature_resolution)
+        distiller = Distiller(
+            t,
+            s,
+            explainer=e2kd.get_explainer(explainer),
+            similarity=e2kd.get_similarity("cosine"),
+            lam=1.0,
+            feature_resolution=feature_resolution,
+        )
         out = distiller(x.to(device))
         out["loss"].backward()
-        results[device] = ({k: out[k].item() for k in ("loss", "kd", "explanation")},
-                           torch.cat([p.grad.flatten() for p in s.parameters()]).cpu())
+        results[device] = (
+            {k: out[k].item() for k in ("loss", "kd", "explanation")},
+            torch.cat([p.grad.flatten() for p in s.parameters()]).cpu(),
+        )
     (cpu_terms, cpu_grad), (dev_terms, dev_grad) = results["cpu"], results[TARGET]
     assert cpu_terms["explanation"] > 1e-3
     assert dev_terms == pytest.approx(cpu_terms, rel=1e-4, abs=1e-6)
@@ -138,6 +158,7 @@ def test_distiller_on_the_device_equals_the_cpu(name, explainer, feature_resolut
 
 
 # -- the command line on the device ---------------------------------------------------------
+
 
 def _write(path, data):
     path.write_text(yaml.safe_dump(data))
@@ -153,11 +174,17 @@ def test_command_line_pipeline_on_the_device(tmp_path):
         train["device"] = TARGET
     teacher = _write(tmp_path / "t.yaml", {**TINY, "train": train, "out_dir": str(tmp_path / "t")})
     assert main(["train-teacher", str(teacher)]) == 0
-    student = {**TINY, "train": train, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-               "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")}}
-    runs = {"bf16": {"train": {**train, "precision": "bf16"}},
-            "fp16": {"train": {**train, "precision": "fp16"}},
-            "frozen": {"distill": {"teacher_mode": "frozen"}}}
+    student = {
+        **TINY,
+        "train": train,
+        "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+        "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+    }
+    runs = {
+        "bf16": {"train": {**train, "precision": "bf16"}},
+        "fp16": {"train": {**train, "precision": "fp16"}},
+        "frozen": {"distill": {"teacher_mode": "frozen"}},
+    }
     for run, change in runs.items():
         cfg = _write(tmp_path / f"{run}.yaml", {**student, **change, "out_dir": str(tmp_path / run)})
         assert main(["distill", str(cfg)]) == 0
@@ -166,8 +193,7 @@ def test_command_line_pipeline_on_the_device(tmp_path):
         assert all(float(r["loss"]) == float(r["loss"]) < 1e6 for r in steps), run  # finite
         if TARGET == "cuda":
             assert float(steps[-1]["gpu_memory_mb"]) > 0
-    assert main(["evaluate", str(tmp_path / "bf16"), str(tmp_path / "frozen"), "--out",
-                          str(tmp_path / "report")]) == 0
+    assert main(["evaluate", str(tmp_path / "bf16"), str(tmp_path / "frozen"), "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "explanations.png").is_file()
     metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert set(metrics["splits"]) == {"test_id", "test_ood"}
@@ -188,12 +214,39 @@ def test_torchrun_one_process_per_device(tmp_path):
         train["device"] = TARGET
     teacher = _write(tmp_path / "t.yaml", {**TINY, "train": train, "out_dir": str(tmp_path / "t")})
     assert main(["train-teacher", str(teacher)]) == 0
-    student = _write(tmp_path / "s.yaml", {**TINY, "train": train, "out_dir": str(tmp_path / "s"),
-                                           "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-                                           "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")}})
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                          "-m", "e2kd", "distill", str(student)], capture_output=True, text=True, timeout=300,
-                         cwd=ROOT, env=env)
+    student = _write(
+        tmp_path / "s.yaml",
+        {
+            **TINY,
+            "train": train,
+            "out_dir": str(tmp_path / "s"),
+            "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+        },
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "e2kd",
+            "distill",
+            str(student),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["history"][0]["explanation"] > 0

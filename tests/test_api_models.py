@@ -10,11 +10,23 @@ from pydantic import BaseModel
 from torch import nn
 
 from e2kd.api import (
-    Capture, Dataset, EvalBatch, Explainer, Metric, PluginItem, Similarity, _add_states,
+    Capture,
+    Dataset,
+    EvalBatch,
+    Explainer,
+    Metric,
+    PluginItem,
+    Similarity,
+    _add_states,
 )
 from e2kd.errors import ConfigError, ModelError
 from e2kd.models import (
-    build_from, default_layer_name, load_teacher, module_device, normalize_inputs, resolve_layer,
+    build_from,
+    default_layer_name,
+    load_teacher,
+    module_device,
+    normalize_inputs,
+    resolve_layer,
 )
 from e2kd.testing import TinyCNN
 
@@ -39,8 +51,12 @@ def test_capabilities_name_every_flag():
     class E(Explainer):
         needs_layer, extra_forwards, output_channels, differentiable = True, "steps", 3, False
 
-    assert E.capabilities() == {"differentiable": False, "needs_layer": True, "extra_forwards": "steps",
-                                "output_channels": 3}
+    assert E.capabilities() == {
+        "differentiable": False,
+        "needs_layer": True,
+        "extra_forwards": "steps",
+        "output_channels": 3,
+    }
 
     class S(Similarity):
         higher_is_better, feature_resolution = False, True
@@ -59,28 +75,18 @@ def test_capabilities_name_every_flag():
     assert PluginItem.capabilities() == {}
 
 
-def test_forwards_per_explanation_reads_a_number_or_the_named_option():
-    class Steps(BaseModel):
-        steps: int = 7
-
-    class Fixed(Explainer):
-        extra_forwards = 2
-
-    class Named(Explainer):
-        extra_forwards, Options = "steps", Steps
-
-    assert Fixed().forwards_per_explanation() == 2 and Named().forwards_per_explanation() == 7
-    assert Named(steps=3).forwards_per_explanation() == 3
-
-
 def test_a_dataset_keeps_its_options_and_seed_in_its_identity():
     class D(Dataset):
         name, Options = "d", _Options
 
     d = D(size=9)
     assert d.seed == 0 and d.options.size == 9
-    assert D(seed=4, name="y").identity("val") == {"dataset": "d", "split": "val", "seed": 4,
-                                                    "options": {"size": 3, "name": "y"}}
+    assert D(seed=4, name="y").identity("val") == {
+        "dataset": "d",
+        "split": "val",
+        "seed": 4,
+        "options": {"size": 3, "name": "y"},
+    }
 
 
 def test_eval_batch_availability_needs_both_halves_of_a_pair():
@@ -103,7 +109,11 @@ def test_metric_defaults_average_and_merge_states():
     m.update(EvalBatch(logits=torch.tensor([[1.0], [2.0]])))
     assert m.compute() == 1.5
     assert _add_states({"a": 1, "flag": False, "xs": [1, 2]}, {"a": 2, "flag": True, "xs": [3, 4], "b": 5}) == {
-        "a": 3, "flag": True, "xs": [4, 6], "b": 5}
+        "a": 3,
+        "flag": True,
+        "xs": [4, 6],
+        "b": 5,
+    }
     assert _add_states(True, False) is True and _add_states(False, False) is False
     assert _add_states((1, 2), (3, 4)) == (4, 6)
 
@@ -171,8 +181,11 @@ def test_normalize_inputs_subtracts_the_mean_and_divides_by_the_std_per_channel(
     assert model.input_mean.shape == (1, 3, 1, 1) and model.input_mean.dtype == torch.float32
     assert model.input_std.shape == (1, 3, 1, 1) and model.input_std.dtype == torch.float32
     assert model.state_dict() == {}  # non-persistent: checkpoints keep their keys
-    with pytest.raises(ModelError, match=r"^normalisation: mean and std need one value per channel and std > 0 "
-                                         r"\(got \[0.5\], \[0.0\]\)$"):
+    with pytest.raises(
+        ModelError,
+        match=r"^normalisation: mean and std need one value per channel and std > 0 "
+        r"\(got \[0.5\], \[0.0\]\)$",
+    ):
         normalize_inputs(nn.Identity(), [0.5], [0.0])
 
 
@@ -196,8 +209,11 @@ def test_layers_resolve_by_name_with_a_hint_or_the_last_declared_stage():
     model.feature_info = FeatureInfo()
     assert default_layer_name(model) == "feat"
     bare = nn.Sequential(nn.Conv2d(3, 3, 1))
-    with pytest.raises(ModelError, match=r"^rollout: model Sequential declares no feature stages \(feature_info\); "
-                                         r"set option 'layer' to a module name$"):
+    with pytest.raises(
+        ModelError,
+        match=r"^rollout: model Sequential declares no feature stages \(feature_info\); "
+        r"set option 'layer' to a module name$",
+    ):
         resolve_layer(bare, None, who="rollout")
     with pytest.raises(ModelError, match=r"^explainer: model Sequential declares no feature stages"):
         default_layer_name(bare)
@@ -220,6 +236,9 @@ def test_the_teacher_is_built_with_its_checkpoint_or_refused_in_one_line(tmp_pat
         assert torch.equal(a, b)
     with pytest.raises(ConfigError, match=r"^distillation needs a 'teacher' section \(name, options, checkpoint\)$"):
         load_teacher(SimpleNamespace(teacher=None), dataset)
-    with pytest.raises(ConfigError, match=r"^teacher.checkpoint: a trained teacher is required \(run `e2kd "
-                                          r"train-teacher` first\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^teacher.checkpoint: a trained teacher is required \(run `e2kd "
+        r"train-teacher` first\)$",
+    ):
         load_teacher(SimpleNamespace(teacher=SimpleNamespace(**{**vars(ref), "checkpoint": None})), dataset)

@@ -36,8 +36,11 @@ CASES: dict[str, tuple[str, dict[str, Any], int]] = {  # case -> (builder, optio
     "bcos_small": ("bcos_small", {}, 32),
     "bcos_small_two_blocks": ("bcos_small", {"widths": [4, 6], "blocks": 2}, 16),
     "bcos_vit_tiny": ("bcos_vit_tiny", {}, 224),
-    "bcos_vit_tiny_small": ("bcos_vit_tiny", {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2,
-                                              "num_heads": 3}, 32),
+    "bcos_vit_tiny_small": (
+        "bcos_vit_tiny",
+        {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 3},
+        32,
+    ),
     "bcos_v2_resnet18": ("bcos_v2_resnet18", {}, 64),
     "bcos_v2_resnet50": ("bcos_v2_resnet50", {}, 64),
     "bcos_v2_densenet121": ("bcos_v2_densenet121", {}, 64),
@@ -52,17 +55,29 @@ def describe(builder: str, options: dict[str, Any], size: int, num_classes: int 
     stage and at the logits, of the model built on the meta device."""
     with torch.device("meta"):
         model = REGISTRY.create("model", builder, options).build(num_classes)
-    stages = [dict(entry) for entry in (getattr(getattr(model, "feature_info", None), "info", None)
-                                        or getattr(model, "feature_info", None) or [])]
+    stages = [
+        dict(entry)
+        for entry in (
+            getattr(getattr(model, "feature_info", None), "info", None) or getattr(model, "feature_info", None) or []
+        )
+    ]
     seen: dict[str, list[int]] = {}
-    hooks = [model.get_submodule(s["module"]).register_forward_hook(
-        lambda m, i, out, name=s["module"]: seen.__setitem__(name, list(out.shape))) for s in stages]
+    hooks = [
+        model.get_submodule(s["module"]).register_forward_hook(
+            lambda m, i, out, name=s["module"]: seen.__setitem__(name, list(out.shape))
+        )
+        for s in stages
+    ]
     logits = model.eval()(torch.zeros(2, 3, size, size, device="meta"))
     for hook in hooks:
         hook.remove()
-    return {"state_dict": [[k, list(v.shape)] for k, v in model.state_dict().items()],
-            "feature_info": stages, "stage_shapes": seen, "logits": list(logits.shape),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "state_dict": [[k, list(v.shape)] for k, v in model.state_dict().items()],
+        "feature_info": stages,
+        "stage_shapes": seen,
+        "logits": list(logits.shape),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def digest(description: dict[str, Any]) -> str:
@@ -76,7 +91,8 @@ def test_architecture_is_the_snapshot(case):
     assert description["logits"] == [2, 7]
     assert (description["parameters"], digest(description)) == (snapshot["parameters"], snapshot["digest"]), (
         f"the architecture of {case!r} changed: checkpoints saved before will not load. If that is deliberate, "
-        f"regenerate with python -m tests.test_architectures")
+        f"regenerate with python -m tests.test_architectures"
+    )
 
 
 def test_the_snapshot_tells_architectures_apart():
@@ -86,10 +102,19 @@ def test_the_snapshot_tells_architectures_apart():
 
 def test_bcos_resnet_stages_halve_the_resolution_from_a_stride_4_stem():
     d = describe("bcos_resnet18", {}, 64)
-    assert d["stage_shapes"] == {"stages.0": [2, 64, 16, 16], "stages.1": [2, 128, 8, 8], "stages.2": [2, 256, 4, 4],
-                                 "stages.3": [2, 512, 2, 2]}
+    assert d["stage_shapes"] == {
+        "stages.0": [2, 64, 16, 16],
+        "stages.1": [2, 128, 8, 8],
+        "stages.2": [2, 256, 4, 4],
+        "stages.3": [2, 512, 2, 2],
+    }
     small = describe("bcos_resnet50", {"small_input": True}, 32)
-    assert small["stage_shapes"]["stages.0"] == [2, 256, 32, 32] and small["stage_shapes"]["stages.3"] == [2, 2048, 4, 4]
+    assert small["stage_shapes"]["stages.0"] == [2, 256, 32, 32] and small["stage_shapes"]["stages.3"] == [
+        2,
+        2048,
+        4,
+        4,
+    ]
     assert [s["num_chs"] for s in small["feature_info"]] == [256, 512, 1024, 2048]
     keys = dict(d["state_dict"])
     assert keys["stem.0.0.weight"][:2] == [64, 6] and keys["classifier.weight"][:2] == [7, 512]
@@ -119,7 +144,9 @@ def test_timm_models_normalise_their_input_with_the_archs_mean_and_std_or_the_gi
     default = REGISTRY.create("model", "timm", {"arch": "resnet18"}).build(4)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])  # resnet18's config
     torch.testing.assert_close(first_conv_input(default), (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
-    given = REGISTRY.create("model", "timm", {"arch": "resnet18", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]}).build(4)
+    given = REGISTRY.create(
+        "model", "timm", {"arch": "resnet18", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]}
+    ).build(4)
     torch.testing.assert_close(first_conv_input(given), (x - 0.5) / torch.tensor([0.25, 0.5, 1.0]).view(1, 3, 1, 1))
     raw = REGISTRY.create("model", "timm", {"arch": "resnet18", "normalize": False}).build(4)
     torch.testing.assert_close(first_conv_input(raw), x)
@@ -133,8 +160,11 @@ def test_timm_refuses_unknown_archs_and_downloads():
     with pytest.raises(ModelError, match=r"^timm: unknown arch 'resnet_nineteen' \(see timm.list_models\(\)\)$"):
         REGISTRY.create("model", "timm", {"arch": "resnet_nineteen"}).build(3)
     for kwargs in ({"pretrained": True}, {"pretrained_cfg_overlay": {}}):
-        with pytest.raises(PluginError, match=r"^model 'timm': options.kwargs: Value error, pretrained weights are "
-                                              r"never downloaded; give a local file in 'checkpoint' instead"):
+        with pytest.raises(
+            PluginError,
+            match=r"^model 'timm': options.kwargs: Value error, pretrained weights are "
+            r"never downloaded; give a local file in 'checkpoint' instead",
+        ):
             REGISTRY.create("model", "timm", {"arch": "resnet18", "kwargs": kwargs})
     model = REGISTRY.create("model", "timm", {"arch": "resnet18", "kwargs": {"pretrained": False}}).build(5)
     assert model.fc.out_features == 5
@@ -155,11 +185,14 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-@pytest.mark.parametrize("cfg, mean, std", [
-    (None, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # no config: ImageNet's statistics
-    ({}, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ({"mean": (0.5, 0.25, 0.0), "std": (0.5, 0.5, 2.0)}, [0.5, 0.25, 0.0], [0.5, 0.5, 2.0]),
-])
+@pytest.mark.parametrize(
+    "cfg, mean, std",
+    [
+        (None, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # no config: ImageNet's statistics
+        ({}, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ({"mean": (0.5, 0.25, 0.0), "std": (0.5, 0.5, 2.0)}, [0.5, 0.25, 0.0], [0.5, 0.5, 2.0]),
+    ],
+)
 def test_timm_normalisation_comes_from_the_pretrained_config_or_imagenets(monkeypatch, cfg, mean, std):
     import timm
     from torch import nn

@@ -38,7 +38,9 @@ def test_bcos_package_simple_vit_state_dict_gives_same_logits_and_weights(tmp_pa
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = simple_vit_ti_patch16_224(pretrained=False, num_classes=10).double().eval()  # B-cos config, random weights
+        ref = (
+            simple_vit_ti_patch16_224(pretrained=False, num_classes=10).double().eval()
+        )  # B-cos config, random weights
     path = tmp_path / "vit.pt"
     torch.save(ref.state_dict(), path)
     ours = build_model("bcos_v2_simple_vit_ti", {"logit_bias": ref[1].logit_bias}, 10, checkpoint=path).double().eval()

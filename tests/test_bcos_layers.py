@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from e2kd.registry import isolated_registry
 from e2kd_plugins.bcos.layers import (
-    BcosConv2d, BcosLinear, DynamicLayerNorm, DynamicMatmul, LogitBias, UncenteredBatchNorm2d, dynamic_mul,
+    BcosConv2d,
+    BcosLinear,
+    DynamicLayerNorm,
+    DynamicMatmul,
+    LogitBias,
+    UncenteredBatchNorm2d,
+    dynamic_mul,
     explanation_mode,
 )
 from e2kd_plugins.bcos.vit import Attention, Block
@@ -38,9 +44,12 @@ def test_bcos_conv_by_hand_at_every_output(b, stride, padding):
     for o in range(3):
         for i in range(out.shape[2]):
             for j in range(out.shape[3]):
-                patch = padded[0, :, i * stride:i * stride + 3, j * stride:j * stride + 3]
-                want = _bcos_by_hand(patch, conv.weight[o], b, conv.eps) if b != 1 else (
-                    conv.weight[o].flatten() / conv.weight[o].flatten().norm()) @ patch.flatten()
+                patch = padded[0, :, i * stride : i * stride + 3, j * stride : j * stride + 3]
+                want = (
+                    _bcos_by_hand(patch, conv.weight[o], b, conv.eps)
+                    if b != 1
+                    else (conv.weight[o].flatten() / conv.weight[o].flatten().norm()) @ patch.flatten()
+                )
                 torch.testing.assert_close(out[0, o, i, j], want)
     assert "ones" not in conv.state_dict() and set(conv.state_dict()) == {"weight"}
 
@@ -114,8 +123,9 @@ def test_dynamic_products_have_the_plain_gradient_outside_explanation_mode_and_c
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     with explanation_mode():
-        grads = torch.autograd.grad((DynamicMatmul.apply(weights, values) * upstream).sum(), (weights, values),
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            (DynamicMatmul.apply(weights, values) * upstream).sum(), (weights, values), allow_unused=True
+        )
     assert grads[0] is None
     torch.testing.assert_close(grads[1], want[1])
 
@@ -134,11 +144,14 @@ def test_vit_attention_and_block_by_hand():
     torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)))
 
 
-@pytest.mark.parametrize("name, options, size", [
-    ("bcos_small", {"widths": [4, 6]}, 16),
-    ("bcos_densenet121", {"small_input": True, "growth": 4, "init": 8}, 8),
-    ("bcos_vit_tiny", {"img_size": 16, "patch_size": 8, "embed_dim": 12, "depth": 1, "num_heads": 2}, 16),
-])
+@pytest.mark.parametrize(
+    "name, options, size",
+    [
+        ("bcos_small", {"widths": [4, 6]}, 16),
+        ("bcos_densenet121", {"small_input": True, "growth": 4, "init": 8}, 8),
+        ("bcos_vit_tiny", {"img_size": 16, "patch_size": 8, "embed_dim": 12, "depth": 1, "num_heads": 2}, 16),
+    ],
+)
 def test_the_contribution_map_sums_to_the_logit_minus_its_bias(name, options, size):
     torch.manual_seed(5)
     model = REGISTRY.create("model", name, options).build(4).double().eval()
@@ -164,8 +177,11 @@ def test_the_bcos_explainer_refuses_other_models_and_a_capture_never_run():
     from e2kd.testing import TinyCNN
 
     explainer = REGISTRY.create("explainer", "bcos")
-    with pytest.raises(ModelError, match=r"^bcos: TinyCNN is not a B-cos network \(needs bcos = True and one "
-                                         r"AddInverse input encoding\); use a bcos_\* model or another explainer$"):
+    with pytest.raises(
+        ModelError,
+        match=r"^bcos: TinyCNN is not a B-cos network \(needs bcos = True and one "
+        r"AddInverse input encoding\); use a bcos_\* model or another explainer$",
+    ):
         explainer.check_model(TinyCNN())
     unmarked = REGISTRY.create("model", "bcos_small", {"widths": [4]}).build(3)
     unmarked.bcos = False
@@ -213,8 +229,14 @@ def test_dynamic_matmul_under_cpu_autocast_saves_operands_in_the_product_dtype()
 
 def test_vit_adds_position_embeddings_and_reads_the_class_token():
     torch.manual_seed(9)
-    model = REGISTRY.create("model", "bcos_vit_tiny", {"img_size": 16, "patch_size": 8, "embed_dim": 12, "depth": 1,
-                                                        "num_heads": 2}).build(3).double().eval()
+    model = (
+        REGISTRY.create(
+            "model", "bcos_vit_tiny", {"img_size": 16, "patch_size": 8, "embed_dim": 12, "depth": 1, "num_heads": 2}
+        )
+        .build(3)
+        .double()
+        .eval()
+    )
     assert 0.01 < float(model.pos_embed.detach().std()) < 0.03  # initialised at std 0.02
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     tokens = model.patch_embed(model.encode(x))
@@ -240,7 +262,10 @@ def test_the_bcos_explainer_needs_the_bcos_flag_as_well_as_the_encoding():
 
 @pytest.mark.parametrize("options", [{"img_size": 30, "patch_size": 8}, {"embed_dim": 13, "num_heads": 2}])
 def test_the_vit_builder_refuses_sizes_that_do_not_divide(options):
-    builder = REGISTRY.create("model", "bcos_vit_tiny", {"img_size": 32, "patch_size": 8, "embed_dim": 12, "depth": 1,
-                                                          "num_heads": 2, **options})
+    builder = REGISTRY.create(
+        "model",
+        "bcos_vit_tiny",
+        {"img_size": 32, "patch_size": 8, "embed_dim": 12, "depth": 1, "num_heads": 2, **options},
+    )
     with pytest.raises(ValueError, match=r"^img_size must be a multiple of patch_size and embed_dim of num_heads$"):
         builder.build(3)

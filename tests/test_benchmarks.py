@@ -14,17 +14,43 @@ ROOT = Path(__file__).resolve().parent.parent
 def _bench(tmp_path, script: str, *args: str, timeout: int = 300) -> dict:
     """Run ``benchmarks/<script>`` with ``args`` and return the JSON it wrote."""
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
-                   check=True, capture_output=True, text=True, timeout=timeout)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return json.loads(out.read_text())
 
 
 def test_distill_step_benchmark_smoke(tmp_path):
-    result = _bench(tmp_path, "bench_distill_step.py", "--teacher-arch", "resnet18", "--image-size", "64",
-                    "--batch-size", "2", "--num-classes", "5", "--repeats", "2", "--warmup", "0")
-    for key in ("ratio_e2kd_over_kd", "ratio_frozen_e2kd_over_frozen_kd", "ratio_frozen_e2kd_over_live_e2kd",
-                "ratio_e2kd_over_hand_e2kd", "ratio_kd_over_hand_kd", "ratio_e2kd_every_over_kd", "ratio_e2kd_closed_over_kd",
-                "ratio_e2kd_upsampled_over_kd"):
+    result = _bench(
+        tmp_path,
+        "bench_distill_step.py",
+        "--teacher-arch",
+        "resnet18",
+        "--image-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--num-classes",
+        "5",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+    )
+    for key in (
+        "ratio_e2kd_over_kd",
+        "ratio_frozen_e2kd_over_frozen_kd",
+        "ratio_frozen_e2kd_over_live_e2kd",
+        "ratio_e2kd_over_hand_e2kd",
+        "ratio_kd_over_hand_kd",
+        "ratio_e2kd_every_over_kd",
+        "ratio_e2kd_closed_over_kd",
+        "ratio_e2kd_upsampled_over_kd",
+    ):
         assert result[key] > 0
     assert all(len(t) == 2 for t in result["step_times_s"].values())
     times, k = result["step_times_s"], result["explain_every"]
@@ -38,9 +64,26 @@ def test_distill_step_benchmark_smoke(tmp_path):
 
 
 def test_distill_step_benchmark_bcos_smoke(tmp_path):
-    result = _bench(tmp_path, "bench_distill_step.py", "--family", "bcos", "--arch", "resnet18", "--teacher-arch",
-                    "resnet18", "--image-size", "32", "--batch-size", "2", "--num-classes", "5", "--repeats", "1",
-                    "--warmup", "0")
+    result = _bench(
+        tmp_path,
+        "bench_distill_step.py",
+        "--family",
+        "bcos",
+        "--arch",
+        "resnet18",
+        "--teacher-arch",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--num-classes",
+        "5",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+    )
     assert set(result["step_times_s"]) == {"kd", "e2kd", "e2kd_every"}
     assert result["ratio_e2kd_over_kd"] > 0 and result["ratio_e2kd_over_hand_e2kd"] is None
 
@@ -51,21 +94,63 @@ def test_localisation_benchmark_smoke(tmp_path):
 
 
 def test_explainers_benchmark_smoke(tmp_path):
-    result = _bench(tmp_path, "bench_explainers.py", "--image-size", "32", "--batch-size", "2", "--repeats", "1",
-                    "--throughput-batch", "1", timeout=600)
-    assert set(result["step_ratios"]) == {"gradcam", "gradient", "input_x_gradient", "integrated_gradients", "bcos", "rollout"}
+    result = _bench(
+        tmp_path,
+        "bench_explainers.py",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "1",
+        "--throughput-batch",
+        "1",
+        timeout=600,
+    )
+    assert set(result["step_ratios"]) == {
+        "gradcam",
+        "gradient",
+        "input_x_gradient",
+        "integrated_gradients",
+        "bcos",
+        "rollout",
+    }
     assert all(r["ratio_e2kd_over_kd"] > 0 for r in result["step_ratios"].values())
     assert result["gradcam_throughput"]["ours_over_captum"] > 0
 
 
 def test_loader_benchmark_smoke(tmp_path):
-    result = _bench(tmp_path, "bench_loader.py", "--images", "20", "--size", "48", "--batch-size", "8", "--workers", "0",
-                    "--repeats", "1")
+    result = _bench(
+        tmp_path,
+        "bench_loader.py",
+        "--images",
+        "20",
+        "--size",
+        "48",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--repeats",
+        "1",
+    )
     rates = result["workers_0"]["images_per_s"]
     assert set(rates) == {"e2kd train", "hand train", "e2kd eval", "hand eval"} and all(v > 0 for v in rates.values())
 
 
 def test_epoch_benchmark_smoke(tmp_path):
-    result = _bench(tmp_path, "bench_epoch.py", "--classes", "2", "--per-class", "4", "--image-size", "32",
-                    "--batch-size", "4", "--workers", "0")
+    result = _bench(
+        tmp_path,
+        "bench_epoch.py",
+        "--classes",
+        "2",
+        "--per-class",
+        "4",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+    )
     assert result["kd"]["steps"] == 2 and result["e2kd"]["median_images_per_s"] > 0

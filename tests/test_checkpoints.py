@@ -43,12 +43,16 @@ def test_safetensors_is_detected_by_content(tmp_path, name):
     _assert_same_weights(source, target)
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda s: {"state_dict": {f"model.{k}": v for k, v in s.items()}, "epoch": 3, "global_step": 10},  # Lightning
-    lambda s: {"model": {f"module.{k}": v for k, v in s.items()}, "optimizer": {"lr": 0.1}},           # DDP + e2kd
-    lambda s: {"model_state_dict": {f"_orig_mod.{k}": v for k, v in s.items()}},                      # torch.compile
-    lambda s: {f"module.model.{k}": v for k, v in s.items()},                                          # DDP around Lightning
-], ids=["lightning", "ddp", "compiled", "two_prefixes"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: {"state_dict": {f"model.{k}": v for k, v in s.items()}, "epoch": 3, "global_step": 10},  # Lightning
+        lambda s: {"model": {f"module.{k}": v for k, v in s.items()}, "optimizer": {"lr": 0.1}},  # DDP + e2kd
+        lambda s: {"model_state_dict": {f"_orig_mod.{k}": v for k, v in s.items()}},  # torch.compile
+        lambda s: {f"module.model.{k}": v for k, v in s.items()},  # DDP around Lightning
+    ],
+    ids=["lightning", "ddp", "compiled", "two_prefixes"],
+)
 def test_nested_and_prefixed_training_checkpoints_load(tmp_path, wrap):
     source, target = _model(0), _model(1)
     torch.save(wrap(source.state_dict()), tmp_path / "last.ckpt")
@@ -77,8 +81,11 @@ def test_hub_style_name_has_its_hash_checked(tmp_path):
     wrong_hash = ("f" if digest[0] != "f" else "e") + digest[1:8]
     bad = tmp_path / f"tinycnn-{wrong_hash}.pth"
     bad.write_bytes(raw.read_bytes()[:-10] + b"0" * 10)  # a damaged download
-    with pytest.raises(ModelError, match=rf"tinycnn-{wrong_hash}\.pth: its name says SHA-256 {wrong_hash}…, the file's is "
-                                         rf"[0-9a-f]{{8}}…; the download is incomplete or corrupt"):
+    with pytest.raises(
+        ModelError,
+        match=rf"tinycnn-{wrong_hash}\.pth: its name says SHA-256 {wrong_hash}…, the file's is "
+        rf"[0-9a-f]{{8}}…; the download is incomplete or corrupt",
+    ):
         load_weights(_model(1), bad)
 
 
@@ -105,7 +112,9 @@ def test_pickled_objects_are_refused_without_being_run(tmp_path):
         pickle.Pickler(f, protocol=2).dump({"fc.weight": torch.zeros(1), "payload": _Sentinel(marker)})
     torch.save(_model(0), tmp_path / "whole_model.pt")  # torch.save(model): pickled classes
     for name in ("evil.pt", "whole_model.pt"):
-        with pytest.raises(ModelError, match=rf"{name}: .*e2kd does not unpickle those: save model.state_dict\(\) instead"):
+        with pytest.raises(
+            ModelError, match=rf"{name}: .*e2kd does not unpickle those: save model.state_dict\(\) instead"
+        ):
             load_weights(_model(1), tmp_path / name)
     assert not marker.exists()
 
@@ -117,7 +126,10 @@ def test_a_plain_pickle_of_another_protocol_is_refused_without_torchs_warning(tm
         pickle.Pickler(f, protocol=4).dump({"fc.weight": [1.0, 2.0], "payload": _Sentinel(tmp_path / "ran")})
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")  # torch warns "Detected pickle protocol 4 ... please file an issue"
-        with pytest.raises(ModelError, match=r"plain.pkl: neither a safetensors nor a torch.save file \(it does not unpickle as tensors\)"):
+        with pytest.raises(
+            ModelError,
+            match=r"plain.pkl: neither a safetensors nor a torch.save file \(it does not unpickle as tensors\)",
+        ):
             load_weights(_model(1), tmp_path / "plain.pkl")
     assert [str(w.message) for w in shown] == []
     assert not (tmp_path / "ran").exists()
@@ -131,7 +143,11 @@ def test_a_truncated_torch_file_is_one_line_naming_the_error(tmp_path):
         load_weights(_model(1), tmp_path / "cut.pt")
     message = str(info.value)
     assert message.startswith(f"checkpoint {tmp_path / 'cut.pt'}: neither a safetensors nor a torch.save file (")
-    assert "\n" not in message and message.split("(", 1)[1].split(":", 1)[0] in ("RuntimeError", "UnpicklingError", "EOFError")
+    assert "\n" not in message and message.split("(", 1)[1].split(":", 1)[0] in (
+        "RuntimeError",
+        "UnpicklingError",
+        "EOFError",
+    )
 
 
 def test_nested_wrapper_prefixes_are_removed_in_any_order():
@@ -154,12 +170,12 @@ def test_safetensors_is_recognised_by_its_header_alone(tmp_path):
         return path
 
     header = b'{"a": 1}'
-    assert is_safetensors(file(struct.pack("<Q", len(header)) + header))            # length = size - 8 exactly
+    assert is_safetensors(file(struct.pack("<Q", len(header)) + header))  # length = size - 8 exactly
     assert is_safetensors(file(struct.pack("<Q", len(header)) + header + b"data"))
-    assert not is_safetensors(file(struct.pack("<Q", len(header) + 1) + header))    # longer than the file
+    assert not is_safetensors(file(struct.pack("<Q", len(header) + 1) + header))  # longer than the file
     assert not is_safetensors(file(struct.pack("<Q", len(header)) + b"[" + header[1:]))  # no '{'
-    assert not is_safetensors(file(struct.pack("<Q", 0) + b"{"))                      # an empty header
-    assert not is_safetensors(file(b"{" * 8))                                         # shorter than 9 bytes
+    assert not is_safetensors(file(struct.pack("<Q", 0) + b"{"))  # an empty header
+    assert not is_safetensors(file(b"{" * 8))  # shorter than 9 bytes
     assert not is_safetensors(file(b""))
 
 
@@ -190,16 +206,21 @@ def test_a_mismatch_names_missing_unexpected_and_shapes(tmp_path):
 _SAFETENSORS_HEAD = struct.pack("<Q", 40) + b'{"w": {"dtype": "F32", "shape": [4], '  # cut off
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"not a checkpoint at all", "neither a safetensors nor a torch.save file"),
-    ({"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}},
-     "holds no state dict (top-level keys 'epoch', 'optimizer'; weights are looked for at the top level and under "
-     "state_dict, model, model_state_dict, module)"),
-    ([torch.zeros(2)], "holds a list, not a state dict"),
-    ({}, "holds no state dict (top-level keys ;"),
-    (_SAFETENSORS_HEAD + b"\0" * 12, "a damaged safetensors file"),
-    ("missing", "file not found (train it first or fix the path)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a checkpoint at all", "neither a safetensors nor a torch.save file"),
+        (
+            {"epoch": 3, "optimizer": {"lr": torch.tensor(0.1)}},
+            "holds no state dict (top-level keys 'epoch', 'optimizer'; weights are looked for at the top level and under "
+            "state_dict, model, model_state_dict, module)",
+        ),
+        ([torch.zeros(2)], "holds a list, not a state dict"),
+        ({}, "holds no state dict (top-level keys ;"),
+        (_SAFETENSORS_HEAD + b"\0" * 12, "a damaged safetensors file"),
+        ("missing", "file not found (train it first or fix the path)"),
+    ],
+)
 def test_unreadable_files_get_one_line(tmp_path, content, message):
     path = tmp_path / "x.pt"
     if isinstance(content, bytes):
@@ -226,9 +247,17 @@ def test_a_lightning_checkpoint_is_a_teacher_for_distill(tmp_path):
     state = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 1}, tmp_path / "teacher.ckpt")
     student_cfg = tmp_path / "s.yaml"
-    student_cfg.write_text(yaml.safe_dump({
-        **TINY, "out_dir": str(tmp_path / "s"), "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-        "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "teacher.ckpt")}, "train": {**TINY["train"], "epochs": 1}}))
+    student_cfg.write_text(
+        yaml.safe_dump(
+            {
+                **TINY,
+                "out_dir": str(tmp_path / "s"),
+                "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+                "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "teacher.ckpt")},
+                "train": {**TINY["train"], "epochs": 1},
+            }
+        )
+    )
     assert main(["distill", str(student_cfg)]) == 0
     teacher = e2kd.get_model_builder(TINY["model"]["name"], **TINY["model"]["options"]).build(3)
     load_weights(teacher, tmp_path / "teacher.ckpt")

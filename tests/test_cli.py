@@ -10,14 +10,15 @@ from e2kd.cli import main
 from .conftest import TINY
 
 
-
 def _write(path, data):
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 def test_plugins_json_lists_kind_name_distribution_description():
-    out = subprocess.run([sys.executable, "-m", "e2kd", "plugins", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "e2kd", "plugins", "--json"], capture_output=True, text=True, check=True
+    )
     items = json.loads(out.stdout)
     assert {"kind", "name", "distribution", "description"} <= set(items[0])
     assert ("explainer", "gradcam") in {(i["kind"], i["name"]) for i in items}
@@ -48,12 +49,19 @@ def test_train_distill_evaluate_round_trip(tmp_path, capsys):
     env = json.loads((teacher_dir / "env.json").read_text())
     assert env["seed"] == 0 and env["packages"]["torch"]
 
-    student_cfg = _write(tmp_path / "student.yaml", {
-        **TINY, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-        "teacher": {**TINY["model"], "checkpoint": str(teacher_dir / "model.pt")},
-        "distill": {"lam": 1.0}, "out_dir": str(tmp_path / "unused"),
-    })
-    assert main(["distill", str(student_cfg), "--set", "distill.temperature=2", "--out", str(tmp_path / "student")]) == 0
+    student_cfg = _write(
+        tmp_path / "student.yaml",
+        {
+            **TINY,
+            "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+            "teacher": {**TINY["model"], "checkpoint": str(teacher_dir / "model.pt")},
+            "distill": {"lam": 1.0},
+            "out_dir": str(tmp_path / "unused"),
+        },
+    )
+    assert (
+        main(["distill", str(student_cfg), "--set", "distill.temperature=2", "--out", str(tmp_path / "student")]) == 0
+    )
     metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert set(metrics["splits"]) == {"test_id", "test_ood"}
     assert set(metrics["splits"]["test_ood"]) == {"accuracy", "agreement", "explanation_similarity"}
@@ -125,8 +133,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, args, messag
 
 
 def test_distill_without_trained_teacher_is_refused(tmp_path, capsys):
-    cfg = _write(tmp_path / "s.yaml", {**TINY, "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "none.pt")},
-                                       "out_dir": str(tmp_path / "s")})
+    cfg = _write(
+        tmp_path / "s.yaml",
+        {**TINY, "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "none.pt")}, "out_dir": str(tmp_path / "s")},
+    )
     assert main(["distill", str(cfg)]) == 2
     assert "none.pt: file not found" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
@@ -160,12 +170,19 @@ def test_corrupt_resume_checkpoint_is_refused(tmp_path, capsys):
 
 
 def test_missing_layer_in_config_fails_before_training(tmp_path, capsys):
-    teacher_cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")})
+    teacher_cfg = _write(
+        tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")}
+    )
     assert main(["train-teacher", str(teacher_cfg)]) == 0
-    cfg = _write(tmp_path / "s.yaml", {
-        **TINY, "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
-        "distill": {"explainer": {"name": "gradcam", "options": {"layer": "stages.9"}}}, "out_dir": str(tmp_path / "s"),
-    })
+    cfg = _write(
+        tmp_path / "s.yaml",
+        {
+            **TINY,
+            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+            "distill": {"explainer": {"name": "gradcam", "options": {"layer": "stages.9"}}},
+            "out_dir": str(tmp_path / "s"),
+        },
+    )
     capsys.readouterr()
     assert main(["distill", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
@@ -190,7 +207,10 @@ def test_demo_e2kd_beats_kd_over_three_seeds(tmp_path):
     assert mean("e2KD", "test_ood", "accuracy") >= mean("KD", "test_ood", "accuracy")
     assert mean("e2KD", "test_id", "agreement") >= mean("KD", "test_id", "agreement")
     # the frozen teacher keeps the benefit
-    assert mean("e2KD frozen", "test_ood", "explanation_similarity") > mean("KD", "test_ood", "explanation_similarity") + 0.05
+    assert (
+        mean("e2KD frozen", "test_ood", "explanation_similarity")
+        > mean("KD", "test_ood", "explanation_similarity") + 0.05
+    )
     assert mean("e2KD frozen", "test_ood", "accuracy") >= mean("KD", "test_ood", "accuracy")
 
 
@@ -202,16 +222,32 @@ def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
         cfg = _write(tmp_path / f"{name}.yaml", {**base, "distill": {"lam": lam}, "out_dir": str(tmp_path / name)})
         assert main(["distill", str(cfg)]) == 0
     capsys.readouterr()
-    metrics = "accuracy,agreement,kl_divergence,explanation_similarity,epg,explanation_iou,group_accuracy,shift_equivariance"
-    assert main(["evaluate", str(tmp_path / "kd"), str(tmp_path / "e2kd"), "--out", str(tmp_path / "report"),
-                 "--metrics", metrics]) == 0
+    metrics = (
+        "accuracy,agreement,kl_divergence,explanation_similarity,epg,explanation_iou,group_accuracy,shift_equivariance"
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "kd"),
+                str(tmp_path / "e2kd"),
+                "--out",
+                str(tmp_path / "report"),
+                "--metrics",
+                metrics,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     ood = report["e2kd"]["splits"]["test_ood"]
     assert set(ood) == set(metrics.split(","))
     assert 0 <= ood["epg"] <= 1 and set(ood["shift_equivariance"]) == {f"shift_{t}" for t in range(9)}
     curve = ood["shift_equivariance"]  # (its values are checked by hand in test_metrics)
     assert all(-1 - 1e-6 <= v <= 1 + 1e-6 for v in curve.values()) and curve["shift_8"] < 0.999
-    assert ood["group_accuracy"]["out_of_distribution"] == pytest.approx(ood["accuracy"])  # OOD set: no matching background
+    assert ood["group_accuracy"]["out_of_distribution"] == pytest.approx(
+        ood["accuracy"]
+    )  # OOD set: no matching background
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.startswith("| run | test_id/accuracy") and "| kd |" in md and "| e2kd |" in md
     for name in ("explanations.png", "shift.png"):
@@ -222,12 +258,20 @@ def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
     assert set(alone["splits"]["test_id"]) == {"accuracy", "epg"} and alone["skipped"] == {"agreement": "needs teacher"}
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["distil", "x.yaml"], "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, "
-                           "train-teacher, distill, "),
-    (["plugins", "--kind", "explainr"], "e2kd plugins: error: unknown choice 'explainr'; did you mean 'explainer'?"),
-    (["distill"], "e2kd distill: error: the following arguments are required: config (see e2kd distill --help)"),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["distil", "x.yaml"],
+            "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, train-teacher, distill, ",
+        ),
+        (
+            ["plugins", "--kind", "explainr"],
+            "e2kd plugins: error: unknown choice 'explainr'; did you mean 'explainer'?",
+        ),
+        (["distill"], "e2kd distill: error: the following arguments are required: config (see e2kd distill --help)"),
+    ],
+)
 def test_command_line_mistakes_are_one_line(argv, line, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -46,33 +46,51 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 def test_unknown_key_suggests(tmp_path):
-    _one_line_error(load_config, _write(tmp_path, "distill: {lamda: 1}\n"), match=r"distill.lamda: unknown key; did you mean 'lam'")
+    _one_line_error(
+        load_config, _write(tmp_path, "distill: {lamda: 1}\n"), match=r"distill.lamda: unknown key; did you mean 'lam'"
+    )
 
 
 def test_ill_typed_value(tmp_path):
-    _one_line_error(load_config, _write(tmp_path, "train: {epochs: many}\n"), match=r"train.epochs: Input should be a valid integer")
+    _one_line_error(
+        load_config, _write(tmp_path, "train: {epochs: many}\n"), match=r"train.epochs: Input should be a valid integer"
+    )
 
 
 def test_unknown_plugin_name(tmp_path):
-    _one_line_error(load_config, _write(tmp_path, "distill: {similarity: cosin}\n"),
-                    match=r"distill.similarity.name: unknown similarity 'cosin'; did you mean 'cosine'")
+    _one_line_error(
+        load_config,
+        _write(tmp_path, "distill: {similarity: cosin}\n"),
+        match=r"distill.similarity.name: unknown similarity 'cosin'; did you mean 'cosine'",
+    )
 
 
 def test_unknown_and_ill_typed_plugin_options(tmp_path):
-    _one_line_error(load_config, _write(tmp_path, "distill: {explainer: {name: gradcam, options: {layers: x}}}\n"),
-                    match=r"distill.explainer.options.layers: unknown key; did you mean 'layer'")
-    _one_line_error(load_config, _write(tmp_path, "model: {name: small_resnet, options: {blocks: zero}}\n"),
-                    match=r"model.options.blocks: Input should be a valid integer")
+    _one_line_error(
+        load_config,
+        _write(tmp_path, "distill: {explainer: {name: gradcam, options: {layers: x}}}\n"),
+        match=r"distill.explainer.options.layers: unknown key; did you mean 'layer'",
+    )
+    _one_line_error(
+        load_config,
+        _write(tmp_path, "model: {name: small_resnet, options: {blocks: zero}}\n"),
+        match=r"model.options.blocks: Input should be a valid integer",
+    )
 
 
 def test_bad_override():
     _one_line_error(load_config_dict, {}, overrides=["distill.lam"], match="expected KEY=VALUE")
-    _one_line_error(load_config_dict, {}, overrides=["distill.lam=abc"], match=r"distill.lam: Input should be a valid number")
+    _one_line_error(
+        load_config_dict, {}, overrides=["distill.lam=abc"], match=r"distill.lam: Input should be a valid number"
+    )
 
 
 def test_timm_never_downloads():
-    _one_line_error(load_config_dict, {"model": {"name": "timm", "options": {"arch": "resnet18", "kwargs": {"pretrained": True}}}},
-                    match="never downloaded")
+    _one_line_error(
+        load_config_dict,
+        {"model": {"name": "timm", "options": {"arch": "resnet18", "kwargs": {"pretrained": True}}}},
+        match="never downloaded",
+    )
 
 
 def test_example_configs_validate():
@@ -96,6 +114,9 @@ def test_packaged_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
     assert "imagenet_50shot_r34_r18" in packaged_configs()
     (tmp_path / "voc_bcos_r50_r18.yaml").write_text("seed: 3\n")  # a file of that name wins
     assert load_config("voc_bcos_r50_r18.yaml").seed == 3
-    with pytest.raises(ConfigError, match=r"^sub/voc_bcos_r50_r18: config file not found \(or name a packaged one: "
-                                          r"imagenet_50shot_r34_r18, "):
+    with pytest.raises(
+        ConfigError,
+        match=r"^sub/voc_bcos_r50_r18: config file not found \(or name a packaged one: "
+        r"imagenet_50shot_r34_r18, ",
+    ):
         load_config("sub/voc_bcos_r50_r18")

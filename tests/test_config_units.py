@@ -6,21 +6,34 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2kd.config import (ExperimentConfig, apply_overrides, describe_difference, identity_digest, load_config,
-                         load_config_dict, parse_override, read_config_file, run_identity, set_value, stored_config)
+from e2kd.config import (
+    ExperimentConfig,
+    apply_overrides,
+    load_config,
+    load_config_dict,
+    parse_override,
+    read_config_file,
+    set_value,
+    stored_config,
+)
 from e2kd.errors import ConfigError
+from e2kd.runs import identity_digest, run_identity
+from e2kd.storage import describe_difference
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("distill.lam=0", (["distill", "lam"], 0)),
-    (" train.epochs = 3", (["train", "epochs"], 3)),          # spaces around the key are dropped
-    ("a.b=x=y", (["a", "b"], "x=y")),                         # only the first '=' splits
-    ("a=[1, 2]", (["a"], [1, 2])),                            # the value is YAML
-    ("a=", (["a"], "")),
-    ("a=  ", (["a"], "")),
-    ("a=[1, 2", (["a"], "[1, 2")),                            # not YAML: kept as the text
-    ("model.options={depth: 2}", (["model", "options"], {"depth": 2})),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("distill.lam=0", (["distill", "lam"], 0)),
+        (" train.epochs = 3", (["train", "epochs"], 3)),  # spaces around the key are dropped
+        ("a.b=x=y", (["a", "b"], "x=y")),  # only the first '=' splits
+        ("a=[1, 2]", (["a"], [1, 2])),  # the value is YAML
+        ("a=", (["a"], "")),
+        ("a=  ", (["a"], "")),
+        ("a=[1, 2", (["a"], "[1, 2")),  # not YAML: kept as the text
+        ("model.options={depth: 2}", (["model", "options"], {"depth": 2})),
+    ],
+)
 def test_parse_override(text, expected):
     assert parse_override(text) == expected
 
@@ -39,15 +52,20 @@ def test_set_value_creates_sections_and_turns_a_bare_plugin_name_into_a_section(
     set_value(data, ["distill", "explainer", "options", "layer"], "layer4")
     set_value(data, ["train", "epochs"], 2)
     set_value(data, ["seed"], 5)
-    assert data == {"distill": {"explainer": {"name": "gradcam", "options": {"layer": "layer4"}}},
-                    "train": {"epochs": 2}, "seed": 5}
+    assert data == {
+        "distill": {"explainer": {"name": "gradcam", "options": {"layer": "layer4"}}},
+        "train": {"epochs": 2},
+        "seed": 5,
+    }
     with pytest.raises(ConfigError) as err:
         set_value({"seed": 1}, ["seed", "x"], 2)
     assert str(err.value) == "seed.x: 'seed' is not a section"
     with pytest.raises(ConfigError) as err:
         apply_overrides({"seed": 1}, ["seed.x=2"])
     assert str(err.value) == "--set 'seed.x=2': 'seed' is not a section"
-    assert apply_overrides({"train": {"lr": 1}}, ["train.lr=0.5", "train.epochs=4"]) == {"train": {"lr": 0.5, "epochs": 4}}
+    assert apply_overrides({"train": {"lr": 1}}, ["train.lr=0.5", "train.epochs=4"]) == {
+        "train": {"lr": 0.5, "epochs": 4}
+    }
 
 
 def test_overrides_apply_over_the_resolved_config_and_name_it():
@@ -69,30 +87,47 @@ def test_describe_difference_lists_every_changed_leaf_by_its_path():
         "train.lr (0.1 in the cache, 0.2 now)",
         "weights (sha256 aaaaaaaaaa… in the cache, 0123456789… now)",
     ]
-    assert describe_difference({"a": {"b": "x" * 64}}, {"a": {"b": "y" * 64}}, "run.", where="in the run") == \
-        [f"run.a.b ({'x' * 64!r} in the run, {'y' * 64!r} now)"]  # not hex: not shown as a digest
+    assert describe_difference({"a": {"b": "x" * 64}}, {"a": {"b": "y" * 64}}, "run.", where="in the run") == [
+        f"run.a.b ({'x' * 64!r} in the run, {'y' * 64!r} now)"
+    ]  # not hex: not shown as a digest
     assert describe_difference({"a": {"w": 1}}, {"a": 2}) == ["a ({'w': 1} in the cache, 2 now)"]
     assert describe_difference({"a": "A" * 64}, {"a": "b" * 64}) == [f"a ({'A' * 64!r} in the cache, {'b' * 64!r} now)"]
     assert describe_difference({"a": "a" * 63}, {"a": "b" * 63}) == [f"a ({'a' * 63!r} in the cache, {'b' * 63!r} now)"]
 
 
 def test_run_identity_leaves_out_only_the_volatile_fields():
-    config = load_config_dict({"out_dir": "runs/x", "train": {"progress": False, "checkpoint_every": 5, "device": "cpu",
-                                                               "channels_last": True, "epochs": 3},
-                               "data": {"num_workers": 2}})
+    config = load_config_dict(
+        {
+            "out_dir": "runs/x",
+            "train": {"progress": False, "checkpoint_every": 5, "device": "cpu", "channels_last": True, "epochs": 3},
+            "data": {"num_workers": 2},
+        }
+    )
     identity = run_identity(config)
     full = config.model_dump(mode="json")
-    for section, key in (("train", "progress"), ("train", "checkpoint_every"), ("train", "device"),
-                         ("train", "channels_last"), ("data", "num_workers")):
+    for section, key in (
+        ("train", "progress"),
+        ("train", "checkpoint_every"),
+        ("train", "device"),
+        ("train", "channels_last"),
+        ("data", "num_workers"),
+    ):
         assert key not in identity[section] and key in full[section]
     assert "out_dir" not in identity and identity["train"]["epochs"] == 3
     del full["out_dir"]
-    for section, key in (("train", "progress"), ("train", "checkpoint_every"), ("train", "device"),
-                         ("train", "channels_last"), ("data", "num_workers")):
+    for section, key in (
+        ("train", "progress"),
+        ("train", "checkpoint_every"),
+        ("train", "device"),
+        ("train", "channels_last"),
+        ("data", "num_workers"),
+    ):
         del full[section][key]
     assert identity == full
     moved = load_config_dict({"out_dir": "elsewhere", "train": {"epochs": 3, "device": "auto"}})
-    assert identity_digest(moved) == identity_digest(config) != identity_digest(load_config_dict({"train": {"epochs": 4}}))
+    assert (
+        identity_digest(moved) == identity_digest(config) != identity_digest(load_config_dict({"train": {"epochs": 4}}))
+    )
     assert len(identity_digest(config)) == 64
 
 
@@ -130,8 +165,9 @@ def test_the_legacy_data_form_is_the_synthetic_dataset():
 
 
 def test_a_frozen_teacher_explains_top1_only():
-    with pytest.raises(ConfigError, match="a frozen teacher caches top-1 maps only: use explain_classes: top1 or "
-                                          "teacher_mode: live"):
+    with pytest.raises(
+        ConfigError, match="a frozen teacher caches top-1 maps only: use explain_classes: top1 or teacher_mode: live"
+    ):
         load_config_dict({"distill": {"teacher_mode": "frozen", "explain_classes": "all"}})
     for classes in ("auto", "top1"):
         assert load_config_dict({"distill": {"teacher_mode": "frozen", "explain_classes": classes}})
@@ -140,9 +176,14 @@ def test_a_frozen_teacher_explains_top1_only():
 
 def test_paths_are_made_absolute_at_load_and_plugin_path_options_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = load_config_dict({"out_dir": "runs/a", "model": {"name": "small_resnet", "checkpoint": "m.pt"},
-                               "distill": {"cache_dir": "~/cache"},
-                               "data": {"name": "image_folder", "options": {"root": "imgs", "image_size": 32}}})
+    config = load_config_dict(
+        {
+            "out_dir": "runs/a",
+            "model": {"name": "small_resnet", "checkpoint": "m.pt"},
+            "distill": {"cache_dir": "~/cache"},
+            "data": {"name": "image_folder", "options": {"root": "imgs", "image_size": 32}},
+        }
+    )
     assert config.out_dir == tmp_path / "runs" / "a" and config.model.checkpoint == tmp_path / "m.pt"
     assert config.distill.cache_dir == Path("~/cache").expanduser()
     assert config.data.options == {"root": str(tmp_path / "imgs"), "image_size": 32}  # not a path: kept as given
@@ -155,8 +196,10 @@ def test_plugin_errors_name_the_field_and_source(tmp_path):
     assert str(err.value).startswith("e.yaml: eval.metrics.1.name: unknown metric 'acurracy'; did you mean 'accuracy'")
     with pytest.raises(ConfigError) as err:
         load_config_dict({"teacher": "small_resnet", "distill": {"lam": 1, "similarity": "spearman"}}, source="e.yaml")
-    assert str(err.value) == ("e.yaml: distill.similarity: similarity 'spearman' is not differentiable and cannot train a "
-                              "student (use it for evaluation, pick a differentiable one, or set distill.lam: 0)")
+    assert str(err.value) == (
+        "e.yaml: distill.similarity: similarity 'spearman' is not differentiable and cannot train a "
+        "student (use it for evaluation, pick a differentiable one, or set distill.lam: 0)"
+    )
     assert load_config_dict({"teacher": "small_resnet", "distill": {"lam": 0, "similarity": "spearman"}})
     assert load_config_dict({"distill": {"lam": 1, "similarity": "spearman"}})  # no teacher: nothing is distilled
 
@@ -167,12 +210,16 @@ def test_a_packaged_config_is_loaded_by_name_with_its_path_as_source():
 
 
 def test_every_plugin_field_is_named_in_its_error():
-    cases = [({"data": "nope"}, "data.name: unknown dataset 'nope'"),
-             ({"teacher": "nope"}, "teacher.name: unknown model 'nope'"),
-             ({"eval": {"explainer": "nope"}}, "eval.explainer.name: unknown explainer 'nope'"),
-             ({"train": {"guidance": {"explainer": "nope"}}}, "train.guidance.explainer.name: unknown explainer 'nope'"),
-             ({"distill": {"explainer": {"name": "gradcam", "options": {"layr": 1}}}},
-              "distill.explainer.options.layr: unknown key; did you mean 'layer'?")]
+    cases = [
+        ({"data": "nope"}, "data.name: unknown dataset 'nope'"),
+        ({"teacher": "nope"}, "teacher.name: unknown model 'nope'"),
+        ({"eval": {"explainer": "nope"}}, "eval.explainer.name: unknown explainer 'nope'"),
+        ({"train": {"guidance": {"explainer": "nope"}}}, "train.guidance.explainer.name: unknown explainer 'nope'"),
+        (
+            {"distill": {"explainer": {"name": "gradcam", "options": {"layr": 1}}}},
+            "distill.explainer.options.layr: unknown key; did you mean 'layer'?",
+        ),
+    ]
     for data, expected in cases:
         with pytest.raises(ConfigError) as err:
             load_config_dict(data, source="e.yaml")
@@ -207,8 +254,10 @@ def test_a_non_differentiable_explainer_cannot_guide_or_train(fresh_registry):
     fresh_registry.register_plugin(Plugin(), name="fixed_plugin")
     with pytest.raises(ConfigError) as err:
         load_config_dict({"train": {"guidance": {"explainer": "fixed"}}}, source="e.yaml")
-    assert str(err.value) == ("e.yaml: train.guidance.explainer: explainer 'fixed' is not differentiable and cannot "
-                              "guide a model (pick a differentiable one, e.g. gradcam or bcos)")
+    assert str(err.value) == (
+        "e.yaml: train.guidance.explainer: explainer 'fixed' is not differentiable and cannot "
+        "guide a model (pick a differentiable one, e.g. gradcam or bcos)"
+    )
     with pytest.raises(ConfigError) as err:
         load_config_dict({"teacher": "small_resnet", "distill": {"explainer": "fixed"}}, source="e.yaml")
     assert str(err.value).startswith("e.yaml: distill.explainer: explainer 'fixed' is not differentiable")
@@ -239,7 +288,7 @@ def test_dump_keeps_the_schema_order_and_writes_paths_as_text(tmp_path):
 
 
 def test_a_digest_is_64_lowercase_hex_characters():
-    from e2kd.config import _is_digest
+    from e2kd.storage import _is_digest
 
     assert _is_digest("0123456789abcdef" * 4)
     assert not any(_is_digest(v) for v in ("X" * 64, "A" * 64, "a" * 63, 64, None))

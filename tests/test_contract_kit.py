@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -45,8 +45,7 @@ class InputXGradient(Explainer):
 
         def explain(logits, target, *, create_graph=False, upsample=True):
             score = logits.gather(1, target.view(-1, 1)).sum()
-            (grad,) = torch.autograd.grad(score, x, create_graph=create_graph,
-                                          retain_graph=self.retain_graph or None)
+            (grad,) = torch.autograd.grad(score, x, create_graph=create_graph, retain_graph=self.retain_graph or None)
             return self.finish(grad * x, create_graph)
 
         cap.explain = explain
@@ -64,13 +63,20 @@ def test_a_correct_explainer_passes_every_case():
     testing.check_explainer(InputXGradient())
 
 
-@pytest.mark.parametrize("finish, message", [
-    (lambda self, out, cg: out.sum(1), r"map shape \(4, 8, 8\), expected \(4, 3, 8, 8\)"),
-    (lambda self, out, cg: out.float(), "map dtype torch.float32, input dtype torch.float64"),
-    (lambda self, out, cg: out / out.abs().sum(dim=(1, 2, 3), keepdim=True) * float("inf"), "the maps are not finite"),
-    (lambda self, out, cg: out / out.abs().max(), "batch differs from one sample at a time"),
-    (lambda self, out, cg: out * 0, "every map is zero"),
-], ids=["shape", "dtype", "finite", "batch", "zero"])
+@pytest.mark.parametrize(
+    "finish, message",
+    [
+        (lambda self, out, cg: out.sum(1), r"map shape \(4, 8, 8\), expected \(4, 3, 8, 8\)"),
+        (lambda self, out, cg: out.float(), "map dtype torch.float32, input dtype torch.float64"),
+        (
+            lambda self, out, cg: out / out.abs().sum(dim=(1, 2, 3), keepdim=True) * float("inf"),
+            "the maps are not finite",
+        ),
+        (lambda self, out, cg: out / out.abs().max(), "batch differs from one sample at a time"),
+        (lambda self, out, cg: out * 0, "every map is zero"),
+    ],
+    ids=["shape", "dtype", "finite", "batch", "zero"],
+)
 def test_shape_and_batch_names_the_broken_property(finish, message):
     with pytest.raises(AssertionError, match="^" + message):
         testing.EXPLAINER_CASES["shape_and_batch"](_broken("Broken", finish=finish))
@@ -110,10 +116,14 @@ def test_a_freed_graph_is_named_by_check_explainer_with_its_case():
     assert isinstance(caught.value.__cause__, RuntimeError)
 
 
-@pytest.mark.parametrize("finish, message", [
-    (lambda self, out, cg: out, r"explain\(...\) without create_graph keeps a graph"),
-    (lambda self, out, cg: out.detach(), r"explain\(..., create_graph=True\) returns a map without a graph"),
-], ids=["keeps", "never"])
+@pytest.mark.parametrize(
+    "finish, message",
+    [
+        (lambda self, out, cg: out, r"explain\(...\) without create_graph keeps a graph"),
+        (lambda self, out, cg: out.detach(), r"explain\(..., create_graph=True\) returns a map without a graph"),
+    ],
+    ids=["keeps", "never"],
+)
 def test_detached_by_default_and_graph_on_request(finish, message):
     with pytest.raises(AssertionError, match="^" + message):
         testing.EXPLAINER_CASES["detached_by_default"](_broken("Broken", finish=finish))
@@ -147,13 +157,24 @@ class _Hoard(InputXGradient):
         return super().finish(out, create_graph)
 
 
-@pytest.mark.parametrize("broken, message", [
-    (_broken("LeavesHook", install=lambda self, model: (model.register_forward_hook(lambda *a: None), lambda: None)[1]),
-     "a hook is left on the model"),
-    (_Hoard(), "tensors accumulate across explanations"),
-    (_broken("Unfuses", install=lambda self, model: (setattr(model.stem, "fused_attn", False), lambda: None)[1]),
-     "fused attention not restored"),
-], ids=["hook", "hoard", "fused"])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        (
+            _broken(
+                "LeavesHook",
+                install=lambda self, model: (model.register_forward_hook(lambda *a: None), lambda: None)[1],
+            ),
+            "a hook is left on the model",
+        ),
+        (_Hoard(), "tensors accumulate across explanations"),
+        (
+            _broken("Unfuses", install=lambda self, model: (setattr(model.stem, "fused_attn", False), lambda: None)[1]),
+            "fused attention not restored",
+        ),
+    ],
+    ids=["hook", "hoard", "fused"],
+)
 def test_hooks_released_names_what_is_left_behind(broken, message):
     testing.EXPLAINER_CASES["hooks_released"](InputXGradient())
     with pytest.raises(AssertionError, match="^" + message):
@@ -173,8 +194,12 @@ def test_trains_or_refuses_checks_the_gradient_against_finite_differences():
 
 def test_trains_or_refuses_checks_that_training_lowers_the_term():
     # right gradient at float64 for the finite differences, ascent on the float32 training steps
-    ascent = _broken("Ascent", finish=lambda self, out, cg: (
-        _scaled_gradient(out, -1.0) if cg and out.dtype == torch.float32 else InputXGradient.finish(self, out, cg)))
+    ascent = _broken(
+        "Ascent",
+        finish=lambda self, out, cg: (
+            _scaled_gradient(out, -1.0) if cg and out.dtype == torch.float32 else InputXGradient.finish(self, out, cg)
+        ),
+    )
     with pytest.raises(AssertionError, match="^five steps did not lower the term"):
         testing.EXPLAINER_CASES["trains_or_refuses"](ascent)
 
@@ -182,15 +207,15 @@ def test_trains_or_refuses_checks_that_training_lowers_the_term():
 def test_trains_or_refuses_checks_the_frozen_replay(monkeypatch):
     # the replay explains the teacher through explained_forward alone (role "model"), the live
     # distiller with role "teacher": a replay whose maps differ must be caught
-    import e2kd.distill
+    import e2kd.explaining
 
-    live = e2kd.distill.explained_forward
+    live = e2kd.explaining.explained_forward
 
     def replayed_otherwise(model, images, explainer, targets=None, **kwargs):
         logits, maps, chosen = live(model, images, explainer, targets, **kwargs)
         return (logits, maps, chosen) if kwargs.get("role") == "teacher" else (logits, maps.flip(-1), chosen)
 
-    monkeypatch.setattr(e2kd.distill, "explained_forward", replayed_otherwise)
+    monkeypatch.setattr(e2kd.explaining, "explained_forward", replayed_otherwise)
     with pytest.raises(AssertionError, match="^frozen replay differs from live"):
         testing.EXPLAINER_CASES["trains_or_refuses"](InputXGradient())
 
@@ -236,8 +261,11 @@ def test_declared_upsampling_is_checked_in_value_and_gradient():
     nearest = type("Nearest", (_Upsampling,), {"upsample": lambda self, low, size: F.interpolate(low, size=size)})
     with pytest.raises(AssertionError, match="^bilinear upsampling of the upsample=False map is not the map"):
         testing.EXPLAINER_CASES["upsampling_declared_truthfully"](nearest())
-    steeper = type("Steeper", (_Upsampling,), {
-        "upsample": lambda self, low, size: _scaled_gradient(_Upsampling.upsample(self, low, size), 3.0)})
+    steeper = type(
+        "Steeper",
+        (_Upsampling,),
+        {"upsample": lambda self, low, size: _scaled_gradient(_Upsampling.upsample(self, low, size), 3.0)},
+    )
     with pytest.raises(AssertionError, match="^gradients through the two maps differ"):
         testing.EXPLAINER_CASES["upsampling_declared_truthfully"](steeper())
     full_size = type("FullSize", (_Upsampling,), {"upsample": lambda self, low, size: low})
@@ -248,10 +276,13 @@ def test_declared_upsampling_is_checked_in_value_and_gradient():
             with InputXGradient.capture(self, model, inputs, trainable=trainable) as cap:
                 explain = cap.explain
                 cap.explain = lambda logits, target, *, create_graph=False, upsample=True: explain(
-                    logits, target, create_graph=create_graph)
+                    logits, target, create_graph=create_graph
+                )
                 yield cap
 
-    with pytest.raises(AssertionError, match=r"^upsample=False gave \(4, 3, 8, 8\), the same size as the upsampled map"):
+    with pytest.raises(
+        AssertionError, match=r"^upsample=False gave \(4, 3, 8, 8\), the same size as the upsampled map"
+    ):
         testing.EXPLAINER_CASES["upsampling_declared_truthfully"](AlwaysFull())
 
 
@@ -275,7 +306,9 @@ def test_the_kit_allows_what_the_contract_allows():
         def capture(self, model, inputs, *, trainable=True):
             with super().capture(model, inputs, trainable=trainable) as cap:
                 explain = cap.explain
-                cap.explain = lambda logits, target, **kw: explain(logits, target, **kw) * (target != 2).view(-1, 1, 1, 1)
+                cap.explain = lambda logits, target, **kw: (
+                    explain(logits, target, **kw) * (target != 2).view(-1, 1, 1, 1)
+                )
                 yield cap
 
     testing.EXPLAINER_CASES["shape_and_batch"](SilentOnTheLastClass())
@@ -298,8 +331,11 @@ def test_model_for_names_the_explainer_and_every_refusal():
         def check_model(self, model):
             raise ModelError(f"no {type(model).__name__}")
 
-    with pytest.raises(AssertionError, match=r"^no test model fits explainer 'picky' \(no TinyCNN; no TinyCNN\); "
-                                             r"pass candidates=\[\.\.\.\]"):
+    with pytest.raises(
+        AssertionError,
+        match=r"^no test model fits explainer 'picky' \(no TinyCNN; no TinyCNN\); "
+        r"pass candidates=\[\.\.\.\]",
+    ):
         testing.model_for(NoModelFits(), candidates=[testing.TinyCNN, testing.TinyCNN])
 
 
@@ -323,14 +359,14 @@ def test_model_for_takes_the_first_accepted_candidate_with_the_seed_and_dtype():
 
 def test_check_gradient_passes_autograd_and_names_a_wrong_entry():
     w = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64, requires_grad=True)
-    grads = testing.check_gradient(lambda: (w ** 3).sum(), [w], samples=3)
+    grads = testing.check_gradient(lambda: (w**3).sum(), [w], samples=3)
     torch.testing.assert_close(grads[0], 3 * w.detach() ** 2)
 
     class Halved(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             ctx.save_for_backward(x)
-            return (x ** 2).sum()
+            return (x**2).sum()
 
         @staticmethod
         def backward(ctx, g):
@@ -339,8 +375,9 @@ def test_check_gradient_passes_autograd_and_names_a_wrong_entry():
 
     with pytest.raises(AssertionError) as caught:
         testing.check_gradient(lambda: Halved.apply(w), [w], samples=3)
-    found = re.fullmatch(r"gradient of parameter \(3,\)\[(\d)\]: autograd (\S+), finite differences (\S+)",
-                         str(caught.value))
+    found = re.fullmatch(
+        r"gradient of parameter \(3,\)\[(\d)\]: autograd (\S+), finite differences (\S+)", str(caught.value)
+    )
     assert found, str(caught.value)
     i, autograd, numeric = int(found[1]), float(found[2]), float(found[3])
     assert autograd == pytest.approx(w[i].item()) and numeric == pytest.approx(2 * w[i].item(), rel=1e-6)
@@ -360,7 +397,7 @@ def test_check_gradient_compares_with_the_stated_tolerance():
     class Off(torch.autograd.Function):  # gradient off by 1e-3 relative
         @staticmethod
         def forward(ctx, x):
-            return (x ** 2).sum()
+            return (x**2).sum()
 
         @staticmethod
         def backward(ctx, g):
@@ -385,8 +422,11 @@ class Cosine(Similarity):
         return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
 
     def upsampled(self, a, b, size):
-        up = lambda m: m if tuple(m.shape[-2:]) == tuple(size) else F.interpolate(  # noqa: E731
-            m, size=size, mode="bilinear", align_corners=False)
+        def up(m):
+            if tuple(m.shape[-2:]) == tuple(size):
+                return m
+            return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
         return self(up(a), up(b))
 
 
@@ -405,8 +445,9 @@ def test_batch_native_names_the_shape_and_compares_pairs():
     nan = _similarity("NaN", __call__=lambda self, a, b: Cosine.__call__(self, a, b) * float("nan"))
     with pytest.raises(AssertionError, match="^values of shape"):
         testing.SIMILARITY_CASES["batch_native"](nan)
-    batch_mean = _similarity("BatchMean", __call__=lambda self, a, b: Cosine.__call__(self, a, b) - Cosine.__call__(
-        self, a, b).mean() + 1)
+    batch_mean = _similarity(
+        "BatchMean", __call__=lambda self, a, b: Cosine.__call__(self, a, b) - Cosine.__call__(self, a, b).mean() + 1
+    )
     with pytest.raises(AssertionError):
         testing.SIMILARITY_CASES["batch_native"](batch_mean)
 
@@ -420,10 +461,12 @@ def test_self_is_best_in_the_declared_direction():
 
     testing.SIMILARITY_CASES["self_is_best"](Distance())
     # a tie with the self-similarity is allowed, in either direction
-    testing.SIMILARITY_CASES["self_is_best"](_similarity("Capped", __call__=lambda self, a, b: Cosine.__call__(
-        self, a, b).clamp(max=0.5)))
-    testing.SIMILARITY_CASES["self_is_best"](_similarity("Floored", Distance, __call__=lambda self, a, b: Distance.__call__(
-        self, a, b).clamp(min=1.0)))
+    testing.SIMILARITY_CASES["self_is_best"](
+        _similarity("Capped", __call__=lambda self, a, b: Cosine.__call__(self, a, b).clamp(max=0.5))
+    )
+    testing.SIMILARITY_CASES["self_is_best"](
+        _similarity("Floored", Distance, __call__=lambda self, a, b: Distance.__call__(self, a, b).clamp(min=1.0))
+    )
     with pytest.raises(AssertionError, match=r"^self-similarity is not the best value \(higher_is_better=True\)"):
         testing.SIMILARITY_CASES["self_is_best"](_similarity("Declared", Distance, higher_is_better=True))
     with pytest.raises(AssertionError, match=r"^self-similarity is not the best value \(higher_is_better=False\)$"):
@@ -441,7 +484,9 @@ def test_training_reduces_distance_catches_a_wrong_sign_a_zero_gradient_and_a_di
     with pytest.raises(AssertionError, match=r"^minimising the loss did not lower it \("):
         testing.SIMILARITY_CASES["training_reduces_distance"](steep)
     # a non-differentiable similarity is not trained
-    testing.SIMILARITY_CASES["training_reduces_distance"](_similarity("Frozen", Cosine, differentiable=False, loss=None))
+    testing.SIMILARITY_CASES["training_reduces_distance"](
+        _similarity("Frozen", Cosine, differentiable=False, loss=None)
+    )
 
 
 def test_a_lower_is_better_similarity_must_become_lower():
@@ -452,25 +497,32 @@ def test_a_lower_is_better_similarity_must_become_lower():
             return (a - b).pow(2).flatten(1).sum(1)
 
     testing.SIMILARITY_CASES["training_reduces_distance"](Distance())
-    with pytest.raises(AssertionError, match="^minimising the loss made the maps less similar: check higher_is_better$"):
+    with pytest.raises(
+        AssertionError, match="^minimising the loss made the maps less similar: check higher_is_better$"
+    ):
         testing.SIMILARITY_CASES["training_reduces_distance"](
-            _similarity("Away", Distance, loss=lambda self, s, t, size=None: -self(s, t)))
+            _similarity("Away", Distance, loss=lambda self, s, t, size=None: -self(s, t))
+        )
 
 
 def test_feature_resolution_is_checked_in_value_and_gradient():
-    nearest = _similarity("Nearest", upsampled=lambda self, a, b, size: self(
-        F.interpolate(a, size=size), F.interpolate(b, size=size)))
+    nearest = _similarity(
+        "Nearest", upsampled=lambda self, a, b, size: self(F.interpolate(a, size=size), F.interpolate(b, size=size))
+    )
     with pytest.raises(AssertionError, match=r"^upsampled\(\) differs from the upsampled maps' value"):
         testing.SIMILARITY_CASES["feature_resolution_exact"](nearest)
-    steeper = _similarity("Steeper", upsampled=lambda self, a, b, size: _scaled_gradient(
-        Cosine.upsampled(self, a, b, size), 2.0))
+    steeper = _similarity(
+        "Steeper", upsampled=lambda self, a, b, size: _scaled_gradient(Cosine.upsampled(self, a, b, size), 2.0)
+    )
     with pytest.raises(AssertionError, match=r"^upsampled\(\) has another gradient"):
         testing.SIMILARITY_CASES["feature_resolution_exact"](steeper)
     # an undeclared form is not called; an evaluation-only one is checked in value only
-    testing.SIMILARITY_CASES["feature_resolution_exact"](_similarity("Undeclared", feature_resolution=False,
-                                                                     upsampled=None))
-    testing.SIMILARITY_CASES["feature_resolution_exact"](_similarity("ValueOnly", differentiable=False,
-                                                                     upsampled=steeper.upsampled.__func__))
+    testing.SIMILARITY_CASES["feature_resolution_exact"](
+        _similarity("Undeclared", feature_resolution=False, upsampled=None)
+    )
+    testing.SIMILARITY_CASES["feature_resolution_exact"](
+        _similarity("ValueOnly", differentiable=False, upsampled=steeper.upsampled.__func__)
+    )
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -529,8 +581,9 @@ def test_accumulates_names_other_keys_infinite_values_and_missing_requirements()
     with pytest.raises(AssertionError, match=r"^compute\(\) returns other keys after two updates"):
         testing.METRIC_CASES["accumulates"](_metric("Keys", compute=compute, update=update, reset=reset))
     with pytest.raises(AssertionError, match="^samples is not finite"):
-        testing.METRIC_CASES["accumulates"](_metric("Infinite", Counts, compute=lambda self: {
-            "agreement": 0.5, "samples": float("inf")}))
+        testing.METRIC_CASES["accumulates"](
+            _metric("Infinite", Counts, compute=lambda self: {"agreement": 0.5, "samples": float("inf")})
+        )
     with pytest.raises(AssertionError, match=r"^the kit's batch lacks \['nothing_like_it'\]"):
         testing.METRIC_CASES["accumulates"](_metric("Needs", requires=frozenset({"teacher", "nothing_like_it"})))
     with pytest.raises(AssertionError, match="compute"):
@@ -570,8 +623,9 @@ def test_merges_names_a_metric_whose_merge_loses_a_process():
     with pytest.raises(AssertionError, match=r"^value: .* from merged states, .* from one evaluation"):
         testing.METRIC_CASES["merges"](_metric("Deaf", merge=lambda self, state: None))
     with pytest.raises(AssertionError, match="^merged states compute other keys"):
-        testing.METRIC_CASES["merges"](_metric("Renamed", Counts, merge=lambda self, state: setattr(
-            self, "compute", lambda: {"merged": 0.0})))
+        testing.METRIC_CASES["merges"](
+            _metric("Renamed", Counts, merge=lambda self, state: setattr(self, "compute", lambda: {"merged": 0.0}))
+        )
 
 
 def test_the_full_eval_batch_has_every_requirement_and_splits_by_rows():
@@ -606,7 +660,9 @@ def _builder(name: str, build) -> ModelBuilder:
 def test_a_correct_model_passes_and_broken_builds_are_named():
     testing.check_model(TinyBuilder())
     testing.check_model(_builder("NoStages", lambda self, k: nn.Sequential(nn.Flatten(), nn.LazyLinear(k))))
-    with pytest.raises(AssertionError, match=r"^OneMore fails contract case 'builds_and_round_trips': logits of shape \(2, 6\)$"):
+    with pytest.raises(
+        AssertionError, match=r"^OneMore fails contract case 'builds_and_round_trips': logits of shape \(2, 6\)$"
+    ):
         testing.check_model(_builder("OneMore", lambda self, k: testing.TinyCNN(k + 1)))
 
     class Unsaved(testing.TinyCNN):  # a weight outside the state dict: the round trip loses it
@@ -625,8 +681,11 @@ def test_a_correct_model_passes_and_broken_builds_are_named():
         model.feature_info = [{"module": "nowhere"}]
         return model
 
-    with pytest.raises(AssertionError, match=r"LostLayer fails contract case 'builds_and_round_trips': it raised "
-                                             r"ModelError: .*no layer 'nowhere'"):
+    with pytest.raises(
+        AssertionError,
+        match=r"LostLayer fails contract case 'builds_and_round_trips': it raised "
+        r"ModelError: .*no layer 'nowhere'",
+    ):
         testing.check_model(_builder("LostLayer", lost_layer))
 
 
@@ -651,7 +710,7 @@ class Squares(Dataset):
 
     def sample(self, i):
         image = torch.zeros(3, 16, 16)
-        image[:, :4 * (i % 3 + 1), :4 * (i % 3 + 1)] = 1.0
+        image[:, : 4 * (i % 3 + 1), : 4 * (i % 3 + 1)] = 1.0
         return {"image": image, "label": torch.tensor(i % 3), "group": torch.tensor(i % 2)}
 
     def samples(self, split):
@@ -666,13 +725,19 @@ def test_a_correct_dataset_passes_every_case():
     testing.check_dataset(Squares())
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"class_names": lambda self: ["a", "a", "b"]}, "class names must be unique"),
-    ({"class_names": lambda self: []}, r"class_names\(\) is empty"),
-    ({"identity": lambda self, split: {"split": split, "files": ("a", "b")}},
-     r"identity\('train'\) does not survive a JSON round trip"),
-    ({"train_split": "training"}, r"the train split 'training' is not one of splits\(\) \('train', 'val'\)"),
-], ids=["duplicate names", "no names", "tuple identity", "train split"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"class_names": lambda self: ["a", "a", "b"]}, "class names must be unique"),
+        ({"class_names": lambda self: []}, r"class_names\(\) is empty"),
+        (
+            {"identity": lambda self, split: {"split": split, "files": ("a", "b")}},
+            r"identity\('train'\) does not survive a JSON round trip",
+        ),
+        ({"train_split": "training"}, r"the train split 'training' is not one of splits\(\) \('train', 'val'\)"),
+    ],
+    ids=["duplicate names", "no names", "tuple identity", "train split"],
+)
 def test_declares_itself_catches_inconsistent_declarations(overrides, message):
     with pytest.raises(AssertionError, match="^Inconsistent fails contract case 'declares_itself': " + message):
         testing.check_dataset(_dataset("Inconsistent", **overrides))
@@ -684,15 +749,26 @@ def test_declares_itself_runs_check_and_requires_a_stable_identity():
     def check(self):
         raise DataError("data.options.root: /nowhere does not exist")
 
-    with pytest.raises(AssertionError, match=r"^Missing fails contract case 'declares_itself': it raised DataError: data.options.root: /nowhere"):
+    with pytest.raises(
+        AssertionError,
+        match=r"^Missing fails contract case 'declares_itself': it raised DataError: data.options.root: /nowhere",
+    ):
         testing.check_dataset(_dataset("Missing", check=check))
     counter = iter(range(100))
-    with pytest.raises(AssertionError, match=r"^Drifting fails contract case 'declares_itself': identity\('train'\) changes from one call to the next$"):
+    with pytest.raises(
+        AssertionError,
+        match=r"^Drifting fails contract case 'declares_itself': identity\('train'\) changes from one call to the next$",
+    ):
         testing.check_dataset(_dataset("Drifting", identity=lambda self, split: {"call": next(counter)}))
-    with pytest.raises(AssertionError, match=r"^NoSplits fails contract case 'declares_itself': splits\(\) names no split$"):
+    with pytest.raises(
+        AssertionError, match=r"^NoSplits fails contract case 'declares_itself': splits\(\) names no split$"
+    ):
         testing.check_dataset(_dataset("NoSplits", splits=lambda self: (), train_split="train"))
-    with pytest.raises(AssertionError, match=r"^UnknownEval fails contract case 'declares_itself': eval_splits\(\) names \['test'\], which splits\(\) \('train', 'val'\) "
-                                             r"does not"):
+    with pytest.raises(
+        AssertionError,
+        match=r"^UnknownEval fails contract case 'declares_itself': eval_splits\(\) names \['test'\], which splits\(\) \('train', 'val'\) "
+        r"does not",
+    ):
         testing.check_dataset(_dataset("UnknownEval", eval_splits=lambda self: ("test", "val")))
 
 
@@ -700,25 +776,57 @@ def _with(field: str, value) -> Callable:
     return lambda self, i: {**Squares.sample(self, i), field: value(Squares.sample(self, i))}
 
 
-@pytest.mark.parametrize("sample, message", [
-    (_with("label", lambda s: s["label"].int()), r"train\[0\]: a class index \(int64 scalar\) expected, got torch.int32 "
-                                                 r"of shape \(\)"),
-    (_with("label", lambda s: s["label"][None]), r"train\[0\]: a class index \(int64 scalar\) expected, got torch.int64 "
-                                                 r"of shape \(1,\)$"),
-    (_with("label", lambda s: torch.tensor(3)), r"train\[0\]: a class index \(int64 scalar\) expected, got torch.int64 "
-                                                r"of shape \(\)$"),
-    (_with("label", lambda s: torch.tensor(-1)), r"train\[0\]: a class index"),
-    (_with("image", lambda s: s["image"][:1]), r"train\[0\]: image of shape \(1, 16, 16\)"),
-    (_with("image", lambda s: s["image"][0]), r"train\[0\]: image of shape \(16, 16\)$"),
-    (_with("image", lambda s: s["image"] * 255), r"train\[0\]: image of torch.float32 in \[0, 255\]; expected uint8, "
-                                                 r"or float in \[0, 1\]"),
-    (_with("image", lambda s: s["image"] * 1.5), r"train\[0\]: image of torch.float32 in \[0, 1.5\]"),
-    (_with("image", lambda s: s["image"] - 0.5), r"train\[0\]: image of torch.float32 in \[-0.5, 0.5\]"),
-    (_with("image", lambda s: (s["image"] * 255).to(torch.int16)), r"train\[0\]: image of torch.int16 in \[0, 255\]"),
-    (lambda self, i: {k: v for k, v in Squares.sample(self, i).items() if k != "group"},
-     r"train\[0\]: declared field 'group' missing"),
-], ids=["int32", "shape (1,)", "too large", "negative", "one channel", "2-D", "0-255 floats", "negative pixels",
-        "1.5", "int16", "no group"])
+@pytest.mark.parametrize(
+    "sample, message",
+    [
+        (
+            _with("label", lambda s: s["label"].int()),
+            r"train\[0\]: a class index \(int64 scalar\) expected, got torch.int32 "
+            r"of shape \(\)",
+        ),
+        (
+            _with("label", lambda s: s["label"][None]),
+            r"train\[0\]: a class index \(int64 scalar\) expected, got torch.int64 "
+            r"of shape \(1,\)$",
+        ),
+        (
+            _with("label", lambda s: torch.tensor(3)),
+            r"train\[0\]: a class index \(int64 scalar\) expected, got torch.int64 "
+            r"of shape \(\)$",
+        ),
+        (_with("label", lambda s: torch.tensor(-1)), r"train\[0\]: a class index"),
+        (_with("image", lambda s: s["image"][:1]), r"train\[0\]: image of shape \(1, 16, 16\)"),
+        (_with("image", lambda s: s["image"][0]), r"train\[0\]: image of shape \(16, 16\)$"),
+        (
+            _with("image", lambda s: s["image"] * 255),
+            r"train\[0\]: image of torch.float32 in \[0, 255\]; expected uint8, "
+            r"or float in \[0, 1\]",
+        ),
+        (_with("image", lambda s: s["image"] * 1.5), r"train\[0\]: image of torch.float32 in \[0, 1.5\]"),
+        (_with("image", lambda s: s["image"] - 0.5), r"train\[0\]: image of torch.float32 in \[-0.5, 0.5\]"),
+        (
+            _with("image", lambda s: (s["image"] * 255).to(torch.int16)),
+            r"train\[0\]: image of torch.int16 in \[0, 255\]",
+        ),
+        (
+            lambda self, i: {k: v for k, v in Squares.sample(self, i).items() if k != "group"},
+            r"train\[0\]: declared field 'group' missing",
+        ),
+    ],
+    ids=[
+        "int32",
+        "shape (1,)",
+        "too large",
+        "negative",
+        "one channel",
+        "2-D",
+        "0-255 floats",
+        "negative pixels",
+        "1.5",
+        "int16",
+        "no group",
+    ],
+)
 def test_samples_follow_the_contract_names_the_sample(sample, message):
     with pytest.raises(AssertionError, match="^" + message):
         testing.DATASET_CASES["samples_follow_the_contract"](_dataset("Broken", sample=sample))
@@ -732,18 +840,25 @@ def test_samples_accept_uint8_images_and_multi_hot_labels_and_read_every_split()
     with pytest.raises(AssertionError, match=r"^train\[0\]: multi-hot label expected"):
         testing.DATASET_CASES["samples_follow_the_contract"](_dataset("IndexForMulti", label_type="multi"))
     with pytest.raises(AssertionError, match=r"^train\[0\]: multi-hot label expected"):
-        testing.DATASET_CASES["samples_follow_the_contract"](_dataset("IntMulti", label_type="multi", sample=_with(
-            "label", lambda s: F.one_hot(s["label"], 3))))
+        testing.DATASET_CASES["samples_follow_the_contract"](
+            _dataset("IntMulti", label_type="multi", sample=_with("label", lambda s: F.one_hot(s["label"], 3)))
+        )
     with pytest.raises(AssertionError, match=r"^split 'val' is empty"):
-        testing.DATASET_CASES["samples_follow_the_contract"](_dataset("EmptyVal", samples=lambda self, split: (
-            Squares.samples(self, split) if split == "train" else [])))
+        testing.DATASET_CASES["samples_follow_the_contract"](
+            _dataset("EmptyVal", samples=lambda self, split: Squares.samples(self, split) if split == "train" else [])
+        )
     # only the first `limit` samples are read: a broken fifth sample passes with limit 4, not 5
     late = _dataset("Late", sample=lambda self, i: Squares.sample(self, i) if i < 4 else {"image": None})
     testing.DATASET_CASES["samples_follow_the_contract"](late)
     with pytest.raises(AttributeError):
         testing.dataset_samples_follow_the_contract(late, limit=5)
-    late_val = _dataset("LateVal", samples=lambda self, split: Squares.samples(self, split) + (
-        [{"image": torch.zeros(1, 16, 16), "label": torch.tensor(0)}] if split == "val" else []))
+    late_val = _dataset(
+        "LateVal",
+        samples=lambda self, split: (
+            Squares.samples(self, split)
+            + ([{"image": torch.zeros(1, 16, 16), "label": torch.tensor(0)}] if split == "val" else [])
+        ),
+    )
     with pytest.raises(AssertionError, match=r"^val\[3\]: image of shape"):
         testing.dataset_samples_follow_the_contract(late_val, limit=5)
 
@@ -753,8 +868,9 @@ def test_loads_in_every_view_names_the_view_whose_batches_are_wrong():
         testing.DATASET_CASES["loads_in_every_view"](_dataset("Declared8", image_size=8))
     no_eval = _dataset("TrainOnly", splits=lambda self: ("train",))
     testing.DATASET_CASES["loads_in_every_view"](no_eval)
-    bright = _dataset("Bright", sample=lambda self, i: {**Squares.sample(self, i), "image": Squares.sample(
-        self, i)["image"] * 2})
+    bright = _dataset(
+        "Bright", sample=lambda self, i: {**Squares.sample(self, i), "image": Squares.sample(self, i)["image"] * 2}
+    )
     with pytest.raises(AssertionError, match=r"^train view: pixels in \[0, 2\], not \[0, 1\]"):
         testing.DATASET_CASES["loads_in_every_view"](bright)
 
@@ -779,18 +895,26 @@ def test_loads_in_every_view_reads_the_first_eval_split():
 
 def test_check_functions_run_every_case_and_name_the_first_failure(monkeypatch):
     ran = []
-    cases = {"first": lambda item: ran.append("first"), "second": lambda item: (_ for _ in ()).throw(
-        ValueError("bad value\nsecond line")), "third": lambda item: ran.append("third")}
+    cases = {
+        "first": lambda item: ran.append("first"),
+        "second": lambda item: (_ for _ in ()).throw(ValueError("bad value\nsecond line")),
+        "third": lambda item: ran.append("third"),
+    }
     for kind in ("EXPLAINER", "SIMILARITY", "METRIC", "MODEL", "DATASET"):
         monkeypatch.setitem(vars(testing), f"{kind}_CASES", cases)
-    for check, item in ((testing.check_explainer, InputXGradient()), (testing.check_similarity, Cosine()),
-                        (testing.check_metric, Agreement()), (testing.check_model, TinyBuilder()),
-                        (testing.check_dataset, Squares())):
+    for check, item in (
+        (testing.check_explainer, InputXGradient()),
+        (testing.check_similarity, Cosine()),
+        (testing.check_metric, Agreement()),
+        (testing.check_model, TinyBuilder()),
+        (testing.check_dataset, Squares()),
+    ):
         ran.clear()
         with pytest.raises(AssertionError) as caught:
             check(item)
-        assert str(caught.value) == (f"{type(item).__name__} fails contract case 'second': it raised ValueError: "
-                                     f"bad value")
+        assert str(caught.value) == (
+            f"{type(item).__name__} fails contract case 'second': it raised ValueError: bad value"
+        )
         assert ran == ["first"] and isinstance(caught.value.__cause__, ValueError)
 
 
@@ -804,7 +928,9 @@ def test_an_assertion_keeps_its_message_and_an_empty_error_is_named():
     assert isinstance(caught.value.__cause__, AssertionError)
     with pytest.raises(AssertionError, match=r"^Cosine fails contract case 'quiet': it raised KeyError: 'k'$"):
         testing._run_all({"quiet": lambda item: {}["k"]}, Cosine())
-    with pytest.raises(AssertionError, match=r"^Cosine fails contract case 'empty': it raised RuntimeError: \(no message\)$"):
+    with pytest.raises(
+        AssertionError, match=r"^Cosine fails contract case 'empty': it raised RuntimeError: \(no message\)$"
+    ):
         testing._run_all({"empty": lambda item: (_ for _ in ()).throw(RuntimeError("  \n "))}, Cosine())
 
 

@@ -46,8 +46,12 @@ def test_metric_contract(name, case):
     testing.METRIC_CASES[case](CONTRACT.create("metric", name))
 
 
-SMALL_MODELS = {"timm": {"arch": "resnet18"}, "small_resnet": {"widths": [4, 8]}, "bcos_small": {"widths": [4, 6]},
-                "bcos_vit_tiny": {"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2}}
+SMALL_MODELS = {
+    "timm": {"arch": "resnet18"},
+    "small_resnet": {"widths": [4, 8]},
+    "bcos_small": {"widths": [4, 6]},
+    "bcos_vit_tiny": {"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2},
+}
 
 
 @pytest.mark.parametrize("name", [n for n in _names("model") if n in SMALL_MODELS])
@@ -71,8 +75,11 @@ def test_the_contract_registry_is_every_built_in_entry_point_whatever_the_enviro
 
 
 def test_synthetic_dataset_contract():
-    testing.check_dataset(CONTRACT.create("dataset", "synthetic", {"num_classes": 3, "image_size": 16,
-                                                                   "train_per_class": 2, "test_per_class": 2}))
+    testing.check_dataset(
+        CONTRACT.create(
+            "dataset", "synthetic", {"num_classes": 3, "image_size": 16, "train_per_class": 2, "test_per_class": 2}
+        )
+    )
 
 
 def test_file_datasets_contract(tmp_path):
@@ -81,8 +88,11 @@ def test_file_datasets_contract(tmp_path):
     from .test_datasets import VOC_IMAGES
 
     write_image_folder(tmp_path / "f", ["a", "b"], {"train": 3, "val": 2})
-    testing.check_dataset(CONTRACT.create("dataset", "image_folder", {"root": str(tmp_path / "f"), "image_size": 16,
-                                                                      "holdout_per_class": 1}))
+    testing.check_dataset(
+        CONTRACT.create(
+            "dataset", "image_folder", {"root": str(tmp_path / "f"), "image_size": 16, "holdout_per_class": 1}
+        )
+    )
     write_waterbirds(tmp_path / "w", {"train": {(0, 0): 2, (1, 1): 2}, "val": {(0, 1): 1}, "test": {(1, 0): 1}})
     testing.check_dataset(CONTRACT.create("dataset", "waterbirds", {"root": str(tmp_path / "w"), "image_size": 16}))
     write_voc(tmp_path / "v", VOC_IMAGES)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from e2kd_plugins.datasets.synthetic import SyntheticShapes
 from e2kd.data.augment import make_view
+from e2kd_plugins.datasets.synthetic import SyntheticShapes
 
 
 def test_generation_is_deterministic_and_prefix_stable():
@@ -82,14 +82,18 @@ def test_synthetic_shapes_labels_backgrounds_and_bounds():
     assert 0.15 < free.matched_fraction < 0.55  # uniform over 3 types: about 1/3
     assert not torch.equal(SyntheticShapes(2, 3, 16, seed=0).images, SyntheticShapes(2, 3, 16, seed=1).images)
     assert not torch.equal(SyntheticShapes(2, 3, 16, stream=0).images, SyntheticShapes(2, 3, 16, stream=1).images)
-    for ok in (dict(per_class=1, num_classes=2, image_size=16, bias=0.0),
-               dict(per_class=1, num_classes=len(SHAPES), image_size=16, bias=1.0)):
+    for ok in (
+        dict(per_class=1, num_classes=2, image_size=16, bias=0.0),
+        dict(per_class=1, num_classes=len(SHAPES), image_size=16, bias=1.0),
+    ):
         SyntheticShapes(**ok)
-    for bad, message in ((dict(num_classes=1), rf"^num_classes must be in \[2, {len(SHAPES)}\] \(got 1\)$"),
-                         (dict(num_classes=len(SHAPES) + 1), r"^num_classes must be in"),
-                         (dict(bias=1.01), r"^bias must be in \[0, 1\] \(got 1.01\)$"),
-                         (dict(bias=-0.1), r"^bias must be in"),
-                         (dict(per_class=0), r"^per_class must be >= 1 and image_size >= 16 \(got 0, 16\)$"),
-                         (dict(image_size=15), r"\(got 1, 15\)$")):
+    for bad, message in (
+        (dict(num_classes=1), rf"^num_classes must be in \[2, {len(SHAPES)}\] \(got 1\)$"),
+        (dict(num_classes=len(SHAPES) + 1), r"^num_classes must be in"),
+        (dict(bias=1.01), r"^bias must be in \[0, 1\] \(got 1.01\)$"),
+        (dict(bias=-0.1), r"^bias must be in"),
+        (dict(per_class=0), r"^per_class must be >= 1 and image_size >= 16 \(got 0, 16\)$"),
+        (dict(image_size=15), r"\(got 1, 15\)$"),
+    ):
         with pytest.raises(ValueError, match=message):
             SyntheticShapes(**{"per_class": 1, "image_size": 16, **bad})

@@ -3,11 +3,11 @@ VOC's difficult objects and boxes, the synthetic splits' sizes and backgrounds."
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from e2kd.data.miniature import VOC_CLASSES, write_voc, write_waterbirds
+from e2kd.data.miniature import write_voc, write_waterbirds
+from e2kd.data.voc_format import VOC_CLASSES
 from e2kd.errors import DataError
 from e2kd.registry import create
 
@@ -17,10 +17,21 @@ def _voc(root, **options):
 
 
 def _write(root, objects_xml: dict[str, str] | None = None):
-    base = write_voc(root, {"train": [
-        {"id": "a", "width": 20, "height": 16, "objects": [("cat", (1, 1, 10, 8), True), ("dog", (3, 4, 20, 16), False)]},
-        {"id": "b", "width": 12, "height": 12, "objects": [("bird", (2, 2, 12, 12), False)]}],
-        "val": [{"id": "c", "width": 12, "height": 12, "objects": [("cow", (1, 1, 4, 4), False)]}]})
+    base = write_voc(
+        root,
+        {
+            "train": [
+                {
+                    "id": "a",
+                    "width": 20,
+                    "height": 16,
+                    "objects": [("cat", (1, 1, 10, 8), True), ("dog", (3, 4, 20, 16), False)],
+                },
+                {"id": "b", "width": 12, "height": 12, "objects": [("bird", (2, 2, 12, 12), False)]},
+            ],
+            "val": [{"id": "c", "width": 12, "height": 12, "objects": [("cow", (1, 1, 4, 4), False)]}],
+        },
+    )
     for ident, xml in (objects_xml or {}).items():
         (base / "Annotations" / f"{ident}.xml").write_text(xml)
     return base
@@ -55,16 +66,24 @@ def test_voc_errors_name_the_file_and_the_option(tmp_path):
         _voc(tmp_path, image_set="train", eval_image_sets=["val"]).samples("val")
 
 
-@pytest.mark.parametrize("xml, message", [
-    (None, r"a\.xml: annotation file not found$"),
-    ("<annotation><object>", r"a\.xml: malformed XML \(no element found: line 1"),
-    ("<annotation><object><name>unicorn</name></object></annotation>",
-     r"a\.xml: unknown class 'unicorn' \(VOC classes: aeroplane, bicycle, bird, .*, train, tvmonitor\)$"),
-    ("<annotation><object><difficult>0</difficult></object></annotation>", r"a\.xml: unknown class ''"),
-    ("<annotation><object><name>cat</name><bndbox><xmin>1</xmin></bndbox></object></annotation>",
-     r"a\.xml: object 'cat' has no valid bndbox \(xmin, ymin, xmax, ymax\)$"),
-    ("<annotation><object><name>cat</name></object></annotation>", r"object 'cat' has no valid bndbox"),
-], ids=["missing", "malformed", "unknown class", "no name", "half a box", "no box"])
+@pytest.mark.parametrize(
+    "xml, message",
+    [
+        (None, r"a\.xml: annotation file not found$"),
+        ("<annotation><object>", r"a\.xml: malformed XML \(no element found: line 1"),
+        (
+            "<annotation><object><name>unicorn</name></object></annotation>",
+            r"a\.xml: unknown class 'unicorn' \(VOC classes: aeroplane, bicycle, bird, .*, train, tvmonitor\)$",
+        ),
+        ("<annotation><object><difficult>0</difficult></object></annotation>", r"a\.xml: unknown class ''"),
+        (
+            "<annotation><object><name>cat</name><bndbox><xmin>1</xmin></bndbox></object></annotation>",
+            r"a\.xml: object 'cat' has no valid bndbox \(xmin, ymin, xmax, ymax\)$",
+        ),
+        ("<annotation><object><name>cat</name></object></annotation>", r"object 'cat' has no valid bndbox"),
+    ],
+    ids=["missing", "malformed", "unknown class", "no name", "half a box", "no box"],
+)
 def test_voc_annotation_errors_are_one_line_naming_the_file(tmp_path, xml, message):
     base = _write(tmp_path)
     if xml is None:
@@ -77,8 +96,13 @@ def test_voc_annotation_errors_are_one_line_naming_the_file(tmp_path, xml, messa
 
 
 def test_voc_objects_without_a_difficult_tag_count_as_not_difficult(tmp_path):
-    _write(tmp_path, {"b": "<annotation><object><name>bird</name><bndbox><xmin>2</xmin><ymin>2</ymin>"
-                           "<xmax>12</xmax><ymax>12</ymax></bndbox></object></annotation>"})
+    _write(
+        tmp_path,
+        {
+            "b": "<annotation><object><name>bird</name><bndbox><xmin>2</xmin><ymin>2</ymin>"
+            "<xmax>12</xmax><ymax>12</ymax></bndbox></object></annotation>"
+        },
+    )
     item = _voc(tmp_path, image_set="train", eval_image_sets=["val"]).samples("train")[1]
     assert item["box_labels"].tolist() == [VOC_CLASSES.index("bird")]
 
@@ -101,8 +125,11 @@ def test_image_folder_labels_are_int64_class_indices(tmp_path):
 
 
 def _synthetic(**options):
-    return create("dataset", "synthetic", {"num_classes": 3, "image_size": 16, "train_per_class": 4,
-                                           "test_per_class": 2, **options})
+    return create(
+        "dataset",
+        "synthetic",
+        {"num_classes": 3, "image_size": 16, "train_per_class": 4, "test_per_class": 2, **options},
+    )
 
 
 def test_synthetic_splits_have_their_sizes_streams_and_backgrounds():
@@ -113,9 +140,17 @@ def test_synthetic_splits_have_their_sizes_streams_and_backgrounds():
     assert not bool((test_ood.groups == test_ood.labels).any())  # the biased set's out-of-distribution split
     assert data.identity("test_ood")["bias"] == 0.0 and data.identity("train")["bias"] == 1.0
     assert not torch.equal(train.images[:6], test_id.images)  # other streams, other samples
-    assert data.identity("test_id") == {"kind": "synthetic_shapes", "generator_version": 1, "per_class": 2,
-                                        "num_classes": 3, "image_size": 16, "bias": 1.0, "mismatched": False,
-                                        "seed": 0, "stream": 1}
+    assert data.identity("test_id") == {
+        "kind": "synthetic_shapes",
+        "generator_version": 1,
+        "per_class": 2,
+        "num_classes": 3,
+        "image_size": 16,
+        "bias": 1.0,
+        "mismatched": False,
+        "seed": 0,
+        "stream": 1,
+    }
 
 
 def test_synthetic_items_go_through_their_transform():

@@ -127,8 +127,11 @@ def test_image_folder_errors_name_the_path_and_option(folder, tmp_path):
 
 
 def test_waterbirds_groups_splits_and_in_distribution(tmp_path):
-    counts = {"train": {(0, 0): 3, (1, 1): 3, (0, 1): 1}, "val": {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1},
-              "test": {(0, 1): 2, (1, 0): 2}}
+    counts = {
+        "train": {(0, 0): 3, (1, 1): 3, (0, 1): 1},
+        "val": {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1},
+        "test": {(0, 1): 2, (1, 0): 2},
+    }
     rows = write_waterbirds(tmp_path / "wb", counts, seed=2)
     ds = open_dataset("waterbirds", {"root": str(tmp_path / "wb"), "image_size": 16})
     assert ds.class_names() == ["landbird", "waterbird"] and ds.splits() == ("train", "val", "test")
@@ -142,7 +145,9 @@ def test_waterbirds_groups_splits_and_in_distribution(tmp_path):
             assert bool(item["in_distribution"]) == (r["y"] == r["place"])
     # Waterbirds-100 is the same reader on another metadata file
     write_waterbirds(tmp_path / "wb", {"train": {(1, 1): 2}}, metadata="wb100.csv", seed=3)
-    assert len(open_dataset("waterbirds", {"root": str(tmp_path / "wb"), "metadata": "wb100.csv"}).samples("train")) == 2
+    assert (
+        len(open_dataset("waterbirds", {"root": str(tmp_path / "wb"), "metadata": "wb100.csv"}).samples("train")) == 2
+    )
 
 
 def test_waterbirds_metadata_errors(tmp_path):
@@ -159,8 +164,16 @@ def test_waterbirds_metadata_errors(tmp_path):
 
 VOC_IMAGES = {
     "train": [
-        {"id": "000001", "width": 40, "height": 30,
-         "objects": [("dog", (1, 1, 20, 10), False), ("person", (11, 6, 40, 30), False), ("cat", (5, 5, 8, 8), True)]},
+        {
+            "id": "000001",
+            "width": 40,
+            "height": 30,
+            "objects": [
+                ("dog", (1, 1, 20, 10), False),
+                ("person", (11, 6, 40, 30), False),
+                ("cat", (5, 5, 8, 8), True),
+            ],
+        },
         {"id": "000002", "width": 32, "height": 32, "objects": [("cat", (3, 3, 16, 16), False)]},
     ],
     "val": [{"id": "000003", "width": 24, "height": 36, "objects": [("bus", (2, 2, 20, 30), False)]}],
@@ -185,7 +198,9 @@ def test_voc_multi_hot_labels_boxes_and_difficult(tmp_path):
         open_dataset("voc", {"root": str(tmp_path / "voc"), "year": "2012"})
     with pytest.raises(DataError, match=r"ImageSets/Main/test.txt: file not found"):
         open_dataset("voc", {"root": str(tmp_path / "voc"), "eval_image_sets": ["test"]})
-    (ds.year_dir / "Annotations" / "000002.xml").write_text("<annotation><object><name>unicorn</name></object></annotation>")
+    (ds.year_dir / "Annotations" / "000002.xml").write_text(
+        "<annotation><object><name>unicorn</name></object></annotation>"
+    )
     with pytest.raises(DataError, match=r"000002.xml: unknown class 'unicorn'"):
         open_dataset("voc", {"root": str(tmp_path / "voc")}).samples("train")
 
@@ -193,16 +208,17 @@ def test_voc_multi_hot_labels_boxes_and_difficult(tmp_path):
 def test_box_masks_follow_a_flip_and_crop(tmp_path):
     """The rasterised mask after flip + crop equals flipping and cropping the box by hand."""
     image = torch.rand(3, 30, 40)
-    boxes = tv_tensors.BoundingBoxes(torch.tensor([[0.0, 0.0, 20.0, 10.0], [10.0, 5.0, 40.0, 30.0]]),
-                                     format="XYXY", canvas_size=(30, 40))
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([[0.0, 0.0, 20.0, 10.0], [10.0, 5.0, 40.0, 30.0]]), format="XYXY", canvas_size=(30, 40)
+    )
     item = {"image": image, "label": torch.zeros(3), "boxes": boxes, "box_labels": torch.tensor([0, 2])}
     flip_crop = View(v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.CenterCrop((20, 30))]), num_classes=3)
     out = flip_crop(item)
     assert torch.equal(out["image"], image.flip(-1)[:, 5:25, 5:35])
     # by hand: flipped x -> 40 - x; crop offset (top 5, left 5), clamp to 30 x 20
     expected = torch.zeros(3, 20, 30, dtype=torch.uint8)
-    expected[0, 0:5, 15:30] = 1   # box 0: x 20..40 -> 15..35 (clamped 30), y 0..10 -> -5..5
-    expected[2, 0:20, 0:25] = 1   # box 1: x 0..30 -> -5..25, y 5..30 -> 0..25 (clamped 20)
+    expected[0, 0:5, 15:30] = 1  # box 0: x 20..40 -> 15..35 (clamped 30), y 0..10 -> -5..5
+    expected[2, 0:20, 0:25] = 1  # box 1: x 0..30 -> -5..25, y 5..30 -> 0..25 (clamped 20)
     assert torch.equal(out["mask"], expected)
     # the rasteriser alone: pixel centres inside [x1, x2) x [y1, y2)
     m = boxes_to_masks(torch.tensor([[0.4, 1.6, 2.5, 3.0]]), torch.tensor([1]), 2, (4, 4))
@@ -219,7 +235,7 @@ def test_views_resize_and_centre_crop_real_images(folder):
     # eval view by hand: resize the short side to round(16 * 256 / 224) = 18, centre crop 16
     resized = v2.functional.resize(raw, 18, antialias=True)
     top, left = (resized.shape[1] - 16) // 2, (resized.shape[2] - 16) // 2
-    expected = resized[:, top:top + 16, left:left + 16].float() / 255
+    expected = resized[:, top : top + 16, left : left + 16].float() / 255
     assert torch.allclose(item["image"], expected, atol=1e-6)
     whole = split_view(ds, "val", "whole")[0]["image"]
     assert torch.allclose(whole, v2.functional.resize(raw, [16, 16], antialias=True).float() / 255, atol=1e-6)
@@ -251,19 +267,25 @@ def test_plugins_list_datasets_and_every_builtin_module_is_an_entry_point():
         module = __import__(mod.name, fromlist=["_"])
         if any(getattr(getattr(module, n, None), "e2kd_impl", None) for n in dir(module)):
             with_hooks.add(mod.name)
-    assert with_hooks and with_hooks == points, f"modules with hook implementations but no entry point: {with_hooks - points}"
+    assert with_hooks and with_hooks == points, (
+        f"modules with hook implementations but no entry point: {with_hooks - points}"
+    )
 
 
 def test_a_bad_image_in_a_loader_worker_is_one_line_naming_the_file(folder, tmp_path, capsys):
-    from e2kd.cli import main
     import yaml
+
+    from e2kd.cli import main
 
     root, manifest = folder
     bad = manifest["train"][2][0]
     bad.write_bytes(bad.read_bytes()[:100])
-    config = {"data": {"name": "image_folder", "options": {"root": str(root), "image_size": 16}, "num_workers": 2},
-              "model": {"name": "small_resnet", "options": {"widths": [4]}}, "train": {"epochs": 1, "batch_size": 36},
-              "out_dir": str(tmp_path / "run")}
+    config = {
+        "data": {"name": "image_folder", "options": {"root": str(root), "image_size": 16}, "num_workers": 2},
+        "model": {"name": "small_resnet", "options": {"widths": [4]}},
+        "train": {"epochs": 1, "batch_size": 36},
+        "out_dir": str(tmp_path / "run"),
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["train-teacher", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err.strip()
@@ -311,7 +333,8 @@ def test_dataset_identities_tell_splits_roots_and_labels_apart(tmp_path):
     write_image_folder(tmp_path / "folder", ["a", "b"], {"train": 2, "val": 1}, size=(16, 16), seed=0)
     trees = {"waterbirds": ("wb", {}), "voc": ("voc", {}), "image_folder": ("folder", {"image_size": 16})}
     for name, (folder, options) in trees.items():
-        def identity(root, split="train"):
+
+        def identity(root, split="train", name=name, options=options):
             return open_dataset(name, {"root": str(root), **options}).identity(split)
 
         base = identity(tmp_path / folder)

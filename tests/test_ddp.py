@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 import yaml
 
 import e2kd
-from e2kd.distill import Distiller, explained_forward
+from e2kd.distill import Distiller
+from e2kd.explaining import explained_forward
 from e2kd.testing import TinyCNN
 
 from .conftest import TINY
@@ -48,8 +49,14 @@ def one_step(case: str, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor
         logits, maps, _ = explained_forward(teacher, x, explainer)
         replay = {"teacher_logits": logits[share], "teacher_maps": maps[share, 0]}
         teacher = None
-    distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=2.0,
-                          student_forward=forward)
+    distiller = Distiller(
+        teacher,
+        student,
+        explainer=explainer,
+        similarity=e2kd.get_similarity("cosine"),
+        lam=2.0,
+        student_forward=forward,
+    )
     out = distiller(x[share], **replay)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
     optimizer.zero_grad()
@@ -72,16 +79,31 @@ def evaluate_on(rank: int, world: int) -> dict:
     from e2kd.config import load_config_dict
     from e2kd.data import dataset_of
     from e2kd.evaluate import evaluate_model
+    from e2kd.plan import plan_run
     from e2kd.runtime import Runtime
 
-    metrics = ["accuracy", "agreement", "kl_divergence", "explanation_similarity", "epg", "explanation_iou",
-               "group_accuracy", "micro_f1", {"name": "shift_equivariance", "options": {"max_shift": 2}}]
+    metrics = [
+        "accuracy",
+        "agreement",
+        "kl_divergence",
+        "explanation_similarity",
+        "epg",
+        "explanation_iou",
+        "group_accuracy",
+        "micro_f1",
+        {"name": "shift_equivariance", "options": {"max_shift": 2}},
+    ]
     config = load_config_dict({**TINY, "data": {**TINY["data"], "test_per_class": 7}, "eval": {"metrics": metrics}})
     dataset = dataset_of(config)
     torch.manual_seed(3)
     model = e2kd.get_model_builder("small_resnet", widths=[4, 8]).build(3).eval()
     teacher = e2kd.get_model_builder("small_resnet", widths=[6, 8]).build(3).eval()
-    return evaluate_model(config, model, teacher, dataset, runtime=Runtime(torch.device("cpu"), rank=rank, world_size=world))
+    return evaluate_model(
+        plan_run(config, "evaluate", dataset),
+        model,
+        teacher,
+        runtime=Runtime(torch.device("cpu"), rank=rank, world_size=world),
+    )
 
 
 def _eval_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -128,7 +150,7 @@ def test_two_processes_step_like_one_process_on_the_global_batch(case, tmp_path)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), case, str(out)), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=True)
     for key, value in single.items():
-        torch.testing.assert_close(ddp[key], value, rtol=1e-6, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(ddp[key], value, rtol=1e-6, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     # the step moved the weights by far more than the tolerance (two untouched models would also agree)
     untrained = _initial_student(case)
     assert max(float((single[k] - untrained[k]).abs().max()) for k in single if single[k].is_floating_point()) > 1e-3
@@ -140,9 +162,19 @@ def _write(path, data):
 
 
 def _torchrun(*args):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "e2kd", *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "e2kd", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -151,9 +183,16 @@ def test_torchrun_train_teacher_and_distill(tmp_path):
     teacher = _write(tmp_path / "t.yaml", {**TINY, "train": train, "out_dir": str(tmp_path / "t")})
     run = _torchrun("train-teacher", str(teacher))
     assert run.returncode == 0, run.stderr[-3000:]
-    student = _write(tmp_path / "s.yaml", {**TINY, "train": train, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-                                            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
-                                            "out_dir": str(tmp_path / "s")})
+    student = _write(
+        tmp_path / "s.yaml",
+        {
+            **TINY,
+            "train": train,
+            "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+            "out_dir": str(tmp_path / "s"),
+        },
+    )
     run = _torchrun("distill", str(student))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("run directory:") == 1  # only the main process reports
@@ -169,17 +208,27 @@ def test_torchrun_train_teacher_and_distill(tmp_path):
     assert run.stdout.count("== s") == 1 and (tmp_path / "report" / "explanations.png").is_file()
     after = json.loads((tmp_path / "s" / "metrics.json").read_text())["splits"]
     assert after.keys() == before.keys() and all(
-        after[k][m] == pytest.approx(before[k][m], rel=1e-6) for k in before for m in before[k])
+        after[k][m] == pytest.approx(before[k][m], rel=1e-6) for k in before for m in before[k]
+    )
     # a frozen teacher: the processes share the cache's shards
-    frozen = _write(tmp_path / "f.yaml", {**yaml.safe_load(student.read_text()), "out_dir": str(tmp_path / "f"),
-                                           "distill": {"teacher_mode": "frozen"}})
+    frozen = _write(
+        tmp_path / "f.yaml",
+        {**yaml.safe_load(student.read_text()), "out_dir": str(tmp_path / "f"), "distill": {"teacher_mode": "frozen"}},
+    )
     run = _torchrun("distill", str(frozen))
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((tmp_path / "f" / "metrics.json").read_text())["history"][0]["explanation"] > 0
     # precompute split over two processes writes the files one process writes
     shards = {}
     for name, launch in (("one", None), ("two", _torchrun)):
-        args = ["precompute", str(frozen), "--set", f"distill.cache_dir={tmp_path / name}", "--set", "distill.shard_size=4"]
+        args = [
+            "precompute",
+            str(frozen),
+            "--set",
+            f"distill.cache_dir={tmp_path / name}",
+            "--set",
+            "distill.shard_size=4",
+        ]
         if launch is None:
             from e2kd.cli import main
 

@@ -10,6 +10,7 @@ import torch
 import e2kd
 from e2kd.evaluate import evaluate
 from e2kd.report import explanation_maps
+from e2kd.runtime import Runtime
 from e2kd.testing import TinyCNN
 
 META = torch.device("meta")
@@ -24,24 +25,38 @@ def test_notebook_explain_and_figure_maps_move_images_to_the_models():
     images = torch.rand(2, 3, 8, 8)
     maps = e2kd.explain(student, images)
     assert maps.device == META and maps.shape == (2, 1, 8, 8)
-    maps, preds = explanation_maps({"teacher": teacher, "student": student}, images, e2kd.get_explainer("gradcam"),
-                                   reference="teacher")
+    maps, preds = explanation_maps(
+        {"teacher": teacher, "student": student}, images, e2kd.get_explainer("gradcam"), reference="teacher"
+    )
     assert all(m.device == META and m.shape == (2, 1, 8, 8) for m in maps.values())
     assert preds["student"].shape == (2,)
 
 
 def test_evaluate_moves_every_batch_field_to_the_device():
     teacher, student = _models()
-    batch = {"image": torch.rand(2, 3, 8, 8), "label": torch.tensor([0, 1]), "mask": torch.ones(2, 1, 8, 8),
-             "group": torch.tensor([0, 1]), "in_distribution": torch.tensor([True, False])}
-    values, skipped = evaluate(student, [batch], {}, teacher=teacher, explainer=e2kd.get_explainer("gradcam"), device=META)
+    batch = {
+        "image": torch.rand(2, 3, 8, 8),
+        "label": torch.tensor([0, 1]),
+        "mask": torch.ones(2, 1, 8, 8),
+        "group": torch.tensor([0, 1]),
+        "in_distribution": torch.tensor([True, False]),
+    }
+    values, skipped = evaluate(
+        student,
+        [batch],
+        {},
+        teacher=teacher,
+        explainer=e2kd.get_explainer("gradcam"),
+        runtime=Runtime(torch.device(META)),
+    )
     assert values == {} and skipped == {}
 
 
 def test_distiller_runs_on_the_models_device():
     teacher, student = _models()
-    distiller = e2kd.distill.Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"),
-                                       similarity=e2kd.get_similarity("cosine"), lam=1.0)
+    distiller = e2kd.distill.Distiller(
+        teacher, student, explainer=e2kd.get_explainer("gradcam"), similarity=e2kd.get_similarity("cosine"), lam=1.0
+    )
     out = distiller(torch.rand(2, 3, 8, 8, device=META), torch.tensor([0, 1], device=META))
     assert out["loss"].device == META and out["loss"].shape == ()
 
@@ -49,9 +64,15 @@ def test_distiller_runs_on_the_models_device():
 @pytest.mark.parametrize("mode", ["top1", "label", "topk", "all"])
 def test_every_explained_class_mode_and_the_label_term_stay_on_the_device(mode):
     teacher, student = _models()
-    distiller = e2kd.distill.Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"),
-                                       similarity=e2kd.get_similarity("cosine"), lam=1.0, ce_weight=0.5,
-                                       explain_classes=mode)
+    distiller = e2kd.distill.Distiller(
+        teacher,
+        student,
+        explainer=e2kd.get_explainer("gradcam"),
+        similarity=e2kd.get_similarity("cosine"),
+        lam=1.0,
+        ce_weight=0.5,
+        explain_classes=mode,
+    )
     out = distiller(torch.rand(2, 3, 8, 8, device=META), torch.tensor([0, 1], device=META))
     assert out["loss"].device == META and out["explanation"].device == META
 
@@ -62,8 +83,16 @@ def test_similarities_and_explainers_keep_the_inputs_device():
         assert e2kd.get_similarity(name)(a, a).device == META, name
     import timm
 
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8, patch_size=4,
-                            embed_dim=16, depth=2, num_heads=2).to(META)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=3,
+        img_size=8,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+    ).to(META)
     assert e2kd.explain(vit, torch.rand(2, 3, 8, 8), explainer="rollout").device == META
     model = TinyCNN().to(META)
     for name in ("gradient", "input_x_gradient", "gradcam"):
@@ -96,17 +125,33 @@ def test_evaluation_hands_every_batch_field_over_on_the_device():
             return self._seen
 
     teacher, student = _models()
-    batch = {"image": torch.rand(2, 3, 8, 8), "label": torch.tensor([0, 1]), "mask": torch.ones(2, 1, 8, 8),
-             "group": torch.tensor([0, 1]), "in_distribution": torch.tensor([True, False])}
-    values, _ = evaluate(student, [batch], {"devices": Devices()}, teacher=teacher,
-                         explainer=e2kd.get_explainer("gradcam"), device=META)
+    batch = {
+        "image": torch.rand(2, 3, 8, 8),
+        "label": torch.tensor([0, 1]),
+        "mask": torch.ones(2, 1, 8, 8),
+        "group": torch.tensor([0, 1]),
+        "in_distribution": torch.tensor([True, False]),
+    }
+    values, _ = evaluate(
+        student,
+        [batch],
+        {"devices": Devices()},
+        teacher=teacher,
+        explainer=e2kd.get_explainer("gradcam"),
+        runtime=Runtime(torch.device(META)),
+    )
     assert set(values["devices"].values()) == {"meta"}
 
 
 @pytest.mark.parametrize("mode", ["all", "topk", "top1"])
 def test_explained_classes_are_chosen_on_the_logits_device(mode):
     teacher, student = _models()
-    distiller = e2kd.distill.Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"),
-                                       similarity=e2kd.get_similarity("cosine"), explain_classes=mode)
+    distiller = e2kd.distill.Distiller(
+        teacher,
+        student,
+        explainer=e2kd.get_explainer("gradcam"),
+        similarity=e2kd.get_similarity("cosine"),
+        explain_classes=mode,
+    )
     classes, _ = distiller.targets(torch.rand(2, 3, device=META), None)
     assert classes.device == META

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 import e2kd
 from e2kd.distill import Distiller, kd_loss
 from e2kd.errors import PluginError
-
 from e2kd.testing import TinyCNN, check_gradient
 
 
@@ -32,8 +31,14 @@ def test_kd_term_matches_hand_computation(temperature):
 
 
 def _distiller(teacher, student, lam, **kw):
-    return Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"),
-                     similarity=e2kd.get_similarity("cosine"), lam=lam, **kw)
+    return Distiller(
+        teacher,
+        student,
+        explainer=e2kd.get_explainer("gradcam"),
+        similarity=e2kd.get_similarity("cosine"),
+        lam=lam,
+        **kw,
+    )
 
 
 def test_lambda_zero_gradients_equal_plain_kd_exactly(tiny_pair):
@@ -63,7 +68,10 @@ def test_lambda_zero_does_no_explanation_work(tiny_pair, monkeypatch):
 def _term(student, teacher, x, cls, teacher_cls=None):
     """Per sample 1 - cos(E_S(x, cls), E_T(x, teacher_cls or cls)), the Grad-CAM explainer called directly."""
     gradcam = e2kd.get_explainer("gradcam")
-    e_s, e_t = gradcam.explain(student, x, cls), gradcam.explain(teacher, x, cls if teacher_cls is None else teacher_cls)
+    e_s, e_t = (
+        gradcam.explain(student, x, cls),
+        gradcam.explain(teacher, x, cls if teacher_cls is None else teacher_cls),
+    )
     return 1 - F.cosine_similarity(e_s.flatten(1), e_t.flatten(1), dim=1)
 
 
@@ -75,8 +83,12 @@ def test_explanation_term_uses_teacher_top1_not_the_label(tiny_pair):
     e_t, e_s = gradcam.explain(teacher, x, top1), gradcam.explain(student, x, top1)
     expected = (1 - F.cosine_similarity(e_s.flatten(1), e_t.flatten(1), dim=1)).mean()
     assert out["explanation"].item() == pytest.approx(expected.item(), rel=1e-10)
-    label_based = (1 - F.cosine_similarity(
-        gradcam.explain(student, x, 0).flatten(1), gradcam.explain(teacher, x, 0).flatten(1), dim=1)).mean()
+    label_based = (
+        1
+        - F.cosine_similarity(
+            gradcam.explain(student, x, 0).flatten(1), gradcam.explain(teacher, x, 0).flatten(1), dim=1
+        )
+    ).mean()
     assert not torch.equal(top1, torch.zeros_like(top1))
     assert out["explanation"].item() != pytest.approx(label_based.item(), rel=1e-6)
 
@@ -188,10 +200,13 @@ def test_non_differentiable_plugins_are_refused_before_training():
 
 def test_missing_layer_fails_at_construction():
     with pytest.raises(e2kd.errors.ModelError, match="no layer 'nope'"):
-        Distiller(TinyCNN(), TinyCNN(), explainer=e2kd.get_explainer("gradcam", layer="nope"),
-                  similarity=e2kd.get_similarity("cosine"), lam=1.0)
-
-
+        Distiller(
+            TinyCNN(),
+            TinyCNN(),
+            explainer=e2kd.get_explainer("gradcam", layer="nope"),
+            similarity=e2kd.get_similarity("cosine"),
+            lam=1.0,
+        )
 
 
 @pytest.mark.parametrize("mode", ["label", "topk", "all"])
@@ -225,14 +240,17 @@ def test_frozen_teacher_refuses_other_explained_classes():
         load_config_dict({"distill": {"teacher_mode": "frozen", "explain_classes": "all"}})
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"temperature": 0.0}, "temperature must be > 0 (got 0.0)"),
-    ({"lam": -0.5}, "lam and ce_weight must be >= 0 (got lam=-0.5, ce_weight=0.0)"),
-    ({"ce_weight": -1.0}, "lam and ce_weight must be >= 0 (got lam=1.0, ce_weight=-1.0)"),
-    ({"explain_classes": "top2"}, "explain_classes must be one of top1, label, topk, all, positive (got 'top2')"),
-    ({"kd": "hinge"}, "kd must be one of softmax, binary (got 'hinge')"),
-    ({"explain_every": 0}, "explain_every must be >= 1 (got 0)"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperature": 0.0}, "temperature must be > 0 (got 0.0)"),
+        ({"lam": -0.5}, "lam and ce_weight must be >= 0 (got lam=-0.5, ce_weight=0.0)"),
+        ({"ce_weight": -1.0}, "lam and ce_weight must be >= 0 (got lam=1.0, ce_weight=-1.0)"),
+        ({"explain_classes": "top2"}, "explain_classes must be one of top1, label, topk, all, positive (got 'top2')"),
+        ({"kd": "hinge"}, "kd must be one of softmax, binary (got 'hinge')"),
+        ({"explain_every": 0}, "explain_every must be >= 1 (got 0)"),
+    ],
+)
 def test_distiller_settings_are_checked_at_construction(options, message):
     with pytest.raises(ValueError) as error:
         _distiller(TinyCNN(), TinyCNN(), **{"lam": 1.0, **options})
@@ -262,9 +280,18 @@ def test_distiller_call_errors_name_what_is_missing(tiny_pair):
 
 def test_defaults_frozen_teacher_and_the_label_term_when_off(tiny_pair):
     teacher, student, x = tiny_pair
-    distiller = Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"), similarity=e2kd.get_similarity("cosine"))
-    assert (distiller.lam, distiller.temperature, distiller.ce_weight, distiller.top_k, distiller.explain_every,
-            distiller.explain_classes, distiller.kd) == (1.0, 1.0, 0.0, 2, 1, "top1", "softmax")
+    distiller = Distiller(
+        teacher, student, explainer=e2kd.get_explainer("gradcam"), similarity=e2kd.get_similarity("cosine")
+    )
+    assert (
+        distiller.lam,
+        distiller.temperature,
+        distiller.ce_weight,
+        distiller.top_k,
+        distiller.explain_every,
+        distiller.explain_classes,
+        distiller.kd,
+    ) == (1.0, 1.0, 0.0, 2, 1, "top1", "softmax")
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     out = distiller(x)
     assert out["ce"].item() == 0.0 and out["loss"].item() == pytest.approx((out["kd"] + out["explanation"]).item())
@@ -286,7 +313,7 @@ def test_explained_classes_at_their_edges(disagreeing_pair):
 
 
 def test_a_similarity_or_an_explainer_alone_is_refused():
-    from e2kd.distill import check_trainable
+    from e2kd.explaining import check_trainable
 
     for explainer, similarity in ((e2kd.get_explainer("gradcam"), None), (None, e2kd.get_similarity("cosine"))):
         with pytest.raises(PluginError, match="^distill.lam > 0 needs both distill.explainer and distill.similarity$"):
@@ -294,7 +321,8 @@ def test_a_similarity_or_an_explainer_alone_is_refused():
 
 
 def test_explained_forward_without_an_explainer_gives_the_top1_column():
-    from e2kd.distill import at_least_fp32, explained_forward
+    from e2kd.explaining import explained_forward
+    from e2kd.runtime import at_least_fp32
 
     model = TinyCNN()
     x = torch.randn(5, 3, 8, 8)
@@ -303,4 +331,7 @@ def test_explained_forward_without_an_explainer_gives_the_top1_column():
     assert not logits.requires_grad
     # half precision becomes float32, float32 and float64 stay as they are
     assert [at_least_fp32(torch.zeros(1, dtype=d)).dtype for d in (torch.float16, torch.bfloat16, torch.float64)] == [
-        torch.float32, torch.float32, torch.float64]
+        torch.float32,
+        torch.float32,
+        torch.float64,
+    ]

@@ -21,8 +21,14 @@ def _teacher(tmp_path):
 
 
 def _student(tmp_path, teacher, **sections):
-    data = {**TINY, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}}, "teacher": teacher,
-            "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "s"), **sections}
+    data = {
+        **TINY,
+        "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+        "teacher": teacher,
+        "train": {**TINY["train"], "epochs": 1},
+        "out_dir": str(tmp_path / "s"),
+        **sections,
+    }
     return _write(tmp_path / "s.yaml", data)
 
 
@@ -37,24 +43,45 @@ def _fails_with(capsys, args, *fragments):
 
 def test_nested_metric_option_typo_fails_at_load_and_the_fix_runs(tmp_path, capsys):
     teacher = _teacher(tmp_path)
-    bad = {"metrics": ["accuracy", {"name": "explanation_similarity",
-                                    "options": {"similarity": "jsd", "similarity_options": {"temprature": 2}}}]}
+    bad = {
+        "metrics": [
+            "accuracy",
+            {
+                "name": "explanation_similarity",
+                "options": {"similarity": "jsd", "similarity_options": {"temprature": 2}},
+            },
+        ]
+    }
     cfg = _student(tmp_path, teacher, eval=bad)
-    _fails_with(capsys, ["distill", str(cfg)], f"{cfg}: eval.metrics.1.options: ", "temprature",
-                "did you mean 'temperature'")
+    _fails_with(
+        capsys, ["distill", str(cfg)], f"{cfg}: eval.metrics.1.options: ", "temprature", "did you mean 'temperature'"
+    )
     assert not (tmp_path / "s").exists()
     bad["metrics"][1]["options"]["similarity"] = "not_a_similarity"
-    _fails_with(capsys, ["distill", str(_student(tmp_path, teacher, eval=bad))], "eval.metrics.1.options: ",
-                "unknown similarity 'not_a_similarity'")
-    good = {"metrics": ["accuracy", {"name": "explanation_similarity",
-                                     "options": {"similarity": "jsd", "similarity_options": {"temperature": 2}}}]}
+    _fails_with(
+        capsys,
+        ["distill", str(_student(tmp_path, teacher, eval=bad))],
+        "eval.metrics.1.options: ",
+        "unknown similarity 'not_a_similarity'",
+    )
+    good = {
+        "metrics": [
+            "accuracy",
+            {
+                "name": "explanation_similarity",
+                "options": {"similarity": "jsd", "similarity_options": {"temperature": 2}},
+            },
+        ]
+    }
     assert main(["distill", str(_student(tmp_path, teacher, eval=good))]) == 0
 
 
 def test_non_differentiable_plugin_with_lam_fails_at_load(tmp_path, capsys):
     teacher = _teacher(tmp_path)
     cfg = _student(tmp_path, teacher, distill={"lam": 1.0, "similarity": "spearman"})
-    _fails_with(capsys, ["distill", str(cfg)], f"{cfg}: distill.similarity: similarity 'spearman' is not differentiable")
+    _fails_with(
+        capsys, ["distill", str(cfg)], f"{cfg}: distill.similarity: similarity 'spearman' is not differentiable"
+    )
     cfg = _student(tmp_path, teacher, distill={"lam": 1.0, "similarity": "topk_overlap"})
     _fails_with(capsys, ["distill", str(cfg)], "distill.similarity: similarity 'topk_overlap' is not differentiable")
     assert not (tmp_path / "s").exists()
@@ -63,19 +90,37 @@ def test_non_differentiable_plugin_with_lam_fails_at_load(tmp_path, capsys):
 
 def test_missing_layer_names_teacher_or_student_and_leaves_no_run_dir(tmp_path, capsys):
     teacher = _teacher(tmp_path)
-    cfg = _student(tmp_path, teacher, distill={"explainer": {"name": "gradcam", "options": {"layer": "stages.1"}}},
-                   model={"name": "small_resnet", "options": {"widths": [4]}})
-    _fails_with(capsys, ["distill", str(cfg)], f"{cfg}: distill.explainer: the student (small_resnet) does not fit: ",
-                "no layer 'stages.1'")
+    cfg = _student(
+        tmp_path,
+        teacher,
+        distill={"explainer": {"name": "gradcam", "options": {"layer": "stages.1"}}},
+        model={"name": "small_resnet", "options": {"widths": [4]}},
+    )
+    _fails_with(
+        capsys,
+        ["distill", str(cfg)],
+        f"{cfg}: distill.explainer: the student does not fit: ",
+        "no layer 'stages.1'",
+    )
     assert not (tmp_path / "s").exists()
-    cfg = _student(tmp_path, {**teacher, "options": {"widths": [4]}, "checkpoint": None},
-                   distill={"explainer": {"name": "gradcam", "options": {"layer": "stages.1"}}})
-    teacher_one_stage = _write(tmp_path / "t1.yaml", {**TINY, "model": {"name": "small_resnet", "options": {"widths": [4]}},
-                                                      "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t1")})
+    cfg = _student(
+        tmp_path,
+        {**teacher, "options": {"widths": [4]}, "checkpoint": None},
+        distill={"explainer": {"name": "gradcam", "options": {"layer": "stages.1"}}},
+    )
+    teacher_one_stage = _write(
+        tmp_path / "t1.yaml",
+        {
+            **TINY,
+            "model": {"name": "small_resnet", "options": {"widths": [4]}},
+            "train": {**TINY["train"], "epochs": 1},
+            "out_dir": str(tmp_path / "t1"),
+        },
+    )
     assert main(["train-teacher", str(teacher_one_stage)]) == 0
     data = yaml.safe_load(cfg.read_text())
     data["teacher"]["checkpoint"] = str(tmp_path / "t1" / "model.pt")
-    _fails_with(capsys, ["distill", str(_write(cfg, data))], "distill.explainer: the teacher (small_resnet) does not fit")
+    _fails_with(capsys, ["distill", str(_write(cfg, data))], "distill.explainer: the teacher does not fit")
     assert not (tmp_path / "s").exists()
 
 
@@ -95,11 +140,15 @@ def test_evaluation_similarity_defaults_to_the_training_one_with_its_options(tmp
     import torch
 
     import e2kd
-    from e2kd.distill import explained_forward
+    from e2kd.explaining import explained_forward
 
     teacher = _teacher(tmp_path)
-    cfg = _student(tmp_path, teacher, distill={"lam": 1.0, "similarity": {"name": "jsd", "options": {"temperature": 2.0}}},
-                   eval={"metrics": ["explanation_similarity"], "splits": ["test_ood"]})
+    cfg = _student(
+        tmp_path,
+        teacher,
+        distill={"lam": 1.0, "similarity": {"name": "jsd", "options": {"temperature": 2.0}}},
+        eval={"metrics": ["explanation_similarity"], "splits": ["test_ood"]},
+    )
     assert main(["distill", str(cfg)]) == 0
     reported = json.loads((tmp_path / "s" / "metrics.json").read_text())["splits"]["test_ood"]["explanation_similarity"]
     run = e2kd.load_run(tmp_path / "s")

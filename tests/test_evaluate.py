@@ -7,21 +7,32 @@ import torch
 from e2kd.config import load_config_dict
 from e2kd.data import dataset_of
 from e2kd.errors import ConfigError
-from e2kd.evaluate import eval_explainer, eval_splits, evaluate_model
+from e2kd.evaluate import eval_splits, evaluate_model
 from e2kd.models import build_from
+from e2kd.plan import plan_run
 from e2kd.runtime import Runtime
 
 from .conftest import TINY
 
-METRICS = ["accuracy", {"name": "accuracy", "options": {"top_k": 2}}, "agreement", "explanation_similarity",
-           "group_accuracy"]
+METRICS = [
+    "accuracy",
+    {"name": "accuracy", "options": {"top_k": 2}},
+    "agreement",
+    "explanation_similarity",
+    "group_accuracy",
+]
 
 
 @pytest.fixture
 def setup():
-    config = load_config_dict({**TINY, "teacher": TINY["model"],
-                               "distill": {"explainer": {"name": "gradcam", "options": {"relu": False}}},
-                               "eval": {"metrics": METRICS}})
+    config = load_config_dict(
+        {
+            **TINY,
+            "teacher": TINY["model"],
+            "distill": {"explainer": {"name": "gradcam", "options": {"relu": False}}},
+            "eval": {"metrics": METRICS},
+        }
+    )
     dataset = dataset_of(config)
     torch.manual_seed(0)
     return config, build_from(config.model, dataset), build_from(config.teacher, dataset), dataset
@@ -29,12 +40,27 @@ def setup():
 
 def test_the_explainer_and_metric_options_of_the_config_are_used(setup):
     config, model, teacher, dataset = setup
-    assert eval_explainer(config).options.relu is False  # distill.explainer, with its options
-    other = config.model_copy(update={"eval": config.eval.model_copy(
-        update={"explainer": config.distill.explainer.model_copy(update={"options": {"relu": True, "layer": "layers.0"}})})})
-    assert eval_explainer(other).options.layer == "layers.0"  # eval.explainer wins
-    results = evaluate_model(config, model, teacher, dataset, metrics=[m for m in config.eval.metrics
-                                                                        if m.name == "accuracy"])
+    assert (
+        plan_run(config, "evaluate", dataset).eval_explainer.options.relu is False
+    )  # distill.explainer, with its options
+    other = config.model_copy(
+        update={
+            "eval": config.eval.model_copy(
+                update={
+                    "explainer": config.distill.explainer.model_copy(
+                        update={"options": {"relu": True, "layer": "layers.0"}}
+                    )
+                }
+            )
+        }
+    )
+    assert plan_run(other, "evaluate", dataset).eval_explainer.options.layer == "layers.0"  # eval.explainer wins
+    results = evaluate_model(
+        plan_run(config, "evaluate", dataset),
+        model,
+        teacher,
+        metrics=[m for m in config.eval.metrics if m.name == "accuracy"],
+    )
     # the two accuracy entries share a name: each is reported, the second under its options
     split = results["splits"]["test_id"]
     assert set(split) == {"accuracy", "accuracy[top_k=2]"}
@@ -49,18 +75,21 @@ def test_the_explainer_and_metric_options_of_the_config_are_used(setup):
 
 def test_one_metric_under_two_similarities_keeps_both_and_their_directions(setup):
     from e2kd.config import PluginRef
-    from e2kd.distill import explained_forward
+    from e2kd.explaining import explained_forward
     from e2kd.report import table
 
     config, model, teacher, dataset = setup
-    refs = [PluginRef(name="explanation_similarity", options={"similarity": "cosine"}),
-            PluginRef(name="explanation_similarity", options={"similarity": "l2"}), PluginRef(name="kl_divergence")]
-    results = evaluate_model(config, model, teacher, dataset, metrics=refs)
+    refs = [
+        PluginRef(name="explanation_similarity", options={"similarity": "cosine"}),
+        PluginRef(name="explanation_similarity", options={"similarity": "l2"}),
+        PluginRef(name="kl_divergence"),
+    ]
+    results = evaluate_model(plan_run(config, "evaluate", dataset), model, teacher, metrics=refs)
     cos, l2 = "explanation_similarity[similarity=cosine]", "explanation_similarity[similarity=l2]"
     assert results["higher_is_better"] == {cos: True, l2: False, "kl_divergence": False}
     split = results["splits"]["test_ood"]
     images = torch.stack([s["image"] for s in dataset.samples("test_ood")])  # the eval view of shape images: as is
-    explainer = eval_explainer(config)
+    explainer = plan_run(config, "evaluate", dataset).eval_explainer
     _, t_maps, targets = explained_forward(teacher, images, explainer)
     _, s_maps, _ = explained_forward(model, images, explainer, targets)
     a, b = s_maps[:, 0].flatten(1).double(), t_maps[:, 0].flatten(1).double()
@@ -76,8 +105,7 @@ def test_an_unknown_split_is_named_with_the_known_ones(setup):
     wrong = config.model_copy(update={"eval": config.eval.model_copy(update={"splits": ["test_id", "tset"]})})
     with pytest.raises(ConfigError) as error:
         eval_splits(wrong, dataset)
-    assert str(error.value) == (f"eval.splits: 'synthetic' has no split 'tset' (known: "
-                                f"{', '.join(dataset.splits())})")
+    assert str(error.value) == (f"eval.splits: 'synthetic' has no split 'tset' (known: {', '.join(dataset.splits())})")
     assert eval_splits(config, dataset) == list(dataset.eval_splits())
 
 
@@ -85,7 +113,7 @@ def test_two_processes_each_evaluating_half_merge_to_one_process(setup, monkeypa
     """Rank r evaluates samples r, r + 2, ...; the metric states are gathered and merged. Run in
     one process: all_gather_object is replaced by the other rank's recorded state."""
     config, model, teacher, dataset = setup
-    single = evaluate_model(config, model, teacher, dataset)
+    single = evaluate_model(plan_run(config, "evaluate", dataset), model, teacher)
     sent = {}  # (rank, split number) -> what that rank sent
 
     def gather(out, obj, rank, calls):
@@ -97,10 +125,17 @@ def test_two_processes_each_evaluating_half_merge_to_one_process(setup, monkeypa
     results = {}
     for rank in (0, 1, 0):  # the second pass of rank 0 sees rank 1's states
         calls = []
-        monkeypatch.setattr(torch.distributed, "all_gather_object",
-                            lambda out, obj, rank=rank, calls=calls: gather(out, obj, rank, calls))
-        results[rank] = evaluate_model(config, model, teacher, dataset, runtime=Runtime(torch.device("cpu"), rank=rank,
-                                                                                          world_size=2))
+        monkeypatch.setattr(
+            torch.distributed,
+            "all_gather_object",
+            lambda out, obj, rank=rank, calls=calls: gather(out, obj, rank, calls),
+        )
+        results[rank] = evaluate_model(
+            plan_run(config, "evaluate", dataset),
+            model,
+            teacher,
+            runtime=Runtime(torch.device("cpu"), rank=rank, world_size=2),
+        )
     for split, values in single["splits"].items():
         for name, value in values.items():
             if isinstance(value, dict):
@@ -141,9 +176,16 @@ def test_every_batch_field_reaches_the_metrics(per_class_masks):
     if not per_class_masks:
         masks = masks[:, :1]  # one object mask for every class
     explainer = e2kd.get_explainer("gradient")  # signed input gradients: every class's map has a positive part
-    metrics = {name: e2kd.get_metric(name, **options) for name, options in (
-        ("group_accuracy", {}), ("epg", {}), ("shift_equivariance", {"max_shift": 2}), ("explanation_similarity", {}),
-        ("agreement", {}))}
+    metrics = {
+        name: e2kd.get_metric(name, **options)
+        for name, options in (
+            ("group_accuracy", {}),
+            ("epg", {}),
+            ("shift_equivariance", {"max_shift": 2}),
+            ("explanation_similarity", {}),
+            ("agreement", {}),
+        )
+    }
     from e2kd.api import Metric
 
     class Pairs(Metric):  # what a third-party metric sees of the (image, label class) rows
@@ -170,10 +212,13 @@ def test_every_batch_field_reaches_the_metrics(per_class_masks):
     maps = explainer.explain(model, x, pred)
     for t in (1, 2):
         shifted = explainer.explain(model, shift_diagonal(x, t), pred)
-        assert values["shift_equivariance"][f"shift_{t}"] == pytest.approx(overlap_cosine(shifted, maps, t).mean().item())
+        assert values["shift_equivariance"][f"shift_{t}"] == pytest.approx(
+            overlap_cosine(shifted, maps, t).mean().item()
+        )
     e_s, e_t = explainer.explain(model, x, t_pred), explainer.explain(teacher, x, t_pred)
     assert values["explanation_similarity"] == pytest.approx(
-        torch.nn.functional.cosine_similarity(e_s.flatten(1), e_t.flatten(1)).mean().item())
+        torch.nn.functional.cosine_similarity(e_s.flatten(1), e_t.flatten(1)).mean().item()
+    )
     assert values["agreement"] == pytest.approx((pred == t_pred).double().mean().item())
 
 
@@ -188,4 +233,7 @@ def test_the_explain_function_and_flattened_metrics():
     torch.testing.assert_close(_explain_fn(gradcam, model)(x, other), gradcam.explain(model, x, other))
     assert _explain_fn(None, model) is None
     assert flatten_metrics({"a": 1.0, "g": {"worst": 0.5, "y0": {"g1": 0.25}}}) == {
-        "a": 1.0, "g.worst": 0.5, "g.y0.g1": 0.25}
+        "a": 1.0,
+        "g.worst": 0.5,
+        "g.y0.g1": 0.25,
+    }

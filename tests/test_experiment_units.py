@@ -23,6 +23,7 @@ from e2kd.errors import ConfigError, StaleCacheError
 from e2kd.frozen import fingerprint_hash
 from e2kd.guidance import AnnotatedSamples, Guidance
 from e2kd.models import build_from
+from e2kd.plan import plan_run
 from e2kd.registry import create
 from e2kd.runtime import Runtime
 from e2kd.train import make_optimizer, make_schedule
@@ -51,8 +52,16 @@ def loop(monkeypatch):
     calls = []
 
     def recording_fit(model, step, data, **kwargs):
-        calls.append(SimpleNamespace(model=model, step=step, data=data, rng=torch.get_rng_state(),
-                                     initial={k: v.clone() for k, v in model.state_dict().items()}, **kwargs))
+        calls.append(
+            SimpleNamespace(
+                model=model,
+                step=step,
+                data=data,
+                rng=torch.get_rng_state(),
+                initial={k: v.clone() for k, v in model.state_dict().items()},
+                **kwargs,
+            )
+        )
         g = torch.Generator().manual_seed(99)
         with torch.no_grad():
             for p in model.parameters():
@@ -98,8 +107,11 @@ class _Runtimes(list):
 def runtimes(monkeypatch):
     """Every runtime the recipes ask ``runtime_of`` for, in order."""
     made = _Runtimes()
-    monkeypatch.setattr(experiment, "runtime_of", lambda config: made.append(
-        RecordingRuntime(torch.device("cpu"), rank=made.rank)) or made[-1])
+    monkeypatch.setattr(
+        experiment,
+        "runtime_of",
+        lambda config: made.append(RecordingRuntime(torch.device("cpu"), rank=made.rank)) or made[-1],
+    )
     return made
 
 
@@ -115,9 +127,9 @@ def evaluations(monkeypatch):
     seen = []
     real = experiment.evaluate_model
 
-    def recording(config, model, teacher, dataset, *, runtime):
-        seen.append(SimpleNamespace(model=model, teacher=teacher, runtime=runtime))
-        return real(config, model, teacher, dataset, runtime=runtime)
+    def recording(plan, model, teacher, *, runtime):
+        seen.append(SimpleNamespace(plan=plan, model=model, teacher=teacher, runtime=runtime))
+        return real(plan, model, teacher, runtime=runtime)
 
     monkeypatch.setattr(experiment, "evaluate_model", recording)
     return seen
@@ -135,6 +147,7 @@ def builds(monkeypatch):
 @pytest.fixture
 def teacher_file(tmp_path):
     """A teacher checkpoint (random weights, seed 11) beside which the frozen cache is made."""
+
     def write(config_data=None):
         config = _config(tmp_path, **(config_data or {}))
         torch.manual_seed(11)
@@ -143,39 +156,62 @@ def teacher_file(tmp_path):
         path.parent.mkdir(exist_ok=True)
         torch.save(model.state_dict(), path)
         return path
+
     return write
 
 
 def _student_config(tmp_path, teacher, **sections):
-    return _config(tmp_path, teacher={"name": "small_resnet", "options": {"widths": [4]}, "checkpoint": str(teacher)},
-                   **sections)
+    return _config(
+        tmp_path, teacher={"name": "small_resnet", "options": {"widths": [4]}, "checkpoint": str(teacher)}, **sections
+    )
 
 
 # -- train_teacher ------------------------------------------------------------------------------------------------------
 
-TEACHER_TRAIN = {"epochs": 3, "batch_size": 2, "lr": 0.05, "weight_decay": 0.01, "optimizer": "sgd",
-                 "schedule": "cosine", "warmup_epochs": 1, "checkpoint_every": 2, "augment": "flip",
-                 "color_jitter": 0.2}
+TEACHER_TRAIN = {
+    "epochs": 3,
+    "batch_size": 2,
+    "lr": 0.05,
+    "weight_decay": 0.01,
+    "optimizer": "sgd",
+    "schedule": "cosine",
+    "warmup_epochs": 1,
+    "checkpoint_every": 2,
+    "augment": "flip",
+    "color_jitter": 0.2,
+}
 
 
 def test_teacher_settings_reach_the_loop_and_the_trained_model_is_saved_and_evaluated(
-        tmp_path, loop, runtimes, evaluations):
+    tmp_path, loop, runtimes, evaluations
+):
     config = _config(tmp_path, seed=5, train=TEACHER_TRAIN, data={"num_workers": 1})
     results = experiment.train_teacher(config)
     (call,), (runtime,) = loop, runtimes
     out = tmp_path / "run"
     assert (call.epochs, call.batch_size, call.seed, call.num_workers, call.checkpoint_every) == (3, 2, 5, 1, 2)
-    assert (call.checkpoint, call.log_dir, call.progress, call.desc) == (out / "checkpoint.pt", out, False, "teacher run")
+    assert (call.checkpoint, call.log_dir, call.progress, call.desc) == (
+        out / "checkpoint.pt",
+        out,
+        False,
+        "teacher run",
+    )
     assert call.runtime is runtime and runtime.synced == [call.model]
     assert [(e.model, e.teacher, e.runtime) for e in evaluations] == [(call.model, None, runtime)]
 
-    made, by_hand = call.optimizer_fn([nn.Parameter(torch.zeros(2))]), make_optimizer([nn.Parameter(torch.zeros(2))],
-                                                                                        "sgd", 0.05, 0.01)
+    made, by_hand = (
+        call.optimizer_fn([nn.Parameter(torch.zeros(2))]),
+        make_optimizer([nn.Parameter(torch.zeros(2))], "sgd", 0.05, 0.01),
+    )
     assert type(made) is type(by_hand)
-    assert [{k: v for k, v in g.items() if k != "params"} for g in made.param_groups] == \
-        [{k: v for k, v in g.items() if k != "params"} for g in by_hand.param_groups]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in made.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in by_hand.param_groups
+    ]
     lrs = []
-    for scheduler, optimizer in ((call.scheduler_fn(made, 31), made), (make_schedule(by_hand, "cosine", 31, 10), by_hand)):
+    for scheduler, optimizer in (
+        (call.scheduler_fn(made, 31), made),
+        (make_schedule(by_hand, "cosine", 31, 10), by_hand),
+    ):
         lrs.append([])
         for _ in range(31):  # warm-up over the first epoch: 31 steps in 3 epochs, 10 whole steps each
             lrs[-1].append(optimizer.param_groups[0]["lr"])
@@ -212,7 +248,9 @@ def test_the_teacher_step_is_the_label_loss_through_the_training_wrapper(tmp_pat
     assert set(terms) == {"loss"}
     (wrapped,) = runtimes[0].wrapped
     assert wrapped.module is model and wrapped.calls == 1  # gradients averaged over processes
-    assert terms["loss"].item() == pytest.approx(F.cross_entropy(model(batch["image"]), batch["label"]).item(), rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(
+        F.cross_entropy(model(batch["image"]), batch["label"]).item(), rel=1e-6
+    )
 
 
 def test_the_mixup_step_mixes_images_and_labels_with_the_steps_draw(tmp_path, loop):
@@ -239,8 +277,9 @@ def test_the_guided_step_adds_the_weighted_guidance_term(tmp_path, loop):
     masks[:, :, :8, 2:9] = 1
     batch |= {"mask": masks, "annotated": torch.tensor([True, False, True, True])}
     terms = call.step(batch, 0)
-    logits, term = Guidance(create("explainer", "gradcam"), "l1")(model, model, batch["image"], batch["label"], masks,
-                                                                  batch["annotated"])
+    logits, term = Guidance(create("explainer", "gradcam"), "l1")(
+        model, model, batch["image"], batch["label"], masks, batch["annotated"]
+    )
     ce = F.cross_entropy(logits, batch["label"])
     assert set(terms) == {"loss", "ce", "guidance"} and term.item() > 0
     assert terms["guidance"].item() == pytest.approx(term.item(), rel=1e-5)
@@ -248,12 +287,20 @@ def test_the_guided_step_adds_the_weighted_guidance_term(tmp_path, loop):
     assert terms["loss"].item() == pytest.approx(ce.item() + 2.5 * term.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("train, message", [
-    ({"mixup": 0.2, "guidance": {}}, "exp.yaml: train.mixup: mixed images have no boxes to guide towards; use either "
-                                     "train.mixup or train.guidance"),
-    ({"guidance": {"explainer": {"name": "gradcam", "options": {"layer": "nowhere"}}}},
-     "exp.yaml: train.guidance.explainer: gradcam: model SmallResNet has no layer 'nowhere'"),
-])
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        (
+            {"mixup": 0.2, "guidance": {}},
+            "exp.yaml: train.mixup: mixed images have no boxes to guide towards; use either "
+            "train.mixup or train.guidance",
+        ),
+        (
+            {"guidance": {"explainer": {"name": "gradcam", "options": {"layer": "nowhere"}}}},
+            "exp.yaml: train.guidance.explainer: gradcam: model SmallResNet has no layer 'nowhere'",
+        ),
+    ],
+)
 def test_teacher_refusals_come_before_the_run_directory(tmp_path, loop, train, message):
     with pytest.raises(ConfigError) as error:
         experiment.train_teacher(_config(tmp_path, train=train))
@@ -261,92 +308,31 @@ def test_teacher_refusals_come_before_the_run_directory(tmp_path, loop, train, m
     assert not (tmp_path / "run").exists() and loop == []
 
 
-def test_guidance_needs_masks_or_boxes(tmp_path):
-    config = _config(tmp_path, train={"guidance": {"loss": "l1"}})
-    with pytest.raises(ConfigError) as error:
-        experiment.make_guidance(config, SimpleNamespace(name="birds", provides=frozenset({"group"})))
-    assert str(error.value) == ("exp.yaml: train.guidance: dataset 'birds' provides no masks or boxes to guide towards; "
-                                "remove train.guidance or use a dataset that has them")
-    for provides in ({"boxes"}, {"mask", "group"}):
-        made = experiment.make_guidance(config, SimpleNamespace(name="d", provides=frozenset(provides)))
-        assert made.explainer.name == "gradcam" and made.loss is Guidance(made.explainer, "l1").loss
-    assert experiment.make_guidance(_config(tmp_path), SimpleNamespace(provides=frozenset())) is None
-
-
-# -- distill: its settings, its checks --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("label_type, kd, classes, want", [
-    ("single", "auto", "auto", ("softmax", "top1")),
-    ("multi", "auto", "auto", ("binary", "positive")),
-    (None, "auto", "auto", ("softmax", "top1")),
-    ("multi", "softmax", "topk", ("softmax", "topk")),
-    ("single", "binary", "label", ("binary", "label")),
-])
-def test_auto_kd_and_explained_classes_follow_the_labels(tmp_path, label_type, kd, classes, want):
-    config = _config(tmp_path, distill={"kd": kd, "explain_classes": classes})
-    dataset = None if label_type is None else SimpleNamespace(label_type=label_type)
-    assert experiment.resolved_distill(config, dataset) == {"kd": want[0], "explain_classes": want[1]}
-
-
-def test_a_frozen_teacher_explains_top1_only(tmp_path):
-    multi = SimpleNamespace(label_type="multi")
-    config = _config(tmp_path, distill={"teacher_mode": "frozen"})
-    with pytest.raises(ConfigError) as error:
-        experiment.resolved_distill(config, multi)
-    assert str(error.value) == ("exp.yaml: distill.teacher_mode: frozen caches the teacher's top-1 map, but this "
-                                "multi-label data explains 'positive' classes; set distill.explain_classes: top1 or "
-                                "teacher_mode: live")
-    kd_only = _config(tmp_path, distill={"teacher_mode": "frozen", "lam": 0})
-    assert experiment.resolved_distill(kd_only, multi) == {"kd": "binary", "explain_classes": "positive"}
-    top1 = _config(tmp_path, distill={"teacher_mode": "frozen", "explain_classes": "top1"})
-    assert experiment.resolved_distill(top1, multi) == {"kd": "binary", "explain_classes": "top1"}
-
-
-def test_the_distiller_gets_every_setting(tmp_path):
-    config = _config(tmp_path, distill={"temperature": 3.0, "lam": 2.5, "ce_weight": 0.5, "top_k": 3, "explain_every": 4,
-                                        "explain_classes": "topk", "feature_resolution": False,
-                                        "similarity": {"name": "cosine", "options": {"eps": 1e-3}}})
-    dataset = dataset_of(config)
-    teacher, student, forward = build_from(config.model, dataset, None), build_from(config.model, dataset, None), nn.Identity()
-    d = experiment.make_distiller(config, teacher, student, SimpleNamespace(label_type="multi"), forward)
-    assert (d.teacher, d.student, d.student_forward) == (teacher, student, forward)
-    assert (d.temperature, d.lam, d.ce_weight, d.top_k, d.explain_every, d.kd, d.explain_classes) == (
-        3.0, 2.5, 0.5, 3, 4, "binary", "topk")
-    assert d.explainer.name == "gradcam" and d.similarity.name == "cosine" and d.similarity.options.eps == 1e-3
-    assert d.at_feature_resolution is False
-    plain = experiment.make_distiller(_config(tmp_path, distill={"lam": 0}), None, student)
-    assert plain.explainer is None and plain.similarity is None and plain.teacher is None
-    assert plain.student_forward is student and (plain.kd, plain.explain_classes) == ("softmax", "top1")
-
-
-def test_the_explainer_must_fit_teacher_and_student(tmp_path):
-    config = _config(tmp_path, teacher={"name": "small_resnet", "options": {"widths": [4]}},
-                     distill={"explainer": {"name": "gradcam", "options": {"layer": "stages.1"}}})
-    dataset = dataset_of(config)
-    narrow = build_from(config.model, dataset, None)                          # one stage: no stages.1
-    wide = build_from(config.model.model_copy(update={"options": {"widths": [4, 4]}}), dataset, None)
-    with pytest.raises(ConfigError, match=r"^exp.yaml: distill.explainer: the teacher \(small_resnet\) does not fit: "):
-        experiment.check_models(config, narrow, wide)
-    with pytest.raises(ConfigError, match=r"^exp.yaml: distill.explainer: the student \(small_resnet\) does not fit: "):
-        experiment.check_models(config, wide, narrow)
-    experiment.check_models(config, wide, wide)
-    experiment.check_models(config.model_copy(update={"distill": config.distill.model_copy(update={"lam": 0})}),
-                            narrow, narrow)  # plain KD explains nothing
-
-
-@pytest.mark.parametrize("extra, message", [
-    ({"train": {"guidance": {}}}, "exp.yaml: train.guidance guides a model trained on labels (train-teacher); "
-                                  "distill's explanation term is distill.lam"),
-    ({"train": {"mixup": 0.2}, "distill": {"teacher_mode": "frozen"}},
-     "exp.yaml: train.mixup: a frozen teacher's outputs are stored for unmixed images; mixup needs teacher_mode: live "
-     "(the teacher sees the same mixed image)"),
-    ({"train": {"mixup": 0.2}, "distill": {"ce_weight": 0.1}},
-     "exp.yaml: train.mixup: a mixed image has two labels; distil with distill.ce_weight: 0 and explain_classes other "
-     "than label"),
-    ({"train": {"mixup": 0.2}, "distill": {"explain_classes": "label"}},
-     "exp.yaml: train.mixup: a mixed image has two labels; distil with distill.ce_weight: 0 and explain_classes other "
-     "than label"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            {"train": {"guidance": {}}},
+            "exp.yaml: train.guidance guides a model trained on labels (train-teacher); "
+            "distill's explanation term is distill.lam",
+        ),
+        (
+            {"train": {"mixup": 0.2}, "distill": {"teacher_mode": "frozen"}},
+            "exp.yaml: train.mixup: a frozen teacher's outputs are stored for unmixed images; mixup needs teacher_mode: live "
+            "(the teacher sees the same mixed image)",
+        ),
+        (
+            {"train": {"mixup": 0.2}, "distill": {"ce_weight": 0.1}},
+            "exp.yaml: train.mixup: a mixed image has two labels; distil with distill.ce_weight: 0 and explain_classes other "
+            "than label",
+        ),
+        (
+            {"train": {"mixup": 0.2}, "distill": {"explain_classes": "label"}},
+            "exp.yaml: train.mixup: a mixed image has two labels; distil with distill.ce_weight: 0 and explain_classes other "
+            "than label",
+        ),
+    ],
+)
 def test_distill_refusals_come_before_anything_is_loaded(tmp_path, loop, extra, message):
     config = _student_config(tmp_path, tmp_path / "no-teacher.pt", **extra)  # the teacher file is never read
     with pytest.raises(ConfigError) as error:
@@ -356,17 +342,31 @@ def test_distill_refusals_come_before_anything_is_loaded(tmp_path, loop, extra, 
 
 # -- distill: the step, live and frozen -------------------------------------------------------------------------------
 
+
 def _hand_built(config, teacher, student, **changes):
     d = config.distill
-    return Distiller(teacher, student, explainer=create("explainer", "gradcam"), similarity=create("similarity", "cosine"),
-                     temperature=d.temperature, lam=d.lam, explain_every=d.explain_every, **changes)
+    return Distiller(
+        teacher,
+        student,
+        explainer=create("explainer", "gradcam"),
+        similarity=create("similarity", "cosine"),
+        temperature=d.temperature,
+        lam=d.lam,
+        explain_every=d.explain_every,
+        **changes,
+    )
 
 
 def test_the_live_step_is_the_distillers_loss_at_that_step_and_the_teacher_is_evaluated(
-        tmp_path, loop, teacher_file, runtimes, evaluations):
-    config = _student_config(tmp_path, teacher_file(), seed=4, distill={"temperature": 2.0, "lam": 3.0, "explain_every": 2,
-                                                                       "ce_weight": 0.5},
-                             eval={"metrics": ["accuracy", "agreement"]})
+    tmp_path, loop, teacher_file, runtimes, evaluations
+):
+    config = _student_config(
+        tmp_path,
+        teacher_file(),
+        seed=4,
+        distill={"temperature": 2.0, "lam": 3.0, "explain_every": 2, "ce_weight": 0.5},
+        eval={"metrics": ["accuracy", "agreement"]},
+    )
     results = experiment.distill(config)
     (call,), (runtime,), dataset = loop, runtimes, dataset_of(config)
     assert call.desc == "distill run" and call.epochs == 1 and call.runtime is runtime
@@ -422,8 +422,10 @@ def test_the_frozen_step_replays_the_cached_teacher(tmp_path, loop, teacher_file
     caches = list((tmp_path / "teacher").glob("teacher-cache-*"))
     assert len(caches) == 1 and len(caches[0].name) == len("teacher-cache-") + 12
     items = [call.data[i] for i in range(4)]
-    batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in ("image", "label", "teacher_logits",
-                                                                                     "teacher_map")}
+    batch = {
+        k: torch.stack([torch.as_tensor(item[k]) for item in items])
+        for k in ("image", "label", "teacher_logits", "teacher_map")
+    }
     teacher = build_from(config.teacher, dataset, None)
     teacher.load_state_dict(torch.load(teacher_file()))
     whole = torch.stack([split_view(dataset, "train", "whole")[i]["image"] for i in range(4)])
@@ -431,45 +433,56 @@ def test_the_frozen_step_replays_the_cached_teacher(tmp_path, loop, teacher_file
         assert torch.allclose(batch["teacher_logits"].float(), teacher.eval()(whole), atol=1e-2)
     student = call.model.eval()
     terms = call.step(batch, 0)
-    want = _hand_built(config, None, student)(batch["image"], batch["label"], step=0,
-                                                        teacher_logits=batch["teacher_logits"],
-                                                        teacher_maps=batch["teacher_map"])
+    want = _hand_built(config, None, student)(
+        batch["image"],
+        batch["label"],
+        step=0,
+        teacher_logits=batch["teacher_logits"],
+        teacher_maps=batch["teacher_map"],
+    )
     assert set(terms) == set(want) and terms["explanation"] > 0
     assert all(torch.allclose(terms[k], want[k], rtol=1e-5, atol=1e-7) for k in want)
 
 
 # -- the frozen-teacher cache ------------------------------------------------------------------------------------------
 
+
 def test_the_cache_is_built_once_reused_rebuilt_when_damaged_or_forced_and_refused_when_stale(
-        tmp_path, monkeypatch, teacher_file):
+    tmp_path, monkeypatch, teacher_file
+):
     builds = []
     real_build = experiment.build_cache
     monkeypatch.setattr(experiment, "build_cache", lambda *a, **k: (builds.append(k["force"]), real_build(*a, **k))[1])
-    config = _student_config(tmp_path, teacher_file(), distill={"teacher_mode": "frozen", "shard_size": 4,
-                                                               "cache_dir": str(tmp_path / "cache")})
-    dataset = dataset_of(config)
-    teacher = build_from(config.teacher, dataset, None)
-    first = experiment.prepare_cache(config, teacher, dataset)
+    config = _student_config(
+        tmp_path,
+        teacher_file(),
+        distill={"teacher_mode": "frozen", "shard_size": 4, "cache_dir": str(tmp_path / "cache")},
+    )
+    plan = plan_run(config, "distill")
+    teacher = build_from(config.teacher, plan.dataset, None)
+    first = experiment.prepare_cache(plan, teacher)
     assert first.root == tmp_path / "cache" and len(first) == 6 and builds == [False]
-    assert experiment.prepare_cache(config, teacher, dataset).root == first.root and builds == [False]
+    assert experiment.prepare_cache(plan, teacher).root == first.root and builds == [False]
     shards = sorted((tmp_path / "cache").glob("shard-*.maps.npy"))
     assert len(shards) == 2
     shards[1].unlink()
-    experiment.prepare_cache(config, teacher, dataset)
+    experiment.prepare_cache(plan, teacher)
     assert builds == [False, False]
-    experiment.prepare_cache(config, teacher, dataset, force=True)
+    experiment.prepare_cache(plan, teacher, force=True)
     assert builds == [False, False, True]
     other = config.model_copy(update={"distill": config.distill.model_copy(update={"cache_dtype": "float32"})})
     with pytest.raises(StaleCacheError):
-        experiment.prepare_cache(other, teacher, dataset)
+        experiment.prepare_cache(plan_run(other, "distill"), teacher)
     assert len(builds) == 3
 
 
-def test_precompute_caches_the_teacher_of_the_file_under_a_name_from_its_fingerprint(tmp_path, teacher_file, builds,
-                                                                                    runtimes):
+def test_precompute_caches_the_teacher_of_the_file_under_a_name_from_its_fingerprint(
+    tmp_path, teacher_file, builds, runtimes
+):
     path = teacher_file()
-    config = _student_config(tmp_path, path, data={"num_workers": 1},
-                             distill={"teacher_mode": "frozen", "cache_dtype": "float32"})
+    config = _student_config(
+        tmp_path, path, data={"num_workers": 1}, distill={"teacher_mode": "frozen", "cache_dtype": "float32"}
+    )
     cache = experiment.precompute(config)
     dataset = dataset_of(config)
     fp = cache.index["fingerprint"]
@@ -484,7 +497,12 @@ def test_precompute_caches_the_teacher_of_the_file_under_a_name_from_its_fingerp
     assert cache.index["dtype"] == "float32"
     (built,) = builds
     assert (built["dtype"], built["shard_size"], built["batch_size"], built["num_workers"], built["force"]) == (
-        "float32", 512, 4, 1, False)
+        "float32",
+        512,
+        4,
+        1,
+        False,
+    )
     assert built["runtime"] is runtimes[0] and built["progress"] is False
     experiment.precompute(config)
     assert len(builds) == 1  # reused
@@ -499,14 +517,19 @@ def test_a_frozen_distillation_builds_the_cache_with_the_runs_runtime(tmp_path, 
 
 
 @pytest.mark.parametrize("recipe", ["train_teacher", "distill"])
-def test_a_finished_run_is_reused_and_rerun_trains_again_from_scratch(tmp_path, loop, teacher_file, recipe, monkeypatch):
+def test_a_finished_run_is_reused_and_rerun_trains_again_from_scratch(
+    tmp_path, loop, teacher_file, recipe, monkeypatch
+):
     config = _student_config(tmp_path, teacher_file())
     first = getattr(experiment, recipe)(config)
     assert len(loop) == 1
     assert getattr(experiment, recipe)(config) == json.loads(json.dumps(first)) and len(loop) == 1
     seen, recording = [], experiment.fit
-    monkeypatch.setattr(experiment, "fit", lambda *a, **k: (seen.append((tmp_path / "run" / "model.pt").exists()),
-                                                            recording(*a, **k))[1])
+    monkeypatch.setattr(
+        experiment,
+        "fit",
+        lambda *a, **k: (seen.append((tmp_path / "run" / "model.pt").exists()), recording(*a, **k))[1],
+    )
     getattr(experiment, recipe)(config, rerun=True)
     assert len(loop) == 2 and seen == [False]  # the earlier results were removed before training
 
@@ -542,3 +565,32 @@ def test_multi_label_data_distils_with_the_binary_kd_term(tmp_path, loop, teache
     want = _hand_built(config, teacher, student, kd="binary")(batch["image"], batch["label"], step=0)
     softmax = _hand_built(config, teacher, student, kd="softmax")(batch["image"], batch["label"], step=0)
     assert torch.allclose(terms["kd"], want["kd"]) and not torch.allclose(terms["kd"], softmax["kd"])
+
+
+@pytest.mark.parametrize("mode", ["live", "frozen"])
+def test_a_distillation_builds_each_item_once_and_checks_each_model_once(
+    tmp_path, loop, teacher_file, mode, monkeypatch
+):
+    from collections import Counter
+
+    from e2kd import registry
+    from e2kd_plugins.explainers.gradcam import GradCAM
+
+    config = _student_config(tmp_path, teacher_file(), distill={"teacher_mode": mode}, eval={"metrics": ["accuracy"]})
+    created, checked = Counter(), []
+    real_create, real_check = registry.registry().create, GradCAM.check_model
+    monkeypatch.setattr(
+        registry.registry(), "create", lambda k, n, o=None: (created.update([(k, n)]), real_create(k, n, o))[1]
+    )
+    monkeypatch.setattr(
+        GradCAM, "check_model", lambda self, m: (checked.append(type(m).__name__), real_check(self, m))[1]
+    )
+    experiment.distill(config)
+    assert created == {
+        ("dataset", "synthetic"): 1,
+        ("model", "small_resnet"): 2,  # the teacher and the student
+        ("explainer", "gradcam"): 1,
+        ("similarity", "cosine"): 1,
+        ("metric", "accuracy"): 1,
+    }
+    assert len(checked) == 2 and loop[0].model is not None  # the teacher and the student, once each

@@ -49,8 +49,15 @@ def test_a_loss_that_becomes_nan_stops_before_the_update_and_keeps_the_last_chec
         return {"loss": loss * float("nan") if index == 2 else loss, "kd": loss.detach()}
 
     checkpoint = tmp_path / "checkpoint.pt"
-    kwargs = dict(epochs=2, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1), checkpoint=checkpoint,
-                  checkpoint_every=2, log_dir=tmp_path, progress=False)
+    kwargs = dict(
+        epochs=2,
+        batch_size=4,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
+        checkpoint=checkpoint,
+        checkpoint_every=2,
+        log_dir=tmp_path,
+        progress=False,
+    )
     with pytest.raises(TrainingError) as err:
         fit(model, step, Images(), **kwargs)
     message = str(err.value)
@@ -61,17 +68,27 @@ def test_a_loss_that_becomes_nan_stops_before_the_update_and_keeps_the_last_chec
     # the weights at the failure are those of step 2: the NaN step made no update
     torch.testing.assert_close(model.state_dict(), state["model"], rtol=0, atol=0)
     assert [int(r["step"]) for r in csv.DictReader((tmp_path / "steps.csv").open())] == [1, 2]
+
     # infinity too, and the message says when nothing was saved yet
     def infinite(batch, index):
         loss = model(batch["image"].mean((2, 3))).pow(2).sum()
         return {"loss": loss * float("inf"), "kd": torch.tensor(0.5), "ce": torch.tensor(0.25)}
 
     with pytest.raises(TrainingError) as err:
-        fit(model, infinite, Images(), epochs=1, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
-            progress=False)
-    assert str(err.value) == ("step 1: the loss is inf (kd 0.5, ce 0.25); training stopped before the update and no "
-                              "checkpoint was written yet; lower train.lr, use train.precision fp32 or bf16, or check "
-                              "the data, then rerun to resume")
+        fit(
+            model,
+            infinite,
+            Images(),
+            epochs=1,
+            batch_size=4,
+            optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
+            progress=False,
+        )
+    assert str(err.value) == (
+        "step 1: the loss is inf (kd 0.5, ce 0.25); training stopped before the update and no "
+        "checkpoint was written yet; lower train.lr, use train.precision fp32 or bf16, or check "
+        "the data, then rerun to resume"
+    )
 
 
 def test_a_nan_loss_through_the_command_line_is_one_line(tmp_path, capsys, monkeypatch):
@@ -86,8 +103,11 @@ def test_a_nan_loss_through_the_command_line_is_one_line(tmp_path, capsys, monke
 
     monkeypatch.setattr(experiment, "label_loss", nan_at_third_step)
     path = tmp_path / "t.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "batch_size": 4, "checkpoint_every": 2},
-                                    "out_dir": str(tmp_path / "t")}))
+    path.write_text(
+        yaml.safe_dump(
+            {**TINY, "train": {**TINY["train"], "batch_size": 4, "checkpoint_every": 2}, "out_dir": str(tmp_path / "t")}
+        )
+    )
     assert main(["train-teacher", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("e2kd: error: step 3: the loss is nan")
@@ -105,12 +125,25 @@ def _distill_steps(rank: int, world: int, folder: str) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(student)
-    distiller = Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"),
-                          similarity=e2kd.get_similarity("cosine"), lam=2.0, student_forward=forward)
-    fit(student, lambda batch, index: distiller(batch["image"]), Images(), epochs=2, batch_size=8 // world,
-        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.5), runtime=Runtime(torch.device("cpu"), rank=rank,
-                                                                           world_size=world),
-        log_dir=folder, progress=False)
+    distiller = Distiller(
+        teacher,
+        student,
+        explainer=e2kd.get_explainer("gradcam"),
+        similarity=e2kd.get_similarity("cosine"),
+        lam=2.0,
+        student_forward=forward,
+    )
+    fit(
+        student,
+        lambda batch, index: distiller(batch["image"]),
+        Images(),
+        epochs=2,
+        batch_size=8 // world,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.5),
+        runtime=Runtime(torch.device("cpu"), rank=rank, world_size=world),
+        log_dir=folder,
+        progress=False,
+    )
 
 
 def _logged_worker(rank: int, world: int, init_file: str, folder: str) -> None:
@@ -139,11 +172,31 @@ def test_logged_losses_under_two_processes_are_the_global_batchs(tmp_path):
 
 
 def _torchrun(script: Path, *args: str, restarts: int = 0) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["KILL_AFTER"] = "1"  # rank 0 (the one that saves) dies after its first checkpoint, in the first attempt
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--max-restarts", str(restarts), str(script), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            str(restarts),
+            str(script),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -183,8 +236,14 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_its_logs_over(tmp_path
             raise Interrupted
         return {"loss": model(batch["image"].mean((2, 3))).pow(2).mean()}
 
-    kwargs = dict(epochs=2, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
-                  checkpoint=tmp_path / "checkpoint.pt", log_dir=tmp_path, progress=False)
+    kwargs = dict(
+        epochs=2,
+        batch_size=4,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
+        checkpoint=tmp_path / "checkpoint.pt",
+        log_dir=tmp_path,
+        progress=False,
+    )
     with pytest.raises(Interrupted):
         fit(model, lambda b, i: step(b, i, fail_at=2), Images(), **kwargs)
     assert [int(r["step"]) for r in csv.DictReader((tmp_path / "steps.csv").open())] == [1, 2]
@@ -196,6 +255,13 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_its_logs_over(tmp_path
 def test_a_loss_alone_that_is_nan_names_no_other_terms():
     model = torch.nn.Linear(3, 1).double()
     with pytest.raises(TrainingError) as err:
-        fit(model, lambda b, i: {"loss": model(b["image"].mean((2, 3))).sum() * float("nan")}, Images(),
-            epochs=1, batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1), progress=False)
+        fit(
+            model,
+            lambda b, i: {"loss": model(b["image"].mean((2, 3))).sum() * float("nan")},
+            Images(),
+            epochs=1,
+            batch_size=4,
+            optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.1),
+            progress=False,
+        )
     assert str(err.value).startswith("step 1: the loss is nan; training stopped before the update and no checkpoint")

@@ -6,12 +6,17 @@ import torch
 import torch.nn.functional as F
 
 import e2kd
-from e2kd.distill import Distiller, explained_forward
+from e2kd.distill import Distiller
+from e2kd.explaining import explained_forward
 from e2kd.upsampling import centred, interpolation_matrix, upsample, upsampled_inner, upsampled_sum
 
-
-SHAPES = [((7, 7), (7, 7), (224, 224)), ((7, 5), (14, 9), (61, 48)), ((7, 7), (224, 224), (224, 224)),
-          ((224, 224), (7, 7), (224, 224)), ((3, 3), (3, 3), (3, 3))]
+SHAPES = [
+    ((7, 7), (7, 7), (224, 224)),
+    ((7, 5), (14, 9), (61, 48)),
+    ((7, 7), (224, 224), (224, 224)),
+    ((224, 224), (7, 7), (224, 224)),
+    ((3, 3), (3, 3), (3, 3)),
+]
 
 
 @pytest.mark.parametrize("a_size, b_size, size", SHAPES)
@@ -19,13 +24,15 @@ def test_inner_products_and_sums_equal_those_of_the_upsampled_maps(a_size, b_siz
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 2, *a_size, dtype=torch.float64, generator=g)
     b = torch.randn(3, 2, *b_size, dtype=torch.float64, generator=g)
-    up_a, up_b = (F.interpolate(m, size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size else m
-                  for m in (a, b))
+    up_a, up_b = (
+        F.interpolate(m, size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size else m for m in (a, b)
+    )
     torch.testing.assert_close(upsampled_inner(a, b, size), (up_a * up_b).flatten(1).sum(1), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(upsampled_sum(a, size), up_a.flatten(1).sum(1), rtol=1e-12, atol=1e-9)
     # centring before upsampling = centring after it (rows of the interpolation matrix sum to 1)
-    torch.testing.assert_close(upsample(centred(a, size), size).mean(dim=(1, 2, 3)), torch.zeros(3, dtype=torch.float64),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        upsample(centred(a, size), size).mean(dim=(1, 2, 3)), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 def test_interpolation_matrix_is_linear_interpolation_by_hand():
@@ -67,8 +74,12 @@ VIT = {"vit_tiny_patch16_224": dict(img_size=32, patch_size=8, embed_dim=16, dep
 def test_distiller_loss_and_gradients_equal_the_upsampled_path(arch, similarity, explain_classes):
     teacher, student = _pair(arch)
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    kw = dict(explainer=e2kd.get_explainer("gradcam"), similarity=e2kd.get_similarity(similarity), lam=2.0,
-              explain_classes=explain_classes)
+    kw = dict(
+        explainer=e2kd.get_explainer("gradcam"),
+        similarity=e2kd.get_similarity(similarity),
+        lam=2.0,
+        explain_classes=explain_classes,
+    )
     fast, slow = Distiller(teacher, student, **kw), Distiller(teacher, student, feature_resolution=False, **kw)
     assert fast.at_feature_resolution and not slow.at_feature_resolution
     params = [p for p in student.parameters() if p.requires_grad]
@@ -91,8 +102,11 @@ def test_the_shortcut_hands_both_maps_over_at_feature_resolution(monkeypatch):
     cosine = e2kd.get_similarity("cosine")
     seen = []
     real = type(cosine).upsampled
-    monkeypatch.setattr(type(cosine), "upsampled", lambda self, a, b, size: seen.append((a.shape, b.shape, size))
-                        or real(self, a, b, size))
+    monkeypatch.setattr(
+        type(cosine),
+        "upsampled",
+        lambda self, a, b, size: seen.append((a.shape, b.shape, size)) or real(self, a, b, size),
+    )
     Distiller(teacher, student, explainer=e2kd.get_explainer("gradcam"), similarity=cosine)(x)
     assert seen == [((2, 1, 1, 1), (2, 1, 1, 1), (32, 32))]
 
@@ -114,11 +128,14 @@ def test_frozen_teacher_replayed_at_input_resolution_gives_the_same_loss_and_gra
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("explainer, similarity, option", [
-    ("gradcam", "l2", True),                        # the similarity does not declare it
-    ({"name": "gradcam", "upsample": False}, "cosine", True),   # the map is not upsampled at all
-    ("gradcam", "cosine", False),                   # switched off
-])
+@pytest.mark.parametrize(
+    "explainer, similarity, option",
+    [
+        ("gradcam", "l2", True),  # the similarity does not declare it
+        ({"name": "gradcam", "upsample": False}, "cosine", True),  # the map is not upsampled at all
+        ("gradcam", "cosine", False),  # switched off
+    ],
+)
 def test_the_upsampled_path_is_kept_where_the_shortcut_does_not_apply(explainer, similarity, option):
     teacher, student = _pair("resnet18", torch.float32)
     if isinstance(explainer, dict):  # (a copy: the parameter is shared by every run of the test)
@@ -126,22 +143,26 @@ def test_the_upsampled_path_is_kept_where_the_shortcut_does_not_apply(explainer,
         explainer = e2kd.get_explainer(options.pop("name"), **options)
     else:
         explainer = e2kd.get_explainer(explainer)
-    distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity(similarity),
-                          feature_resolution=option)
+    distiller = Distiller(
+        teacher, student, explainer=explainer, similarity=e2kd.get_similarity(similarity), feature_resolution=option
+    )
     assert not distiller.at_feature_resolution
 
 
 def test_config_switch_reaches_the_distiller():
     from e2kd.config import ExperimentConfig
     from e2kd.experiment import make_distiller
+    from e2kd.plan import plan_run
 
     teacher, student = _pair("resnet18", torch.float32)
     for value in (True, False):
         config = ExperimentConfig.model_validate({"distill": {"feature_resolution": value}})
-        assert make_distiller(config, teacher, student).at_feature_resolution is value
+        assert make_distiller(plan_run(config, "distill"), teacher, student).at_feature_resolution is value
 
 
-@pytest.mark.parametrize("low, size", [((24, 5), (24, 20)), ((3, 20), (24, 20)), ((6, 5), (24, 20)), ((24, 20), (24, 20))])
+@pytest.mark.parametrize(
+    "low, size", [((24, 5), (24, 20)), ((3, 20), (24, 20)), ((6, 5), (24, 20)), ((24, 20), (24, 20))]
+)
 def test_upsampled_sum_when_one_side_is_already_at_size(low, size):
     """The sum of the upsampled map computed from the small one, with one side (or none) resized."""
     from e2kd.upsampling import upsample, upsampled_sum

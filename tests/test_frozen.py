@@ -8,12 +8,12 @@ import torchvision.transforms.v2.functional as TF
 import e2kd
 from e2kd import frozen
 from e2kd.cli import main
-from e2kd_plugins.datasets.synthetic import SyntheticShapes
 from e2kd.data.augment import make_view
 from e2kd.distill import Distiller
 from e2kd.errors import CacheError, StaleCacheError
 from e2kd.frozen import FrozenTeacherDataset, TeacherCache, build_cache, make_fingerprint
 from e2kd.models import build_model
+from e2kd_plugins.datasets.synthetic import SyntheticShapes
 
 from .conftest import TINY
 
@@ -31,9 +31,42 @@ def setup(tmp_path):
 
 def _build(root, teacher, data, explainer, dtype="float32", shard_size=3, batch_size=8, **kw):
     fp = make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), dtype)
-    build_cache(root, teacher, explainer, data.images, fp, dtype=dtype, shard_size=shard_size,
-                batch_size=batch_size, progress=False, **kw)
+    build_cache(
+        root,
+        teacher,
+        explainer,
+        data.images,
+        fp,
+        dtype=dtype,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        progress=False,
+        **kw,
+    )
     return fp
+
+
+def test_a_cache_built_at_bf16_holds_the_maps_of_the_live_bf16_teacher(tmp_path, setup):
+    """The cache runs the teacher under the runtime's autocast, as a live distillation does: its
+    float32-stored maps equal the live bf16 teacher's to float32 rounding, and differ from them by
+    far more when the teacher runs in float32 (which the cache did before)."""
+    from e2kd.explaining import explained_forward
+    from e2kd.runtime import Runtime
+
+    teacher, data, explainer = setup
+    images = torch.stack([data.images[i] for i in range(len(data))])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        live_logits, live_maps, _ = explained_forward(teacher, images, explainer)
+    live_logits, live_maps = live_logits.float(), live_maps[:, 0].float()
+    cached = {}
+    for precision in ("bf16", "fp32"):
+        fp = _build(tmp_path / precision, teacher, data, explainer, runtime=Runtime(torch.device("cpu"), precision))
+        cache = TeacherCache.open(tmp_path / precision, fp)
+        cached[precision] = [torch.stack(t) for t in zip(*(cache[i] for i in range(len(data))))]
+    scale = live_maps.abs().max()  # (an untrained teacher's maps are small: compare relative to it)
+    torch.testing.assert_close(cached["bf16"][0], live_logits, rtol=1e-6, atol=1e-6)
+    assert (cached["bf16"][1] - live_maps).abs().max() <= 1e-6 * scale
+    assert (cached["fp32"][1] - live_maps).abs().max() > 1e-3 * scale
 
 
 @pytest.mark.parametrize("lam, feature_resolution", [(0.0, True), (1.0, False), (1.0, True)])
@@ -51,7 +84,8 @@ def test_identity_augmentation_frozen_equals_live_exactly(tmp_path, setup, lam, 
     kw = dict(explainer=explainer, similarity=sim, lam=lam, feature_resolution=feature_resolution)
     live = Distiller(teacher, students[0], **kw)(batch["image"], batch["label"])
     replay = Distiller(None, students[1], **kw)(
-        batch["image"], batch["label"], teacher_logits=batch["teacher_logits"], teacher_maps=batch["teacher_map"])
+        batch["image"], batch["label"], teacher_logits=batch["teacher_logits"], teacher_maps=batch["teacher_map"]
+    )
     exact = lam == 0 or not feature_resolution
     same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7))
     for key in ("loss", "kd", "explanation"):
@@ -70,7 +104,9 @@ def test_float16_cache_is_close_to_float32(tmp_path, setup):
     for i in range(len(data)):
         for x, y in zip(a[i], b[i]):
             torch.testing.assert_close(y, x, rtol=2e-3, atol=1e-4)
-    assert (tmp_path / "b" / "shard-00000.maps.npy").stat().st_size < (tmp_path / "a" / "shard-00000.maps.npy").stat().st_size
+    assert (tmp_path / "b" / "shard-00000.maps.npy").stat().st_size < (
+        tmp_path / "a" / "shard-00000.maps.npy"
+    ).stat().st_size
 
 
 def _item(size=16, seed=0):
@@ -137,7 +173,9 @@ def test_low_resolution_map_is_resized_to_the_image(tmp_path, setup):
     cache = TeacherCache.open(tmp_path / "c", fp)
     assert cache[0][1].shape == (1, 8, 8)
     item = FrozenTeacherDataset(data, cache)[0]
-    expected = torch.nn.functional.interpolate(cache[0][1][None], size=(16, 16), mode="bilinear", align_corners=False)[0]
+    expected = torch.nn.functional.interpolate(cache[0][1][None], size=(16, 16), mode="bilinear", align_corners=False)[
+        0
+    ]
     torch.testing.assert_close(item["teacher_map"], expected)
 
 
@@ -149,10 +187,21 @@ def test_stale_cache_names_what_changed(tmp_path, setup):
         other.fc.bias[0] += 1e-3
     cases = [
         (make_fingerprint(other, TEACHER_REF, explainer, data.identity(), "float32"), "teacher.weights"),
-        (make_fingerprint(teacher, TEACHER_REF, e2kd.get_explainer("gradcam", relu=False), data.identity(), "float32"),
-         "explainer.options.relu (True in the cache, False now)"),
-        (make_fingerprint(teacher, TEACHER_REF, explainer, {**data.identity(), "seed": 2}, "float32"), "dataset.seed (1 in the cache, 2 now)"),
+        (
+            make_fingerprint(
+                teacher, TEACHER_REF, e2kd.get_explainer("gradcam", relu=False), data.identity(), "float32"
+            ),
+            "explainer.options.relu (True in the cache, False now)",
+        ),
+        (
+            make_fingerprint(teacher, TEACHER_REF, explainer, {**data.identity(), "seed": 2}, "float32"),
+            "dataset.seed (1 in the cache, 2 now)",
+        ),
         (make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), "float16"), "preprocessing.storage_dtype"),
+        (
+            make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), "float32", "bf16"),
+            "preprocessing.precision ('fp32' in the cache, 'bf16' now)",
+        ),
     ]
     for current, expected in cases:
         with pytest.raises(StaleCacheError, match="made for another setting") as info:
@@ -163,8 +212,17 @@ def test_stale_cache_names_what_changed(tmp_path, setup):
         TeacherCache.open(tmp_path / "c", make_fingerprint(other, TEACHER_REF, explainer, data.identity(), "float16"))
     assert "setting: preprocessing.storage_dtype" in str(info.value) and "; teacher.weights" in str(info.value)
     with pytest.raises(StaleCacheError, match=f"^{tmp_path / 'c'}: cache was made for another setting: teacher"):
-        build_cache(tmp_path / "c", other, explainer, data.images, cases[0][0], dtype="float32", shard_size=3,
-                    batch_size=8, progress=False)
+        build_cache(
+            tmp_path / "c",
+            other,
+            explainer,
+            data.images,
+            cases[0][0],
+            dtype="float32",
+            shard_size=3,
+            batch_size=8,
+            progress=False,
+        )
     assert TeacherCache.open(tmp_path / "c", fp)  # the refused rebuild left the cache intact
 
 
@@ -217,8 +275,16 @@ def test_force_rebuilds_a_stale_cache_and_a_changed_layout_is_refused(tmp_path, 
     for layout in ({"shard_size": 4}, {"dtype": "float16"}):  # same fingerprint, another layout
         fp = make_fingerprint(other, TEACHER_REF, explainer, data.identity(), "float32")
         with pytest.raises(CacheError, match="cache layout differs"):
-            build_cache(tmp_path / "c", other, explainer, data.images, fp, progress=False, batch_size=8,
-                        **{"dtype": "float32", "shard_size": 3, **layout})
+            build_cache(
+                tmp_path / "c",
+                other,
+                explainer,
+                data.images,
+                fp,
+                progress=False,
+                batch_size=8,
+                **{"dtype": "float32", "shard_size": 3, **layout},
+            )
     with pytest.raises(IndexError):
         cache[len(cache)]
     with pytest.raises(IndexError):
@@ -238,17 +304,27 @@ def test_two_processes_build_the_same_cache_as_one(tmp_path, setup, monkeypatch)
     teacher, data, explainer = setup
     images = data.images[:7]
     fp = make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), "float32")
-    build_cache(tmp_path / "one", teacher, explainer, images, fp, dtype="float32", shard_size=2, batch_size=8,
-                progress=False)
+    build_cache(
+        tmp_path / "one", teacher, explainer, images, fp, dtype="float32", shard_size=2, batch_size=8, progress=False
+    )
     barrier = threading.Barrier(2, timeout=60)
     monkeypatch.setattr(torch.distributed, "barrier", lambda: barrier.wait())
     errors = []
 
     def rank(r):
         try:
-            build_cache(tmp_path / "a" / "b" / "two", copy.deepcopy(teacher), explainer, images, fp, dtype="float32",
-                        shard_size=2, batch_size=8, progress=False,
-                        runtime=Runtime(torch.device("cpu"), rank=r, world_size=2))
+            build_cache(
+                tmp_path / "a" / "b" / "two",
+                copy.deepcopy(teacher),
+                explainer,
+                images,
+                fp,
+                dtype="float32",
+                shard_size=2,
+                batch_size=8,
+                progress=False,
+                runtime=Runtime(torch.device("cpu"), rank=r, world_size=2),
+            )
         except BaseException as exc:  # noqa: BLE001 (reported below)
             errors.append(exc)
             barrier.abort()
@@ -303,8 +379,9 @@ def test_a_dataset_is_cached_like_its_images_and_a_corrupt_shard_is_recomputed(t
 
     fp = make_fingerprint(teacher, TEACHER_REF, explainer, data.identity(), "float16")
     for name, source in (("tensor", images), ("dataset", Items())):
-        build_cache(tmp_path / name, teacher, explainer, source, fp, dtype="float16", shard_size=3, batch_size=2,
-                    progress=False)
+        build_cache(
+            tmp_path / name, teacher, explainer, source, fp, dtype="float16", shard_size=3, batch_size=2, progress=False
+        )
     for path in (tmp_path / "tensor").glob("*.npy"):
         assert (tmp_path / "dataset" / path.name).read_bytes() == path.read_bytes(), path.name
         assert np.load(path).dtype == np.float16
@@ -315,8 +392,9 @@ def test_a_dataset_is_cached_like_its_images_and_a_corrupt_shard_is_recomputed(t
     damaged = bytearray(original)
     damaged[-2] ^= 0x10
     maps.write_bytes(bytes(damaged))
-    build_cache(tmp_path / "tensor", teacher, explainer, images, fp, dtype="float16", shard_size=3, batch_size=2,
-                progress=False)
+    build_cache(
+        tmp_path / "tensor", teacher, explainer, images, fp, dtype="float16", shard_size=3, batch_size=2, progress=False
+    )
     assert maps.read_bytes() == original
     # an index that says complete but lacks a shard is refused
     index = json.loads((tmp_path / "tensor" / "index.json").read_text())
@@ -362,7 +440,9 @@ def test_interrupted_precompute_resumes_to_the_same_cache(tmp_path, setup, monke
     monkeypatch.setattr(frozen, "_save_npy", real)
     computed = []
     real_outputs = frozen.explained_forward
-    monkeypatch.setattr(frozen, "explained_forward", lambda t, x, e: computed.append(x.shape[0]) or real_outputs(t, x, e))
+    monkeypatch.setattr(
+        frozen, "explained_forward", lambda t, x, e: computed.append(x.shape[0]) or real_outputs(t, x, e)
+    )
     _build(tmp_path / "resumed", teacher, data, explainer)
     assert sum(computed) == len(data) - 6  # only the missing shards were computed
     straight = sorted(p.name for p in (tmp_path / "straight").iterdir())
@@ -371,17 +451,18 @@ def test_interrupted_precompute_resumes_to_the_same_cache(tmp_path, setup, monke
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
 
-
-
 def test_cli_precompute_then_frozen_distill(tmp_path, capsys):
     import yaml
 
     teacher_cfg = tmp_path / "t.yaml"
     teacher_cfg.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "teacher")}))
     assert main(["train-teacher", str(teacher_cfg)]) == 0
-    cfg = {**TINY, "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "teacher" / "model.pt")},
-           "distill": {"lam": 1.0, "teacher_mode": "frozen", "cache_dir": str(tmp_path / "cache")},
-           "out_dir": str(tmp_path / "student")}
+    cfg = {
+        **TINY,
+        "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "teacher" / "model.pt")},
+        "distill": {"lam": 1.0, "teacher_mode": "frozen", "cache_dir": str(tmp_path / "cache")},
+        "out_dir": str(tmp_path / "student"),
+    }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(cfg))
     capsys.readouterr()
@@ -392,7 +473,10 @@ def test_cli_precompute_then_frozen_distill(tmp_path, capsys):
     assert metrics["history"][-1]["explanation"] > 0
     assert set(metrics["splits"]["test_ood"]) == {"accuracy", "agreement", "explanation_similarity"}
     # a different explainer setting with the same cache_dir is refused before training
-    assert main(["distill", str(path), "--set", "distill.explainer.options.relu=false", "--out", str(tmp_path / "s2")]) == 2
+    assert (
+        main(["distill", str(path), "--set", "distill.explainer.options.relu=false", "--out", str(tmp_path / "s2")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "explainer.options.relu" in err and "precompute --force" in err
     assert main(["precompute", str(path), "--set", "distill.explainer.options.relu=false", "--force"]) == 0

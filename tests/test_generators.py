@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,8 +43,13 @@ class _Recorder:
             self.digest.update(part if isinstance(part, bytes) else repr(part).encode())
 
     def image(self, image: Image.Image, path: Any, **options: Any) -> None:
-        self.add(Path(path).relative_to(self.root).as_posix(), image.mode, image.size, sorted(options.items()),
-                 np.asarray(image).tobytes())
+        self.add(
+            Path(path).relative_to(self.root).as_posix(),
+            image.mode,
+            image.size,
+            sorted(options.items()),
+            np.asarray(image).tobytes(),
+        )
 
     def value(self, value: Any) -> None:
         """A manifest: arrays by their bytes (floats rounded to 1e-6), paths relative to the root."""
@@ -71,7 +77,7 @@ class _Recorder:
                 self.add(path.relative_to(self.root).as_posix(), path.read_bytes())
 
 
-def _arrays(shapes: "SyntheticShapes") -> dict[str, np.ndarray]:
+def _arrays(shapes: SyntheticShapes) -> dict[str, np.ndarray]:
     return {name: getattr(shapes, name).numpy() for name in ("images", "masks", "labels", "groups")}
 
 
@@ -80,37 +86,60 @@ def _writers() -> dict[str, Callable[[Path], Any]]:
     return {
         "render_every_shape_on_every_background": lambda root: [
             render(label, background, 20, np.random.default_rng(7 * label + background))
-            for label in range(len(shapes.SHAPES)) for background in range(len(shapes.BACKGROUNDS))],
-        "render_scene": lambda root: [render_scene(labels, 30, np.random.default_rng(1))
-                                      for labels in ([0], [2, 5], [1, 3, 4])],
+            for label in range(len(shapes.SHAPES))
+            for background in range(len(shapes.BACKGROUNDS))
+        ],
+        "render_scene": lambda root: [
+            render_scene(labels, 30, np.random.default_rng(1)) for labels in ([0], [2, 5], [1, 3, 4])
+        ],
         "shapes_folder_defaults": lambda root: shape_formats.write_shapes_folder(root, {"train": 1, "val": 1}),
         "shapes_folder_biased": lambda root: shape_formats.write_shapes_folder(
-            root, {"train": 3}, num_classes=3, size=24, bias=0.6, seed=4),
+            root, {"train": 3}, num_classes=3, size=24, bias=0.6, seed=4
+        ),
         "shapes_waterbirds": lambda root: shape_formats.write_shapes_waterbirds(
-            root, {"train": {(0, 0): 2, (1, 1): 1}, "val": {(0, 1): 1}}, size=24, seed=2),
+            root, {"train": {(0, 0): 2, (1, 1): 1}, "val": {(0, 1): 1}}, size=24, seed=2
+        ),
         "shapes_waterbirds_defaults": lambda root: shape_formats.write_shapes_waterbirds(root, {"train": {(1, 0): 1}}),
         "shapes_voc_defaults": lambda root: shape_formats.write_shapes_voc(root, {"trainval": 2}),
         "shapes_voc": lambda root: shape_formats.write_shapes_voc(
-            root, {"trainval": 3, "test": 2}, num_classes=5, size=40, max_objects=3, year="2012", seed=3),
-        "synthetic_shapes": lambda root: [_arrays(SyntheticShapes(2, 3, 16, 0.5, seed=3, stream=1)),
-                                          _arrays(SyntheticShapes(1, 5, 16, mismatched=True, seed=2))],
+            root, {"trainval": 3, "test": 2}, num_classes=5, size=40, max_objects=3, year="2012", seed=3
+        ),
+        "synthetic_shapes": lambda root: [
+            _arrays(SyntheticShapes(2, 3, 16, 0.5, seed=3, stream=1)),
+            _arrays(SyntheticShapes(1, 5, 16, mismatched=True, seed=2)),
+        ],
         "image_folder": lambda root: miniature.write_image_folder(root, ["b", "a"], {"train": 2, "val": 1}),
         "image_folder_sized": lambda root: miniature.write_image_folder(
-            root, ["x", "y", "z"], {"train": 1}, size=20, seed=5, quality=70),
+            root, ["x", "y", "z"], {"train": 1}, size=20, seed=5, quality=70
+        ),
         "waterbirds": lambda root: miniature.write_waterbirds(
-            root, {"train": {(0, 0): 1, (1, 0): 1}, "test": {(1, 1): 2}}, metadata="meta.csv"),
-        "voc": lambda root: miniature.write_voc(root, {"train": [
-            {"id": "a", "width": 20, "height": 14, "objects": [("cat", (1, 2, 10, 12), False), ("dog", (3, 3, 5, 5), True)]},
-            {"id": "b", "width": 9, "height": 11, "objects": []}], "val": [
-            {"id": "c", "width": 12, "height": 12, "objects": [("bird", (2, 2, 12, 12), 0)]}]}, year="2010"),
+            root, {"train": {(0, 0): 1, (1, 0): 1}, "test": {(1, 1): 2}}, metadata="meta.csv"
+        ),
+        "voc": lambda root: miniature.write_voc(
+            root,
+            {
+                "train": [
+                    {
+                        "id": "a",
+                        "width": 20,
+                        "height": 14,
+                        "objects": [("cat", (1, 2, 10, 12), False), ("dog", (3, 3, 5, 5), True)],
+                    },
+                    {"id": "b", "width": 9, "height": 11, "objects": []},
+                ],
+                "val": [{"id": "c", "width": 12, "height": 12, "objects": [("bird", (2, 2, 12, 12), 0)]}],
+            },
+            year="2010",
+        ),
     }
 
 
 def digest_of(name: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The digest of what case ``name`` writes into ``root``."""
     recorder = _Recorder(root)
-    monkeypatch.setattr(Image.Image, "save", lambda self, path, **kw: (recorder.image(self, path, **kw),
-                                                                       _SAVE(self, path, **kw))[1])
+    monkeypatch.setattr(
+        Image.Image, "save", lambda self, path, **kw: (recorder.image(self, path, **kw), _SAVE(self, path, **kw))[1]
+    )
     manifest = _writers()[name](root)
     recorder.value(manifest)
     recorder.files()
@@ -120,33 +149,42 @@ def digest_of(name: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.parametrize("name", sorted(_writers()))
 def test_generated_data_is_the_snapshot(name, tmp_path, monkeypatch):
     snapshot = json.loads(SNAPSHOT.read_text())
-    assert snapshot["generator_version"] == GENERATOR_VERSION, \
+    assert snapshot["generator_version"] == GENERATOR_VERSION, (
         "GENERATOR_VERSION changed: regenerate the snapshot with python -m tests.test_generators"
+    )
     assert digest_of(name, tmp_path, monkeypatch) == snapshot["digests"][name], (
         f"the data written by {name!r} changed. If that is deliberate, bump GENERATOR_VERSION "
-        f"(e2kd/data/shapes.py) when rendering changed, and regenerate: python -m tests.test_generators")
+        f"(e2kd/data/shapes.py) when rendering changed, and regenerate: python -m tests.test_generators"
+    )
 
 
 def test_the_digest_ignores_the_folder_and_sees_a_changed_pixel(tmp_path, monkeypatch):
     a = digest_of("shapes_folder_biased", tmp_path / "a", monkeypatch)
     monkeypatch.setattr(shape_formats, "render", lambda label, bg, size, rng: render(label, bg, size, rng)[::-1][::-1])
     assert digest_of("shapes_folder_biased", tmp_path / "b", monkeypatch) == a  # the same work, another folder
-    monkeypatch.setattr(shape_formats, "render", lambda label, bg, size, rng: (
-        render(label, bg, size, rng)[0] * 0.99, render(label, bg, size, rng)[1]))
+    monkeypatch.setattr(
+        shape_formats,
+        "render",
+        lambda label, bg, size, rng: (render(label, bg, size, rng)[0] * 0.99, render(label, bg, size, rng)[1]),
+    )
     assert digest_of("shapes_folder_biased", tmp_path / "c", monkeypatch) != a
 
 
 # -- by hand, at the boundaries ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, inside, outside", [
-    (0, [(0.8, 0.8), (-0.8, 0.0), (0.0, -0.8)], [(0.81, 0.0), (0.0, 0.81)]),  # square: max(|u|, |v|) <= 0.8
-    (1, [(1.0, 0.0), (0.6, -0.8)], [(0.75, 0.7), (1.01, 0.0)]),  # disk: r <= 1
-    (2, [(0.0, 0.8), (0.55, 0.0), (-0.99, 0.8), (0.0, -1.0)], [(0.0, 0.81), (0.56, 0.0), (0.01, -1.0), (1.0, 0.8)]),
-    (3, [(0.3, 1.0), (-1.0, -0.3), (0.0, 0.0)], [(0.31, 0.5), (0.5, 0.31), (1.01, 0.0), (0.0, -1.01)]),  # cross
-    (4, [(1.0, 0.0), (0.0, -0.55), (0.6, 0.6)], [(0.0, 0.0), (0.5, 0.0), (1.01, 0.0), (0.8, 0.8)]),  # ring
-    (5, [(0.5, 0.5), (-1.0, 0.0), (0.0, 1.0)], [(0.6, 0.5), (0.5, -0.6)]),  # diamond: |u| + |v| <= 1
-], ids=list(shapes.SHAPES))
+@pytest.mark.parametrize(
+    "shape, inside, outside",
+    [
+        (0, [(0.8, 0.8), (-0.8, 0.0), (0.0, -0.8)], [(0.81, 0.0), (0.0, 0.81)]),  # square: max(|u|, |v|) <= 0.8
+        (1, [(1.0, 0.0), (0.6, -0.8)], [(0.75, 0.7), (1.01, 0.0)]),  # disk: r <= 1
+        (2, [(0.0, 0.8), (0.55, 0.0), (-0.99, 0.8), (0.0, -1.0)], [(0.0, 0.81), (0.56, 0.0), (0.01, -1.0), (1.0, 0.8)]),
+        (3, [(0.3, 1.0), (-1.0, -0.3), (0.0, 0.0)], [(0.31, 0.5), (0.5, 0.31), (1.01, 0.0), (0.0, -1.01)]),  # cross
+        (4, [(1.0, 0.0), (0.0, -0.55), (0.6, 0.6)], [(0.0, 0.0), (0.5, 0.0), (1.01, 0.0), (0.8, 0.8)]),  # ring
+        (5, [(0.5, 0.5), (-1.0, 0.0), (0.0, 1.0)], [(0.6, 0.5), (0.5, -0.6)]),  # diamond: |u| + |v| <= 1
+    ],
+    ids=list(shapes.SHAPES),
+)
 def test_shape_masks_by_hand(shape, inside, outside):
     u = np.array([p[0] for p in inside + outside], dtype=np.float64)
     v = np.array([p[1] for p in inside + outside], dtype=np.float64)
@@ -165,7 +203,8 @@ def test_background_textures_by_hand():
     period, phase = 2.0, 0.5  # bands two pixels wide, shifted by half a pixel
     band = lambda c: np.floor((c + phase) / period) % 2  # noqa: E731
     expected = {
-        0: band(y), 1: band(x),
+        0: band(y),
+        1: band(x),
         2: (np.floor((x + phase) / period) + np.floor((y + phase) / period)) % 2,
         3: np.floor((x + y + phase) / period) % 2,
     }
@@ -225,7 +264,9 @@ def test_writers_add_to_a_folder_they_wrote_before(tmp_path):
     miniature.write_voc(tmp_path / "v", voc)
     miniature.write_voc(tmp_path / "v", {"val": voc["train"]})
     assert sorted(p.name for p in (tmp_path / "v" / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main").iterdir()) == [
-        "train.txt", "val.txt"]
+        "train.txt",
+        "val.txt",
+    ]
     miniature.write_waterbirds(tmp_path / "w", {"train": {(0, 0): 1}}, size=8)
     miniature.write_waterbirds(tmp_path / "w", {"train": {(0, 0): 2}}, size=8, metadata="more.csv")
     shape_formats.write_shapes_voc(tmp_path / "s", {"train": 1}, size=16)
@@ -249,7 +290,7 @@ def test_writer_arguments_are_checked(tmp_path):
 def test_voc_boxes_are_the_masks_one_based_inclusive_bounds(tmp_path):
     manifest = shape_formats.write_shapes_voc(tmp_path, {"trainval": 4}, size=32, max_objects=3, seed=1)
     for entry in manifest["trainval"]:
-        for label, (x1, y1, x2, y2), mask in entry["objects"]:
+        for _label, (x1, y1, x2, y2), mask in entry["objects"]:
             rows, cols = np.nonzero(mask)
             assert (x1, y1, x2, y2) == (cols.min() + 1, rows.min() + 1, cols.max() + 1, rows.max() + 1)
         masks = [m for _, _, m in entry["objects"]]

@@ -106,8 +106,10 @@ def test_closed_form_equals_autograd_in_value_and_second_order_gradient():
     x = torch.rand(3, 3, 64, 96, dtype=torch.float64)  # a 2 x 3 feature map: h and w differ
     grads, losses = {}, {}
     for closed in (False, True):
-        torch.testing.assert_close(e2kd.get_explainer("gradcam", closed_form=closed).explain(teacher, x, 2),
-                                   e2kd.get_explainer("gradcam").explain(teacher, x, 2))
+        torch.testing.assert_close(
+            e2kd.get_explainer("gradcam", closed_form=closed).explain(teacher, x, 2),
+            e2kd.get_explainer("gradcam").explain(teacher, x, 2),
+        )
         # signed maps in the loss, so no ReLU can make the gradients trivially zero
         explainer = e2kd.get_explainer("gradcam", closed_form=closed, relu=False)
         distiller = Distiller(teacher, student, explainer=explainer, similarity=e2kd.get_similarity("cosine"), lam=1.0)
@@ -131,17 +133,31 @@ def test_closed_form_is_refused_where_it_would_be_wrong():
     prefix = "gradcam: closed_form needs a global-average-pool + linear head right after the layer ("
     with pytest.raises(ModelError) as error:
         closed.check_model(TinyCNN())
-    assert str(error.value) == (prefix + "no linear classifier (get_classifier()); global pooling None, not 'avg' "
-                                "in TinyCNN); set closed_form: false")
+    assert str(error.value) == (
+        prefix + "no linear classifier (get_classifier()); global pooling None, not 'avg' "
+        "in TinyCNN); set closed_form: false"
+    )
     with pytest.raises(ModelError) as error:
         closed.check_model(timm.create_model("resnet18", pretrained=False, num_classes=3, drop_rate=0.3))
     assert str(error.value) == prefix + "dropout 0.3 before the classifier in ResNet); set closed_form: false"
     with pytest.raises(ModelError) as error:
         e2kd.get_explainer("gradcam", closed_form=True, layer="layer3").check_model(
-            timm.create_model("resnet18", pretrained=False, num_classes=3))
-    assert str(error.value) == prefix + "the layer is not the last feature stage 'layer4' in ResNet); set closed_form: false"
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8, patch_size=4,
-                            embed_dim=16, depth=2, num_heads=2)
+            timm.create_model("resnet18", pretrained=False, num_classes=3)
+        )
+    assert (
+        str(error.value)
+        == prefix + "the layer is not the last feature stage 'layer4' in ResNet); set closed_form: false"
+    )
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=3,
+        img_size=8,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+    )
     with pytest.raises(ModelError, match=r"the layer is not the last feature stage .* in VisionTransformer\)"):
         closed.check_model(vit)
 
@@ -160,8 +176,16 @@ def test_token_grid_of_vision_transformer_like_models():
 
 
 def test_a_vision_transformer_without_feature_info_is_checked_at_its_default_layer():
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=8, patch_size=4,
-                            embed_dim=16, depth=3, num_heads=2)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=3,
+        img_size=8,
+        patch_size=4,
+        embed_dim=16,
+        depth=3,
+        num_heads=2,
+    )
     del vit.feature_info
     e2kd.get_explainer("gradcam").check_model(vit)  # blocks.1, before the last token mixing
     assert e2kd.get_explainer("gradcam").explain(vit, torch.rand(1, 3, 8, 8), 0).abs().sum() > 0
@@ -183,5 +207,7 @@ def test_closed_form_on_a_model_without_feature_stages_names_the_layer():
 
     with pytest.raises(ModelError) as error:
         _linear_head(Pooled(), "feat")
-    assert str(error.value) == ("gradcam: closed_form needs a global-average-pool + linear head right after the "
-                                "layer (the layer is not the last feature stage None in Pooled); set closed_form: false")
+    assert str(error.value) == (
+        "gradcam: closed_form needs a global-average-pool + linear head right after the "
+        "layer (the layer is not the last feature stage None in Pooled); set closed_form: false"
+    )

@@ -11,8 +11,9 @@ import yaml
 
 import e2kd
 from e2kd.api import Capture, Explainer, Similarity
-from e2kd.distill import Distiller, check_map_shape, explained_forward, reaches
+from e2kd.distill import Distiller
 from e2kd.errors import PluginError
+from e2kd.explaining import check_map_shape, explained_forward, reaches
 from e2kd.testing import TinyCNN
 
 from .conftest import TINY
@@ -67,8 +68,9 @@ class DetachedCosine(Similarity):
 def _distiller(explainer, similarity=None, **kw):
     torch.manual_seed(0)
     teacher, student = TinyCNN(width=6), TinyCNN(width=4)
-    return Distiller(teacher, student, explainer=explainer, similarity=similarity or e2kd.get_similarity("cosine"),
-                     lam=5.0, **kw)
+    return Distiller(
+        teacher, student, explainer=explainer, similarity=similarity or e2kd.get_similarity("cosine"), lam=5.0, **kw
+    )
 
 
 def test_a_healthy_explainer_trains_and_passes_every_guard():
@@ -88,8 +90,9 @@ def test_a_detached_student_map_is_refused_at_the_first_explaining_step():
         distiller(x, step=2)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("explainer 'faulty_gradient' returned a student map with no gradient path to the "
-                              "student's parameters")
+    assert message.startswith(
+        "explainer 'faulty_gradient' returned a student map with no gradient path to the student's parameters"
+    )
     assert "plain KD" in message and "distill.lam: 0" in message
 
 
@@ -103,16 +106,19 @@ def test_reaches_tells_a_map_of_the_parameters_from_one_of_the_input_alone():
     x = torch.rand(2, 3, 8, 8, requires_grad=True)
     params = list(model.parameters())
     assert reaches(model(x).sum(), params)
-    assert not reaches((x * 2).sum(), params)          # a graph, but to the input only
+    assert not reaches((x * 2).sum(), params)  # a graph, but to the input only
     assert not reaches(model(x).sum().detach(), params)
     assert reaches(model(x).sum(), params[:1]) and not reaches((model.fc.weight * 2).sum(), params[:1])
 
 
-@pytest.mark.parametrize("fault, problem", [
-    ("small", "4 x 4 where the input is 8 x 8"),
-    ("three_d", "not 4-D"),
-    ("channels", "3 channels where the explainer declares 1"),
-])
+@pytest.mark.parametrize(
+    "fault, problem",
+    [
+        ("small", "4 x 4 where the input is 8 x 8"),
+        ("three_d", "not 4-D"),
+        ("channels", "3 channels where the explainer declares 1"),
+    ],
+)
 def test_maps_of_the_wrong_shape_are_refused_in_distill_and_evaluate(fault, problem):
     explainer = faulty(fault)
     x = torch.rand(4, 3, 8, 8)
@@ -131,7 +137,7 @@ def test_shape_declaration_at_feature_resolution_and_for_input_channels():
     images = torch.zeros(2, 3, 8, 8)
     gradcam, gradient = e2kd.get_explainer("gradcam"), e2kd.get_explainer("gradient")
     check_map_shape(gradcam, torch.zeros(2, 1, 4, 4), images, upsample=False)  # smaller is what upsample=False gives
-    check_map_shape(gradient, torch.zeros(2, 3, 8, 8), images)                  # output_channels None: the input's
+    check_map_shape(gradient, torch.zeros(2, 3, 8, 8), images)  # output_channels None: the input's
     with pytest.raises(PluginError, match=r"larger than the 8 x 8 input"):
         check_map_shape(gradcam, torch.zeros(2, 1, 16, 16), images, upsample=False)
     with pytest.raises(PluginError, match=r"expected \(2, 3, 8, 8\): another batch size"):
@@ -174,17 +180,25 @@ def test_distill_with_a_detached_explainer_stops_with_one_line(faulty_plugin, tm
     from e2kd.cli import main
 
     teacher = tmp_path / "teacher.yaml"
-    teacher.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")}))
+    teacher.write_text(
+        yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")})
+    )
     assert main(["train-teacher", str(teacher)]) == 0
-    student = {**TINY, "train": {**TINY["train"], "epochs": 1}, "distill": {"lam": 5, "explainer": "detached_gradient"},
-               "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")}, "out_dir": str(tmp_path / "s")}
+    student = {
+        **TINY,
+        "train": {**TINY["train"], "epochs": 1},
+        "distill": {"lam": 5, "explainer": "detached_gradient"},
+        "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+        "out_dir": str(tmp_path / "s"),
+    }
     path = tmp_path / "student.yaml"
     path.write_text(yaml.safe_dump(student))
     capsys.readouterr()
     assert main(["distill", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("e2kd: error: explainer 'detached_gradient' returned a student map "
-                                               "with no gradient path")
+    assert len(err) == 1 and err[0].startswith(
+        "e2kd: error: explainer 'detached_gradient' returned a student map with no gradient path"
+    )
     assert not (tmp_path / "s" / "model.pt").exists() and not (tmp_path / "s" / "checkpoint.pt").exists()
     # evaluation of a run with an explainer whose maps are too small: one line, no matrix-size traceback
     assert main(["evaluate", str(tmp_path / "t"), "--metrics", "epg"]) == 0
@@ -202,8 +216,10 @@ def test_the_contract_kit_names_the_case_for_any_error_the_item_raises():
 
     with pytest.raises(AssertionError) as err:
         check_explainer(faulty("frees"))
-    assert str(err.value).startswith("InputGradient fails contract case 'several_classes_one_capture': it raised "
-                                     "RuntimeError: Trying to backward through the graph a second time")
+    assert str(err.value).startswith(
+        "InputGradient fails contract case 'several_classes_one_capture': it raised "
+        "RuntimeError: Trying to backward through the graph a second time"
+    )
     assert "\n" not in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
 
 
@@ -219,10 +235,15 @@ def test_guidance_refuses_a_detached_map_too():
     guidance = Guidance(faulty("none"))
     _, term = guidance(model, model, x, labels, masks, annotated)
     assert guidance.graph_checked and term.requires_grad
-    with pytest.raises(PluginError, match=r"^explainer 'faulty_gradient' returned a guided model map with no gradient "
-                                          r"path .*, so train.guidance would guide nothing; .*, or remove train.guidance$"):
+    with pytest.raises(
+        PluginError,
+        match=r"^explainer 'faulty_gradient' returned a guided model map with no gradient "
+        r"path .*, so train.guidance would guide nothing; .*, or remove train.guidance$",
+    ):
         Guidance(faulty("detached"))(model, model, x, labels, masks, annotated)
-    with pytest.raises(PluginError, match=r"^explainer 'faulty_gradient' returned guided model maps of shape \(4, 1, 4, 4\)"):
+    with pytest.raises(
+        PluginError, match=r"^explainer 'faulty_gradient' returned guided model maps of shape \(4, 1, 4, 4\)"
+    ):
         Guidance(faulty("small"))(model, model, x, labels, masks, annotated)
 
 

@@ -18,10 +18,9 @@ from .conftest import TINY
 from .test_early_errors import _fails_with
 
 #: A 4 x 4 map and a box over its top-left 2 x 2 quarter.
-MAP = torch.tensor([[1.0, 2.0, 0.0, -1.0],
-                    [3.0, 0.0, 0.0, 0.0],
-                    [0.0, 0.0, 4.0, 0.0],
-                    [0.0, -2.0, 0.0, 2.0]], dtype=torch.float64)[None, None]
+MAP = torch.tensor(
+    [[1.0, 2.0, 0.0, -1.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0], [0.0, -2.0, 0.0, 2.0]], dtype=torch.float64
+)[None, None]
 BOX = torch.zeros(1, 1, 4, 4)
 BOX[..., :2, :2] = 1
 
@@ -108,7 +107,10 @@ def test_multi_label_guidance_is_the_mean_over_present_class_pairs():
     explainer = e2kd.get_explainer("gradcam")
     _, term = Guidance(explainer, "energy")(model, model, images, labels, masks, torch.ones(2, dtype=torch.bool))
     pairs = [(0, 0), (0, 2), (1, 1)]
-    by_hand = [energy_loss(explainer.explain(model, images[i:i + 1], k), masks[i:i + 1, k:k + 1]).item() for i, k in pairs]
+    by_hand = [
+        energy_loss(explainer.explain(model, images[i : i + 1], k), masks[i : i + 1, k : k + 1]).item()
+        for i, k in pairs
+    ]
     assert term.item() == pytest.approx(sum(by_hand) / 3, rel=1e-10)
 
 
@@ -130,25 +132,56 @@ def _config(tmp_path, guidance, **extra):
 
 def test_config_errors_are_one_line(tmp_path, capsys):
     _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"loss": "dice"}))], "train.guidance.loss")
-    _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"annotated_fraction": 0}))], "train.guidance.annotated_fraction")
-    _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "gradcm"}}))],
-                "train.guidance.explainer", "gradcam")
-    _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "gradcam", "options": {"layer": "nope"}}}))],
-                "train.guidance.explainer: gradcam: model", "no layer 'nope'")
+    _fails_with(
+        capsys,
+        ["train-teacher", str(_config(tmp_path, {"annotated_fraction": 0}))],
+        "train.guidance.annotated_fraction",
+    )
+    _fails_with(
+        capsys,
+        ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "gradcm"}}))],
+        "train.guidance.explainer",
+        "gradcam",
+    )
+    _fails_with(
+        capsys,
+        ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "gradcam", "options": {"layer": "nope"}}}))],
+        "train.guidance.explainer: gradcam: model",
+        "no layer 'nope'",
+    )
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
-    _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "bcos"}},
-                                                     model={"name": "bcos_small", "options": {"widths": [4, 6]}}))],
-                "guidance needs one-channel maps; explainer 'bcos' gives 6 channels (for bcos set contribution: true)")
+    _fails_with(
+        capsys,
+        [
+            "train-teacher",
+            str(
+                _config(
+                    tmp_path,
+                    {"explainer": {"name": "bcos"}},
+                    model={"name": "bcos_small", "options": {"widths": [4, 6]}},
+                )
+            ),
+        ],
+        "guidance needs one-channel maps; explainer 'bcos' gives 6 channels (for bcos set contribution: true)",
+    )
     teacher = {**TINY["model"], "checkpoint": str(tmp_path / "t.pt")}
-    _fails_with(capsys, ["distill", str(_config(tmp_path, {}, teacher=teacher))], "train.guidance guides a model trained on labels")
+    _fails_with(
+        capsys,
+        ["distill", str(_config(tmp_path, {}, teacher=teacher))],
+        "train.guidance guides a model trained on labels",
+    )
 
 
 def test_a_dataset_without_masks_is_refused(tmp_path, capsys):
     from e2kd.data.miniature import write_image_folder
 
     write_image_folder(tmp_path / "folder", ["a", "b"], {"train": 2, "val": 1}, size=(16, 16), seed=0)
-    path = _config(tmp_path, {}, data={"name": "image_folder", "options": {"root": str(tmp_path / "folder"), "image_size": 16}})
-    _fails_with(capsys, ["train-teacher", str(path)], "train.guidance: dataset 'image_folder' provides no masks or boxes")
+    path = _config(
+        tmp_path, {}, data={"name": "image_folder", "options": {"root": str(tmp_path / "folder"), "image_size": 16}}
+    )
+    _fails_with(
+        capsys, ["train-teacher", str(path)], "train.guidance: dataset 'image_folder' provides no masks or boxes"
+    )
 
 
 def test_a_non_differentiable_explainer_is_refused(tmp_path, capsys, fresh_registry):
@@ -162,8 +195,11 @@ def test_a_non_differentiable_explainer_is_refused(tmp_path, capsys, fresh_regis
             register(Frozen)
 
     e2kd.register_plugin(Plugin(), name="frozen_cam")
-    _fails_with(capsys, ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "frozen_cam"}}))],
-                "train.guidance.explainer: explainer 'frozen_cam' is not differentiable")
+    _fails_with(
+        capsys,
+        ["train-teacher", str(_config(tmp_path, {"explainer": {"name": "frozen_cam"}}))],
+        "train.guidance.explainer: explainer 'frozen_cam' is not differentiable",
+    )
 
 
 def test_bcos_contribution_maps_guide_a_bcos_model():
@@ -174,18 +210,25 @@ def test_bcos_contribution_maps_guide_a_bcos_model():
     term = lambda: guidance(model, model, images, labels, masks, torch.ones(3, dtype=torch.bool))[1]  # noqa: E731
     check_gradient(term, [p for p in model.parameters() if p.requires_grad], rel=1e-4, abs=1e-10)
     with pytest.raises(PluginError, match="one-channel"):
-        Guidance(e2kd.get_explainer("bcos"), "energy")(model, model, images, labels, masks, torch.ones(3, dtype=torch.bool))
+        Guidance(e2kd.get_explainer("bcos"), "energy")(
+            model, model, images, labels, masks, torch.ones(3, dtype=torch.bool)
+        )
 
 
 @pytest.mark.slow
 def test_guidance_raises_epg_on_held_out_masks(tmp_path):
     """Same seed, same data (90% of backgrounds give the class away): the energy-guided teacher's
     Grad-CAM puts far more of its attribution on the object in the test images."""
-    base = {"seed": 0, "data": {"name": "synthetic", "options": {"num_classes": 3, "image_size": 32, "train_per_class": 24,
-                                                                  "test_per_class": 12, "bias": 0.9}},
-            "model": {"name": "small_resnet", "options": {"widths": [8, 16]}},
-            "train": {"epochs": 10, "batch_size": 16, "lr": 3e-3, "progress": False},
-            "eval": {"metrics": [{"name": "accuracy"}, {"name": "epg"}]}}
+    base = {
+        "seed": 0,
+        "data": {
+            "name": "synthetic",
+            "options": {"num_classes": 3, "image_size": 32, "train_per_class": 24, "test_per_class": 12, "bias": 0.9},
+        },
+        "model": {"name": "small_resnet", "options": {"widths": [8, 16]}},
+        "train": {"epochs": 10, "batch_size": 16, "lr": 3e-3, "progress": False},
+        "eval": {"metrics": [{"name": "accuracy"}, {"name": "epg"}]},
+    }
     epg = {}
     for name, guidance in (("plain", None), ("guided", {"loss": "energy", "weight": 1.0})):
         cfg = {**base, "out_dir": str(tmp_path / name), "train": {**base["train"], "guidance": guidance}}
@@ -223,7 +266,7 @@ def test_a_guidance_step_moves_attribution_into_the_boxes():
     explainer = e2kd.get_explainer("gradcam")
 
     def share(model):
-        maps = torch.stack([explainer.explain(model, x[i:i + 1], int(labels[i]))[0] for i in range(4)])
+        maps = torch.stack([explainer.explain(model, x[i : i + 1], int(labels[i]))[0] for i in range(4)])
         positive = maps.clamp(min=0)
         return float((positive * masks).sum() / positive.sum())
 

@@ -45,7 +45,9 @@ def test_kl_divergence_by_hand():
     p = [math.exp(0) / (1 + math.exp(2)), math.exp(2) / (1 + math.exp(2))]
     q = [math.exp(1) / (1 + math.exp(1)), 1 / (1 + math.exp(1))]
     expected = sum(a * math.log(a / b) for a, b in zip(p, q))
-    assert _run("kl_divergence", EvalBatch(logits=torch.tensor(z_s), teacher_logits=torch.tensor(z_t))) == pytest.approx(expected)
+    assert _run(
+        "kl_divergence", EvalBatch(logits=torch.tensor(z_s), teacher_logits=torch.tensor(z_t))
+    ) == pytest.approx(expected)
     # T = 2: p = softmax([0, 1]), q = softmax([0.5, 0])
     p = [1 / (1 + math.e), math.e / (1 + math.e)]
     q = [math.exp(0.5) / (1 + math.exp(0.5)), 1 / (1 + math.exp(0.5))]
@@ -72,9 +74,12 @@ def test_explanation_similarity_uses_the_named_similarity():
     # keyword options work like an options object (the plugin API)
     assert type(named)(similarity="pearson").similarity.name == "pearson"
     # cosine's eps guards small norms: each norm (1e-6, 1.4e-6) is raised to eps = 1e-3 here
-    tiny = _run("explanation_similarity", EvalBatch(logits=LOGITS[:1], explanations=a.double() * 1e-6,
-                                                    teacher_explanations=b.double() * 1e-6),
-                similarity="cosine", similarity_options={"eps": 1e-3})
+    tiny = _run(
+        "explanation_similarity",
+        EvalBatch(logits=LOGITS[:1], explanations=a.double() * 1e-6, teacher_explanations=b.double() * 1e-6),
+        similarity="cosine",
+        similarity_options={"eps": 1e-3},
+    )
     assert tiny == pytest.approx(1e-12 / (1e-3 * 1e-3), rel=1e-6)
 
 
@@ -117,9 +122,14 @@ def test_localisation_at_the_spec_boundaries():
     assert explanation_iou(rows, masks).tolist() == [1.0, 1.0]
     torch.testing.assert_close(explanation_iou(rows, masks), iou_loop(rows, masks))
     # the metric passes its threshold option on
-    batch = EvalBatch(logits=LOGITS[:1], label_explanations=torch.tensor([[[[4.0, 1.5], [1.0, 0.0]]]]),
-                      label_masks=torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]]))
-    assert _run("explanation_iou", batch) == pytest.approx(1 / 2) and _run("explanation_iou", batch, threshold=0.3) == 1.0
+    batch = EvalBatch(
+        logits=LOGITS[:1],
+        label_explanations=torch.tensor([[[[4.0, 1.5], [1.0, 0.0]]]]),
+        label_masks=torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]]),
+    )
+    assert (
+        _run("explanation_iou", batch) == pytest.approx(1 / 2) and _run("explanation_iou", batch, threshold=0.3) == 1.0
+    )
 
 
 def test_epg_and_iou_batch_native_equal_per_sample_loop():
@@ -169,10 +179,20 @@ def _two(classes):
 def test_group_metrics_add_up_over_batches_and_follow_the_datasets_marks():
     """Cells accumulate over two batches; the dataset marks (0, 1) and (1, 0) in distribution
     (the opposite of the group == label default)."""
-    b1 = EvalBatch(logits=_two([0, 0, 1, 0]), labels=torch.tensor([0, 0, 1, 1]), groups=torch.tensor([0, 1, 0, 1]),
-                   in_distribution=torch.tensor([False, True, True, False]), teacher_logits=_two([0, 1, 1, 0]))
-    b2 = EvalBatch(logits=_two([1, 1]), labels=torch.tensor([0, 1]), groups=torch.tensor([1, 0]),
-                   in_distribution=torch.tensor([True, True]), teacher_logits=_two([0, 0]))
+    b1 = EvalBatch(
+        logits=_two([0, 0, 1, 0]),
+        labels=torch.tensor([0, 0, 1, 1]),
+        groups=torch.tensor([0, 1, 0, 1]),
+        in_distribution=torch.tensor([False, True, True, False]),
+        teacher_logits=_two([0, 1, 1, 0]),
+    )
+    b2 = EvalBatch(
+        logits=_two([1, 1]),
+        labels=torch.tensor([0, 1]),
+        groups=torch.tensor([1, 0]),
+        in_distribution=torch.tensor([True, True]),
+        teacher_logits=_two([0, 0]),
+    )
     acc = _run("group_accuracy", b1, b2)
     # (0,0): 1/1, (0,1): 1/2, (1,0): 2/2, (1,1): 0/1
     assert (acc["y0_g0"], acc["y0_g1"], acc["y1_g0"], acc["y1_g1"]) == (1.0, 0.5, 1.0, 0.0)
@@ -251,7 +271,9 @@ def test_evaluation_explains_the_teachers_top1_for_both_models(disagreeing_pair)
     metrics = {"explanation_similarity": e2kd.get_metric("explanation_similarity")}
     values, skipped = evaluate(student, [{"image": x}], metrics, teacher=teacher, explainer=gradcam)
     t1 = teacher(x).argmax(1)
-    expected = F.cosine_similarity(gradcam.explain(student, x, t1).flatten(1), gradcam.explain(teacher, x, t1).flatten(1))
+    expected = F.cosine_similarity(
+        gradcam.explain(student, x, t1).flatten(1), gradcam.explain(teacher, x, t1).flatten(1)
+    )
     assert skipped == {} and values["explanation_similarity"] == pytest.approx(expected.mean().item(), rel=1e-9)
     assert values["explanation_similarity"] < 0.999
 
@@ -281,4 +303,8 @@ def test_missing_requirements_are_skipped_with_a_reason():
     metrics = {n: e2kd.get_metric(n) for n in ("accuracy", "agreement", "epg", "group_accuracy")}
     values, skipped = evaluate(model, batches, metrics)
     assert set(values) == {"accuracy"}
-    assert skipped == {"agreement": "needs teacher", "epg": "needs label_explanations, masks", "group_accuracy": "needs groups"}
+    assert skipped == {
+        "agreement": "needs teacher",
+        "epg": "needs label_explanations, masks",
+        "group_accuracy": "needs groups",
+    }

@@ -65,9 +65,13 @@ def teacher_run(tmp_path):
 
 
 def _student(tmp_path, teacher, **changes):
-    data = {**TINY, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-            "teacher": {**TINY["model"], "checkpoint": str(teacher)}, "out_dir": str(tmp_path / "s"),
-            "train": {**TINY["train"], "epochs": 1, "batch_size": 6, "mixup": 0.4}}
+    data = {
+        **TINY,
+        "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+        "teacher": {**TINY["model"], "checkpoint": str(teacher)},
+        "out_dir": str(tmp_path / "s"),
+        "train": {**TINY["train"], "epochs": 1, "batch_size": 6, "mixup": 0.4},
+    }
     for section, values in changes.items():
         data[section] = {**data.get(section, {}), **values}
     return _write(tmp_path / "s.yaml", data)
@@ -108,7 +112,9 @@ def test_a_teacher_trains_with_mixup_on_mixed_images_and_mixed_labels(tmp_path, 
 
     seen, real_loss, real_mix = [], mixup.mixed_label_loss, mixup.mix
     mixed = []
-    monkeypatch.setattr(mixup, "mix", lambda x, lam, perm: mixed.append((x.clone(), lam, perm)) or real_mix(x, lam, perm))
+    monkeypatch.setattr(
+        mixup, "mix", lambda x, lam, perm: mixed.append((x.clone(), lam, perm)) or real_mix(x, lam, perm)
+    )
 
     def spy(logits, labels, lam, perm):
         value = real_loss(logits, labels, lam, perm)
@@ -117,12 +123,14 @@ def test_a_teacher_trains_with_mixup_on_mixed_images_and_mixed_labels(tmp_path, 
 
     monkeypatch.setattr(mixup, "mixed_label_loss", spy)
     monkeypatch.setattr(experiment, "label_loss", lambda *a: pytest.fail("an unmixed label loss under mixup"))
-    cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "mixup": 0.2, "batch_size": 6},
-                                       "out_dir": str(tmp_path / "t")})
+    cfg = _write(
+        tmp_path / "t.yaml",
+        {**TINY, "train": {**TINY["train"], "mixup": 0.2, "batch_size": 6}, "out_dir": str(tmp_path / "t")},
+    )
     assert main(["train-teacher", str(cfg)]) == 0
     steps = list(csv.DictReader((tmp_path / "t" / "steps.csv").open()))
     assert len(seen) == len(mixed) == len(steps) == 6  # 18 images, batch 6, 2 epochs
-    for index, ((labels, lam, perm, value), (images, mix_lam, mix_perm), row) in enumerate(zip(seen, mixed, steps)):
+    for index, ((labels, lam, perm, value), (_images, mix_lam, mix_perm), row) in enumerate(zip(seen, mixed, steps)):
         want_lam, want_perm = mixup.draw(0.2, 6, 0, index)
         assert lam == mix_lam == want_lam and torch.equal(perm, want_perm) and torch.equal(mix_perm, want_perm)
         assert labels.shape == (6,) and float(row["loss"]) == pytest.approx(value, rel=1e-6)
@@ -131,9 +139,15 @@ def test_a_teacher_trains_with_mixup_on_mixed_images_and_mixed_labels(tmp_path, 
 
 def test_config_errors_are_one_line(tmp_path, teacher_run, capsys):
     _fails_with(capsys, ["distill", str(_student(tmp_path, teacher_run, train={"mixup": 0}))], "train.mixup")
-    _fails_with(capsys, ["distill", str(_student(tmp_path, teacher_run, distill={"teacher_mode": "frozen"}))],
-                "train.mixup: a frozen teacher's outputs are stored for unmixed images")
-    _fails_with(capsys, ["distill", str(_student(tmp_path, teacher_run, distill={"ce_weight": 0.5}))],
-                "train.mixup: a mixed image has two labels")
+    _fails_with(
+        capsys,
+        ["distill", str(_student(tmp_path, teacher_run, distill={"teacher_mode": "frozen"}))],
+        "train.mixup: a frozen teacher's outputs are stored for unmixed images",
+    )
+    _fails_with(
+        capsys,
+        ["distill", str(_student(tmp_path, teacher_run, distill={"ce_weight": 0.5}))],
+        "train.mixup: a mixed image has two labels",
+    )
     guided = _write(tmp_path / "g.yaml", {**TINY, "train": {**TINY["train"], "mixup": 0.2, "guidance": {}}})
     _fails_with(capsys, ["train-teacher", str(guided)], "train.mixup: mixed images have no boxes to guide towards")

@@ -22,7 +22,9 @@ def test_timm_models_normalise_with_their_pretrained_config():
     raw.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.allclose(raw(x), plain(x), atol=1e-6)
-    custom = e2kd.get_model_builder("timm", arch="resnet18", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]).build(5).eval()
+    custom = (
+        e2kd.get_model_builder("timm", arch="resnet18", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25]).build(5).eval()
+    )
     custom.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.allclose(custom(x), plain((x - 0.5) / 0.25), atol=1e-5)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import e2kd
-from e2kd.distill import Distiller, binary_kd_loss, label_loss, padded_sets
+from e2kd.distill import Distiller, binary_kd_loss
 from e2kd.evaluate import evaluate
-
+from e2kd.labels import label_loss, padded_sets
 from e2kd.testing import TinyCNN
 
 
@@ -34,8 +34,14 @@ def test_binary_kd_matches_the_formula_by_hand():
 def test_label_loss_is_bce_for_multi_hot_and_ce_for_indices():
     z = torch.tensor([[0.5, -1.0, 2.0]])
     y = torch.tensor([[1.0, 0.0, 1.0]])
-    by_hand = -(math.log(torch.sigmoid(torch.tensor(0.5))) + math.log(1 - torch.sigmoid(torch.tensor(-1.0)))
-                + math.log(torch.sigmoid(torch.tensor(2.0)))) / 3
+    by_hand = (
+        -(
+            math.log(torch.sigmoid(torch.tensor(0.5)))
+            + math.log(1 - torch.sigmoid(torch.tensor(-1.0)))
+            + math.log(torch.sigmoid(torch.tensor(2.0)))
+        )
+        / 3
+    )
     assert label_loss(z, y).item() == pytest.approx(by_hand, rel=1e-6)
     assert label_loss(z, torch.tensor([2])).item() == pytest.approx(F.cross_entropy(z, torch.tensor([2])).item())
     assert label_loss(z, y.long()).item() == pytest.approx(by_hand, rel=1e-6)  # integer multi-hot labels too
@@ -55,7 +61,7 @@ def test_padded_sets_list_members_first_with_zero_weight_padding():
 
 
 def test_label_sets_of_indices_and_of_multi_hot_labels():
-    from e2kd.distill import label_sets
+    from e2kd.labels import label_sets
 
     classes, weights = label_sets(torch.tensor([2, 0, 1]))
     assert classes.tolist() == [[2], [0], [1]] and weights.tolist() == [[1.0], [1.0], [1.0]]
@@ -73,14 +79,18 @@ def test_positive_classes_explanation_term_averages_over_image_class_pairs():
         x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
         with torch.no_grad():  # class 0 positive for ~60% of the images, class 1 for ~40%, 2 and 3 never
             z = teacher(x) - teacher.fc.bias
-            teacher.fc.bias.copy_(torch.stack([-z[:, 0].quantile(0.4), -z[:, 1].quantile(0.6),
-                                               torch.tensor(-100.0), torch.tensor(-100.0)]))
+            teacher.fc.bias.copy_(
+                torch.stack(
+                    [-z[:, 0].quantile(0.4), -z[:, 1].quantile(0.6), torch.tensor(-100.0), torch.tensor(-100.0)]
+                )
+            )
             positives = (teacher(x) > 0).sum(1)
         if {0, 1, 2} <= set(positives.tolist()):
             break
     explainer, cosine = e2kd.get_explainer("gradcam"), e2kd.get_similarity("cosine")
-    distiller = Distiller(teacher, student, explainer=explainer, similarity=cosine, lam=0.7, kd="binary",
-                          explain_classes="positive")
+    distiller = Distiller(
+        teacher, student, explainer=explainer, similarity=cosine, lam=0.7, kd="binary", explain_classes="positive"
+    )
     out = distiller(x)
     with torch.no_grad():
         z_t = teacher(x)
@@ -91,8 +101,8 @@ def test_positive_classes_explanation_term_averages_over_image_class_pairs():
     assert max(counts.values()) == 2 and min(counts.values()) == 1 and none, "the example must mix set sizes"
     losses = []
     for i, c in pairs:
-        s_map = explainer.explain(student, x[i:i + 1], c)
-        t_map = explainer.explain(teacher, x[i:i + 1], c)
+        s_map = explainer.explain(student, x[i : i + 1], c)
+        t_map = explainer.explain(teacher, x[i : i + 1], c)
         losses.append(1 - F.cosine_similarity(s_map.flatten(1), t_map.flatten(1)).item())
     assert out["explanation"].item() == pytest.approx(sum(losses) / len(losses), rel=1e-9)
     assert out["kd"].item() == pytest.approx(binary_kd_loss(student(x), z_t).item(), rel=1e-9)
@@ -106,14 +116,17 @@ def test_multi_label_evaluation_scores_each_present_class_against_its_mask():
     labels = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]], dtype=torch.float32)
     masks = (torch.rand(4, 3, 8, 8) > 0.6).to(torch.uint8)
     explainer = e2kd.get_explainer("gradcam")
-    metrics = {n: e2kd.get_metric(n) for n in ("epg", "explanation_iou", "micro_f1", "accuracy", "explanation_similarity")}
-    values, skipped = evaluate(model, [{"image": x, "label": labels, "mask": masks}], metrics, teacher=teacher,
-                               explainer=explainer)
+    metrics = {
+        n: e2kd.get_metric(n) for n in ("epg", "explanation_iou", "micro_f1", "accuracy", "explanation_similarity")
+    }
+    values, skipped = evaluate(
+        model, [{"image": x, "label": labels, "mask": masks}], metrics, teacher=teacher, explainer=explainer
+    )
     assert skipped == {"accuracy": "needs single_label"}
     from .reference import epg_loop, iou_loop
 
     pairs = [(i, c) for i in range(4) for c in range(3) if labels[i, c] > 0]
-    maps = torch.cat([explainer.explain(model.eval(), x[i:i + 1], c) for i, c in pairs])
+    maps = torch.cat([explainer.explain(model.eval(), x[i : i + 1], c) for i, c in pairs])
     pair_masks = torch.stack([masks[i, c][None] for i, c in pairs])
     assert values["epg"] == pytest.approx(epg_loop(maps, pair_masks).mean().item(), rel=1e-5)
     assert values["explanation_iou"] == pytest.approx(iou_loop(maps, pair_masks).mean().item(), rel=1e-5)

@@ -18,8 +18,14 @@ spec.loader.exec_module(mutation)
 def test_scores_count_each_status_and_leave_equivalent_mutants_out(tmp_path):
     meta = tmp_path / "mutants" / "e2kd_plugins" / "metrics" / "m.py.meta"
     meta.parent.mkdir(parents=True)
-    codes = {"m.x_f__mutmut_1": 1, "m.x_f__mutmut_2": 0, "m.x_f__mutmut_3": 0, "m.x_f__mutmut_4": 36,
-             "m.x_f__mutmut_5": 33, "m.x_f__mutmut_6": 3}
+    codes = {
+        "m.x_f__mutmut_1": 1,
+        "m.x_f__mutmut_2": 0,
+        "m.x_f__mutmut_3": 0,
+        "m.x_f__mutmut_4": 36,
+        "m.x_f__mutmut_5": 33,
+        "m.x_f__mutmut_6": 3,
+    }
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
     (rows,) = mutation.scores(tmp_path, ["e2kd_plugins/metrics/m.py"], {"m.x_f__mutmut_3": "symmetric"})
     assert rows["file"] == "plugins/metrics/m.py" and rows["mutants"] == 6
@@ -35,18 +41,26 @@ def test_subprocess_tests_judge_the_matching_survivors_with_the_mutant_named_in_
     surviving, and would kill 5 if it ran it (5 does not match), and 1, already killed, is not run."""
     meta = tmp_path / "mutants" / "e2kd" / "m.py.meta"
     meta.parent.mkdir(parents=True)
-    codes = {"e2kd.m.x_f__mutmut_1": 1, "e2kd.m.x_f__mutmut_2": 0, "e2kd.m.x_f__mutmut_3": 33,
-             "e2kd.m.x_g__mutmut_5": 0}
+    codes = {
+        "e2kd.m.x_f__mutmut_1": 1,
+        "e2kd.m.x_f__mutmut_2": 0,
+        "e2kd.m.x_f__mutmut_3": 33,
+        "e2kd.m.x_g__mutmut_5": 0,
+    }
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
     (tmp_path / "mutants" / "test_child.py").write_text(
         "import os, subprocess, sys\n"
         "def test_a_child_process_sees_the_mutant():\n"
         "    child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"MUTANT_UNDER_TEST\"])'],\n"
         "                           capture_output=True, text=True)\n"
-        "    assert child.stdout.strip() == 'e2kd.m.x_f__mutmut_3'\n")
+        "    assert child.stdout.strip() == 'e2kd.m.x_f__mutmut_3'\n"
+    )
     mutation.run_in_subprocesses(tmp_path, ["e2kd/m.py"], ["test_child.py"], ["*x_f*"], dict(os.environ))
-    assert json.loads(meta.read_text())["exit_code_by_key"] == {**codes, "e2kd.m.x_f__mutmut_2": 1,
-                                                                "e2kd.m.x_f__mutmut_3": 0}
+    assert json.loads(meta.read_text())["exit_code_by_key"] == {
+        **codes,
+        "e2kd.m.x_f__mutmut_2": 1,
+        "e2kd.m.x_f__mutmut_3": 0,
+    }
 
 
 def test_every_listed_equivalent_mutant_gives_a_reason():
@@ -58,9 +72,25 @@ def test_every_listed_equivalent_mutant_gives_a_reason():
 @pytest.mark.slow
 def test_mutation_command_runs_on_one_small_file(tmp_path):
     out = tmp_path / "scores.json"
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "mutation.py"), "--files", "plugins/similarities/topk.py",
-                           "--tests", "tests/test_similarities.py", "--work", str(tmp_path / "work"),
-                           "--max-children", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "mutation.py"),
+            "--files",
+            "plugins/similarities/topk.py",
+            "--tests",
+            "tests/test_similarities.py",
+            "--work",
+            str(tmp_path / "work"),
+            "--max-children",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (row,) = json.loads(out.read_text())
     assert row["file"] == "plugins/similarities/topk.py" and row["mutants"] > 10

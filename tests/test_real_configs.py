@@ -18,19 +18,42 @@ from e2kd.data.miniature import write_image_folder, write_voc, write_waterbirds
 from .test_datasets import VOC_IMAGES
 
 CONFIGS = Path(__file__).resolve().parent.parent / "e2kd" / "configs"
-SMALL = ["--set", "data.options.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=4",
-         "--set", "train.warmup_epochs=0"]
+SMALL = [
+    "--set",
+    "data.options.image_size=32",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.warmup_epochs=0",
+]
 
 
 def _tree(kind: str, root: Path) -> list[str]:
     """Write the miniature tree; returns the --set overrides that point the config at it."""
     if kind == "imagenet":
         write_image_folder(root, ["n01", "n02", "n03"], {"train": 5, "val": 2}, seed=0)
-        return ["--set", f"data.options.root={root}", "--set", "data.options.shots=3",
-                "--set", "data.options.holdout_per_class=1", "--set", "data.num_workers=2"]
+        return [
+            "--set",
+            f"data.options.root={root}",
+            "--set",
+            "data.options.shots=3",
+            "--set",
+            "data.options.holdout_per_class=1",
+            "--set",
+            "data.num_workers=2",
+        ]
     if kind == "waterbirds":
-        write_waterbirds(root, {"train": {(0, 0): 4, (1, 1): 4}, "val": {(0, 1): 1, (1, 0): 1, (0, 0): 1, (1, 1): 1},
-                                "test": {(0, 1): 2, (1, 0): 2, (0, 0): 1, (1, 1): 1}}, seed=1)
+        write_waterbirds(
+            root,
+            {
+                "train": {(0, 0): 4, (1, 1): 4},
+                "val": {(0, 1): 1, (1, 0): 1, (0, 0): 1, (1, 1): 1},
+                "test": {(0, 1): 2, (1, 0): 2, (0, 0): 1, (1, 1): 1},
+            },
+            seed=1,
+        )
         return ["--set", f"data.options.root={root}", "--set", "data.num_workers=0"]
     write_voc(root, {"trainval": VOC_IMAGES["train"], "test": VOC_IMAGES["val"]})
     return ["--set", f"data.options.root={root}", "--set", "data.num_workers=0"]
@@ -48,16 +71,21 @@ def _teacher_config(example: Path, tmp: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, example", [
-    ("imagenet", "imagenet_50shot_r34_r18.yaml"),
-    ("waterbirds", "waterbirds100_r50_r18.yaml"),
-    ("voc", "voc_bcos_r50_r18.yaml"),
-])
+@pytest.mark.parametrize(
+    "kind, example",
+    [
+        ("imagenet", "imagenet_50shot_r34_r18.yaml"),
+        ("waterbirds", "waterbirds100_r50_r18.yaml"),
+        ("voc", "voc_bcos_r50_r18.yaml"),
+    ],
+)
 def test_example_config_runs_every_command(kind, example, tmp_path, capsys):
     data = _tree(kind, tmp_path / "data")
     config = CONFIGS / example
     teacher_dir = tmp_path / "teacher"
-    assert main(["train-teacher", str(_teacher_config(config, tmp_path)), *SMALL, *data, "--out", str(teacher_dir)]) == 0
+    assert (
+        main(["train-teacher", str(_teacher_config(config, tmp_path)), *SMALL, *data, "--out", str(teacher_dir)]) == 0
+    )
     student = [str(config), *SMALL, *data, "--set", f"teacher.checkpoint={teacher_dir / 'model.pt'}"]
     assert main(["distill", *student, "--out", str(tmp_path / "e2kd")]) == 0
     metrics = json.loads((tmp_path / "e2kd" / "metrics.json").read_text())
@@ -91,8 +119,10 @@ def test_example_config_runs_every_command(kind, example, tmp_path, capsys):
     assert (tmp_path / "report" / "explanations.png").is_file() and (tmp_path / "report" / "report.md").is_file()
 
     run = e2kd.load_run(tmp_path / "e2kd")
-    assert run.class_names == run.dataset.class_names() and len(run.class_names) == {"imagenet": 3, "waterbirds": 2,
-                                                                                       "voc": 20}[kind]
+    assert (
+        run.class_names == run.dataset.class_names()
+        and len(run.class_names) == {"imagenet": 3, "waterbirds": 2, "voc": 20}[kind]
+    )
     images, labels = e2kd.sample_images(run.split(sorted(expected_splits)[0]), n=2)
     maps = {"teacher": e2kd.explain(run.teacher, images, run.config.distill.explainer.name)}
     figure = e2kd.show(images, maps, labels=labels, class_names=run.class_names)
@@ -120,17 +150,43 @@ def test_cnn_to_vit_config_draws_the_shift_equivariance_curves(tmp_path):
     students, then the report's shift-equivariance curves of teacher, KD and e2KD."""
     data = _tree("imagenet", tmp_path / "data")
     config = CONFIGS / "imagenet_bcos_densenet169_vit_tiny.yaml"
-    assert main(["train-teacher", str(_teacher_config(config, tmp_path)), *SMALL, *data, "--out",
-                 str(tmp_path / "teacher")]) == 0
+    assert (
+        main(
+            ["train-teacher", str(_teacher_config(config, tmp_path)), *SMALL, *data, "--out", str(tmp_path / "teacher")]
+        )
+        == 0
+    )
     vit = ["--set", "model.options={img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}"]
-    student = [str(config), *SMALL, *data, *vit, "--set", f"teacher.checkpoint={tmp_path / 'teacher' / 'model.pt'}",
-               "--set", "eval.metrics=[accuracy, {name: shift_equivariance, options: {max_shift: 16, step: 4}}]",
-               "--set", "distill.explain_every=1"]
+    student = [
+        str(config),
+        *SMALL,
+        *data,
+        *vit,
+        "--set",
+        f"teacher.checkpoint={tmp_path / 'teacher' / 'model.pt'}",
+        "--set",
+        "eval.metrics=[accuracy, {name: shift_equivariance, options: {max_shift: 16, step: 4}}]",
+        "--set",
+        "distill.explain_every=1",
+    ]
     for name, lam in (("kd", 0), ("e2kd", 1)):
         assert main(["distill", *student, "--set", f"distill.lam={lam}", "--out", str(tmp_path / name)]) == 0
     assert json.loads((tmp_path / "e2kd" / "metrics.json").read_text())["history"][0]["explanation"] > 0
-    assert main(["evaluate", str(tmp_path / "teacher"), str(tmp_path / "kd"), str(tmp_path / "e2kd"),
-                 "--metrics", "shift_equivariance", "--out", str(tmp_path / "report")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "teacher"),
+                str(tmp_path / "kd"),
+                str(tmp_path / "e2kd"),
+                "--metrics",
+                "shift_equivariance",
+                "--out",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "report" / "shift.png").is_file()
     for run in ("teacher", "kd", "e2kd"):  # --metrics re-evaluates with the metric's default options (0..8 px)
         curve = json.loads((tmp_path / run / "metrics.json").read_text())["splits"]["val"]["shift_equivariance"]

@@ -8,8 +8,13 @@ from e2kd.api import Explainer, Metric, ModelBuilder, Similarity
 from e2kd.errors import PluginError
 
 BUILTINS = {
-    ("explainer", "gradcam"), ("similarity", "cosine"), ("metric", "accuracy"), ("metric", "agreement"),
-    ("metric", "explanation_similarity"), ("model", "small_resnet"), ("model", "timm"),
+    ("explainer", "gradcam"),
+    ("similarity", "cosine"),
+    ("metric", "accuracy"),
+    ("metric", "agreement"),
+    ("metric", "explanation_similarity"),
+    ("model", "small_resnet"),
+    ("model", "timm"),
 }
 
 
@@ -73,8 +78,10 @@ def test_env_var_takes_distribution_names_and_exclusions(fresh_registry, monkeyp
     monkeypatch.delenv("E2KD_PLUGINS")
     monkeypatch.setenv("E2KD_DISABLE_PLUGINS", "cosine, gradcam")
     fresh_registry.reset()
-    assert {(i.kind, i.name) for i in e2kd.list_plugins()} == everything - {("explainer", "gradcam"),
-                                                                            ("similarity", "cosine")}
+    assert {(i.kind, i.name) for i in e2kd.list_plugins()} == everything - {
+        ("explainer", "gradcam"),
+        ("similarity", "cosine"),
+    }
     monkeypatch.setenv("E2KD_DISABLE_PLUGINS", "cosine,no_such_plugin")
     fresh_registry.reset()
     with pytest.warns(UserWarning, match=r"not installed: no_such_plugin \(e2kd plugins lists both\)$"):
@@ -150,7 +157,12 @@ class AdHocPlugin:
 def test_adhoc_plugin_registers_every_kind_and_unregisters(fresh_registry):
     e2kd.register_plugin(AdHocPlugin(), name="adhoc")
     listed = {(i.kind, i.name): i for i in e2kd.list_plugins()}
-    for key in [("explainer", "adhoc_const"), ("similarity", "adhoc_dot"), ("metric", "adhoc_count"), ("model", "adhoc_linear")]:
+    for key in [
+        ("explainer", "adhoc_const"),
+        ("similarity", "adhoc_dot"),
+        ("metric", "adhoc_count"),
+        ("model", "adhoc_linear"),
+    ]:
         assert listed[key].plugin == "adhoc"
         assert listed[key].distribution == "(registered at run time)"
     x = torch.ones(2, 3, 4, 4)
@@ -173,7 +185,9 @@ def test_duplicate_item_names_are_refused(fresh_registry):
 
     e2kd.register_plugin(ClashPlugin(), name="clash")
     listed = [i for i in e2kd.list_plugins("explainer") if i.name == "gradcam"]
-    assert sorted(i.plugin for i in listed) == ["clash", "gradcam"] and all(i.status.startswith("clash") for i in listed)
+    assert sorted(i.plugin for i in listed) == ["clash", "gradcam"] and all(
+        i.status.startswith("clash") for i in listed
+    )
     with pytest.raises(PluginError, match="registered twice.*'gradcam'.*'clash'"):
         e2kd.get_explainer("gradcam")
     assert e2kd.get_explainer("gradient").name == "gradient"  # the other names keep working
@@ -224,8 +238,9 @@ def test_model_builder_define_passes_validated_options(fresh_registry):
         model_config = ConfigDict(extra="forbid")
         width: int = 2
 
-    Defined = ModelBuilder.define("adhoc_defined", "test: linear of a given width",
-                                  lambda o, n: torch.nn.Linear(o.width, n), Width)
+    Defined = ModelBuilder.define(
+        "adhoc_defined", "test: linear of a given width", lambda o, n: torch.nn.Linear(o.width, n), Width
+    )
 
     class Plugin:
         @hookimpl

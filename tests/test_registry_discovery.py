@@ -8,7 +8,8 @@ import warnings
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from e2kd import hookimpl, registry as registry_module
+from e2kd import hookimpl
+from e2kd import registry as registry_module
 from e2kd.api import Explainer
 from e2kd.errors import PluginError
 from e2kd.registry import _Registry, format_validation_error, plugin_selection
@@ -28,9 +29,11 @@ def _plugin_of(**kinds):
     """A plugin registering the classes given per hook name (register_metrics=[...], ...)."""
     methods = {}
     for hook, classes in kinds.items():
+
         def impl(self, register, _classes=classes):
             for cls in _classes:
                 register(cls)
+
         impl.__name__ = hook
         methods[hook] = hookimpl(impl)
     return type("Plugin", (), methods)()
@@ -84,8 +87,10 @@ def test_a_failing_import_is_one_warning_line_with_where_and_the_others_still_lo
     with pytest.warns(registry_module.PluginWarning) as caught:
         assert _names(registry) == ["alpha"]
     line = __file__ + ":" + str(_raise_import_error.__code__.co_firstlineno + 1)
-    message = ("could not load plugin entry point 'broken' (broken_dist.plugin:PLUGIN, broken-dist): ImportError: "
-               f"no module named 'missing_dependency' at {line}")
+    message = (
+        "could not load plugin entry point 'broken' (broken_dist.plugin:PLUGIN, broken-dist): ImportError: "
+        f"no module named 'missing_dependency' at {line}"
+    )
     assert [str(w.message) for w in caught] == [message + " (E2KD_DEBUG=1 shows the traceback)"]
     (problem,) = registry.problems()
     assert (problem.plugin, problem.distribution, problem.message) == ("broken", "broken-dist", message)
@@ -99,15 +104,19 @@ def test_a_failing_import_is_one_warning_line_with_where_and_the_others_still_lo
     with pytest.warns(registry_module.PluginWarning):
         with pytest.raises(PluginError) as err:
             registry.info("explainer", "beta")
-    assert str(err.value) == ("unknown explainer 'beta' (known: alpha); note: could not load plugin entry point "
-                              "'beta' (beta_dist.plugin:PLUGIN, beta-dist): ImportError: no module named "
-                              f"'missing_dependency' at {line} (+1 more failed plugins)")
+    assert str(err.value) == (
+        "unknown explainer 'beta' (known: alpha); note: could not load plugin entry point "
+        "'beta' (beta_dist.plugin:PLUGIN, beta-dist): ImportError: no module named "
+        f"'missing_dependency' at {line} (+1 more failed plugins)"
+    )
 
 
 def test_only_the_first_entry_point_of_a_name_loads_and_a_distribution_filter_applies(entry_points):
-    entry_points += [_EntryPoint("same", "first-dist", plugin=_plugin("one")),
-                     _EntryPoint("same", "second-dist", plugin=_plugin("two")),
-                     _EntryPoint("other", "second-dist", plugin=_plugin("three"))]
+    entry_points += [
+        _EntryPoint("same", "first-dist", plugin=_plugin("one")),
+        _EntryPoint("same", "second-dist", plugin=_plugin("two")),
+        _EntryPoint("other", "second-dist", plugin=_plugin("three")),
+    ]
     assert _names(_Registry()) == ["one", "three"]
     assert _names(_Registry(frozenset({"second-dist"}))) == ["three", "two"]
     # an entry point without distribution metadata is kept, under the name '?'
@@ -117,11 +126,20 @@ def test_only_the_first_entry_point_of_a_name_loads_and_a_distribution_filter_ap
 
 
 def test_the_selection_variables_allow_and_exclude_by_entry_point_or_distribution(entry_points, monkeypatch):
-    entry_points += [_EntryPoint("a", "dist-x", plugin=_plugin("a1")), _EntryPoint("b", "dist-x", plugin=_plugin("b1")),
-                     _EntryPoint("c", "dist-y", plugin=_plugin("c1"))]
-    for allowed, disabled, expected in (("a", "", ["a1"]), ("dist-x", "", ["a1", "b1"]), ("dist-x,-b", "", ["a1"]),
-                                        ("-dist-x", "", ["c1"]), ("", "", []), (None, "c", ["a1", "b1"]),
-                                        (None, "dist-x, c", [])):
+    entry_points += [
+        _EntryPoint("a", "dist-x", plugin=_plugin("a1")),
+        _EntryPoint("b", "dist-x", plugin=_plugin("b1")),
+        _EntryPoint("c", "dist-y", plugin=_plugin("c1")),
+    ]
+    for allowed, disabled, expected in (
+        ("a", "", ["a1"]),
+        ("dist-x", "", ["a1", "b1"]),
+        ("dist-x,-b", "", ["a1"]),
+        ("-dist-x", "", ["c1"]),
+        ("", "", []),
+        (None, "c", ["a1", "b1"]),
+        (None, "dist-x, c", []),
+    ):
         if allowed is None:
             monkeypatch.delenv("E2KD_PLUGINS", raising=False)
         else:
@@ -137,20 +155,24 @@ def test_the_selection_variables_allow_and_exclude_by_entry_point_or_distributio
         _Registry().all()
     assert [str(w.message) for w in caught] == [
         "E2KD_PLUGINS / E2KD_DISABLE_PLUGINS name entry points or distributions that are not installed: yy, zz "
-        "(e2kd plugins lists both)"]
+        "(e2kd plugins lists both)"
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a distribution filter does not warn about the others' names
         _Registry(frozenset({"dist-y"})).all()
 
 
-@pytest.mark.parametrize("allowed, disabled, expected", [
-    (None, None, (None, set())),
-    ("", None, (set(), set())),
-    (" a , b ,", None, ({"a", "b"}, set())),
-    ("-a, - b", None, (None, {"a", "b"})),
-    ("a,-b", "c, d,", ({"a"}, {"b", "c", "d"})),
-    (None, "c", (None, {"c"})),
-])
+@pytest.mark.parametrize(
+    "allowed, disabled, expected",
+    [
+        (None, None, (None, set())),
+        ("", None, (set(), set())),
+        (" a , b ,", None, ({"a", "b"}, set())),
+        ("-a, - b", None, (None, {"a", "b"})),
+        ("a,-b", "c, d,", ({"a"}, {"b", "c", "d"})),
+        (None, "c", (None, {"c"})),
+    ],
+)
 def test_plugin_selection(monkeypatch, allowed, disabled, expected):
     for var, value in (("E2KD_PLUGINS", allowed), ("E2KD_DISABLE_PLUGINS", disabled)):
         if value is None:
@@ -161,26 +183,33 @@ def test_plugin_selection(monkeypatch, allowed, disabled, expected):
 
 
 def test_a_clash_names_both_plugins_built_in_first_and_lists_both_items(entry_points):
-    entry_points += [_EntryPoint("zeta_plugin", "zeta-dist", plugin=_plugin("same")),
-                     _EntryPoint("own", "e2kd", plugin=_plugin("same", "unique"))]
+    entry_points += [
+        _EntryPoint("zeta_plugin", "zeta-dist", plugin=_plugin("same")),
+        _EntryPoint("own", "e2kd", plugin=_plugin("same", "unique")),
+    ]
     registry = _Registry()
     assert [p.message for p in registry.problems()] == [
         "explainer 'same' is registered twice: by plugin 'own' (e2kd) and plugin 'zeta_plugin' (zeta-dist); "
-        "uninstall or rename one, or restrict loading with E2KD_PLUGINS"]
+        "uninstall or rename one, or restrict loading with E2KD_PLUGINS"
+    ]
     assert (registry.problems()[0].plugin, registry.problems()[0].name) == ("zeta_plugin", "same")
     with pytest.raises(PluginError, match="^explainer 'same' is registered twice"):
         registry.info("explainer", "same")
     statuses = {(i.plugin, i.status) for i in registry.all() if i.name == "same"}
-    assert statuses == {("own", "clash: 'same' also registered by 'zeta_plugin'"),
-                        ("zeta_plugin", "clash: 'same' also registered by 'own'")}
+    assert statuses == {
+        ("own", "clash: 'same' also registered by 'zeta_plugin'"),
+        ("zeta_plugin", "clash: 'same' also registered by 'own'"),
+    }
     assert registry.info("explainer", "unique").status == "ok"
 
 
 def test_options_are_listed_with_type_default_and_help(entry_points):
     entry_points.append(_EntryPoint("p", "p-dist", plugin=_plugin("x")))
     info = _Registry().info("explainer", "x")
-    assert info.options == {"scale": {"type": "float", "required": False, "default": 2.0, "help": "a factor"},
-                            "layer": {"type": "str", "required": True, "default": None, "help": ""}}
+    assert info.options == {
+        "scale": {"type": "float", "required": False, "default": 2.0, "help": "a factor"},
+        "layer": {"type": "str", "required": True, "default": None, "help": ""},
+    }
     assert info.to_json()["version"] == "1.0" and info.to_json()["status"] == "ok"
 
 
@@ -191,13 +220,23 @@ def _validation_error(**values) -> ValidationError:
 
 
 def test_validation_errors_are_one_line_with_the_path_and_the_count():
-    text = format_validation_error(_validation_error(scale="x", layer=3, extra=1), source="cfg.yaml",
-                                   path="distill.explainer.options", known=_Options.model_fields)
-    assert text == ("cfg.yaml: distill.explainer.options.scale: Input should be a valid number, unable to parse "
-                    "string as a number (got 'x') [+2 more problem(s)]")
-    assert format_validation_error(_validation_error(layer="l", scal=1), source="s", known=_Options.model_fields) == \
-        "s: scal: unknown key; did you mean 'scale'? (known: layer, scale)"
-    assert format_validation_error(_validation_error(layer="l", zzz=1), source="s") == "s: zzz: unknown key (known: none)"
+    text = format_validation_error(
+        _validation_error(scale="x", layer=3, extra=1),
+        source="cfg.yaml",
+        path="distill.explainer.options",
+        known=_Options.model_fields,
+    )
+    assert text == (
+        "cfg.yaml: distill.explainer.options.scale: Input should be a valid number, unable to parse "
+        "string as a number (got 'x') [+2 more problem(s)]"
+    )
+    assert (
+        format_validation_error(_validation_error(layer="l", scal=1), source="s", known=_Options.model_fields)
+        == "s: scal: unknown key; did you mean 'scale'? (known: layer, scale)"
+    )
+    assert (
+        format_validation_error(_validation_error(layer="l", zzz=1), source="s") == "s: zzz: unknown key (known: none)"
+    )
     # a bad scale and a missing layer: one more problem
     assert format_validation_error(_validation_error(scale="x"), source="s").endswith(" [+1 more problem(s)]")
 
@@ -211,52 +250,99 @@ def test_misdeclared_items_are_reported_by_plugin_distribution_and_name_and_the_
     class Loose(BaseModel):
         x: int = 0
 
-    metrics = [_item(Metric, "needs_all", requires=tuple(REQUIREMENTS)), _item(Metric, "needs_odd", requires=("odd",)),
-               _item(Metric, "", ), _item(Metric, "undescribed", description="")]
-    datasets = [_item(Dataset, "full", label_type="multi", provides=tuple(SAMPLE_FIELDS)),
-                _item(Dataset, "bad_type", label_type="soft"), _item(Dataset, "bad_field", provides=("odd",))]
+    metrics = [
+        _item(Metric, "needs_all", requires=tuple(REQUIREMENTS)),
+        _item(Metric, "needs_odd", requires=("odd",)),
+        _item(
+            Metric,
+            "",
+        ),
+        _item(Metric, "undescribed", description=""),
+    ]
+    datasets = [
+        _item(Dataset, "full", label_type="multi", provides=tuple(SAMPLE_FIELDS)),
+        _item(Dataset, "bad_type", label_type="soft"),
+        _item(Dataset, "bad_field", provides=("odd",)),
+    ]
     explainers = [_item(Explainer, "not_pydantic", Options=NotPydantic), _item(Explainer, "loose", Options=Loose)]
-    entry_points.append(_EntryPoint("mis", "mis-dist", plugin=_plugin_of(register_metrics=metrics,
-                                                                           register_datasets=datasets,
-                                                                           register_explainers=explainers)))
+    entry_points.append(
+        _EntryPoint(
+            "mis",
+            "mis-dist",
+            plugin=_plugin_of(register_metrics=metrics, register_datasets=datasets, register_explainers=explainers),
+        )
+    )
     registry = _Registry()
     assert _names(registry) == ["full", "needs_all"]
     problems = {(p.kind, p.name): (p.plugin, p.distribution, p.message) for p in registry.problems()}
     known = sorted(REQUIREMENTS)
     assert problems == {
-        ("metric", "needs_odd"): ("mis", "mis-dist", f"plugin 'mis': metric 'needs_odd' requires unknown data ['odd'] "
-                                                     f"(known: {known})"),
+        ("metric", "needs_odd"): (
+            "mis",
+            "mis-dist",
+            f"plugin 'mis': metric 'needs_odd' requires unknown data ['odd'] (known: {known})",
+        ),
         ("metric", ""): ("mis", "mis-dist", "plugin 'mis': Metric_ must set class attributes 'name' and 'description'"),
-        ("metric", "undescribed"): ("mis", "mis-dist", "plugin 'mis': Metric_undescribed must set class attributes "
-                                                       "'name' and 'description'"),
-        ("dataset", "bad_type"): ("mis", "mis-dist", "plugin 'mis': dataset 'bad_type' must declare label_type 'single' "
-                                                     f"or 'multi' and provides within {sorted(SAMPLE_FIELDS)}"),
-        ("dataset", "bad_field"): ("mis", "mis-dist", "plugin 'mis': dataset 'bad_field' must declare label_type "
-                                                      f"'single' or 'multi' and provides within {sorted(SAMPLE_FIELDS)}"),
-        ("explainer", "not_pydantic"): ("mis", "mis-dist", "plugin 'mis': Explainer_not_pydantic.Options must be a "
-                                                           "pydantic model"),
-        ("explainer", "loose"): ("mis", "mis-dist", "plugin 'mis': Explainer_loose.Options must set model_config "
-                                                    "extra='forbid'"),
+        ("metric", "undescribed"): (
+            "mis",
+            "mis-dist",
+            "plugin 'mis': Metric_undescribed must set class attributes 'name' and 'description'",
+        ),
+        ("dataset", "bad_type"): (
+            "mis",
+            "mis-dist",
+            "plugin 'mis': dataset 'bad_type' must declare label_type 'single' "
+            f"or 'multi' and provides within {sorted(SAMPLE_FIELDS)}",
+        ),
+        ("dataset", "bad_field"): (
+            "mis",
+            "mis-dist",
+            "plugin 'mis': dataset 'bad_field' must declare label_type "
+            f"'single' or 'multi' and provides within {sorted(SAMPLE_FIELDS)}",
+        ),
+        ("explainer", "not_pydantic"): (
+            "mis",
+            "mis-dist",
+            "plugin 'mis': Explainer_not_pydantic.Options must be a pydantic model",
+        ),
+        ("explainer", "loose"): (
+            "mis",
+            "mis-dist",
+            "plugin 'mis': Explainer_loose.Options must set model_config extra='forbid'",
+        ),
     }
     info = registry.info("metric", "needs_all")
     assert info.description == "the needs_all item" and info.capabilities == info.cls.capabilities()
     odd = next(p for p in registry.problems() if p.name == "needs_odd")
-    assert odd.to_json() == {"kind": "metric", "name": "needs_odd", "plugin": "mis",
-                                                "distribution": "mis-dist", "status": "error",
-                                                "error": problems[("metric", "needs_odd")][2]}
+    assert odd.to_json() == {
+        "kind": "metric",
+        "name": "needs_odd",
+        "plugin": "mis",
+        "distribution": "mis-dist",
+        "status": "error",
+        "error": problems[("metric", "needs_odd")][2],
+    }
 
 
 def test_three_plugins_registering_one_name_are_all_named(entry_points):
-    entry_points += [_EntryPoint("p_b", "dist-b", plugin=_plugin("same")), _EntryPoint("p_c", "dist-c", plugin=_plugin("same")),
-                     _EntryPoint("p_a", "dist-a", plugin=_plugin("same", "other"))]
+    entry_points += [
+        _EntryPoint("p_b", "dist-b", plugin=_plugin("same")),
+        _EntryPoint("p_c", "dist-c", plugin=_plugin("same")),
+        _EntryPoint("p_a", "dist-a", plugin=_plugin("same", "other")),
+    ]
     registry = _Registry()
     (problem,) = registry.problems()
-    assert problem.message.startswith("explainer 'same' is registered twice: by plugin 'p_a' (dist-a) and plugin 'p_b' "
-                                      "(dist-b) and plugin 'p_c' (dist-c);")
+    assert problem.message.startswith(
+        "explainer 'same' is registered twice: by plugin 'p_a' (dist-a) and plugin 'p_b' "
+        "(dist-b) and plugin 'p_c' (dist-c);"
+    )
     assert (problem.plugin, problem.distribution) == ("p_c", "dist-c")  # the last in that order
     statuses = sorted(i.status for i in registry.all() if i.name == "same")
-    assert statuses == ["clash: 'same' also registered by 'p_a', 'p_b'", "clash: 'same' also registered by 'p_a', 'p_c'",
-                        "clash: 'same' also registered by 'p_b', 'p_c'"]
+    assert statuses == [
+        "clash: 'same' also registered by 'p_a', 'p_b'",
+        "clash: 'same' also registered by 'p_a', 'p_c'",
+        "clash: 'same' also registered by 'p_b', 'p_c'",
+    ]
     assert _names(registry) == ["other", "same", "same", "same"]
     with pytest.raises(PluginError) as err:  # a problem of another name does not answer for this one
         registry.info("explainer", "missing")
@@ -270,9 +356,12 @@ def test_entry_points_are_read_once_and_registered_or_blocked_names_are_skipped(
         def load(self):
             return _plugin("from_bare")
 
-    entry_points += [_EntryPoint("taken", "t-dist", plugin=_plugin("never")), _EntryPoint("blocked", "b-dist",
-                                                                                          plugin=_plugin("never2")),
-                     Bare(), _broken("broken", "broken-dist")]
+    entry_points += [
+        _EntryPoint("taken", "t-dist", plugin=_plugin("never")),
+        _EntryPoint("blocked", "b-dist", plugin=_plugin("never2")),
+        Bare(),
+        _broken("broken", "broken-dist"),
+    ]
     registry = _Registry()
     registry.pm.register(_plugin("early"), name="taken")
     registry.pm.set_blocked("blocked")
@@ -289,8 +378,10 @@ def test_the_debug_variable_prints_the_traceback_instead_of_the_hint(entry_point
     with pytest.warns(registry_module.PluginWarning) as caught:
         _Registry().all()
     line = __file__ + ":" + str(_raise_import_error.__code__.co_firstlineno + 1)
-    assert str(caught[0].message) == ("could not load plugin entry point 'broken' (broken_dist.plugin:PLUGIN, "
-                                      f"broken-dist): ImportError: no module named 'missing_dependency' at {line}")
+    assert str(caught[0].message) == (
+        "could not load plugin entry point 'broken' (broken_dist.plugin:PLUGIN, "
+        f"broken-dist): ImportError: no module named 'missing_dependency' at {line}"
+    )
     err = capsys.readouterr().err  # the traceback instead of the hint
     assert err.startswith("Traceback (most recent call last):") and "missing_dependency" in err
 
@@ -322,8 +413,10 @@ def test_where_names_the_innermost_frame_or_a_question_mark():
 
 
 def test_isolated_registries_keep_their_scope_through_a_reset(entry_points, monkeypatch):
-    entry_points += [_EntryPoint("own", "e2kd", plugin=_plugin("built_in")),
-                     _EntryPoint("theirs", "their-dist", plugin=_plugin("third_party"))]
+    entry_points += [
+        _EntryPoint("own", "e2kd", plugin=_plugin("built_in")),
+        _EntryPoint("theirs", "their-dist", plugin=_plugin("third_party")),
+    ]
     monkeypatch.setenv("E2KD_PLUGINS", "theirs")
     assert _names(registry_module.isolated_registry()) == ["built_in"]
     assert _names(registry_module.isolated_registry(third_party=True)) == ["built_in", "third_party"]
@@ -334,12 +427,15 @@ def test_isolated_registries_keep_their_scope_through_a_reset(entry_points, monk
 
 
 def test_the_facade_builds_items_and_validates_with_the_default_source_and_path():
-    dataset = registry_module.get_dataset("synthetic", seed=3, num_classes=3, image_size=16, train_per_class=2,
-                                          test_per_class=1)
+    dataset = registry_module.get_dataset(
+        "synthetic", seed=3, num_classes=3, image_size=16, train_per_class=2, test_per_class=1
+    )
     assert dataset.seed == 3 and dataset.num_classes == 3
     with pytest.raises(PluginError) as err:
         registry_module.get_dataset("synthetic", num_clases=3)
-    assert str(err.value).startswith("dataset 'synthetic': options.num_clases: unknown key; did you mean 'num_classes'?")
+    assert str(err.value).startswith(
+        "dataset 'synthetic': options.num_clases: unknown key; did you mean 'num_classes'?"
+    )
     metric = registry_module.get_metric("explanation_similarity", similarity="l2")
     assert metric.name == "explanation_similarity" and metric.options.similarity == "l2"
     with pytest.raises(PluginError) as err:
@@ -358,8 +454,9 @@ def test_unknown_names_list_every_known_one_and_count_the_failed_plugins(entry_p
     with pytest.warns(registry_module.PluginWarning):
         with pytest.raises(PluginError) as err:
             _Registry().info("explainer", "zeta")
-    assert str(err.value).startswith("unknown explainer 'zeta' (known: alpha, gamma); note: could not load plugin "
-                                     "entry point 'b1'")
+    assert str(err.value).startswith(
+        "unknown explainer 'zeta' (known: alpha, gamma); note: could not load plugin entry point 'b1'"
+    )
     assert "more failed plugins" not in str(err.value)
     entry_points += [_broken("b2", "d2"), _broken("b3", "d3")]
     with pytest.warns(registry_module.PluginWarning):
@@ -374,15 +471,22 @@ def test_options_listing_shows_factory_defaults_and_readable_types(entry_points)
         sizes: list[int] = Field(default_factory=lambda: [1, 2])
         maybe: int | None = None
 
-    entry_points.append(_EntryPoint("p", "p-dist", plugin=_plugin_of(register_explainers=[
-        _item(Explainer, "listed", Options=Listed)])))
+    entry_points.append(
+        _EntryPoint("p", "p-dist", plugin=_plugin_of(register_explainers=[_item(Explainer, "listed", Options=Listed)]))
+    )
     options = _Registry().info("explainer", "listed").options
     assert options["sizes"]["default"] == [1, 2]
     assert options["maybe"]["type"] == "int | None"
     info = _Registry().info("explainer", "listed")
     assert {k: v for k, v in info.to_json().items() if k not in ("options", "capabilities")} == {
-        "kind": "explainer", "name": "listed", "description": "the listed item", "distribution": "p-dist",
-        "version": "1.0", "plugin": "p", "status": "ok"}
+        "kind": "explainer",
+        "name": "listed",
+        "description": "the listed item",
+        "distribution": "p-dist",
+        "version": "1.0",
+        "plugin": "p",
+        "status": "ok",
+    }
     assert info.to_json()["options"] == options and info.to_json()["capabilities"] == info.capabilities
 
 

@@ -12,16 +12,23 @@ from e2kd import report
 
 def test_table_is_one_row_per_run_with_missing_cells_dashed_and_lower_is_better_marked():
     results = {
-        "kd": {"splits": {"val": {"accuracy": 0.81234, "l1": 0.5, "groups": {"y0_g1": 0.3}}, "test/ood": {"accuracy": 0.5}},
-               "higher_is_better": {"accuracy": True, "l1": False}},
+        "kd": {
+            "splits": {
+                "val": {"accuracy": 0.81234, "l1": 0.5, "groups": {"y0_g1": 0.3}},
+                "test/ood": {"accuracy": 0.5},
+            },
+            "higher_is_better": {"accuracy": True, "l1": False},
+        },
         "e2kd": {"splits": {"val": {"accuracy": 0.9, "shift_equivariance": {"shift_2": 0.7}}}},
     }
     got = report.table(results)
-    assert got == ("| run | val/accuracy | val/l1 ↓ | test/ood/accuracy |\n"
-                   "|---|---|---|---|\n"
-                   "| kd | 0.8123 | 0.5 | 0.5 |\n"
-                   "| e2kd | 0.9 | — | — |\n"
-                   "\n↓: lower is better\n")
+    assert got == (
+        "| run | val/accuracy | val/l1 ↓ | test/ood/accuracy |\n"
+        "|---|---|---|---|\n"
+        "| kd | 0.8123 | 0.5 | 0.5 |\n"
+        "| e2kd | 0.9 | — | — |\n"
+        "\n↓: lower is better\n"
+    )
     plain = report.table({"a": {"splits": {"val": {"accuracy": 1.0}}, "higher_is_better": {"accuracy": True}}})
     assert plain == "| run | val/accuracy |\n|---|---|\n| a | 1 |\n"
     nested = report.table({"a": {"splits": {"val": {"l1": {"mean": 0.25}}}, "higher_is_better": {"l1": False}}})
@@ -38,11 +45,14 @@ def test_sample_images_are_spread_over_the_dataset():
 
 
 def test_figures_show_the_last_evaluated_split():
-    run = SimpleNamespace(config=SimpleNamespace(eval=SimpleNamespace(splits=["val", "test_id", "test_ood"])),
-                          dataset=None)
+    run = SimpleNamespace(
+        config=SimpleNamespace(eval=SimpleNamespace(splits=["val", "test_id", "test_ood"])), dataset=None
+    )
     assert report.figure_split(run) == "test_ood"
-    run = SimpleNamespace(config=SimpleNamespace(eval=SimpleNamespace(splits=None)),
-                          dataset=SimpleNamespace(eval_splits=lambda: ("a", "b")))
+    run = SimpleNamespace(
+        config=SimpleNamespace(eval=SimpleNamespace(splits=None)),
+        dataset=SimpleNamespace(eval_splits=lambda: ("a", "b")),
+    )
     assert report.figure_split(run) == "b"
 
 
@@ -80,8 +90,12 @@ class _FakeRun:
         split = {"accuracy": 0.5 + len(name) / 100}
         if shift:
             split["shift_equivariance"] = {"shift_0": 1.0, "shift_4": 0.75}
-        self.results = {"splits": {"test_ood": split}, "skipped": {"x": "why"}, "higher_is_better": {"accuracy": True},
-                        "extra": "not written"}
+        self.results = {
+            "splits": {"test_ood": split},
+            "skipped": {"x": "why"},
+            "higher_is_better": {"accuracy": True},
+            "extra": "not written",
+        }
 
     def evaluate(self, metrics):
         self.asked.append(metrics)
@@ -89,8 +103,9 @@ class _FakeRun:
 
     def split(self, name):
         assert name == "test_ood"
-        return [{"image": torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)), "label": i % 3}
-                for i in range(8)]
+        return [
+            {"image": torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)), "label": i % 3} for i in range(8)
+        ]
 
     def explainer(self):
         from e2kd.registry import get_explainer
@@ -103,8 +118,14 @@ def _fake_report(monkeypatch, runs):
 
     figures, curves = [], []
     monkeypatch.setattr(report, "load_run", lambda path: runs[str(path)])
-    monkeypatch.setattr(report, "explanation_figure", lambda models, images, labels, explainer, path, **kw: (
-        figures.append((list(models), images.shape, labels.tolist(), explainer.name, path, kw)), path)[1])
+    monkeypatch.setattr(
+        report,
+        "explanation_figure",
+        lambda models, images, labels, explainer, path, **kw: (
+            figures.append((list(models), images.shape, labels.tolist(), explainer.name, path, kw)),
+            path,
+        )[1],
+    )
     monkeypatch.setattr(report, "plot_curves", lambda data, path, **kw: (curves.append((data, path, kw)), path)[1])
     return figures, curves, json
 
@@ -117,23 +138,41 @@ def test_evaluate_report_writes_metrics_table_and_figures_for_every_run(tmp_path
     results = {r.name: r.results for r in runs.values()}
     assert [r.asked for r in runs.values()] == [[["accuracy"]], [["accuracy"]]]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == {
-        name: {k: r[k] for k in ("splits", "skipped", "higher_is_better")} for name, r in results.items()}
+        name: {k: r[k] for k in ("splits", "skipped", "higher_is_better")} for name, r in results.items()
+    }
     assert (tmp_path / "out" / "report.md").read_text() == report.table(results)
-    (models, shape, labels, explainer, path, kw), = figures
-    assert models == ["teacher", "kd", "e2kd"] and shape == (6, 3, 8, 8) and labels == [0, 2, 1, 0, 0, 2]  # items 0, 2, 4, 6, 0, 2 of 8
+    ((models, shape, labels, explainer, path, kw),) = figures
+    assert (
+        models == ["teacher", "kd", "e2kd"] and shape == (6, 3, 8, 8) and labels == [0, 2, 1, 0, 0, 2]
+    )  # items 0, 2, 4, 6, 0, 2 of 8
     assert explainer == "gradient" and path == tmp_path / "out" / "explanations.png"
-    assert kw == {"reference": "teacher", "class_names": ["a", "b", "c"],
-                  "title": "gradient explanations for the teacher's class on test_ood images"}
-    (data, path, kw), = curves
+    assert kw == {
+        "reference": "teacher",
+        "class_names": ["a", "b", "c"],
+        "title": "gradient explanations for the teacher's class on test_ood images",
+    }
+    ((data, path, kw),) = curves
     assert data == {"kd": ([0, 4], [1.0, 0.75])} and path == tmp_path / "out" / "shift.png"
-    assert kw == {"xlabel": "diagonal shift (px)", "ylabel": "cosine on the overlap",
-                  "title": "shift equivariance of explanations (test_ood)"}
-    assert out == {"results": results, "out": str(tmp_path / "out"),
-                   "figures": {"explanations": str(tmp_path / "out" / "explanations.png"),
-                               "shift": str(tmp_path / "out" / "shift.png")}}
-    assert logs == [f"[evaluate] {tmp_path / 'kd'}", f"[evaluate] {tmp_path / 'e2kd'}", report.table(results),
-                    "wrote " + ", ".join(str(tmp_path / "out" / f) for f in
-                                         ("metrics.json", "report.md", "explanations.png", "shift.png"))]
+    assert kw == {
+        "xlabel": "diagonal shift (px)",
+        "ylabel": "cosine on the overlap",
+        "title": "shift equivariance of explanations (test_ood)",
+    }
+    assert out == {
+        "results": results,
+        "out": str(tmp_path / "out"),
+        "figures": {
+            "explanations": str(tmp_path / "out" / "explanations.png"),
+            "shift": str(tmp_path / "out" / "shift.png"),
+        },
+    }
+    assert logs == [
+        f"[evaluate] {tmp_path / 'kd'}",
+        f"[evaluate] {tmp_path / 'e2kd'}",
+        report.table(results),
+        "wrote "
+        + ", ".join(str(tmp_path / "out" / f) for f in ("metrics.json", "report.md", "explanations.png", "shift.png")),
+    ]
 
 
 def test_one_run_without_a_teacher_reports_into_its_own_folder(tmp_path, monkeypatch):
@@ -142,7 +181,7 @@ def test_one_run_without_a_teacher_reports_into_its_own_folder(tmp_path, monkeyp
     out = report.evaluate_report([run.path], log=lambda line: None)
     assert out["out"] == str(run.path) and not (run.path / "metrics.json").exists()  # its own record stays
     assert (run.path / "report.md").is_file() and curves == [] and list(out["figures"]) == ["explanations"]
-    (models, _, _, _, _, kw), = figures
+    ((models, _, _, _, _, kw),) = figures
     assert models == ["alone"] and kw["reference"] is None
     assert kw["title"] == "gradient explanations for each model's predicted class on test_ood images"
 
@@ -157,8 +196,11 @@ def test_reports_over_several_runs_default_to_e2kd_report_and_other_ranks_write_
     assert (tmp_path / "e2kd_report" / "report.md").is_file()
     monkeypatch.setenv("RANK", "1")
     out = report.evaluate_report(list(runs), tmp_path / "other", log=lambda line: None)
-    assert out == {"results": {n: r.results for n, r in zip(("a", "b"), runs.values())}, "figures": {},
-                   "out": str(tmp_path / "other")}
+    assert out == {
+        "results": {n: r.results for n, r in zip(("a", "b"), runs.values())},
+        "figures": {},
+        "out": str(tmp_path / "other"),
+    }
     assert not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match=r"^no run directories given$"):
         report.evaluate_report([])
@@ -182,8 +224,16 @@ def test_the_explanation_figure_shows_each_models_map_and_prediction(spread_imag
     teacher, student = TinyCNN(num_classes=3).eval(), TinyCNN(num_classes=3).eval()
     x = spread_images[[0, 3]]
     explainer = get_explainer("gradient")
-    fig = report.explanation_figure({"teacher": teacher, "student": student}, x, torch.tensor([0, 1]), explainer, None,
-                                    reference="teacher", class_names=["a", "b", "c"], title="T")
+    fig = report.explanation_figure(
+        {"teacher": teacher, "student": student},
+        x,
+        torch.tensor([0, 1]),
+        explainer,
+        None,
+        reference="teacher",
+        class_names=["a", "b", "c"],
+        title="T",
+    )
     axes = np.asarray(fig.axes).reshape(2, 3)
     maps, preds = report.explanation_maps({"teacher": teacher, "student": student}, x, explainer, reference="teacher")
     for j, name in ((1, "teacher"), (2, "student")):
@@ -200,6 +250,7 @@ def test_the_explanation_figure_is_written_where_asked(tmp_path):
     from e2kd.registry import get_explainer
     from e2kd.testing import TinyCNN
 
-    path = report.explanation_figure({"m": TinyCNN().eval()}, torch.rand(2, 3, 8, 8), None, get_explainer("gradient"),
-                                     tmp_path / "e.png")
+    path = report.explanation_figure(
+        {"m": TinyCNN().eval()}, torch.rand(2, 3, 8, 8), None, get_explainer("gradient"), tmp_path / "e.png"
+    )
     assert path == tmp_path / "e.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,21 +19,31 @@ from .test_datasets import VOC_IMAGES
 from .test_early_errors import _fails_with
 
 
-@pytest.mark.parametrize("differences, expected", [
-    ([0.1, 0.2, -0.05], "holds here"),          # mean 0.083 > standard error 0.073, two of three seeds agree
-    ([0.041, -0.032, 0.007], "does not hold here"),  # mean 0.005 < standard error 0.021: noise
-    ([0.3, -0.1, -0.1], "does not hold here"),  # mean > 0 but one seed of three
-    ([-0.1, -0.2, 0.05], "does not hold here"),
-    ([0.0, 0.0, 0.0], "does not hold here"),    # no difference is no effect
-    ([0.01], "holds here"),
-])
+@pytest.mark.parametrize(
+    "differences, expected",
+    [
+        ([0.1, 0.2, -0.05], "holds here"),  # mean 0.083 > standard error 0.073, two of three seeds agree
+        ([0.041, -0.032, 0.007], "does not hold here"),  # mean 0.005 < standard error 0.021: noise
+        ([0.3, -0.1, -0.1], "does not hold here"),  # mean > 0 but one seed of three
+        ([-0.1, -0.2, 0.05], "does not hold here"),
+        ([0.0, 0.0, 0.0], "does not hold here"),  # no difference is no effect
+        ([0.01], "holds here"),
+    ],
+)
 def test_verdict_rule(differences, expected):
     assert verdict(differences) == expected
 
 
 def test_measure_reads_values_keys_and_the_mean_of_a_curve():
-    results = {"splits": {"test": {"accuracy": 0.5, "group_accuracy": {"out_of_distribution": 0.25},
-                                   "shift_equivariance": {"shift_0": 1.0, "shift_1": 0.2, "shift_2": 0.4}}}}
+    results = {
+        "splits": {
+            "test": {
+                "accuracy": 0.5,
+                "group_accuracy": {"out_of_distribution": 0.25},
+                "shift_equivariance": {"shift_0": 1.0, "shift_1": 0.2, "shift_2": 0.4},
+            }
+        }
+    }
     assert Measure("a", "test", "accuracy").read(results) == 0.5
     assert Measure("b", "test", "group_accuracy", "out_of_distribution").read(results) == 0.25
     assert Measure("c", "test", "shift_equivariance", "mean_shift").read(results) == pytest.approx(0.3)
@@ -45,9 +55,13 @@ def test_verdicts_follow_the_numbers_not_the_hope(tmp_path, monkeypatch):
     say the opposite of all three."""
     claim = next(c for c in reproduce.CLAIMS if c.key == "few_data")
     monkeypatch.setattr(reproduce, "train_teacher", lambda config, **kw: {})
-    cases = (([0.2, 0.1, 0.05], "holds here"), ([-0.1, -0.1, -0.05], "does not hold here"),
-             ([0.1, 0.05, -0.4], "does not hold here"))
+    cases = (
+        ([0.2, 0.1, 0.05], "holds here"),
+        ([-0.1, -0.1, -0.05], "does not hold here"),
+        ([0.1, 0.05, -0.4], "does not hold here"),
+    )
     for gains, expected in cases:
+
         def fake_distill(config, gains=gains, **kw):
             kd = 0.5 + 0.03 * config.seed
             value = kd + gains[config.seed] if config.distill.lam > 0 else kd
@@ -66,8 +80,11 @@ def test_verdicts_follow_the_numbers_not_the_hope(tmp_path, monkeypatch):
 
 
 def test_reproduce_errors_are_one_line(tmp_path, capsys):
-    _fails_with(capsys, ["reproduce", "--quick", "--claims", "few_data,nope", "--out", str(tmp_path)],
-                "--claims: unknown claim 'nope' (known: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos)")
+    _fails_with(
+        capsys,
+        ["reproduce", "--quick", "--claims", "few_data,nope", "--out", str(tmp_path)],
+        "--claims: unknown claim 'nope' (known: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos)",
+    )
     _fails_with(capsys, ["reproduce", "--quick", "--seeds", ",", "--out", str(tmp_path)], "--seeds")
 
 
@@ -75,8 +92,15 @@ def test_reproduce_errors_are_one_line(tmp_path, capsys):
 def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, capsys):
     assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "reproduce.json").read_text())
-    assert [c["key"] for c in results["claims"]] == ["few_data", "spurious", "voc", "cnn_to_vit", "frozen", "bias100",
-                                                         "bias100_bcos"]
+    assert [c["key"] for c in results["claims"]] == [
+        "few_data",
+        "spurious",
+        "voc",
+        "cnn_to_vit",
+        "frozen",
+        "bias100",
+        "bias100_bcos",
+    ]
     text = (tmp_path / "reproduce.md").read_text()
     assert (tmp_path / "reproduce.png").stat().st_size > 0 and (tmp_path / "shift.png").stat().st_size > 0
     vit = results["claims"][3]
@@ -96,8 +120,20 @@ def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, ca
 
 # -- full size on real folders: the paper's configs, pointed at a copy in the real on-disk format ------------
 
-SMALL = ["--set", "data.options.image_size=32", "--set", "train.epochs=1", "--set", "train.batch_size=4",
-         "--set", "train.warmup_epochs=0", "--set", "data.num_workers=0", "--set", "train.progress=false"]
+SMALL = [
+    "--set",
+    "data.options.image_size=32",
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.warmup_epochs=0",
+    "--set",
+    "data.num_workers=0",
+    "--set",
+    "train.progress=false",
+]
 
 
 def _timm_teacher(path: Path, arch: str, num_classes: int, nest: bool = False) -> Path:
@@ -119,16 +155,35 @@ def test_reproduce_on_an_imagenet_folder_runs_the_paper_config_with_the_given_te
     teacher = _timm_teacher(tmp_path / "resnet34.pth", "resnet34", 3)
     out = tmp_path / "out"
     imagenet = ["--set", "data.options.shots=3", "--set", "data.options.holdout_per_class=1"]
-    assert main(["reproduce", "--imagenet", str(folder), "--teacher", f"few_data={teacher}", "--seeds", "0",
-                 "--out", str(out), *SMALL, *imagenet]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "--imagenet",
+                str(folder),
+                "--teacher",
+                f"few_data={teacher}",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                *SMALL,
+                *imagenet,
+            ]
+        )
+        == 0
+    )
     assert "skipping cnn_to_vit: no teacher (--teacher cnn_to_vit=FILE" in capsys.readouterr().out
     results = json.loads((out / "reproduce.json").read_text())
     assert [c["key"] for c in results["claims"]] == ["few_data", "frozen"]
     runs = out / "few_data_imagenet"
     # each student is the packaged paper config, with only the folder, teacher, seed, variant and --set changed
     paper = read_config_file("imagenet_50shot_r34_r18")
-    for run, variant in (("kd_seed0", {"lam": 0.0}), ("e2kd_seed0", {"lam": 1.0}),
-                         ("e2kd_frozen_seed0", {"lam": 1.0, "teacher_mode": "frozen"})):
+    for run, variant in (
+        ("kd_seed0", {"lam": 0.0}),
+        ("e2kd_seed0", {"lam": 1.0}),
+        ("e2kd_frozen_seed0", {"lam": 1.0, "teacher_mode": "frozen"}),
+    ):
         stored = _stored(runs / run)
         assert stored["data"]["options"]["root"] == str(folder.resolve())
         assert stored["data"]["options"]["shots"] == 3 and stored["data"]["seed"] == paper["data"]["seed"]
@@ -156,10 +211,33 @@ def test_reproduce_on_an_imagenet_folder_runs_the_paper_config_with_the_given_te
 
     dn169 = tmp_path / "densenet_169.pth"
     torch.save(build_model("bcos_v2_densenet169", None, 3).state_dict(), dn169)
-    vit = ["--set", "model.options={img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}",
-           "--set", "eval.metrics=[accuracy, {name: shift_equivariance, options: {max_shift: 8, step: 4}}]"]
-    assert main(["reproduce", "--imagenet", str(folder), "--teacher", f"cnn_to_vit={dn169}", "--claims", "cnn_to_vit",
-                 "--seeds", "0", "--out", str(tmp_path / "vit"), *SMALL, *imagenet, *vit]) == 0
+    vit = [
+        "--set",
+        "model.options={img_size: 32, patch_size: 8, embed_dim: 24, depth: 2, num_heads: 2}",
+        "--set",
+        "eval.metrics=[accuracy, {name: shift_equivariance, options: {max_shift: 8, step: 4}}]",
+    ]
+    assert (
+        main(
+            [
+                "reproduce",
+                "--imagenet",
+                str(folder),
+                "--teacher",
+                f"cnn_to_vit={dn169}",
+                "--claims",
+                "cnn_to_vit",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "vit"),
+                *SMALL,
+                *imagenet,
+                *vit,
+            ]
+        )
+        == 0
+    )
     claim = json.loads((tmp_path / "vit" / "reproduce.json").read_text())["claims"][0]
     curve = json.loads((tmp_path / "vit" / "cnn_to_vit_imagenet" / "e2kd_seed0" / "metrics.json").read_text())
     curve = curve["splits"]["val"]["shift_equivariance"]
@@ -173,13 +251,37 @@ def test_reproduce_on_waterbirds_and_voc_folders(tmp_path, capsys):
     """Waterbirds with a nested DDP checkpoint as the teacher; VOC without one, so the guided
     teacher is trained from its packaged config on the same folder first."""
     waterbirds, voc = tmp_path / "waterbirds", tmp_path / "voc"
-    write_waterbirds(waterbirds, {"train": {(0, 0): 4, (1, 1): 4}, "val": {g: 1 for g in ((0, 1), (1, 0), (0, 0), (1, 1))},
-                                  "test": {(0, 1): 2, (1, 0): 2, (0, 0): 1, (1, 1): 1}}, seed=1)
+    write_waterbirds(
+        waterbirds,
+        {
+            "train": {(0, 0): 4, (1, 1): 4},
+            "val": {g: 1 for g in ((0, 1), (1, 0), (0, 0), (1, 1))},
+            "test": {(0, 1): 2, (1, 0): 2, (0, 0): 1, (1, 1): 1},
+        },
+        seed=1,
+    )
     write_voc(voc, {"trainval": VOC_IMAGES["train"], "test": VOC_IMAGES["val"]})
     teacher = _timm_teacher(tmp_path / "wb_r50.ckpt", "resnet50", 2, nest=True)
     out = tmp_path / "out"
-    assert main(["reproduce", "--waterbirds", str(waterbirds), "--voc", str(voc), "--teacher", f"spurious={teacher}",
-                 "--seeds", "0", "--out", str(out), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                "--waterbirds",
+                str(waterbirds),
+                "--voc",
+                str(voc),
+                "--teacher",
+                f"spurious={teacher}",
+                "--seeds",
+                "0",
+                "--out",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "reproduce.json").read_text())
     assert [c["key"] for c in results["claims"]] == ["spurious", "voc"]
     guided = _stored(out / "voc_voc" / "teacher")
@@ -191,7 +293,9 @@ def test_reproduce_on_waterbirds_and_voc_folders(tmp_path, capsys):
     assert voc_row["measure"] == "EPG" and voc_row["e2KD"] == [metrics["splits"]["test"]["epg"]]
     assert "micro_f1" in results["claims"][1]["teacher"]["test"]
     spurious = json.loads((out / "spurious_waterbirds" / "kd_seed0" / "metrics.json").read_text())
-    assert results["claims"][0]["rows"][0]["KD"] == [spurious["splits"]["test"]["group_accuracy"]["out_of_distribution"]]
+    assert results["claims"][0]["rows"][0]["KD"] == [
+        spurious["splits"]["test"]["group_accuracy"]["out_of_distribution"]
+    ]
 
 
 def test_reproduce_real_data_errors_are_one_line_and_come_before_any_run(tmp_path, capsys):
@@ -201,24 +305,52 @@ def test_reproduce_real_data_errors_are_one_line_and_come_before_any_run(tmp_pat
     base = ["reproduce", "--out", str(out), "--seeds", "0"]
     _fails_with(capsys, [*base, "--imagenet", str(tmp_path / "nope")], "--imagenet", "not a folder")
     _fails_with(capsys, [*base, "--imagenet", str(folder)], "nothing to run", "--teacher CLAIM=FILE")
-    _fails_with(capsys, [*base, "--imagenet", str(folder), "--claims", "few_data"],
-                "few_data on --imagenet", "needs its teacher: --teacher few_data=FILE (a timm/torchvision ResNet-34")
-    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", "frozen=x.pth"],
-                "'frozen' is not a claim with a teacher (one of: few_data, spurious, voc, cnn_to_vit)")
-    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"spurious={folder}"],
-                "spurious runs on --waterbirds DIR, which was not given")
+    _fails_with(
+        capsys,
+        [*base, "--imagenet", str(folder), "--claims", "few_data"],
+        "few_data on --imagenet",
+        "needs its teacher: --teacher few_data=FILE (a timm/torchvision ResNet-34",
+    )
+    _fails_with(
+        capsys,
+        [*base, "--imagenet", str(folder), "--teacher", "frozen=x.pth"],
+        "'frozen' is not a claim with a teacher (one of: few_data, spurious, voc, cnn_to_vit)",
+    )
+    _fails_with(
+        capsys,
+        [*base, "--imagenet", str(folder), "--teacher", f"spurious={folder}"],
+        "spurious runs on --waterbirds DIR, which was not given",
+    )
     _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", "few_data"], "expected CLAIM=FILE")
-    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={tmp_path / 'r34.pth'}"],
-                "is not a file")
+    _fails_with(
+        capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={tmp_path / 'r34.pth'}"], "is not a file"
+    )
     _fails_with(capsys, [*base, "--set", "train.epochs=1"], "--set applies to full-size runs on real folders")
     wrong = _timm_teacher(tmp_path / "resnet50.pth", "resnet50", 2)
     _fails_with(capsys, [*base, "--imagenet", str(folder), "--quick", "--teacher", f"few_data={wrong}"], "--quick")
     # a checkpoint of the wrong architecture fails at once, naming the keys, before anything trains
-    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={wrong}",
-                         "--set", "data.options.shots=2", "--set", "data.options.holdout_per_class=1"],
-                "resnet50.pth", "unexpected")
-    _fails_with(capsys, [*base, "--imagenet", str(folder), "--teacher", f"few_data={wrong}", "--set", "data.options.shot=2"],
-                "data.options", "shot")
+    _fails_with(
+        capsys,
+        [
+            *base,
+            "--imagenet",
+            str(folder),
+            "--teacher",
+            f"few_data={wrong}",
+            "--set",
+            "data.options.shots=2",
+            "--set",
+            "data.options.holdout_per_class=1",
+        ],
+        "resnet50.pth",
+        "unexpected",
+    )
+    _fails_with(
+        capsys,
+        [*base, "--imagenet", str(folder), "--teacher", f"few_data={wrong}", "--set", "data.options.shot=2"],
+        "data.options",
+        "shot",
+    )
     assert not any(out.glob("*/*_seed0"))
 
 
@@ -228,8 +360,10 @@ PLAN = Path(__file__).parent / "data" / "reproduce_plan.json"
 
 
 def _plan(root: Path, scale: float, seeds=(0, 1)) -> dict:
-    return {claim.key: reproduce.miniature_configs(claim, root / claim.root, list(seeds), scale)
-            for claim in reproduce.CLAIMS}
+    return {
+        claim.key: reproduce.miniature_configs(claim, root / claim.root, list(seeds), scale)
+        for claim in reproduce.CLAIMS
+    }
 
 
 def _without(config, *fields) -> dict:
@@ -274,8 +408,11 @@ def test_quick_runs_fewer_epochs_on_less_data_than_the_full_plan(tmp_path):
         for name, config in quick[key][0].items():
             assert 1 <= config.train.epochs < full[key][0][name].train.epochs, (key, name)
     for folder in ("few_data", "spurious", "voc", "cnn_to_vit"):
-        images = [len(list((tmp_path / scale / folder).rglob("*.png"))) + len(list((tmp_path / scale / folder).rglob("*.jpg")))
-                  for scale in ("quick", "full")]
+        images = [
+            len(list((tmp_path / scale / folder).rglob("*.png")))
+            + len(list((tmp_path / scale / folder).rglob("*.jpg")))
+            for scale in ("quick", "full")
+        ]
         assert 0 < images[0] < images[1], folder
 
 
@@ -304,12 +441,24 @@ def _plan_snapshot(root: Path) -> dict:
     snapshot = {}
     for scale, name in ((0.25, "quick"), (1.0, "full")):
         plan = _plan(root / name, scale, seeds=(0,))
-        snapshot[name] = {key: {variant: json.loads(json.dumps(config.model_dump(mode="json", exclude_defaults=True))
-                                                    .replace(str((root / name).resolve()), "ROOT"))
-                                for variant, config in per_seed[0].items()} for key, per_seed in plan.items()}
-        snapshot[name]["images"] = {folder.name: sum(p.suffix in (".png", ".jpg") for p in folder.rglob("*"))
-                                    for folder in sorted((root / name).iterdir())}
-        snapshot[name]["data_sha256"] = {folder.name: _tree_digest(folder) for folder in sorted((root / name).iterdir())}
+        snapshot[name] = {
+            key: {
+                variant: json.loads(
+                    json.dumps(config.model_dump(mode="json", exclude_defaults=True)).replace(
+                        str((root / name).resolve()), "ROOT"
+                    )
+                )
+                for variant, config in per_seed[0].items()
+            }
+            for key, per_seed in plan.items()
+        }
+        snapshot[name]["images"] = {
+            folder.name: sum(p.suffix in (".png", ".jpg") for p in folder.rglob("*"))
+            for folder in sorted((root / name).iterdir())
+        }
+        snapshot[name]["data_sha256"] = {
+            folder.name: _tree_digest(folder) for folder in sorted((root / name).iterdir())
+        }
     return snapshot
 
 
@@ -322,12 +471,19 @@ def test_the_miniature_plan_is_the_one_the_documented_verdicts_came_from(tmp_pat
 
 # -- verdict, report and the run itself, on made-up numbers ----------------------------------------
 
-@pytest.mark.parametrize("differences, expected", [
-    ([0.4, 0.4, 0.0, 0.0], "does not hold here"),   # half the seeds positive (a zero is no gain), though mean > error
-    ([0.3, 0.01], "holds here"),                     # both seeds positive: mean 0.155 > standard error 0.145
-    ([0.2, 0.2, 0.2, -0.05], "holds here"),          # 3 of 4 positive, mean 0.1375 > 0.0625
-    ([0.3, 0.3, -0.3], "does not hold here"),        # mean 0.1 < standard error 0.2 (sd / sqrt(3))
-])
+
+@pytest.mark.parametrize(
+    "differences, expected",
+    [
+        (
+            [0.4, 0.4, 0.0, 0.0],
+            "does not hold here",
+        ),  # half the seeds positive (a zero is no gain), though mean > error
+        ([0.3, 0.01], "holds here"),  # both seeds positive: mean 0.155 > standard error 0.145
+        ([0.2, 0.2, 0.2, -0.05], "holds here"),  # 3 of 4 positive, mean 0.1375 > 0.0625
+        ([0.3, 0.3, -0.3], "does not hold here"),  # mean 0.1 < standard error 0.2 (sd / sqrt(3))
+    ],
+)
 def test_verdict_rule_at_its_edges(differences, expected):
     assert verdict(differences) == expected
 
@@ -339,31 +495,74 @@ def test_verdict_needs_a_difference():
 
 def test_the_report_of_made_up_claims_line_by_line():
     claims = [
-        {"key": "few_data", "title": "Few data", "data": reproduce.MINIATURE,
-         "teacher": {"val": {"accuracy": 0.8, "agreement": 0.75, "curve": {"shift_1": 1.0}}},
-         "rows": [{"measure": "accuracy", "paper": "49.8 -> 54.9", "baseline": "KD", "variant": "e2KD",
-                   "KD": [0.5, 0.6], "e2KD": [0.55, 0.7], "differences": [0.05, 0.1], "verdict": "holds here"}]},
-        {"key": "voc", "title": "VOC", "data": "voc at /data/voc", "teacher": {},
-         "rows": [{"measure": "EPG", "paper": "60.1 -> 71.1", "baseline": "KD", "variant": "e2KD",
-                   "KD": [0.4], "e2KD": [0.3], "differences": [-0.1], "verdict": "does not hold here"}]},
+        {
+            "key": "few_data",
+            "title": "Few data",
+            "data": reproduce.MINIATURE,
+            "teacher": {"val": {"accuracy": 0.8, "agreement": 0.75, "curve": {"shift_1": 1.0}}},
+            "rows": [
+                {
+                    "measure": "accuracy",
+                    "paper": "49.8 -> 54.9",
+                    "baseline": "KD",
+                    "variant": "e2KD",
+                    "KD": [0.5, 0.6],
+                    "e2KD": [0.55, 0.7],
+                    "differences": [0.05, 0.1],
+                    "verdict": "holds here",
+                }
+            ],
+        },
+        {
+            "key": "voc",
+            "title": "VOC",
+            "data": "voc at /data/voc",
+            "teacher": {},
+            "rows": [
+                {
+                    "measure": "EPG",
+                    "paper": "60.1 -> 71.1",
+                    "baseline": "KD",
+                    "variant": "e2KD",
+                    "KD": [0.4],
+                    "e2KD": [0.3],
+                    "differences": [-0.1],
+                    "verdict": "does not hold here",
+                }
+            ],
+        },
     ]
     text = report(claims, [0, 1], quick=False, seconds=90.0, overrides=["train.epochs=1", "seed=2"])
-    assert text == "\n".join([
-        "# e2kd reproduce", "",
-        "Full run on the data listed per claim below; seeds 0, 1; 1.5 min. Values in percent, mean ± std over seeds; "
-        f"Δ = e2KD − KD per seed (paired). Verdict rule: {reproduce.RULE}.", "",
-        "| claim | measure | paper (KD → e2KD) | KD | e2KD | Δ per seed | verdict |",
-        "|---|---|---|---|---|---|---|",
-        "| Few data (e2KD vs KD) | accuracy | 49.8 -> 54.9 | 55.0 ± 7.1 | 62.5 ± 10.6 | +5.0, +10.0 | **holds here** |",
-        "| VOC (e2KD vs KD) | EPG | 60.1 -> 71.1 | 40.0 | 30.0 | -10.0 | **does not hold here** |", "",
-        "Data and teachers (the teacher is the same for every seed of a claim):", "",
-        "- few_data: shape images (miniature); teacher: val accuracy 80.0, val agreement 75.0",
-        "- voc: voc at /data/voc; teacher: a given checkpoint (not evaluated here)", "",
-        "Full-size runs with --set train.epochs=1 --set seed=2.", ""])
-    quick = report([{**claims[0], "data": reproduce.MINIATURE}, {**claims[1], "data": reproduce.MINIATURE}], [3],
-                   quick=True, seconds=600.0)
-    assert quick.splitlines()[2].startswith("Quick (smoke) run on shape images in the paper's data formats; seeds 3; "
-                                            "10.0 min.")
+    assert text == "\n".join(
+        [
+            "# e2kd reproduce",
+            "",
+            "Full run on the data listed per claim below; seeds 0, 1; 1.5 min. Values in percent, mean ± std over seeds; "
+            f"Δ = e2KD − KD per seed (paired). Verdict rule: {reproduce.RULE}.",
+            "",
+            "| claim | measure | paper (KD → e2KD) | KD | e2KD | Δ per seed | verdict |",
+            "|---|---|---|---|---|---|---|",
+            "| Few data (e2KD vs KD) | accuracy | 49.8 -> 54.9 | 55.0 ± 7.1 | 62.5 ± 10.6 | +5.0, +10.0 | **holds here** |",
+            "| VOC (e2KD vs KD) | EPG | 60.1 -> 71.1 | 40.0 | 30.0 | -10.0 | **does not hold here** |",
+            "",
+            "Data and teachers (the teacher is the same for every seed of a claim):",
+            "",
+            "- few_data: shape images (miniature); teacher: val accuracy 80.0, val agreement 75.0",
+            "- voc: voc at /data/voc; teacher: a given checkpoint (not evaluated here)",
+            "",
+            "Full-size runs with --set train.epochs=1 --set seed=2.",
+            "",
+        ]
+    )
+    quick = report(
+        [{**claims[0], "data": reproduce.MINIATURE}, {**claims[1], "data": reproduce.MINIATURE}],
+        [3],
+        quick=True,
+        seconds=600.0,
+    )
+    assert quick.splitlines()[2].startswith(
+        "Quick (smoke) run on shape images in the paper's data formats; seeds 3; 10.0 min."
+    )
     assert quick.endswith("teacher: a given checkpoint (not evaluated here)\n")
     no_data_key = [{k: v for k, v in c.items() if k != "data"} for c in claims]
     text = report(no_data_key, [0], quick=True, seconds=1.0)  # a claim without a data line is a miniature
@@ -383,8 +582,15 @@ def _fake_runs(monkeypatch, gains):
     def distill(config, **kw):
         value = 0.5 + 0.03 * config.seed + (gains[config.seed] if config.distill.lam > 0 else 0.0)
         calls.append(config)
-        return {"splits": {"val": {"accuracy": value, "agreement": value - 0.1,
-                                   "shift_equivariance": {"shift_0": 1.0, "shift_4": value, "shift_8": value / 2}}}}
+        return {
+            "splits": {
+                "val": {
+                    "accuracy": value,
+                    "agreement": value - 0.1,
+                    "shift_equivariance": {"shift_0": 1.0, "shift_4": value, "shift_8": value / 2},
+                }
+            }
+        }
 
     monkeypatch.setattr(reproduce, "train_teacher", train_teacher)
     monkeypatch.setattr(reproduce, "distill", distill)
@@ -398,8 +604,12 @@ def test_run_claim_pairs_each_seeds_runs_and_keeps_the_curves_teacher_first(tmp_
     logged = []
     result = reproduce.run_claim(claim, reproduce.miniature_configs(claim, tmp_path, [0, 1], 0.25), logged.append)
     assert [c.out_dir.name for c in calls] == ["teacher", "kd_seed0", "e2kd_seed0", "kd_seed1", "e2kd_seed1"]
-    assert logged == ["[e2kd reproduce] cnn_to_vit: KD, seed 0", "[e2kd reproduce] cnn_to_vit: e2KD, seed 0",
-                      "[e2kd reproduce] cnn_to_vit: KD, seed 1", "[e2kd reproduce] cnn_to_vit: e2KD, seed 1"]
+    assert logged == [
+        "[e2kd reproduce] cnn_to_vit: KD, seed 0",
+        "[e2kd reproduce] cnn_to_vit: e2KD, seed 0",
+        "[e2kd reproduce] cnn_to_vit: KD, seed 1",
+        "[e2kd reproduce] cnn_to_vit: e2KD, seed 1",
+    ]
     (row,) = result["rows"]
     kd = [0.75 * 0.5, 0.75 * 0.53]  # the mean over the non-zero shifts: (v + v / 2) / 2
     assert row["KD"] == pytest.approx(kd) and row["e2KD"] == pytest.approx([0.75 * 0.6, 0.75 * 0.51])
@@ -409,7 +619,11 @@ def test_run_claim_pairs_each_seeds_runs_and_keeps_the_curves_teacher_first(tmp_
     assert [c["shift_4"] for c in result["curves"]["e2KD"]] == pytest.approx([0.6, 0.51])
     assert result["teacher"] == {"val": {"accuracy": 0.9}}  # the curve is not a number of the report
     assert {k: result[k] for k in ("key", "title", "variants", "data")} == {
-        "key": "cnn_to_vit", "title": claim.title, "variants": ["KD", "e2KD"], "data": reproduce.MINIATURE}
+        "key": "cnn_to_vit",
+        "title": claim.title,
+        "variants": ["KD", "e2KD"],
+        "data": reproduce.MINIATURE,
+    }
     # a given teacher checkpoint (no teacher config): nothing trained, no teacher curve or numbers
     configs = reproduce.miniature_configs(claim, tmp_path, [0], 0.25)
     del configs[0]["teacher"]
@@ -426,18 +640,26 @@ def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, m
     plots = []
     for name in ("plot_paired", "plot_curves"):
         real = getattr(viz, name)
-        monkeypatch.setattr(viz, name, lambda data, path, _real=real, _name=name, **kw:
-                            plots.append((_name, data, path.name, kw)) or _real(data, path, **kw))
+        monkeypatch.setattr(
+            viz,
+            name,
+            lambda data, path, _real=real, _name=name, **kw: (
+                plots.append((_name, data, path.name, kw)) or _real(data, path, **kw)
+            ),
+        )
     logged = []
-    results = reproduce.run_reproduce(tmp_path, seeds=(0, 1), quick=True, claims=["few_data", "cnn_to_vit"],
-                                      log=logged.append)
+    results = reproduce.run_reproduce(
+        tmp_path, seeds=(0, 1), quick=True, claims=["few_data", "cnn_to_vit"], log=logged.append
+    )
     stored = json.loads((tmp_path / "reproduce.json").read_text())
     assert stored == json.loads(json.dumps(results))
     assert (stored["seeds"], stored["quick"], stored["rule"], stored["overrides"]) == ([0, 1], True, reproduce.RULE, [])
     assert [c["key"] for c in stored["claims"]] == ["few_data", "cnn_to_vit"]
     few = stored["claims"][0]
     assert [r["measure"] for r in few["rows"]] == ["accuracy", "agreement"]
-    assert few["rows"][0]["KD"] == pytest.approx([0.5, 0.53]) and few["rows"][0]["differences"] == pytest.approx([0.1, 0.05])
+    assert few["rows"][0]["KD"] == pytest.approx([0.5, 0.53]) and few["rows"][0]["differences"] == pytest.approx(
+        [0.1, 0.05]
+    )
     text = (tmp_path / "reproduce.md").read_text()
     # the report of these results (its time line aside: the run's own duration)
     assert text.splitlines()[3:] == report(results["claims"], [0, 1], True, 0.0).splitlines()[3:]
@@ -452,12 +674,17 @@ def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, m
     (paired, rows, path, kw), (curves, lines, shift_path, shift_kw) = plots
     assert (paired, path, curves, shift_path) == ("plot_paired", "reproduce.png", "plot_curves", "shift.png")
     assert rows[0] == ("few_data: accuracy (e2KD)", pytest.approx([10.0, 5.0]), True)
-    assert kw == {"xlabel": "e2KD − KD per seed (points); bar: mean, green: holds here",
-                  "title": "e2kd reproduce: paired differences"}
+    assert kw == {
+        "xlabel": "e2KD − KD per seed (points); bar: mean, green: holds here",
+        "title": "e2kd reproduce: paired differences",
+    }
     assert list(lines) == ["teacher", "KD", "e2KD"]  # at the teacher's shifts, each the mean over seeds
     assert lines["e2KD"] == ([0, 4], pytest.approx([1.0, (0.6 + 0.58) / 2]))
-    assert shift_kw == {"xlabel": "diagonal shift (px)", "ylabel": "cosine on the overlap",
-                        "title": "cnn_to_vit: shift equivariance of explanations"}
+    assert shift_kw == {
+        "xlabel": "diagonal shift (px)",
+        "ylabel": "cosine on the overlap",
+        "title": "cnn_to_vit: shift equivariance of explanations",
+    }
     with pytest.raises(ValueError, match="^at least one seed$"):
         reproduce.run_reproduce(tmp_path, seeds=())
 
@@ -467,14 +694,18 @@ def test_real_folder_claims_skip_those_without_a_teacher_and_say_so(tmp_path):
     logged = []
     chosen = reproduce.select_claims(None, real, logged.append)
     assert [c.key for c in chosen] == ["few_data", "frozen"]  # frozen shares few_data's teacher
-    assert logged == ["[e2kd reproduce] skipping cnn_to_vit: no teacher (--teacher cnn_to_vit=FILE: "
-                      f"{reproduce.CLAIMS[3].paper.teacher})"]
+    assert logged == [
+        "[e2kd reproduce] skipping cnn_to_vit: no teacher (--teacher cnn_to_vit=FILE: "
+        f"{reproduce.CLAIMS[3].paper.teacher})"
+    ]
     later = reproduce.RealData({"imagenet": tmp_path}, {"cnn_to_vit": tmp_path / "dn169.pth"})
     assert [c.key for c in reproduce.select_claims(None, later, logged.append)] == ["cnn_to_vit"]
     with pytest.raises(ConfigError) as err:
         reproduce.select_claims(None, reproduce.RealData({"imagenet": tmp_path}, {}), logged.append)
-    assert str(err.value) == ("nothing to run on the given folders: give the teachers with --teacher CLAIM=FILE "
-                              "(e.g. --teacher few_data=/models/resnet34.pth)")
+    assert str(err.value) == (
+        "nothing to run on the given folders: give the teachers with --teacher CLAIM=FILE "
+        "(e.g. --teacher few_data=/models/resnet34.pth)"
+    )
     assert [c.key for c in reproduce.select_claims(None, None)] == [c.key for c in reproduce.CLAIMS]
     assert reproduce._epochs(0.01, 30) == 1  # at least one epoch
 

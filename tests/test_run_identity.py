@@ -16,13 +16,28 @@ def _write(path, data):
 
 
 def test_volatile_fields_and_new_fields_do_not_make_a_run_different(tmp_path, capsys):
-    cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "elsewhere")})
+    cfg = _write(
+        tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "elsewhere")}
+    )
     out = tmp_path / "run"
     assert main(["train-teacher", str(cfg), "--out", str(out)]) == 0
     stamp = (out / "model.pt").stat().st_mtime_ns
     # progress bar, loader workers and the output folder named differently: the same run, reused
-    assert main(["train-teacher", str(cfg), "--out", str(out), "--set", "train.progress=true",
-                 "--set", "data.num_workers=1"]) == 0
+    assert (
+        main(
+            [
+                "train-teacher",
+                str(cfg),
+                "--out",
+                str(out),
+                "--set",
+                "train.progress=true",
+                "--set",
+                "data.num_workers=1",
+            ]
+        )
+        == 0
+    )
     assert (out / "model.pt").stat().st_mtime_ns == stamp
     # a run written before a field existed (here: warm-up, eval splits) is the same run
     stored = yaml.safe_load((out / "config.yaml").read_text())
@@ -47,12 +62,21 @@ def test_out_is_a_path_never_yaml(tmp_path, monkeypatch):
 
 def test_a_moved_experiment_folder_still_loads_its_teacher(tmp_path, monkeypatch):
     exp = tmp_path / "exp"
-    teacher = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(exp / "teacher")})
+    teacher = _write(
+        tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(exp / "teacher")}
+    )
     assert main(["train-teacher", str(teacher)]) == 0
     monkeypatch.chdir(exp)  # a relative checkpoint path is resolved against the working directory at load
-    student = _write(tmp_path / "s.yaml", {**TINY, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-                                            "teacher": {**TINY["model"], "checkpoint": "teacher/model.pt"},
-                                            "train": {**TINY["train"], "epochs": 1}, "out_dir": str(exp / "student")})
+    student = _write(
+        tmp_path / "s.yaml",
+        {
+            **TINY,
+            "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+            "teacher": {**TINY["model"], "checkpoint": "teacher/model.pt"},
+            "train": {**TINY["train"], "epochs": 1},
+            "out_dir": str(exp / "student"),
+        },
+    )
     assert main(["distill", str(student)]) == 0
     stored = yaml.safe_load((exp / "student" / "config.yaml").read_text())
     assert stored["teacher"]["checkpoint"] == str(exp / "teacher" / "model.pt")
@@ -75,8 +99,10 @@ def test_a_finished_run_is_reused_with_one_line_and_rerun_trains_again(tmp_path,
     capsys.readouterr()
     assert _train(cfg) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"e2kd: {tmp_path / 't'} holds a finished run of this config (same e2kd, plugin versions and "
-                   f"checkpoints): reused, not trained again (--rerun trains it again)"]
+    assert err == [
+        f"e2kd: {tmp_path / 't'} holds a finished run of this config (same e2kd, plugin versions and "
+        f"checkpoints): reused, not trained again (--rerun trains it again)"
+    ]
     assert (tmp_path / "t" / "model.pt").stat().st_mtime_ns == stamp
     assert _train(cfg, "--rerun") == 0
     assert "reused" not in capsys.readouterr().err
@@ -88,11 +114,20 @@ def test_a_finished_run_is_reused_with_one_line_and_rerun_trains_again(tmp_path,
 def test_a_run_made_by_another_plugin_version_or_teacher_file_is_not_reused(tmp_path, capsys):
     import json
 
-    teacher = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")})
+    teacher = _write(
+        tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "t")}
+    )
     assert _train(teacher) == 0
-    student = _write(tmp_path / "s.yaml", {**TINY, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-                                            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
-                                            "train": {**TINY["train"], "epochs": 1}, "out_dir": str(tmp_path / "s")})
+    student = _write(
+        tmp_path / "s.yaml",
+        {
+            **TINY,
+            "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+            "train": {**TINY["train"], "epochs": 1},
+            "out_dir": str(tmp_path / "s"),
+        },
+    )
     assert main(["distill", str(student)]) == 0
     env = json.loads((tmp_path / "s" / "env.json").read_text())
     record = env["produced_by"]

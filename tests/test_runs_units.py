@@ -1,10 +1,9 @@
-"""Helpers of ``e2kd.runs`` by value: atomic writes (the old file or the whole new one, no temporary
-left behind on failure), the JSON format, and the git revision recorded with a run."""
+"""Helpers of ``e2kd.runs`` by value: the git revision and environment recorded with a run, and run
+identity (atomic writes: tests/test_storage.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -16,53 +15,22 @@ from e2kd import runs
 from .test_sweep_units import BASE  # the same small teacher run
 
 
-@pytest.mark.parametrize("write, read", [
-    (lambda p, v: runs.atomic_write_bytes(p, v.encode()), lambda p: p.read_text()),
-    (lambda p, v: runs.atomic_write_text(p, v), lambda p: p.read_text()),
-    (lambda p, v: runs.atomic_torch_save({"v": v}, p), lambda p: torch.load(p)["v"]),
-], ids=["bytes", "text", "torch"])
-def test_atomic_writes_leave_the_old_file_and_no_temporary_when_they_fail(tmp_path, monkeypatch, write, read):
-    path = tmp_path / "sub" / "file"
-    write(path, "old")
-    assert read(path) == "old" and sorted(p.name for p in path.parent.iterdir()) == ["file"]
-
-    def failing_replace(src, dst):
-        assert Path(src).parent == path.parent and Path(src).name.startswith(".file.") and src.endswith(".tmp")
-        assert Path(src).is_file()  # the whole new content is written before it replaces the old
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
-        write(path, "new")
-    assert read(path) == "old" and sorted(p.name for p in path.parent.iterdir()) == ["file"]
-
-
-def test_atomic_bytes_are_flushed_to_disk_before_the_rename(tmp_path, monkeypatch):
-    events = []
-    fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), replace(a, b))[1])
-    runs.atomic_write_bytes(tmp_path / "f", b"x")
-    assert events == ["fsync", "replace"] and (tmp_path / "f").read_bytes() == b"x"
-
-
-def test_json_is_indented_in_insertion_order_with_paths_as_text(tmp_path):
-    runs.atomic_write_json(tmp_path / "a.json", {"b": 1, "a": [Path("/x/y")]})
-    assert (tmp_path / "a.json").read_text() == '{\n  "b": 1,\n  "a": [\n    "/x/y"\n  ]\n}\n'
-
-
 class _Done:
     def __init__(self, returncode=0, stdout=""):
         self.returncode, self.stdout = returncode, stdout
 
 
-@pytest.mark.parametrize("answers, want", [
-    ([_Done(0, "abc123\n"), _Done(0, "")], "abc123"),
-    ([_Done(0, "abc123\n"), _Done(0, " M e2kd/runs.py\n")], "abc123-dirty"),
-    ([_Done(128, "")], None),
-    ([OSError("no git")], None),
-    ([_Done(0, "abc\n"), subprocess.TimeoutExpired("git", 5)], None),
-], ids=["clean", "dirty", "not a repository", "no git", "slow"])
+@pytest.mark.parametrize(
+    "answers, want",
+    [
+        ([_Done(0, "abc123\n"), _Done(0, "")], "abc123"),
+        ([_Done(0, "abc123\n"), _Done(0, " M e2kd/runs.py\n")], "abc123-dirty"),
+        ([_Done(128, "")], None),
+        ([OSError("no git")], None),
+        ([_Done(0, "abc\n"), subprocess.TimeoutExpired("git", 5)], None),
+    ],
+    ids=["clean", "dirty", "not a repository", "no git", "slow"],
+)
 def test_git_revision_of_the_source_tree(monkeypatch, answers, want):
     calls = []
 
@@ -78,10 +46,10 @@ def test_git_revision_of_the_source_tree(monkeypatch, answers, want):
     root = Path(runs.__file__).resolve().parent.parent
     assert calls[0] == (["git", "rev-parse", "HEAD"], {"cwd": root, "capture_output": True, "text": True, "timeout": 5})
     if len(calls) > 1:
-        assert calls[1] == (["git", "status", "--porcelain", "--untracked-files=no"],
-                            {"cwd": root, "capture_output": True, "text": True, "timeout": 5})
-
-
+        assert calls[1] == (
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            {"cwd": root, "capture_output": True, "text": True, "timeout": 5},
+        )
 
 
 def _config(tmp_path, **train):
@@ -98,9 +66,15 @@ def test_environment_records_seed_versions_revision_and_command(monkeypatch):
     env = runs.environment(7)
     assert list(env) == ["seed", "python", "platform", "packages", "git_revision", "command"]
     assert (env["seed"], env["python"], env["platform"], env["git_revision"], env["command"]) == (
-        7, platform.python_version(), platform.platform(), "rev", sys.argv)
+        7,
+        platform.python_version(),
+        platform.platform(),
+        "rev",
+        sys.argv,
+    )
     assert set(env["packages"]) >= {"torch", "timm", "captum"} and env["packages"]["torch"].startswith(
-        torch.__version__.split("+")[0])
+        torch.__version__.split("+")[0]
+    )
 
 
 def test_identity_problems_are_named_in_one_line(tmp_path):
@@ -128,11 +102,13 @@ def test_identity_problems_are_named_in_one_line(tmp_path):
 def test_rerun_removes_what_was_trained_unless_torchrun_restarted_the_worker(tmp_path, monkeypatch):
     config = _config(tmp_path)
     out = runs.prepare_run_dir(config)
+
     def fill():
         for name in runs.TRAINED_FILES:
             (out / name).write_text("x")
         (out / "tensorboard").mkdir(exist_ok=True)
         (out / "tensorboard" / "events").write_text("x")
+
     fill()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     runs.prepare_run_dir(config, rerun=True)
@@ -152,8 +128,11 @@ def test_a_directory_with_a_trained_file_of_another_run_is_refused(tmp_path, lef
 
     out = runs.prepare_run_dir(_config(tmp_path))
     (out / left).write_text("x")
-    with pytest.raises(ConfigError, match=rf"^{out}: run directory holds a different run \(.*train.epochs.*\); train it "
-                                          r"again with --rerun, choose another out_dir \(--out\) or delete it$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{out}: run directory holds a different run \(.*train.epochs.*\); train it "
+        r"again with --rerun, choose another out_dir \(--out\) or delete it$",
+    ):
         runs.prepare_run_dir(_config(tmp_path, epochs=3))
     (out / left).unlink()
     runs.prepare_run_dir(_config(tmp_path, epochs=3))  # nothing trained: taken over

@@ -51,14 +51,23 @@ def test_a_run_killed_mid_epoch_resumes_to_identical_weights(tmp_path, command):
     base = {**TINY, "train": train}
     if command == "distill":
         assert main(["train-teacher", str(_write(tmp_path / "t.yaml", {**base, "out_dir": str(tmp_path / "t")}))]) == 0
-        base = {**base, "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
-                "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")}}
+        base = {
+            **base,
+            "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
+            "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
+        }
     straight = _write(tmp_path / "a.yaml", {**base, "out_dir": str(tmp_path / "a")})
     assert main([command, str(straight)]) == 0
     killed = _write(tmp_path / "b.yaml", {**base, "out_dir": str(tmp_path / "b")})
     env = {**os.environ, "KILL_AFTER": "3"}  # saves: step 3, end of epoch 1 (step 4), step 6
-    run = subprocess.run([sys.executable, "-c", KILL_AFTER_A_CHECKPOINT, command, str(killed)], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_A_CHECKPOINT, command, str(killed)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert run.returncode == -signal.SIGKILL, run.stderr
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["position"]) == (1, 2) and not (tmp_path / "b" / "model.pt").exists()
@@ -75,7 +84,9 @@ def test_a_run_killed_mid_epoch_resumes_to_identical_weights(tmp_path, command):
 
 
 def test_step_and_epoch_logs_hold_losses_lr_and_throughput(tmp_path):
-    cfg = _write(tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "batch_size": 4}, "out_dir": str(tmp_path / "t")})
+    cfg = _write(
+        tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "batch_size": 4}, "out_dir": str(tmp_path / "t")}
+    )
     assert main(["train-teacher", str(cfg)]) == 0
     steps = list(csv.DictReader((tmp_path / "t" / "steps.csv").open()))
     epochs = list(csv.DictReader((tmp_path / "t" / "epochs.csv").open()))
@@ -90,8 +101,9 @@ def test_step_and_epoch_logs_hold_losses_lr_and_throughput(tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name, explainer, rel, grad_cos", [("small_resnet", "gradcam", 0.03, 0.99),
-                                                              ("bcos_small", "bcos", 0.2, 0.7)])
+@pytest.mark.parametrize(
+    "name, explainer, rel, grad_cos", [("small_resnet", "gradcam", 0.03, 0.99), ("bcos_small", "bcos", 0.2, 0.7)]
+)
 def test_bf16_autocast_matches_fp32_within_stated_tolerances(name, explainer, rel, grad_cos, device):
     """bf16 autocast (CPU, and CUDA where present) against fp32, student = teacher with 30% weight noise (explanation loss ~0.2):
     every map agrees to cosine > 0.999; the e2KD loss terms come out in float32, within 3% (Grad-CAM)

@@ -3,7 +3,6 @@ function of (seed, epoch) alone; process shards that do not overlap (beyond the 
 together cover the data; resume inside an epoch; the batch count and the last partial batch."""
 
 import pytest
-import torch
 
 from e2kd.train import EpochBatches
 
@@ -63,14 +62,17 @@ def test_resuming_inside_an_epoch_skips_the_batches_done():
     assert _epoch(sampler, 3) != whole  # set_epoch(epoch) resets the skip and changes the order
 
 
-@pytest.mark.parametrize("n, batch, expected_batches, last", [
-    (20, 3, 6, 3),   # 6 full batches and a partial one of 2: dropped (at least two full batches exist)
-    (7, 3, 2, 3),    # exactly two full batches: the partial one of 1 is dropped
-    (5, 3, 2, 2),    # one full batch: the partial one is kept
-    (4, 8, 1, 4),    # a batch larger than the data: clamped to the data
-    (12, 4, 3, 4),   # no remainder
-    (3, 1, 3, 1),    # one sample a batch
-])
+@pytest.mark.parametrize(
+    "n, batch, expected_batches, last",
+    [
+        (20, 3, 6, 3),  # 6 full batches and a partial one of 2: dropped (at least two full batches exist)
+        (7, 3, 2, 3),  # exactly two full batches: the partial one of 1 is dropped
+        (5, 3, 2, 2),  # one full batch: the partial one is kept
+        (4, 8, 1, 4),  # a batch larger than the data: clamped to the data
+        (12, 4, 3, 4),  # no remainder
+        (3, 1, 3, 1),  # one sample a batch
+    ],
+)
 def test_batch_count_and_the_last_partial_batch(n, batch, expected_batches, last):
     sampler = EpochBatches(n, batch, seed=0)
     batches = _epoch(sampler, 0)

@@ -41,7 +41,9 @@ def test_waterbirds_of_shapes_have_their_groups_and_objects(tmp_path):
         written = [r for r in rows if r["split"] == code]
         view = split_view(data, split, "whole")
         assert len(view) == len(written)
-        got = sorted((int(view[i]["label"]), int(view[i]["group"]), bool(view[i]["in_distribution"])) for i in range(len(view)))
+        got = sorted(
+            (int(view[i]["label"]), int(view[i]["group"]), bool(view[i]["in_distribution"])) for i in range(len(view))
+        )
         assert got == sorted((r["y"], 2 * r["y"] + r["place"], r["y"] == r["place"]) for r in written)
     first = split_view(data, "train", "whole")[0]
     on, off = _object_contrast(first["image"], rows[0]["mask"])

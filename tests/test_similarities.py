@@ -52,7 +52,10 @@ def test_spearman_with_ties_uses_average_ranks():
     assert _sim("spearman")(a, b).item() == pytest.approx(expected, rel=1e-12)
     flipped = _sim("spearman")(a.flip(1), b.flip(1)).item()  # same pairs, other order
     assert flipped == pytest.approx(expected, rel=1e-12)
-    assert ranks(a).dtype == torch.float64 and ranks(a.float()).dtype == ranks(torch.tensor([[1, 0]])).dtype == torch.float32
+    assert (
+        ranks(a).dtype == torch.float64
+        and ranks(a.float()).dtype == ranks(torch.tensor([[1, 0]])).dtype == torch.float32
+    )
     assert ranks(torch.tensor([[1, 0]])).tolist() == [[1.0, 0.0]]
     # eps guards constant maps: their correlation is 0, and a larger eps shrinks small correlations
     assert _sim("spearman")(torch.ones(1, 5), b.float()).item() == 0.0
@@ -144,7 +147,10 @@ def test_ssim_sliding_window_and_normalisation_by_hand():
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5)])
 def test_ssim_window_is_clipped_to_the_shorter_side(shape):
     g = torch.Generator().manual_seed(0)
-    a, b = torch.rand(1, 1, *shape, generator=g, dtype=torch.float64), torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)
+    a, b = (
+        torch.rand(1, 1, *shape, generator=g, dtype=torch.float64),
+        torch.rand(1, 1, *shape, generator=g, dtype=torch.float64),
+    )
     expected = _ssim_by_hand(a[0, 0].tolist(), b[0, 0].tolist(), 3)
     assert _sim("ssim", window=4, normalise=False)(a, b).item() == pytest.approx(expected, rel=1e-9)
 
@@ -173,5 +179,10 @@ def test_distiller_refuses_non_differentiable_similarity():
     from e2kd.errors import PluginError
 
     with pytest.raises(PluginError, match="similarity 'spearman' is not differentiable"):
-        Distiller(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), explainer=e2kd.get_explainer("gradcam"),
-                  similarity=e2kd.get_similarity("spearman"), lam=1.0)
+        Distiller(
+            torch.nn.Linear(2, 2),
+            torch.nn.Linear(2, 2),
+            explainer=e2kd.get_explainer("gradcam"),
+            similarity=e2kd.get_similarity("spearman"),
+            lam=1.0,
+        )

@@ -23,8 +23,15 @@ def teacher_ckpt(tmp_path_factory):
 @pytest.fixture
 def base(tmp_path, teacher_ckpt):
     path = tmp_path / "base.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1},
-                                    "teacher": {**TINY["model"], "checkpoint": str(teacher_ckpt)}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                **TINY,
+                "train": {**TINY["train"], "epochs": 1},
+                "teacher": {**TINY["model"], "checkpoint": str(teacher_ckpt)},
+            }
+        )
+    )
     return path
 
 
@@ -34,7 +41,9 @@ class Killed(Exception):
 
 def test_parse_grid():
     assert parse_grid(["distill.lam=0,0.5", "distill.similarity=cosine,pearson"]) == {
-        "distill.lam": [0, 0.5], "distill.similarity": ["cosine", "pearson"]}
+        "distill.lam": [0, 0.5],
+        "distill.similarity": ["cosine", "pearson"],
+    }
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_grid(["distill.lam"])
 
@@ -73,8 +82,18 @@ def test_killed_sweep_resumes_and_summarises(tmp_path, base, monkeypatch):
 
 def test_non_differentiable_similarity_refused_before_anything_runs(tmp_path, base, capsys):
     out = tmp_path / "sweep"
-    code = main(["sweep", str(base), "--grid", "distill.similarity=cosine,spearman", "--grid", "distill.lam=1",
-                 "--out", str(out)])
+    code = main(
+        [
+            "sweep",
+            str(base),
+            "--grid",
+            "distill.similarity=cosine,spearman",
+            "--grid",
+            "distill.lam=1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "similarity 'spearman' is not differentiable" in err and "\n" not in err.strip()
@@ -95,7 +114,9 @@ def test_plot_metric_picks_the_plotted_column_and_an_unknown_one_is_named(tmp_pa
     import e2kd.sweep as sweep
 
     plotted = []
-    monkeypatch.setattr(sweep, "plot", lambda rows, keys, metric, path: plotted.append((metric, [r[metric] for r in rows])))
+    monkeypatch.setattr(
+        sweep, "plot", lambda rows, keys, metric, path: plotted.append((metric, [r[metric] for r in rows]))
+    )
     out = tmp_path / "sweep"
     args = ["sweep", str(base), "--grid", "distill.lam=0,1", "--seeds", "0", "--out", str(out)]
     assert main(args) == 0

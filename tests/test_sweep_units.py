@@ -17,15 +17,24 @@ import yaml
 from e2kd import sweep
 from e2kd.errors import ConfigError
 
-BASE = {"data": {"name": "synthetic", "options": {"num_classes": 3, "image_size": 16, "train_per_class": 2,
-                                                  "test_per_class": 2}},
-        "model": {"name": "small_resnet", "options": {"widths": [4]}},
-        "train": {"epochs": 1, "batch_size": 4, "progress": False}, "eval": {"metrics": ["accuracy"]}}
+BASE = {
+    "data": {
+        "name": "synthetic",
+        "options": {"num_classes": 3, "image_size": 16, "train_per_class": 2, "test_per_class": 2},
+    },
+    "model": {"name": "small_resnet", "options": {"widths": [4]}},
+    "train": {"epochs": 1, "batch_size": 4, "progress": False},
+    "eval": {"metrics": ["accuracy"]},
+}
 
 
 def test_grid_values_are_yaml_scalars_and_keys_unique():
     assert sweep.parse_grid(["train.lr=0.1, 0.001", "distill.similarity=cosine", "a.b=x=y", "c=1,,true"]) == {
-        "train.lr": [0.1, 0.001], "distill.similarity": ["cosine"], "a.b": ["x=y"], "c": [1, "", True]}
+        "train.lr": [0.1, 0.001],
+        "distill.similarity": ["cosine"],
+        "a.b": ["x=y"],
+        "c": [1, "", True],
+    }
     with pytest.raises(ConfigError, match=r"^--grid 'train.lr=2': key 'train.lr' given twice$"):
         sweep.parse_grid(["train.lr=1", "train.lr=2"])
 
@@ -37,10 +46,24 @@ def test_run_names_are_the_cell_and_seed_made_safe_for_folders():
 
 
 def test_the_plan_is_the_cross_product_times_seeds_each_config_validated(tmp_path):
-    runs = sweep.plan(BASE, {"train.lr": [0.1, 0.01], "train.epochs": [2, 3]}, [0, 5], tmp_path, "base.yaml",
-                      overrides=["train.batch_size=2"])
+    runs = sweep.plan(
+        BASE,
+        {"train.lr": [0.1, 0.01], "train.epochs": [2, 3]},
+        [0, 5],
+        tmp_path,
+        "base.yaml",
+        overrides=["train.batch_size=2"],
+    )
     assert [(r.cell["train.lr"], r.cell["train.epochs"], r.seed) for r in runs] == [
-        (0.1, 2, 0), (0.1, 2, 5), (0.1, 3, 0), (0.1, 3, 5), (0.01, 2, 0), (0.01, 2, 5), (0.01, 3, 0), (0.01, 3, 5)]
+        (0.1, 2, 0),
+        (0.1, 2, 5),
+        (0.1, 3, 0),
+        (0.1, 3, 5),
+        (0.01, 2, 0),
+        (0.01, 2, 5),
+        (0.01, 3, 0),
+        (0.01, 3, 5),
+    ]
     first, last = runs[0].config, runs[-1].config
     assert (first.train.lr, first.train.epochs, first.seed, first.train.batch_size) == (0.1, 2, 0, 2)
     assert (last.train.lr, last.train.epochs, last.seed) == (0.01, 3, 5)
@@ -49,7 +72,9 @@ def test_the_plan_is_the_cross_product_times_seeds_each_config_validated(tmp_pat
     assert runs[1].config.train.lr == 0.1 and runs[2].config.train.epochs == 3  # no cell leaks into the next
     with pytest.raises(ConfigError, match=r"base.yaml \(sweep cell \{'train.epochs': -1\}\)"):
         sweep.plan(BASE, {"train.epochs": [-1]}, [0], tmp_path, "base.yaml")
-    with pytest.raises(ConfigError, match=r"^base.yaml \(sweep cell \{'train.nothing': 1\}\): train.nothing: unknown key"):
+    with pytest.raises(
+        ConfigError, match=r"^base.yaml \(sweep cell \{'train.nothing': 1\}\): train.nothing: unknown key"
+    ):
         sweep.plan(BASE, {"train.nothing": [1]}, [0], tmp_path, "base.yaml")
     with pytest.raises(ConfigError, match=r"--grid train.lr.x"):
         sweep.plan(BASE, {"train.lr.x": [1]}, [0], tmp_path, "base.yaml")
@@ -69,8 +94,10 @@ ROWS = [
 def test_markdown_is_mean_and_std_over_finished_seeds_per_cell():
     got = sweep.markdown_table(ROWS, ["x", "y"], ["val/accuracy"])
     std = statistics.stdev([0.5, 0.7])
-    assert got == ("| x | y | n | val/accuracy |\n|---|---|---|---|\n"
-                   f"| 0.1 | p | 2/2 | 0.6 ± {std:.2g} |\n| 1.0 | p | 1/2 | 0.9 |\n| 0.1 | q | 0/1 | — |\n")
+    assert got == (
+        "| x | y | n | val/accuracy |\n|---|---|---|---|\n"
+        f"| 0.1 | p | 2/2 | 0.6 ± {std:.2g} |\n| 1.0 | p | 1/2 | 0.9 |\n| 0.1 | q | 0/1 | — |\n"
+    )
 
 
 def test_summaries_write_every_row_to_csv_and_leave_per_cell_columns_out_of_the_table(tmp_path, monkeypatch):
@@ -88,8 +115,11 @@ def test_summaries_write_every_row_to_csv_and_leave_per_cell_columns_out_of_the_
     assert plotted[-1][1] == "test_ood/accuracy"  # preferred when there is one
     sweep.write_summaries(ood, ["x"], tmp_path, plot_metric="val/accuracy")
     assert plotted[-1][1] == "val/accuracy"
-    with pytest.raises(ConfigError, match=r"^--plot-metric 'val/loss': no such SPLIT/METRIC column in "
-                                          r".*sweep.csv \(known: val/accuracy, test_ood/accuracy\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--plot-metric 'val/loss': no such SPLIT/METRIC column in "
+        r".*sweep.csv \(known: val/accuracy, test_ood/accuracy\)$",
+    ):
         sweep.write_summaries(ood, ["x"], tmp_path, plot_metric="val/loss")
     plotted.clear()
     sweep.write_summaries([ROWS[3], ROWS[4]], ["x"], tmp_path, plot_metric="val/loss")  # nothing finished: no plot
@@ -104,14 +134,18 @@ def _captured_plot(monkeypatch, rows, keys, metric):
     figures = []
     monkeypatch.setattr(e2kd.viz, "save_figure", lambda fig, path: figures.append((fig, path)))
     sweep.plot(rows, keys, metric, Path("/tmp/p.png"))
-    (fig, path), = figures
+    ((fig, path),) = figures
     assert path == Path("/tmp/p.png")
     return fig.axes[0]
 
 
 def test_the_plot_is_the_metric_against_the_first_key_one_line_per_other_combination(monkeypatch):
-    rows = [{"x": x, "y": y, "seed": s, "m": x * 10 + s + (100 if y == "b" else 0)}
-            for x in (0.5, 2.0) for y in ("a", "b") for s in (0, 1)]
+    rows = [
+        {"x": x, "y": y, "seed": s, "m": x * 10 + s + (100 if y == "b" else 0)}
+        for x in (0.5, 2.0)
+        for y in ("a", "b")
+        for s in (0, 1)
+    ]
     rows.append({"x": 1.0, "y": "a", "seed": 0})  # no value: not drawn
     ax = _captured_plot(monkeypatch, rows, ["x", "y"], "m")
     lines = [c for c in ax.containers]
@@ -156,10 +190,20 @@ def test_run_sweep_runs_its_shard_in_order_skips_finished_runs_and_logs_each(tmp
     config.write_text(yaml.safe_dump(BASE))
     trained, logs = [], []
     finished = {"train.lr=0.2_seed=0"}
-    monkeypatch.setattr(e2kd.experiment, "train_teacher", lambda c, rerun: trained.append((c.out_dir.name, rerun))
-                        if c.train.epochs == 1 else trained.append((c.out_dir.name, rerun, c.train.epochs)))
-    monkeypatch.setattr(e2kd.runs, "finished_results", lambda c: {"splits": {"val": {"accuracy": c.train.lr}}}
-                        if c.out_dir.name in finished else None)
+    monkeypatch.setattr(
+        e2kd.experiment,
+        "train_teacher",
+        lambda c, rerun: (
+            trained.append((c.out_dir.name, rerun))
+            if c.train.epochs == 1
+            else trained.append((c.out_dir.name, rerun, c.train.epochs))
+        ),
+    )
+    monkeypatch.setattr(
+        e2kd.runs,
+        "finished_results",
+        lambda c: {"splits": {"val": {"accuracy": c.train.lr}}} if c.out_dir.name in finished else None,
+    )
     rows = sweep.run_sweep(config, ["train.lr=0.1,0.2,0.3"], [0], tmp_path / "out", shard=(0, 2), log=logs.append)
     assert trained == [("train.lr=0.1_seed=0", False), ("train.lr=0.3_seed=0", False)]
     assert logs == ["[sweep 1/2] train.lr=0.1_seed=0", "[sweep 2/2] train.lr=0.3_seed=0"]
@@ -169,8 +213,9 @@ def test_run_sweep_runs_its_shard_in_order_skips_finished_runs_and_logs_each(tmp
     sweep.run_sweep(config, ["train.lr=0.1,0.2,0.3"], [0], tmp_path / "out", shard=(1, 2), log=logs.append)
     assert logs == ["[sweep 1/1] train.lr=0.2_seed=0 (finished, skipped)"]
     trained.clear()
-    sweep.run_sweep(config, ["train.lr=0.2"], [0], tmp_path / "out", log=logs.append, rerun=True,
-                    overrides=["train.epochs=2"])
+    sweep.run_sweep(
+        config, ["train.lr=0.2"], [0], tmp_path / "out", log=logs.append, rerun=True, overrides=["train.epochs=2"]
+    )
     assert trained == [("train.lr=0.2_seed=0", True, 2)]  # the overrides reach every run
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**BASE, "train": {"epochs": 0}}))

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from e2kd.config import load_config_dict
 from e2kd.experiment import make_distiller
 from e2kd.models import build_model
+from e2kd.plan import plan_run
 cfg = load_config_dict({"distill": {"lam": 1.0, "explainer": {"name": "attention_map", "options": {"p": 2}},
                                     "similarity": "neg_l2"}, "data": {"image_size": 16}})
 torch.manual_seed(0)
 teacher = build_model("small_resnet", {"widths": [8, 16]}, 4)
 student = build_model("small_resnet", {"widths": [4, 8]}, 4)
 x = torch.rand(4, 3, 16, 16)
-out = make_distiller(cfg, teacher, student)(x)
+out = make_distiller(plan_run(cfg, "distill"), teacher, student)(x)
 out["loss"].backward()
 grad = student.stages[1][0].conv1.weight.grad
 
@@ -47,9 +48,22 @@ print(json.dumps({"explanation": float(out["explanation"]), "expected": float((1
 def site(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(PLUGIN)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(PLUGIN),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return target
 
@@ -63,7 +77,12 @@ def test_plugin_is_discovered_and_listed(site):
     result = _run([sys.executable, "-m", "e2kd", "plugins", "--json"], site)
     assert result.returncode == 0, result.stderr
     items = {(i["kind"], i["name"]): i for i in json.loads(result.stdout)}
-    for key in [("explainer", "attention_map"), ("explainer", "layercam"), ("similarity", "neg_l2"), ("dataset", "csv_images")]:
+    for key in [
+        ("explainer", "attention_map"),
+        ("explainer", "layercam"),
+        ("similarity", "neg_l2"),
+        ("dataset", "csv_images"),
+    ]:
         assert items[key]["distribution"] == "e2kd-attention-transfer"
         assert items[key]["plugin"] == "attention_transfer"
     assert items[("explainer", "gradcam")]["distribution"] == "e2kd"

@@ -33,7 +33,10 @@ def test_schedule_sets_the_optimizer_lr_each_step():
 
 def test_constant_and_default_warmup_schedules_through_the_optimizer():
     weight = torch.nn.Parameter(torch.zeros(1))
-    for name, want in (("constant", [0.1] * 4), ("cosine", [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])):
+    for name, want in (
+        ("constant", [0.1] * 4),
+        ("cosine", [0.1 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]),
+    ):
         optimizer = make_optimizer([weight], "adamw", 0.1, 0.0)
         schedule = make_schedule(optimizer, name, total_steps=4)  # no warm-up by default
         seen = []
@@ -56,7 +59,7 @@ def test_sgd_is_nesterov_momentum_with_decoupled_weight_decay_by_hand():
         optimizer.zero_grad()
         (0.5 * w.pow(2)).sum().backward()
         optimizer.step()
-        g = value + wd * value          # gradient plus L2 decay
+        g = value + wd * value  # gradient plus L2 decay
         b = g if step == 0 else 0.9 * b + g
         value = value - lr * (g + 0.9 * b)  # nesterov: g + momentum * buffer
         assert w.item() == pytest.approx(value, rel=1e-6)

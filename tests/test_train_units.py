@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from e2kd import runtime as runtime_module, train
+from e2kd import runtime as runtime_module
+from e2kd import train
 from e2kd.config import load_config_dict
 from e2kd.errors import ConfigError, ModelError, TrainingError
 from e2kd.runtime import Runtime, device_of, progress_enabled, runtime_of
@@ -45,14 +46,16 @@ def test_a_resume_checkpoint_that_needs_unpickling_is_refused_in_one_line(tmp_pa
     torch.save({"model": _Pickled()}, path)
     with pytest.raises(ModelError) as caught:
         _load_checkpoint(path)
-    assert str(caught.value) == (f"{path}: cannot resume from this checkpoint (UnpicklingError); "
-                                 f"delete it to start over")
+    assert str(caught.value) == (
+        f"{path}: cannot resume from this checkpoint (UnpicklingError); delete it to start over"
+    )
     torch.save({"epoch": torch.tensor(3)}, path)
     assert _load_checkpoint(path)["epoch"].device == torch.device("cpu")
 
 
 class _Writer:
     """Records what TrainLog hands TensorBoard."""
+
     made: list = []
 
     def __init__(self, folder, purge_step=None):
@@ -82,8 +85,7 @@ def test_tensorboard_gets_every_scalar_but_the_counters_at_its_step(tmp_path, te
     log.close()
     (writer,) = tensorboard
     assert writer.folder == str(tmp_path / "tensorboard") and writer.purge_step is None
-    assert writer.scalars == [("step/epoch", 1, 3), ("step/loss", 0.5, 3), ("step/lr", 0.1, 3),
-                              ("epoch/loss", 0.25, 2)]
+    assert writer.scalars == [("step/epoch", 1, 3), ("step/loss", 0.5, 3), ("step/lr", 0.1, 3), ("epoch/loss", 0.25, 2)]
     assert writer.closed
     resumed = TrainLog(tmp_path, resume_step=5)  # events after step 5 of the killed run are purged
     assert resumed.writer.purge_step == 6
@@ -104,7 +106,9 @@ def test_resuming_drops_the_log_rows_written_after_the_checkpoint(tmp_path):
     assert not (tmp_path / "steps.csv").exists() and not (tmp_path / "epochs.csv").exists()
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize(
+    "precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)]
+)
 def test_autocast_computes_in_the_configured_precision(precision, dtype):
     a = torch.randn(4, 4)
     with Runtime(torch.device("cpu"), precision).autocast():
@@ -112,8 +116,11 @@ def test_autocast_computes_in_the_configured_precision(precision, dtype):
 
 
 def test_only_fp16_scales_the_loss():
-    assert [Runtime(torch.device("cpu"), p).grad_scaler().is_enabled() for p in ("fp32", "bf16", "fp16")] == \
-        [False, False, True]
+    assert [Runtime(torch.device("cpu"), p).grad_scaler().is_enabled() for p in ("fp32", "bf16", "fp16")] == [
+        False,
+        False,
+        True,
+    ]
 
 
 def test_channels_last_applies_to_image_batches_and_models_only_when_asked():
@@ -125,14 +132,19 @@ def test_channels_last_applies_to_image_batches_and_models_only_when_asked():
     assert not Runtime(torch.device("cpu")).batch(images).is_contiguous(memory_format=torch.channels_last)
     conv = nn.Conv2d(3, 2, 3)
     assert last.model(conv).weight.is_contiguous(memory_format=torch.channels_last)
-    assert not Runtime(torch.device("cpu")).model(nn.Conv2d(3, 2, 3)).weight.is_contiguous(
-        memory_format=torch.channels_last)
+    assert (
+        not Runtime(torch.device("cpu"))
+        .model(nn.Conv2d(3, 2, 3))
+        .weight.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def test_one_process_passes_values_through_and_does_not_wrap():
     single = Runtime(torch.device("cpu"))
-    assert single.mean_over_processes({"loss": torch.tensor(0.1, dtype=torch.float64), "kd": torch.tensor([1.5])}) == \
-        {"loss": 0.1, "kd": 1.5}  # in float64: 0.1 is not rounded to float32's 0.10000000149
+    assert single.mean_over_processes({"loss": torch.tensor(0.1, dtype=torch.float64), "kd": torch.tensor([1.5])}) == {
+        "loss": 0.1,
+        "kd": 1.5,
+    }  # in float64: 0.1 is not rounded to float32's 0.10000000149
     assert single.mean_over_processes({}) == {}
     model = nn.Linear(2, 2)
     assert single.ddp(model) is model and single.is_main and not single.distributed
@@ -168,8 +180,12 @@ def test_each_restart_attempt_uses_its_own_keys_of_the_agents_store(monkeypatch)
 
 def test_the_process_group_is_joined_with_torchruns_rank_and_world(monkeypatch):
     calls = []
-    fake = types.SimpleNamespace(is_initialized=lambda: False, get_rank=lambda: 1, get_world_size=lambda: 2,
-                                 init_process_group=lambda backend, **kw: calls.append((backend, kw)))
+    fake = types.SimpleNamespace(
+        is_initialized=lambda: False,
+        get_rank=lambda: 1,
+        get_world_size=lambda: 2,
+        init_process_group=lambda backend, **kw: calls.append((backend, kw)),
+    )
     monkeypatch.setattr(torch, "distributed", fake)
     monkeypatch.setitem(sys.modules, "torch.distributed", fake)
     monkeypatch.setattr(runtime_module, "_attempt_store", lambda: "store")
@@ -207,8 +223,13 @@ def test_device_and_layout_follow_the_config(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert device_of(_config(device="cuda")) == torch.device("cuda", 0)
     got = runtime_of(_config(device="cpu", precision="bf16"))
-    assert (got.device, got.precision, got.rank, got.world_size, got.channels_last) == \
-        (torch.device("cpu"), "bf16", 0, 1, False)
+    assert (got.device, got.precision, got.rank, got.world_size, got.channels_last) == (
+        torch.device("cpu"),
+        "bf16",
+        0,
+        1,
+        False,
+    )
     assert runtime_of(_config(device="cpu", channels_last=True)).channels_last
 
 
@@ -216,8 +237,11 @@ def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Tesla V100 ({device})")
     monkeypatch.setattr(runtime_module, "device_of", lambda config: torch.device("cuda", 0))
-    with pytest.raises(ConfigError, match=r"^config: train.precision: bf16 is not supported by Tesla V100 \(cuda:0\); "
-                                          r"use fp16 or fp32$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config: train.precision: bf16 is not supported by Tesla V100 \(cuda:0\); "
+        r"use fp16 or fp32$",
+    ):
         runtime_of(_config(precision="bf16"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     got = runtime_of(_config(precision="bf16"))
@@ -236,6 +260,7 @@ def test_progress_bars_only_on_the_main_process_of_a_terminal(monkeypatch):
 
 
 # -- fit: what its defaults and its resume restore, seen from outside --------------------------------
+
 
 class _Recorded(torch.utils.data.Dataset):
     """Sample i is the float i."""
@@ -259,8 +284,14 @@ def _fit(**kwargs):
         seen.append(batch["image"].flatten().tolist())
         return {"loss": model(batch["image"]).pow(2).mean()}
 
-    train.fit(model, step, _Recorded(), batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
-        **{"progress": False, "epochs": 1, **kwargs})
+    train.fit(
+        model,
+        step,
+        _Recorded(),
+        batch_size=4,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
+        **{"progress": False, "epochs": 1, **kwargs},
+    )
     return seen
 
 
@@ -308,8 +339,14 @@ def test_fit_shows_a_progress_bar_named_by_desc_unless_asked_not_to(capsys, tmp_
     _fit(progress=False)
     assert capsys.readouterr().err == ""
     model = nn.Linear(1, 1)
-    train.fit(model, lambda b, i: {"loss": model(b["image"]).sum()}, _Recorded(), epochs=1, batch_size=4,
-        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))  # the default shows it
+    train.fit(
+        model,
+        lambda b, i: {"loss": model(b["image"]).sum()},
+        _Recorded(),
+        epochs=1,
+        batch_size=4,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
+    )  # the default shows it
     assert "train:" in capsys.readouterr().err
 
 
@@ -317,8 +354,13 @@ def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_pa
     """Resumed at epoch 1, position 1 of 3 batches an epoch (step 4), the NaN at step 6 keeps that one."""
     model = nn.Linear(1, 1)
     checkpoint = tmp_path / "checkpoint.pt"
-    kwargs = dict(batch_size=4, optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01), checkpoint=checkpoint,
-                  checkpoint_every=4, progress=False)
+    kwargs = dict(
+        batch_size=4,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01),
+        checkpoint=checkpoint,
+        checkpoint_every=4,
+        progress=False,
+    )
 
     def step(batch, index, fail_at=None):
         if index == fail_at:
@@ -332,20 +374,32 @@ def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_pa
     assert (state["epoch"], state["position"]) == (1, 1)
     with pytest.raises(TrainingError) as err:
         train.fit(model, step, _Recorded(), epochs=3, **kwargs)
-    assert str(err.value).startswith(f"step 6: the loss is nan; training stopped before the update and the last good "
-                                     f"checkpoint, {checkpoint} (after step 4), is kept")
+    assert str(err.value).startswith(
+        f"step 6: the loss is nan; training stopped before the update and the last good "
+        f"checkpoint, {checkpoint} (after step 4), is kept"
+    )
 
 
 def test_the_loss_scalers_state_survives_a_resume(tmp_path):
     """fp16 on the CPU: a loss whose scaled gradient overflows at the initial scale (2^16) makes the
     scaler skip steps and halve its scale until it fits; a resumed run must keep the lowered scale (a
     fresh scaler would skip, i.e. drop, the first steps after the resume again), so both runs end equal."""
+
     def run(epochs, model, checkpoint):
         def step(batch, index):
             return {"loss": (model(batch["image"]) * 1e34).mean()}
 
-        train.fit(model, step, _Recorded(), epochs=epochs, batch_size=4, progress=False, checkpoint=checkpoint,
-            runtime=Runtime(torch.device("cpu"), "fp16"), optimizer_fn=lambda p: torch.optim.SGD(p, lr=1e-36))
+        train.fit(
+            model,
+            step,
+            _Recorded(),
+            epochs=epochs,
+            batch_size=4,
+            progress=False,
+            checkpoint=checkpoint,
+            runtime=Runtime(torch.device("cpu"), "fp16"),
+            optimizer_fn=lambda p: torch.optim.SGD(p, lr=1e-36),
+        )
         return model.weight.item()
 
     torch.manual_seed(0)
@@ -353,7 +407,7 @@ def test_the_loss_scalers_state_survives_a_resume(tmp_path):
     torch.manual_seed(0)
     model = nn.Linear(1, 1)
     run(1, model, tmp_path / "split.pt")
-    assert torch.load(tmp_path / "split.pt", weights_only=True)["scaler"]["scale"] < 2.0 ** 16  # steps were skipped
+    assert torch.load(tmp_path / "split.pt", weights_only=True)["scaler"]["scale"] < 2.0**16  # steps were skipped
     after_one = model.weight.item()
     assert run(2, model, tmp_path / "split.pt") == whole != after_one
 
@@ -375,18 +429,35 @@ def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp
     def step(batch, index):
         return {"loss": model(batch["image"]).sum() * 0 + index, "kd": torch.tensor(2.0 * index)}
 
-    history = train.fit(model, step, _Recorded(), epochs=2, batch_size=4, log_dir=tmp_path, progress=False,
-                        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))
+    history = train.fit(
+        model,
+        step,
+        _Recorded(),
+        epochs=2,
+        batch_size=4,
+        log_dir=tmp_path,
+        progress=False,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
+    )
     assert history == [{"epoch": 1, "loss": 1.0, "kd": 2.0}, {"epoch": 2, "loss": 4.0, "kd": 8.0}]
     steps = list(csv.DictReader((tmp_path / "steps.csv").open()))
     assert [(int(r["step"]), int(r["epoch"])) for r in steps] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
     assert [float(r["images_per_s"]) for r in steps] == [8.0] * 6
     epochs = list(csv.DictReader((tmp_path / "epochs.csv").open()))
-    assert [(r["epoch"], r["last_step"], r["loss"], r["kd"]) for r in epochs] == [("1", "3", "1.0", "2.0"),
-                                                                                  ("2", "6", "4.0", "8.0")]
+    assert [(r["epoch"], r["last_step"], r["loss"], r["kd"]) for r in epochs] == [
+        ("1", "3", "1.0", "2.0"),
+        ("2", "6", "4.0", "8.0"),
+    ]
     # one batch an epoch: its mean is its value
-    one = train.fit(model, lambda b, i: step(b, i + 3), _Recorded(4), epochs=1, batch_size=4, progress=False,
-                    optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))
+    one = train.fit(
+        model,
+        lambda b, i: step(b, i + 3),
+        _Recorded(4),
+        epochs=1,
+        batch_size=4,
+        progress=False,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
+    )
     assert one == [{"epoch": 1, "loss": 3.0, "kd": 6.0}]
 
 
@@ -398,9 +469,16 @@ def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch, half_se
     model = nn.Linear(1, 1)
     rows = []
     monkeypatch.setattr(train.TrainLog, "step", lambda self, row: rows.append(row))
-    train.fit(model, lambda b, i: {"loss": model(b["image"]).sum()}, _Recorded(), epochs=1, batch_size=3,
-              runtime=Half(torch.device("cpu"), rank=0, world_size=2), progress=False,
-              optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0))
+    train.fit(
+        model,
+        lambda b, i: {"loss": model(b["image"]).sum()},
+        _Recorded(),
+        epochs=1,
+        batch_size=3,
+        runtime=Half(torch.device("cpu"), rank=0, world_size=2),
+        progress=False,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
+    )
     assert [r["images_per_s"] for r in rows] == [12.0, 12.0]  # 2 x 3 images in 0.5 s
 
 
@@ -415,23 +493,33 @@ def test_a_parameter_without_a_gradient_in_a_step_is_not_updated():
         used = model(batch["image"]) if index == 0 else batch["image"] * model.weight
         return {"loss": used.sum()}
 
-    train.fit(model, step, _Recorded(), epochs=1, batch_size=4, progress=False,
-              optimizer_fn=lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1))
+    train.fit(
+        model,
+        step,
+        _Recorded(),
+        epochs=1,
+        batch_size=4,
+        progress=False,
+        optimizer_fn=lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1),
+    )
     assert not torch.equal(after[0], after[1]) and torch.equal(after[1], after[2])
     assert torch.equal(after[2], model.bias.detach())
 
 
 def test_checkpoints_are_written_every_k_steps_inside_an_epoch_and_at_its_end(tmp_path, monkeypatch):
     saved = []
-    monkeypatch.setattr(train, "atomic_torch_save", lambda state, path: saved.append((state["epoch"], state["position"])))
+    monkeypatch.setattr(
+        train, "atomic_torch_save", lambda state, path: saved.append((state["epoch"], state["position"]))
+    )
     _fit(checkpoint=tmp_path / "c.pt", checkpoint_every=1, epochs=2)
     # the end of an epoch is saved once, as the start of the next (never as position 3 of 3)
     assert saved == [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0)]
 
 
 def test_logged_scalars_are_python_floats_whatever_the_tensors_dtype():
-    got = Runtime(torch.device("cpu")).mean_over_processes({"loss": torch.tensor(0.5, dtype=torch.bfloat16),
-                                                            "count": torch.tensor(3)})
+    got = Runtime(torch.device("cpu")).mean_over_processes(
+        {"loss": torch.tensor(0.5, dtype=torch.bfloat16), "count": torch.tensor(3)}
+    )
     assert got == {"loss": 0.5, "count": 3.0} and all(type(v) is float for v in got.values())
     (count,) = Runtime(torch.device("cpu")).mean_over_processes({"count": torch.tensor(3)}).values()
     assert type(count) is float  # an integer tensor alone too
@@ -448,8 +536,9 @@ def test_distributed_wrapping_and_buffer_sync_use_this_processs_gpu_and_rank_0(m
     import torch.nn.parallel
 
     wrapped, sent = [], []
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
-                        lambda model, **kw: wrapped.append((model, kw)) or "wrapped")
+    monkeypatch.setattr(
+        torch.nn.parallel, "DistributedDataParallel", lambda model, **kw: wrapped.append((model, kw)) or "wrapped"
+    )
     monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: sent.append((tensor, src)))
     model = nn.BatchNorm1d(2)
     assert Runtime(torch.device("cuda", 1), rank=1, world_size=2).ddp(model) == "wrapped"

@@ -11,7 +11,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from e2kd.data.augment import (
-    AUGMENTATIONS, View, boxes_to_masks, eval_geometry, geometric_transform, make_view, resize_map, view_geometry,
+    AUGMENTATIONS,
+    View,
+    boxes_to_masks,
+    eval_geometry,
+    geometric_transform,
+    make_view,
+    resize_map,
+    view_geometry,
 )
 
 
@@ -28,7 +35,7 @@ def _offsets(image: torch.Tensor, out: torch.Tensor, pad: int) -> set[tuple[int,
     found = set()
     for top in range(2 * pad + 1):
         for left in range(2 * pad + 1):
-            crop = padded[:, top:top + size, left:left + size]
+            crop = padded[:, top : top + size, left : left + size]
             for flipped in (False, True):
                 if torch.equal(crop.flip(-1) if flipped else crop, out):
                     found.add((top, left, flipped))
@@ -45,7 +52,7 @@ def test_flip_crop_pads_an_eighth_by_reflection_and_takes_every_offset(size, pad
         found = _offsets(image, transform(image), pad)
         assert len(found) == 1, f"seed {seed}: not one crop of the image padded by {pad}"
         seen |= found
-    assert {(t, l) for t, l, _ in seen} == {(t, l) for t in range(2 * pad + 1) for l in range(2 * pad + 1)}
+    assert {(t, left) for t, left, _ in seen} == {(t, left) for t in range(2 * pad + 1) for left in range(2 * pad + 1)}
     assert {f for _, _, f in seen} == {False, True}
 
 
@@ -104,15 +111,19 @@ def _aliasing(source: int) -> torch.Tensor:
     return board[None].expand(3, source, source).contiguous()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: eval_geometry(8),
-    lambda: view_geometry("whole", 8, fixed_size=False),
-    lambda: geometric_transform("none", 8, fixed_size=False),
-    lambda: geometric_transform("flip", 8, fixed_size=False),
-    lambda: geometric_transform("flip_crop", 8, fixed_size=False),
-    lambda: geometric_transform("resized_crop_flip", 8, fixed_size=False),
-    lambda: geometric_transform("resized_crop_flip", 8),
-], ids=["eval", "whole", "none", "flip", "flip_crop", "resized_crop_flip", "fixed resized_crop_flip"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: eval_geometry(8),
+        lambda: view_geometry("whole", 8, fixed_size=False),
+        lambda: geometric_transform("none", 8, fixed_size=False),
+        lambda: geometric_transform("flip", 8, fixed_size=False),
+        lambda: geometric_transform("flip_crop", 8, fixed_size=False),
+        lambda: geometric_transform("resized_crop_flip", 8, fixed_size=False),
+        lambda: geometric_transform("resized_crop_flip", 8),
+    ],
+    ids=["eval", "whole", "none", "flip", "flip_crop", "resized_crop_flip", "fixed resized_crop_flip"],
+)
 def test_every_resize_is_antialiased(make):
     image = _aliasing(27)
     spreads = []
@@ -166,8 +177,11 @@ def test_the_train_view_uses_the_augmentation_and_the_size_it_is_given():
 
 
 def test_unknown_augmentation_and_view_are_named_with_the_known_ones():
-    with pytest.raises(ValueError, match=r"^unknown augmentation 'jitter' \(known: none, flip, flip_crop, "
-                                         r"resized_crop_flip\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown augmentation 'jitter' \(known: none, flip, flip_crop, "
+        r"resized_crop_flip\)$",
+    ):
         geometric_transform("jitter", 8)
     with pytest.raises(ValueError, match=r"^unknown view 'test' \(known: train, eval, whole\)$"):
         view_geometry("test", 8, fixed_size=True)
@@ -234,6 +248,7 @@ def test_make_view_defaults_to_fixed_size_images_and_no_augmentation():
         moved += not torch.equal(out, image)
     assert moved >= 4
     boxes = tv_tensors.BoundingBoxes(torch.tensor([[0.0, 0.0, 2.0, 2.0]]), format="XYXY", canvas_size=(8, 8))
-    masked = make_view("train", 8, num_classes=3)({"image": image, "label": torch.tensor(0), "boxes": boxes,
-                                                    "box_labels": torch.tensor([2])})
+    masked = make_view("train", 8, num_classes=3)(
+        {"image": image, "label": torch.tensor(0), "boxes": boxes, "box_labels": torch.tensor([2])}
+    )
     assert masked["mask"].shape == (3, 8, 8) and masked["mask"][2, :2, :2].all() and masked["mask"].sum() == 4

@@ -22,9 +22,14 @@ def test_explanation_grid_shows_each_image_and_each_map_scaled_by_its_maximum():
     maps = {"teacher": torch.zeros(2, 2, 4, 4), "student": -torch.ones(2, 1, 4, 4)}
     maps["teacher"][0, 0, 0, 0], maps["teacher"][0, 1, 0, 0] = 3.0, 1.0  # channels summed: 4
     maps["teacher"][0, 0, 1, 1] = -2.0
-    fig = viz.plot_explanations(images, maps, labels=torch.tensor([1, 0]), predictions={
-        "teacher": torch.tensor([1, 2]), "student": torch.tensor([0, 0])}, class_names=["cat", "dog", "owl"],
-        title="three models")
+    fig = viz.plot_explanations(
+        images,
+        maps,
+        labels=torch.tensor([1, 0]),
+        predictions={"teacher": torch.tensor([1, 2]), "student": torch.tensor([0, 0])},
+        class_names=["cat", "dog", "owl"],
+        title="three models",
+    )
     axes = np.asarray(fig.axes).reshape(2, 3)
     (shown,) = _images_of(axes[0, 0])
     want = np.zeros((4, 4, 3))
@@ -52,8 +57,12 @@ def test_explanation_grid_shows_each_image_and_each_map_scaled_by_its_maximum():
 
 def test_explanation_grid_without_names_labels_multi_hot_rows_and_one_channel_images():
     images = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    fig = viz.plot_explanations(images, {"m": torch.ones(1, 1, 4, 4)}, labels=torch.tensor([[1.0, 0.5, 1.0, 1.0, 1.0]]),
-                                predictions={"m": torch.tensor(3)[None]})
+    fig = viz.plot_explanations(
+        images,
+        {"m": torch.ones(1, 1, 4, 4)},
+        labels=torch.tensor([[1.0, 0.5, 1.0, 1.0, 1.0]]),
+        predictions={"m": torch.tensor(3)[None]},
+    )
     axes = fig.axes
     shown = _images_of(axes[0])[0]
     grey = (images[0, 0] - images.min()) / (images.max() - images.min())
@@ -86,8 +95,13 @@ def _captured(monkeypatch):
 
 def test_curves_are_one_line_each_with_axis_labels(monkeypatch, tmp_path):
     figures = _captured(monkeypatch)
-    path = viz.plot_curves({"kd": ([1, 2, 3], [0.5, 0.6, 0.7]), "e2kd": ([1, 2], [0.4, 0.9])}, tmp_path / "c.png",
-                           xlabel="epoch", ylabel="accuracy", title="curves")
+    path = viz.plot_curves(
+        {"kd": ([1, 2, 3], [0.5, 0.6, 0.7]), "e2kd": ([1, 2], [0.4, 0.9])},
+        tmp_path / "c.png",
+        xlabel="epoch",
+        ylabel="accuracy",
+        title="curves",
+    )
     assert path == tmp_path / "c.png"
     (ax,) = figures[0].axes
     lines = ax.get_lines()
@@ -102,8 +116,12 @@ def test_curves_are_one_line_each_with_axis_labels(monkeypatch, tmp_path):
 
 def test_paired_differences_are_dots_with_their_mean_as_a_bar_coloured_by_verdict(monkeypatch, tmp_path):
     figures = _captured(monkeypatch)
-    viz.plot_paired([("holds", [0.1, 0.3], True), ("fails", [-0.2, 0.0, 0.05], False)], tmp_path / "p.png",
-                    xlabel="difference", title="verdicts")
+    viz.plot_paired(
+        [("holds", [0.1, 0.3], True), ("fails", [-0.2, 0.0, 0.05], False)],
+        tmp_path / "p.png",
+        xlabel="difference",
+        title="verdicts",
+    )
     (ax,) = figures[0].axes
     bars = ax.patches  # drawn bottom-up: the last row first
     assert [round(b.get_width(), 6) for b in bars] == [-0.05, 0.2] and [b.get_y() + 0.3 for b in bars] == [0, 1]
@@ -151,8 +169,9 @@ def test_notebook_explain_is_the_explainers_map_of_the_top1_class_or_a_given_one
         if int(top1[0]) != c:
             other = notebook.explain(model, images, "gradient", target=c)
             assert not torch.allclose(other[0], notebook.explain(model, images, "gradient")[0])
-    torch.testing.assert_close(notebook.explain(model, images, "gradient", target=2),
-                               get_explainer("gradient").explain(model, images, 2))
+    torch.testing.assert_close(
+        notebook.explain(model, images, "gradient", target=2), get_explainer("gradient").explain(model, images, 2)
+    )
     torch.testing.assert_close(notebook.explain(model, images), get_explainer("gradcam").explain(model, images, top1))
 
 
@@ -177,8 +196,13 @@ def test_notebook_show_adds_each_models_predictions():
     torch.manual_seed(0)
     models = {"a": TinyCNN(num_classes=3).train(), "b": TinyCNN(num_classes=3)}
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    fig = notebook.show(images, {"a": torch.rand(2, 1, 8, 8), "b": torch.rand(2, 1, 8, 8)}, models=models,
-                        class_names=["x", "y", "z"], title="t")
+    fig = notebook.show(
+        images,
+        {"a": torch.rand(2, 1, 8, 8), "b": torch.rand(2, 1, 8, 8)},
+        models=models,
+        class_names=["x", "y", "z"],
+        title="t",
+    )
     axes = np.asarray(fig.axes).reshape(2, 3)
     for j, name in ((1, "a"), (2, "b")):
         with torch.no_grad():

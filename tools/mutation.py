@@ -30,8 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = ROOT / "tools" / "mutation_equivalent.json"
 
 #: The method code: the loss, evaluation, the frozen cache, and every similarity, metric and explainer.
-METHOD = ["e2kd/distill.py", "e2kd/evaluate.py", "e2kd/frozen.py", "plugins/similarities/*.py",
-          "plugins/metrics/*.py", "plugins/explainers/*.py"]
+METHOD = [
+    "e2kd/distill.py",
+    "e2kd/explaining.py",
+    "e2kd/labels.py",
+    "e2kd/evaluate.py",
+    "e2kd/frozen.py",
+    "plugins/similarities/*.py",
+    "plugins/metrics/*.py",
+    "plugins/explainers/*.py",
+]
 #: The whole package: the core (datasets, checkpoints, guidance, mixup, the training loop, runtime,
 #: upsampling, reproduce, config, registry, ...) and every built-in plugin.
 PACKAGE = ["e2kd/*.py", "e2kd/data/*.py", "plugins/*/*.py"]
@@ -47,11 +55,26 @@ def fast_tests() -> list[str]:
     """Every test file but :data:`EXCLUDED_TESTS`; run with ``-m "not slow"``. A mutant lives in the
     forked test process, so in-process tests kill mutants (a subprocess that imports e2kd from the
     working copy does too, at the cost of its start)."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                  if str(p.relative_to(ROOT)) not in EXCLUDED_TESTS)
+    return sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "tests").glob("test_*.py")
+        if str(p.relative_to(ROOT)) not in EXCLUDED_TESTS
+    )
 
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
-          -24: "timeout", 24: "timeout", 152: "timeout", None: "not checked"}
+
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    36: "timeout",
+    -24: "timeout",
+    24: "timeout",
+    152: "timeout",
+    None: "not checked",
+}
 
 
 def _toml_list(values: list[str]) -> str:
@@ -64,11 +87,11 @@ COPIED = {"e2kd": "e2kd", "plugins": "e2kd_plugins", "tests": "tests", "examples
 
 
 def _in_work(pattern: str) -> str:
-    return COPIED["plugins"] + pattern[len("plugins"):] if pattern.startswith("plugins/") else pattern
+    return COPIED["plugins"] + pattern[len("plugins") :] if pattern.startswith("plugins/") else pattern
 
 
 def _in_repo(path: str) -> str:
-    return "plugins" + path[len(COPIED["plugins"]):] if path.startswith(COPIED["plugins"] + "/") else path
+    return "plugins" + path[len(COPIED["plugins"]) :] if path.startswith(COPIED["plugins"] + "/") else path
 
 
 def prepare(work: Path, files: list[str], tests: list[str]) -> None:
@@ -77,19 +100,23 @@ def prepare(work: Path, files: list[str], tests: list[str]) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder, name in COPIED.items():
         shutil.copytree(ROOT / folder, work / name, ignore=ignore, dirs_exist_ok=True)
-    section = "\n".join([
-        "", "[tool.mutmut]",
-        f"source_paths = {_toml_list(['e2kd', COPIED['plugins']])}",
-        f"only_mutate = {_toml_list([_in_work(f) for f in files])}",
-        f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
-        # data files the tests read from the tree (example configs, the example plugin, packaged configs,
-        # the docs generated from the code)
-        f"also_copy = {_toml_list(['examples', 'e2kd/configs', 'docs'])}",
-        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-q"]',
-        # a CPU-time limit of 2 x 4 x (estimated test time + 5 s): an endless loop costs a minute, not an hour
-        "timeout_multiplier = 4.0", "timeout_constant = 5.0",
-        "",
-    ])
+    section = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            f"source_paths = {_toml_list(['e2kd', COPIED['plugins']])}",
+            f"only_mutate = {_toml_list([_in_work(f) for f in files])}",
+            f"pytest_add_cli_args_test_selection = {_toml_list(tests)}",
+            # data files the tests read from the tree (example configs, the example plugin, packaged configs,
+            # the docs generated from the code)
+            f"also_copy = {_toml_list(['examples', 'e2kd/configs', 'docs'])}",
+            'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-q"]',
+            # a CPU-time limit of 2 x 4 x (estimated test time + 5 s): an endless loop costs a minute, not an hour
+            "timeout_multiplier = 4.0",
+            "timeout_constant = 5.0",
+            "",
+        ]
+    )
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + section)
     # mutmut maps tests to functions once and keeps the map: with other tests it would run none
     # (or the wrong ones), so a changed selection recollects it
@@ -111,8 +138,12 @@ def forget_stale(work: Path, files: list[str]) -> None:
 
 def targets(work: Path, patterns: list[str]) -> list[str]:
     """The working copy's files matching ``patterns`` (given as repository paths)."""
-    found = sorted(str(p.relative_to(work)) for folder in ("e2kd", COPIED["plugins"]) for p in (work / folder).rglob("*.py"))
-    return [f for f in found if any(fnmatch.fnmatch(f, _in_work(p)) for p in patterns) and not f.endswith("__init__.py")]
+    found = sorted(
+        str(p.relative_to(work)) for folder in ("e2kd", COPIED["plugins"]) for p in (work / folder).rglob("*.py")
+    )
+    return [
+        f for f in found if any(fnmatch.fnmatch(f, _in_work(p)) for p in patterns) and not f.endswith("__init__.py")
+    ]
 
 
 def run_in_subprocesses(work: Path, files: list[str], tests: list[str], patterns: list[str], env: dict) -> None:
@@ -127,15 +158,23 @@ def run_in_subprocesses(work: Path, files: list[str], tests: list[str], patterns
             meta = work / "mutants" / f"{path}.meta"
             data = json.loads(meta.read_text())
             for i, name in enumerate(chosen, 1):
-                done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "",
-                                       *tests], cwd=work / "mutants", env={**env, "MUTANT_UNDER_TEST": name},
-                                      capture_output=True, text=True)
+                done = subprocess.run(
+                    [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "", *tests],
+                    cwd=work / "mutants",
+                    env={**env, "MUTANT_UNDER_TEST": name},
+                    capture_output=True,
+                    text=True,
+                )
                 if done.returncode not in (0, 1):
-                    raise SystemExit(f"mutation: the subprocess tests could not run ({done.returncode}):\n"
-                                     f"{done.stdout[-2000:]}")
+                    raise SystemExit(
+                        f"mutation: the subprocess tests could not run ({done.returncode}):\n{done.stdout[-2000:]}"
+                    )
                 data["exit_code_by_key"][name] = done.returncode  # 1: a test failed, the mutant is killed
-                print(f"mutation: [{i}/{len(chosen)}] {name}: {'killed' if done.returncode else 'survived'} "
-                      f"by the subprocess tests", flush=True)
+                print(
+                    f"mutation: [{i}/{len(chosen)}] {name}: {'killed' if done.returncode else 'survived'} "
+                    f"by the subprocess tests",
+                    flush=True,
+                )
                 meta.write_text(json.dumps(data, indent=4))  # after each: an interrupted pass keeps its verdicts
 
 
@@ -158,39 +197,70 @@ def scores(work: Path, files: list[str], equivalent: dict[str, str]) -> list[dic
                 survivors.append((name, status))
         counted = len(codes) - counts.get("equivalent", 0)
         killed = counts.get("killed", 0) + counts.get("timeout", 0)  # a timeout is a noticed change
-        rows.append({"file": _in_repo(path), "mutants": len(codes), "counts": counts, "score": killed / counted if counted else 1.0,
-                     "survivors": [n for n, s in survivors if s != "timeout"],
-                     "timeouts": [n for n, s in survivors if s == "timeout"]})
+        rows.append(
+            {
+                "file": _in_repo(path),
+                "mutants": len(codes),
+                "counts": counts,
+                "score": killed / counted if counted else 1.0,
+                "survivors": [n for n, s in survivors if s != "timeout"],
+                "timeouts": [n for n, s in survivors if s == "timeout"],
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| file | mutants | killed | timeout | equivalent | survived | no tests | score |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| file | mutants | killed | timeout | equivalent | survived | no tests | score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         c = r["counts"]
-        lines.append(f"| `{r['file']}` | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
-                     f"{c.get('equivalent', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
-                     f"{100 * r['score']:.1f} % |")
+        lines.append(
+            f"| `{r['file']}` | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
+            f"{c.get('equivalent', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | "
+            f"{100 * r['score']:.1f} % |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scope", choices=sorted(SCOPES), default="package",
-                        help="package: every module of e2kd and the built-in plugins (default); method: the method code")
+    parser.add_argument(
+        "--scope",
+        choices=sorted(SCOPES),
+        default="package",
+        help="package: every module of e2kd and the built-in plugins (default); method: the method code",
+    )
     parser.add_argument("--files", nargs="+", help="glob patterns of the files to mutate (instead of --scope)")
-    parser.add_argument("--tests", nargs="+", help="test files that may kill mutants (default: all but the notebook "
-                        "and this tool's smoke test)")
+    parser.add_argument(
+        "--tests",
+        nargs="+",
+        help="test files that may kill mutants (default: all but the notebook and this tool's smoke test)",
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".mutation", help="working copy (default: .mutation)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="parallel test processes")
-    parser.add_argument("--recheck", action="store_true", help="recollect which tests reach which code, then run the "
-                        "surviving mutants again (mutmut keeps a verdict until its code changes, not when tests do)")
-    parser.add_argument("--subprocess-tests", nargs="+", default=[], help="tests (node ids; slow ones too) that "
-                        "run the package in child processes, e.g. under torchrun: run once more for each survivor "
-                        "matching --subprocess-mutants")
-    parser.add_argument("--subprocess-mutants", nargs="+", default=["*"], help="glob patterns of mutant names "
-                        "for --subprocess-tests (default: every survivor)")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="recollect which tests reach which code, then run the "
+        "surviving mutants again (mutmut keeps a verdict until its code changes, not when tests do)",
+    )
+    parser.add_argument(
+        "--subprocess-tests",
+        nargs="+",
+        default=[],
+        help="tests (node ids; slow ones too) that "
+        "run the package in child processes, e.g. under torchrun: run once more for each survivor "
+        "matching --subprocess-mutants",
+    )
+    parser.add_argument(
+        "--subprocess-mutants",
+        nargs="+",
+        default=["*"],
+        help="glob patterns of mutant names for --subprocess-tests (default: every survivor)",
+    )
     parser.add_argument("--report", action="store_true", help="only print the scores of the last run")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     args = parser.parse_args(argv)
@@ -204,8 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         forget_stale(work, targets(work, args.files))
         # one thread per test process: the children are forked from a process that has run torch,
         # and a forked child can hang in an OpenMP pool its parent started
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         if args.recheck:
             (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
         run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
@@ -217,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                 return done.returncode
             if args.recheck:  # then every survivor (and timeout: a test that hung counts as a kill) again
                 args.recheck = False
-                survivors = [n for r in scores(work, targets(work, args.files), {}) for n in r["survivors"] + r["timeouts"]]
-                batches = [survivors[i:i + 200] for i in range(0, len(survivors), 200)]
+                survivors = [
+                    n for r in scores(work, targets(work, args.files), {}) for n in r["survivors"] + r["timeouts"]
+                ]
+                batches = [survivors[i : i + 200] for i in range(0, len(survivors), 200)]
         if args.subprocess_tests:
             run_in_subprocesses(work, targets(work, args.files), args.subprocess_tests, args.subprocess_mutants, env)
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.is_file() else {}

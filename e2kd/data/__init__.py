@@ -5,7 +5,8 @@ The core names no dataset: ``open_dataset`` asks the registry for the one a conf
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,7 +32,7 @@ def open_dataset(name: str, options: dict[str, Any] | None = None, *, seed: int 
     return dataset
 
 
-def dataset_of(config: "ExperimentConfig") -> Dataset:
+def dataset_of(config: ExperimentConfig) -> Dataset:
     """The dataset a config names (``data``), its files checked."""
     return open_dataset(config.data.name, config.data.options, seed=config.data.seed)
 
@@ -50,22 +51,38 @@ class ViewDataset(TorchDataset):
         return self.transform(item) if self.transform is not None else item
 
 
-def split_view(dataset: Dataset, split: str, view: str, *, augment: str = "auto", color_jitter: float = 0.0,
-               samples: TorchDataset | None = None) -> ViewDataset:
+def split_view(
+    dataset: Dataset,
+    split: str,
+    view: str,
+    *,
+    augment: str = "auto",
+    color_jitter: float = 0.0,
+    samples: TorchDataset | None = None,
+) -> ViewDataset:
     """``split`` of ``dataset`` through ``view`` (``train`` | ``eval`` | ``whole``).
 
     ``augment: auto`` is the dataset's own default; ``samples`` replaces the split's raw samples
     (e.g. the same samples with a replayed teacher).
     """
     kind = dataset.default_augment if augment == "auto" else augment
-    transform = make_view(view, dataset.image_size, fixed_size=dataset.fixed_size, augment=kind,
-                          color_jitter=color_jitter, num_classes=dataset.num_classes)
+    transform = make_view(
+        view,
+        dataset.image_size,
+        fixed_size=dataset.fixed_size,
+        augment=kind,
+        color_jitter=color_jitter,
+        num_classes=dataset.num_classes,
+    )
     return ViewDataset(samples if samples is not None else dataset.samples(split), transform)
 
 
-def make_loader(dataset: TorchDataset, batch_size: int, *, num_workers: int = 0,
-                device: torch.device | str = "cpu") -> DataLoader:
+def make_loader(
+    dataset: TorchDataset, batch_size: int, *, num_workers: int = 0, device: torch.device | str = "cpu"
+) -> DataLoader:
     """An in-order DataLoader for evaluation, caching and figures (pinned memory for CUDA).
     Training batches come from :class:`e2kd.train.EpochBatches` instead."""
     batch = max(1, min(batch_size, len(dataset)))  # type: ignore[arg-type]
-    return DataLoader(dataset, batch_size=batch, num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    return DataLoader(
+        dataset, batch_size=batch, num_workers=num_workers, pin_memory=torch.device(device).type == "cuda"
+    )

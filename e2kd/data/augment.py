@@ -50,14 +50,18 @@ def geometric_transform(kind: str, image_size: int, *, fixed_size: bool = True) 
         if kind == "flip":
             return flip
         if kind == "flip_crop":
-            return v2.Compose([v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"), flip])
+            return v2.Compose(
+                [v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"), flip]
+            )
         return v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), flip])
     if kind == "none":
         return eval_geometry(image_size)
     if kind == "flip":
         return v2.Compose([eval_geometry(image_size), flip])
     if kind == "flip_crop":
-        return v2.Compose([v2.Resize(round(image_size * EVAL_RESIZE_RATIO), antialias=True), v2.RandomCrop(image_size), flip])
+        return v2.Compose(
+            [v2.Resize(round(image_size * EVAL_RESIZE_RATIO), antialias=True), v2.RandomCrop(image_size), flip]
+        )
     return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), flip])
 
 
@@ -149,10 +153,14 @@ class View:
 
 
 def make_view(
-    view: str, image_size: int, *, fixed_size: bool = True, augment: str = "none", color_jitter: float = 0.0,
+    view: str,
+    image_size: int,
+    *,
+    fixed_size: bool = True,
+    augment: str = "none",
+    color_jitter: float = 0.0,
     num_classes: int = 0,
 ) -> View:
     """The item transform of ``view``; colour jitter applies to the ``train`` view only."""
     geometry = view_geometry(view, image_size, fixed_size=fixed_size, augment=augment)
     return View(geometry, color_jitter if view == "train" else 0.0, num_classes)
-

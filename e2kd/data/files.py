@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def per_split(method: Callable[[Any, str], T]) -> Callable[[Any, str], T]:
     """Memoise a dataset method of one split (file lists, parsed annotations, checks) per instance
     and seed, so samples, identity and views of a split read the disk once."""
+
     @functools.wraps(method)
     def wrapper(self, split: str) -> T:
         memo = self.__dict__.setdefault("_per_split", {})
@@ -31,6 +33,7 @@ def per_split(method: Callable[[Any, str], T]) -> Callable[[Any, str], T]:
         if key not in memo:
             memo[key] = method(self, split)
         return memo[key]
+
     return wrapper
 
 
@@ -47,8 +50,10 @@ def read_image(path: str | Path) -> torch.Tensor:
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc}); replace or remove it, "
-                        f"or set data.options.skip_unreadable: true") from None
+        raise DataError(
+            f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc}); replace or remove it, "
+            f"or set data.options.skip_unreadable: true"
+        ) from None
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
@@ -88,14 +93,16 @@ def drop_unreadable(paths: Sequence[Path], *, progress: bool = True) -> list[int
         except DataError:
             bad.append(p)
     if bad:
-        warnings.warn(f"e2kd: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+        warnings.warn(f"e2kd: skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")  # noqa: B028
     return good
 
 
 class ImageFiles(TorchDataset):
     """Samples read from image files: ``{"image": uint8 (3, H, W), "label": labels[i], k: fields[k][i]}``."""
 
-    def __init__(self, paths: Sequence[Path], labels: torch.Tensor, fields: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, paths: Sequence[Path], labels: torch.Tensor, fields: dict[str, torch.Tensor] | None = None
+    ) -> None:
         fields = fields or {}
         if any(len(v) != len(paths) for v in [labels, *fields.values()]):
             raise ValueError("labels and every field need one entry per path")

@@ -8,24 +8,14 @@ files; sizes vary so resizing and cropping are exercised.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-#: The 20 PASCAL VOC classes, in the order of the multi-hot targets.
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-
-VOC_XML = """<annotation>
-  <folder>VOC{year}</folder><filename>{name}.jpg</filename>
-  <size><width>{w}</width><height>{h}</height><depth>3</depth></size>
-{objects}</annotation>
-"""
-VOC_OBJECT = """  <object><name>{cls}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>{difficult}</difficult>
-    <bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>
-"""
+from .voc_format import VOC_OBJECT, VOC_XML
 
 
 def random_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -44,8 +34,13 @@ def _size(rng: np.random.Generator, size: int | tuple[int, int]) -> tuple[int, i
 
 
 def write_image_folder(
-    root: str | Path, classes: Sequence[str], per_class: dict[str, int], *, size: int | tuple[int, int] = (40, 64),
-    seed: int = 0, quality: int = 90,
+    root: str | Path,
+    classes: Sequence[str],
+    per_class: dict[str, int],
+    *,
+    size: int | tuple[int, int] = (40, 64),
+    seed: int = 0,
+    quality: int = 90,
 ) -> dict[str, list[tuple[Path, int]]]:
     """``root/<split>/<class>/<i>.jpg`` for each split in ``per_class`` (e.g. train, val); class
     index = position in sorted ``classes``. Returns split -> [(path, label)]."""
@@ -68,8 +63,12 @@ WATERBIRDS_COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_fi
 
 
 def write_waterbirds(
-    root: str | Path, counts: dict[str, dict[tuple[int, int], int]], *, size: int | tuple[int, int] = (40, 64),
-    seed: int = 0, metadata: str = "metadata.csv",
+    root: str | Path,
+    counts: dict[str, dict[tuple[int, int], int]],
+    *,
+    size: int | tuple[int, int] = (40, 64),
+    seed: int = 0,
+    metadata: str = "metadata.csv",
     draw: Callable[[np.random.Generator, int, int], tuple[Image.Image, dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Images under ``root/<species>/`` and ``root/<metadata>`` with columns img_id, img_filename,
@@ -87,8 +86,17 @@ def write_waterbirds(
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
                 image, extra = (random_image(rng, *_size(rng, size)), {}) if draw is None else draw(rng, y, place)
                 image.save(root / name, quality=95)
-                rows.append({"img_id": idx, "img_filename": name, "y": y, "split": split_code[split], "place": place,
-                             "place_filename": f"/{'o/ocean' if place else 'b/bamboo_forest'}/x.jpg", **extra})
+                rows.append(
+                    {
+                        "img_id": idx,
+                        "img_filename": name,
+                        "y": y,
+                        "split": split_code[split],
+                        "place": place,
+                        "place_filename": f"/{'o/ocean' if place else 'b/bamboo_forest'}/x.jpg",
+                        **extra,
+                    }
+                )
     with open(root / metadata, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(WATERBIRDS_COLUMNS), extrasaction="ignore")
         writer.writeheader()
@@ -97,7 +105,11 @@ def write_waterbirds(
 
 
 def write_voc(
-    root: str | Path, images: dict[str, list[dict[str, Any]]], *, year: str = "2007", seed: int = 0,
+    root: str | Path,
+    images: dict[str, list[dict[str, Any]]],
+    *,
+    year: str = "2007",
+    seed: int = 0,
 ) -> Path:
     """``root/VOCdevkit/VOC<year>/{JPEGImages,Annotations,ImageSets/Main}``. ``images[split]`` lists
     ``{"id", "width", "height", "objects": [(class, (xmin, ymin, xmax, ymax) 1-based, difficult)]}``.
@@ -109,9 +121,12 @@ def write_voc(
     for split, entries in images.items():
         for e in entries:
             random_image(rng, e["width"], e["height"]).save(base / "JPEGImages" / f"{e['id']}.jpg", quality=90)
-            objects = "".join(VOC_OBJECT.format(cls=c, difficult=int(d), x1=b[0], y1=b[1], x2=b[2], y2=b[3])
-                              for c, b, d in e["objects"])
+            objects = "".join(
+                VOC_OBJECT.format(cls=c, difficult=int(d), x1=b[0], y1=b[1], x2=b[2], y2=b[3])
+                for c, b, d in e["objects"]
+            )
             (base / "Annotations" / f"{e['id']}.xml").write_text(
-                VOC_XML.format(year=year, name=e["id"], w=e["width"], h=e["height"], objects=objects))
+                VOC_XML.format(year=year, name=e["id"], w=e["width"], h=e["height"], objects=objects)
+            )
         (base / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{e['id']}\n" for e in entries))
     return base

@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .miniature import VOC_CLASSES, VOC_OBJECT, VOC_XML, write_waterbirds
+from .miniature import write_waterbirds
 from .shapes import BACKGROUNDS, SHAPES, _background, _shape_mask, render
+from .voc_format import VOC_CLASSES, VOC_OBJECT, VOC_XML
+
 
 def _pil(image: np.ndarray) -> Image.Image:
     """A (3, H, W) float image in [0, 1] as an RGB PIL image."""
@@ -42,8 +44,15 @@ def _background_for(label: int, bias: float, kinds: int, rng: np.random.Generato
     return label if rng.random() < bias else int(rng.integers(kinds))
 
 
-def write_shapes_folder(root: str | Path, per_class: dict[str, int], *, num_classes: int = 4, size: int = 64,
-                        bias: float = 0.0, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def write_shapes_folder(
+    root: str | Path,
+    per_class: dict[str, int],
+    *,
+    num_classes: int = 4,
+    size: int = 64,
+    bias: float = 0.0,
+    seed: int = 0,
+) -> dict[str, list[dict[str, Any]]]:
     """``root/<split>/<shape>/<i>.jpg``: ``per_class[split]`` images per class; with probability
     ``bias`` the background type is the class's own. Manifest: split -> [{path, label, background, mask}]."""
     if not 2 <= num_classes <= len(SHAPES):
@@ -60,15 +69,19 @@ def write_shapes_folder(root: str | Path, per_class: dict[str, int], *, num_clas
                 image, mask = render(shape, background, size, rng)
                 path = Path(root) / split / name / f"{name}_{i:05d}.jpg"
                 _save(image, path)
-                manifest[split].append({"path": path, "label": names.index(name), "background": background, "mask": mask})
+                manifest[split].append(
+                    {"path": path, "label": names.index(name), "background": background, "mask": mask}
+                )
     return manifest
 
 
-def write_shapes_waterbirds(root: str | Path, counts: dict[str, dict[tuple[int, int], int]], *, size: int = 64,
-                            seed: int = 0) -> list[dict[str, Any]]:
+def write_shapes_waterbirds(
+    root: str | Path, counts: dict[str, dict[tuple[int, int], int]], *, size: int = 64, seed: int = 0
+) -> list[dict[str, Any]]:
     """``counts[split][(y, place)]`` images of shape ``y`` on background type ``place``, in the
     Waterbirds layout (:func:`e2kd.data.miniature.write_waterbirds`). Returns the rows, each with
     its object's ``mask``."""
+
     def draw(rng: np.random.Generator, y: int, place: int) -> tuple[Image.Image, dict[str, Any]]:
         image, mask = render(y, place, size, rng)
         return _pil(image), {"mask": mask}
@@ -97,8 +110,16 @@ def render_scene(labels: list[int], size: int, rng: np.random.Generator) -> tupl
     return np.clip(image, 0.0, 1.0).astype(np.float32), masks
 
 
-def write_shapes_voc(root: str | Path, images: dict[str, int], *, num_classes: int = 4, size: int = 96,
-                     max_objects: int = 2, year: str = "2007", seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def write_shapes_voc(
+    root: str | Path,
+    images: dict[str, int],
+    *,
+    num_classes: int = 4,
+    size: int = 96,
+    max_objects: int = 2,
+    year: str = "2007",
+    seed: int = 0,
+) -> dict[str, list[dict[str, Any]]]:
     """``images[split]`` images in ``root/VOCdevkit/VOC<year>`` (image set ``<split>.txt``), each
     with 1..``max_objects`` shapes of different classes; shape k is VOC's k-th class, its box the
     bounding box of its mask (VOC's 1-based inclusive pixel coordinates). Manifest: split ->
@@ -114,7 +135,9 @@ def write_shapes_voc(root: str | Path, images: dict[str, int], *, num_classes: i
         manifest[split] = []
         for i in range(count):
             ident = f"{split}_{i:05d}"
-            labels = [int(c) for c in rng.choice(num_classes, size=int(rng.integers(1, max_objects + 1)), replace=False)]
+            labels = [
+                int(c) for c in rng.choice(num_classes, size=int(rng.integers(1, max_objects + 1)), replace=False)
+            ]
             image, masks = render_scene(labels, size, rng)
             _save(image, base / "JPEGImages" / f"{ident}.jpg")
             objects = []
@@ -122,10 +145,13 @@ def write_shapes_voc(root: str | Path, images: dict[str, int], *, num_classes: i
                 rows, cols = np.nonzero(mask)
                 box = (int(cols.min()) + 1, int(rows.min()) + 1, int(cols.max()) + 1, int(rows.max()) + 1)
                 objects.append((label, box, mask))
-            xml = "".join(VOC_OBJECT.format(cls=VOC_CLASSES[c], difficult=0, x1=b[0], y1=b[1], x2=b[2], y2=b[3])
-                          for c, b, _ in objects)
-            (base / "Annotations" / f"{ident}.xml").write_text(VOC_XML.format(year=year, name=ident, w=size, h=size,
-                                                                              objects=xml))
+            xml = "".join(
+                VOC_OBJECT.format(cls=VOC_CLASSES[c], difficult=0, x1=b[0], y1=b[1], x2=b[2], y2=b[3])
+                for c, b, _ in objects
+            )
+            (base / "Annotations" / f"{ident}.xml").write_text(
+                VOC_XML.format(year=year, name=ident, w=size, h=size, objects=xml)
+            )
             manifest[split].append({"id": ident, "objects": objects})
         (base / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{e['id']}\n" for e in manifest[split]))
     return manifest

@@ -9,7 +9,7 @@ for display and localisation metrics.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +24,8 @@ from .layers import AddInverse, explanation_mode
 
 
 class BcosOptions(BaseModel):
+    """Options of the ``bcos`` explainer."""
+
     model_config = ConfigDict(extra="forbid")
     contribution: bool = Field(False, description="return the contribution map sum_c W(x) * x (B, 1, H, W)")
 
@@ -33,7 +35,8 @@ def _encoder(model: nn.Module) -> AddInverse:
     if not getattr(model, "bcos", False) or len(found) != 1:
         raise ModelError(
             f"bcos: {type(model).__name__} is not a B-cos network (needs bcos = True and one AddInverse input "
-            f"encoding); use a bcos_* model or another explainer")
+            f"encoding); use a bcos_* model or another explainer"
+        )
     return found[0]
 
 
@@ -53,6 +56,8 @@ class _BcosCapture(Capture):
 
 
 class Bcos(Explainer):
+    """The dynamic linear weights W(x) of a B-cos network for a class, exact and differentiable."""
+
     name = "bcos"
     description = "B-cos dynamic linear weights W(x) (6 x H x W), exact e2KD gradients; option contribution"
     Options = BcosOptions

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from e2kd.distill import at_least_fp32
+from e2kd.runtime import at_least_fp32
 
 _EXPLANATION_DEPTH = 0  # a plain global: autograd may run backward on another thread
 
@@ -78,8 +78,16 @@ class AddInverse(nn.Module):
 class BcosConv2d(nn.Module):
     """out = (w^T x) * |w^T x|^(B-1) / ||x||^(B-1), w of unit norm, ||x|| the norm of the input patch."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 padding: int = 0, b: float = 2.0, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        b: float = 2.0,
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         nn.init.kaiming_normal_(self.weight)

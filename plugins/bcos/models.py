@@ -22,6 +22,8 @@ def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Sequential:
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 B-cos convolutions and a shortcut (B-cos networks have no ReLU and no batch norm)."""
+
     expansion = 1
 
     def __init__(self, c_in: int, width: int, stride: int) -> None:
@@ -35,12 +37,15 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(BasicBlock):
+    """1x1 - 3x3 - 1x1 B-cos bottleneck (expansion 4)."""
+
     expansion = 4
 
     def __init__(self, c_in: int, width: int, stride: int) -> None:
         super().__init__(c_in, width, stride)
-        self.body = nn.Sequential(_conv_bn(c_in, width, 1), _conv_bn(width, width, 3, stride),
-                                  _conv_bn(width, width * self.expansion, 1))
+        self.body = nn.Sequential(
+            _conv_bn(c_in, width, 1), _conv_bn(width, width, 3, stride), _conv_bn(width, width * self.expansion, 1)
+        )
 
 
 class BcosResNet(nn.Module):
@@ -48,8 +53,9 @@ class BcosResNet(nn.Module):
 
     bcos = True  # explainers check this to accept the model
 
-    def __init__(self, num_classes: int, block: type[BasicBlock], layers: list[int], widths: list[int],
-                 small_input: bool) -> None:
+    def __init__(
+        self, num_classes: int, block: type[BasicBlock], layers: list[int], widths: list[int], small_input: bool
+    ) -> None:
         super().__init__()
         self.encode = AddInverse()
         stem = _conv_bn(6, widths[0], 3, 1) if small_input else _conv_bn(6, widths[0], 7, 2)
@@ -91,8 +97,11 @@ class BcosDenseNet(nn.Module):
     def __init__(self, num_classes: int, blocks: list[int], growth: int, init: int, small_input: bool) -> None:
         super().__init__()
         self.encode = AddInverse()
-        self.stem = _conv_bn(6, init, 3, 1) if small_input else nn.Sequential(_conv_bn(6, init, 7, 2),
-                                                                               _conv_bn(init, init, 3, 2))
+        self.stem = (
+            _conv_bn(6, init, 3, 1)
+            if small_input
+            else nn.Sequential(_conv_bn(6, init, 7, 2), _conv_bn(init, init, 3, 2))
+        )
         stages, c = [], init
         for i, n in enumerate(blocks):
             layers = []
@@ -115,6 +124,8 @@ class BcosDenseNet(nn.Module):
 
 
 class DenseNetOptions(BaseModel):
+    """Options of the B-cos DenseNets."""
+
     model_config = ConfigDict(extra="forbid")
     small_input: bool = Field(False, description="3x3 stride-1 stem for small images")
     growth: int = Field(32, ge=1, description="growth rate (channels added per dense layer)")
@@ -122,17 +133,23 @@ class DenseNetOptions(BaseModel):
 
 
 class ResNetOptions(BaseModel):
+    """Options of the B-cos ResNets."""
+
     model_config = ConfigDict(extra="forbid")
     small_input: bool = Field(False, description="3x3 stride-1 stem for small images instead of 7x7/2 + 3x3/2")
 
 
 class SmallOptions(BaseModel):
+    """Options of ``bcos_small``."""
+
     model_config = ConfigDict(extra="forbid")
     widths: list[int] = Field([16, 32, 64], min_length=1, description="channels per stage")
     blocks: int = Field(1, ge=1, description="basic blocks per stage")
 
 
 class BcosSmall(ModelBuilder):
+    """A small B-cos ResNet for low-resolution images (tests, the miniature claims)."""
+
     name = "bcos_small"
     description = "small B-cos ResNet for low-resolution images (3x3 stem, last stage at 1/4 with 3 stages)"
     Options = SmallOptions
@@ -144,14 +161,20 @@ class BcosSmall(ModelBuilder):
 
 def _resnet(depth: int, block: type[BasicBlock], layers: list[int]) -> type[ModelBuilder]:
     return ModelBuilder.define(
-        f"bcos_resnet{depth}", f"B-cos ResNet-{depth} (B = 2, 6-channel input encoding)",
-        lambda o, n: BcosResNet(n, block, layers, [64, 128, 256, 512], o.small_input), ResNetOptions)
+        f"bcos_resnet{depth}",
+        f"B-cos ResNet-{depth} (B = 2, 6-channel input encoding)",
+        lambda o, n: BcosResNet(n, block, layers, [64, 128, 256, 512], o.small_input),
+        ResNetOptions,
+    )
 
 
 def _densenet(depth: int, blocks: list[int]) -> type[ModelBuilder]:
     return ModelBuilder.define(
-        f"bcos_densenet{depth}", f"B-cos DenseNet-{depth} (B = 2, 6-channel input encoding)",
-        lambda o, n: BcosDenseNet(n, blocks, o.growth, o.init, o.small_input), DenseNetOptions)
+        f"bcos_densenet{depth}",
+        f"B-cos DenseNet-{depth} (B = 2, 6-channel input encoding)",
+        lambda o, n: BcosDenseNet(n, blocks, o.growth, o.init, o.small_input),
+        DenseNetOptions,
+    )
 
 
 BUILDERS = [

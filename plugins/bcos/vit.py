@@ -22,6 +22,8 @@ from .layers import AddInverse, BcosConv2d, BcosLinear, DynamicLayerNorm, Dynami
 
 
 class PatchEmbed(nn.Module):
+    """B-cos patch embedding of the 6-channel encoded image (a strided B-cos convolution)."""
+
     def __init__(self, img_size: int, patch: int, dim: int) -> None:
         super().__init__()
         self.grid_size = (img_size // patch, img_size // patch)
@@ -32,10 +34,12 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention whose value path is B-cos linear (dynamic linear in the input)."""
+
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.qkv = BcosLinear(dim, 3 * dim)
         self.attn_drop = nn.Identity()  # where rollout reads the attention probabilities
         self.proj = BcosLinear(dim, dim)
@@ -48,6 +52,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block of B-cos layers (dynamic layer norms, attention, B-cos MLP)."""
+
     def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
         super().__init__()
         self.norm1, self.attn = DynamicLayerNorm(dim), Attention(dim, heads)
@@ -60,6 +66,8 @@ class Block(nn.Module):
 
 
 class BcosViT(nn.Module):
+    """B-cos vision transformer: class token, learned position embedding, B-cos blocks and head."""
+
     bcos = True
     num_prefix_tokens = 1
 
@@ -83,6 +91,8 @@ class BcosViT(nn.Module):
 
 
 class ViTOptions(BaseModel):
+    """Options of ``bcos_vit_tiny`` (every size configurable)."""
+
     model_config = ConfigDict(extra="forbid")
     img_size: int = Field(224, ge=4)
     patch_size: int = Field(16, ge=1)
@@ -92,6 +102,8 @@ class ViTOptions(BaseModel):
 
 
 class BcosViTTiny(ModelBuilder):
+    """A B-cos ViT-Tiny (patch 16, dimension 192, depth 12, 3 heads by default)."""
+
     name = "bcos_vit_tiny"
     description = "B-cos ViT-Tiny (patch 16, dim 192, depth 12, 3 heads; sizes configurable)"
     Options = ViTOptions

@@ -19,25 +19,37 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from e2kd import hookimpl
 from e2kd.api import Dataset
-from e2kd.data.files import (IMAGE_EXTENSIONS, ImageFiles, drop_unreadable, files_digest, list_images, per_split,
-                             require_dir)
+from e2kd.data.files import (
+    IMAGE_EXTENSIONS,
+    ImageFiles,
+    drop_unreadable,
+    files_digest,
+    list_images,
+    per_split,
+    require_dir,
+)
 from e2kd.errors import DataError
 
 HOLDOUT = "train_holdout"
 
 
 class ImageFolderOptions(BaseModel):
+    """Options of the ``image_folder`` dataset."""
+
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(..., description="folder holding train/ and val/ (optional test/), one sub-folder per class")
     shots: int | None = Field(None, ge=1, description="training images per class, drawn with data.seed (all if unset)")
     holdout_per_class: int = Field(0, ge=0, description="images per class held out of train as split train_holdout")
     image_size: int = Field(224, ge=8, description="side of the square crops the models see")
     extensions: list[str] = Field(list(IMAGE_EXTENSIONS), min_length=1, description="image file extensions")
-    skip_unreadable: bool = Field(False, description="drop undecodable files (checked once, with a warning) "
-                                                     "instead of stopping at the first one")
+    skip_unreadable: bool = Field(
+        False, description="drop undecodable files (checked once, with a warning) instead of stopping at the first one"
+    )
 
 
 class ImageFolder(Dataset):
+    """An ImageNet-layout folder: k-shot training subsets, a held-out split, val as the test split."""
+
     name = "image_folder"
     description = "ImageNet layout root/{train,val[,test]}/<class>/*: k-shot subsets, held-out split, val as test"
     Options = ImageFolderOptions
@@ -74,8 +86,10 @@ class ImageFolder(Dataset):
         files = []
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
             if class_dir.name not in self._class_index:
-                raise DataError(f"{class_dir}: class folder not present in {self.root / 'train'}; "
-                                f"every split needs the training classes' folder names")
+                raise DataError(
+                    f"{class_dir}: class folder not present in {self.root / 'train'}; "
+                    f"every split needs the training classes' folder names"
+                )
             label = self._class_index[class_dir.name]
             files += [(p, label) for p in list_images(class_dir, self.options.extensions)]
         if not files:
@@ -94,10 +108,12 @@ class ImageFolder(Dataset):
             paths = by_class.get(label, [])
             need = hold + (shots or 1)
             if len(paths) < need:
-                raise DataError(f"{self.root / 'train' / name}: {len(paths)} images, fewer than holdout_per_class "
-                                f"+ shots = {need}; lower data.options.shots or holdout_per_class")
+                raise DataError(
+                    f"{self.root / 'train' / name}: {len(paths)} images, fewer than holdout_per_class "
+                    f"+ shots = {need}; lower data.options.shots or holdout_per_class"
+                )
             order = np.random.default_rng([self.seed, label]).permutation(len(paths))
-            take = order[hold:] if shots is None else order[hold:hold + shots]
+            take = order[hold:] if shots is None else order[hold : hold + shots]
             chosen[HOLDOUT] += [(paths[i], label) for i in sorted(order[:hold])]
             chosen["train"] += [(paths[i], label) for i in sorted(take)]
         return chosen
@@ -118,8 +134,12 @@ class ImageFolder(Dataset):
 
     def identity(self, split: str) -> dict[str, Any]:
         files = self.files(split)
-        return {**super().identity(split), "root": str(self.root),
-                "files_sha256": files_digest([p for p, _ in files], self.root), "num_files": len(files)}
+        return {
+            **super().identity(split),
+            "root": str(self.root),
+            "files_sha256": files_digest([p for p, _ in files], self.root),
+            "num_files": len(files),
+        }
 
 
 @hookimpl

@@ -8,7 +8,7 @@ dataset is reproducible bit for bit and independent of how many samples are draw
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from e2kd import hookimpl
 from e2kd.api import Dataset as DatasetPlugin
 from e2kd.data.files import per_split
 from e2kd.data.shapes import GENERATOR_VERSION, SHAPES, render
+
 
 class SyntheticShapes(Dataset):
     """Balanced synthetic classification data; each item is a dict of tensors.
@@ -85,15 +86,28 @@ class SyntheticShapes(Dataset):
         return self.labels.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"image": self.images[index], "label": self.labels[index], "mask": self.masks[index],
-                "group": self.groups[index], "in_distribution": self.groups[index] == self.labels[index]}
+        item = {
+            "image": self.images[index],
+            "label": self.labels[index],
+            "mask": self.masks[index],
+            "group": self.groups[index],
+            "in_distribution": self.groups[index] == self.labels[index],
+        }
         return self.transform(item) if self.transform is not None else item
 
     def identity(self) -> dict:
         """What determines the samples (for cache fingerprints); the transform is not part of it."""
-        return {"kind": "synthetic_shapes", "generator_version": GENERATOR_VERSION, "per_class": self.per_class,
-                "num_classes": self.num_classes, "image_size": self.image_size, "bias": self.bias,
-                "mismatched": self.mismatched, "seed": self.seed, "stream": self.stream}
+        return {
+            "kind": "synthetic_shapes",
+            "generator_version": GENERATOR_VERSION,
+            "per_class": self.per_class,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "bias": self.bias,
+            "mismatched": self.mismatched,
+            "seed": self.seed,
+            "stream": self.stream,
+        }
 
     @property
     def matched_fraction(self) -> float:
@@ -102,16 +116,21 @@ class SyntheticShapes(Dataset):
 
 
 class SyntheticOptions(BaseModel):
+    """Options of the ``synthetic`` dataset."""
+
     model_config = ConfigDict(extra="forbid")
     num_classes: int = Field(4, ge=2, le=len(SHAPES), description="classes (object shapes)")
     image_size: int = Field(32, ge=16, description="side of the square images in pixels")
     train_per_class: int = Field(100, ge=1, description="training images per class")
     test_per_class: int = Field(100, ge=1, description="images per class of each test split")
-    bias: float = Field(0.0, ge=0.0, le=1.0,
-                        description="background/class correlation of train and test_id (test_ood: never matching)")
+    bias: float = Field(
+        0.0, ge=0.0, le=1.0, description="background/class correlation of train and test_id (test_ood: never matching)"
+    )
 
 
 class Synthetic(DatasetPlugin):
+    """Generated shapes on textured backgrounds; the background is a tunable shortcut (no files)."""
+
     name = "synthetic"
     description = "shapes on textured backgrounds (class = shape; background a tunable shortcut); generated, no files"
     Options = SyntheticOptions
@@ -130,9 +149,15 @@ class Synthetic(DatasetPlugin):
     def _arguments(self, split: str) -> dict:
         o = self.options
         stream, mismatched = self.SPLITS[split]
-        return {"per_class": o.train_per_class if split == "train" else o.test_per_class, "num_classes": o.num_classes,
-                "image_size": o.image_size, "bias": 0.0 if mismatched else o.bias, "mismatched": mismatched,
-                "seed": self.seed, "stream": stream}
+        return {
+            "per_class": o.train_per_class if split == "train" else o.test_per_class,
+            "num_classes": o.num_classes,
+            "image_size": o.image_size,
+            "bias": 0.0 if mismatched else o.bias,
+            "mismatched": mismatched,
+            "seed": self.seed,
+            "stream": stream,
+        }
 
     @per_split
     def samples(self, split: str) -> SyntheticShapes:

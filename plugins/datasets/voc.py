@@ -20,14 +20,16 @@ from torchvision import tv_tensors
 
 from e2kd import hookimpl
 from e2kd.api import Dataset
-from e2kd.data.miniature import VOC_CLASSES
 from e2kd.data.files import drop_unreadable, files_digest, per_split, read_image, require_dir, require_file
+from e2kd.data.voc_format import VOC_CLASSES
 from e2kd.errors import DataError
 
 CLASSES = VOC_CLASSES
 
 
 class VOCOptions(BaseModel):
+    """Options of the ``voc`` dataset."""
+
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(..., description="folder holding VOCdevkit (or VOCdevkit, or VOC<year> itself)")
     year: str = Field("2007", description="the VOC<year> folder to read")
@@ -54,11 +56,17 @@ class VOCSamples(TorchDataset):
         classes = torch.tensor([c for c, _ in objects], dtype=torch.long)
         label[classes] = 1.0
         boxes = torch.tensor([b for _, b in objects], dtype=torch.float32).reshape(-1, 4)
-        return {"image": image, "label": label, "box_labels": classes,
-                "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))}
+        return {
+            "image": image,
+            "label": label,
+            "box_labels": classes,
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:])),
+        }
 
 
 class VOC(Dataset):
+    """PASCAL VOC: multi-hot labels and the objects' boxes from the annotation XML."""
+
     name = "voc"
     description = "PASCAL VOC (VOCdevkit layout): 20-class multi-hot labels from the XML, boxes as per-class masks"
     Options = VOCOptions
@@ -134,8 +142,13 @@ class VOC(Dataset):
 
     def identity(self, split: str) -> dict[str, Any]:
         images, objects = self._split(split)
-        return {**super().identity(split), "root": str(self.year_dir), "files_sha256": files_digest(images, self.year_dir),
-                "num_files": len(images), "objects_sha256": files_digest([Path(repr(o)) for o in objects], Path())}
+        return {
+            **super().identity(split),
+            "root": str(self.year_dir),
+            "files_sha256": files_digest(images, self.year_dir),
+            "num_files": len(images),
+            "objects_sha256": files_digest([Path(repr(o)) for o in objects], Path()),
+        }
 
 
 @hookimpl

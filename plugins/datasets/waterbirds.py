@@ -26,6 +26,8 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
 class WaterbirdsOptions(BaseModel):
+    """Options of the ``waterbirds`` dataset."""
+
     model_config = ConfigDict(extra="forbid")
     root: Path = Field(..., description="folder holding the metadata file and the images it names")
     metadata: str = Field("metadata.csv", description="metadata file inside root (e.g. another one for Waterbirds-100)")
@@ -34,6 +36,8 @@ class WaterbirdsOptions(BaseModel):
 
 
 class Waterbirds(Dataset):
+    """Waterbirds: bird type against a spurious land/water background, with its groups."""
+
     name = "waterbirds"
     description = "Waterbirds (group-DRO metadata.csv layout): bird type vs spurious land/water background groups"
     Options = WaterbirdsOptions
@@ -46,7 +50,7 @@ class Waterbirds(Dataset):
     def check(self) -> None:
         require_dir(self.root, "data.options.root")
         require_file(self.root / self.options.metadata, "data.options.metadata")
-        self._rows
+        self._rows  # noqa: B018
 
     def class_names(self) -> list[str]:
         return ["landbird", "waterbird"]
@@ -68,8 +72,10 @@ class Waterbirds(Dataset):
                     y, place, split = int(row["y"]), int(row["place"]), int(float(row["split"]))
                     assert y in (0, 1) and place in (0, 1) and split in (0, 1, 2)
                 except (ValueError, TypeError, AssertionError):
-                    raise DataError(f"{path}, line {line}: y and place must be 0 or 1 and split 0, 1 or 2 "
-                                    f"(got y={row['y']!r}, place={row['place']!r}, split={row['split']!r})") from None
+                    raise DataError(
+                        f"{path}, line {line}: y and place must be 0 or 1 and split 0, 1 or 2 "
+                        f"(got y={row['y']!r}, place={row['place']!r}, split={row['split']!r})"
+                    ) from None
                 rows.append((row["img_filename"], y, place, split))
         return rows
 
@@ -90,9 +96,13 @@ class Waterbirds(Dataset):
 
     def identity(self, split: str) -> dict[str, Any]:
         rows = self._split_rows(split)
-        return {**super().identity(split), "root": str(self.root),
-                "files_sha256": files_digest([self.root / r[0] for r in rows], self.root), "num_files": len(rows),
-                "labels_sha256": files_digest([Path(f"{r[1]}{r[2]}") for r in rows], Path())}
+        return {
+            **super().identity(split),
+            "root": str(self.root),
+            "files_sha256": files_digest([self.root / r[0] for r in rows], self.root),
+            "num_files": len(rows),
+            "labels_sha256": files_digest([Path(f"{r[1]}{r[2]}") for r in rows], Path()),
+        }
 
 
 @hookimpl

@@ -12,7 +12,7 @@ last block's token mixing only the class token reaches the head, so a later map 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,18 +26,28 @@ from e2kd.models import default_layer_name, resolve_layer, unfused_attention
 
 
 class GradCAMOptions(BaseModel):
+    """Options of the ``gradcam`` explainer."""
+
     model_config = ConfigDict(extra="forbid")
     layer: str | None = Field(None, description="module name of the feature map; default: the last feature stage")
     relu: bool = Field(True, description="apply ReLU to the map (the paper's positive Grad-CAM)")
     upsample: bool = Field(True, description="bilinearly upsample the map to the input size")
-    closed_form: bool = Field(False, description="CAM = W_c · A / (h w) from the classifier weights, no autograd.grad: "
-                                                 "the same value and gradient for a global-average-pool + linear head "
-                                                 "right after the layer (timm CNNs at their last stage); refused otherwise")
+    closed_form: bool = Field(
+        False,
+        description="CAM = W_c · A / (h w) from the classifier weights, no autograd.grad: "
+        "the same value and gradient for a global-average-pool + linear head "
+        "right after the layer (timm CNNs at their last stage); refused otherwise",
+    )
 
 
 class _GradCAMCapture(Capture):
-    def __init__(self, inputs: torch.Tensor, options: GradCAMOptions, layer_name: str,
-                 token_grid: tuple[int, tuple[int, int]] | None) -> None:
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        options: GradCAMOptions,
+        layer_name: str,
+        token_grid: tuple[int, tuple[int, int]] | None,
+    ) -> None:
         super().__init__(inputs)
         self.options = options
         self.layer_name = layer_name
@@ -51,8 +61,9 @@ class _GradCAMCapture(Capture):
         prefix, (h, w) = self.token_grid
         return tokens[:, prefix:, :].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
-    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False,
-                upsample: bool = True) -> torch.Tensor:
+    def explain(
+        self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False, upsample: bool = True
+    ) -> torch.Tensor:
         acts = self.activations
         if acts is None:
             raise RuntimeError(f"gradcam: layer {self.layer_name!r} was not run; call the model inside capture()")
@@ -83,6 +94,8 @@ def _token_grid(model: nn.Module) -> tuple[int, tuple[int, int]] | None:
 
 
 class GradCAM(Explainer):
+    """Grad-CAM of a feature layer, built from the training forward (no second forward)."""
+
     name = "gradcam"
     description = "Grad-CAM of a feature layer (default: last stage), from the training forward"
     Options = GradCAMOptions
@@ -120,8 +133,9 @@ class GradCAM(Explainer):
             ok = torch.is_tensor(output) and (output.dim() == 4 or (output.dim() == 3 and grid is not None))
             if not ok:
                 shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
-                raise ModelError(f"gradcam: layer {name!r} outputs {shape}, expected a (B, C, h, w) feature map "
-                                 f"(or ViT tokens)")
+                raise ModelError(
+                    f"gradcam: layer {name!r} outputs {shape}, expected a (B, C, h, w) feature map (or ViT tokens)"
+                )
             if not trainable:
                 # Frozen model: the map only needs the graph from this layer to the logits.
                 output = output.detach().requires_grad_(True)
@@ -154,8 +168,10 @@ def _linear_head(model: nn.Module, layer: str | None) -> nn.Linear:
     if _token_grid(model) is not None or (layer is not None and layer != last):
         problems.append(f"the layer is not the last feature stage {last!r}")
     if problems:
-        raise ModelError(f"gradcam: closed_form needs a global-average-pool + linear head right after the layer "
-                         f"({'; '.join(problems)} in {type(model).__name__}); set closed_form: false")
+        raise ModelError(
+            f"gradcam: closed_form needs a global-average-pool + linear head right after the layer "
+            f"({'; '.join(problems)} in {type(model).__name__}); set closed_form: false"
+        )
     return head
 
 

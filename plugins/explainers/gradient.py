@@ -8,7 +8,7 @@ tensor is untouched); the map is d z_c / d x (times x), taken from the training 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +20,8 @@ from e2kd.models import unfused_attention
 
 
 class InputGradientOptions(BaseModel):
+    """Options of the ``gradient`` and ``input_x_gradient`` explainers."""
+
     model_config = ConfigDict(extra="forbid")
     absolute: bool = Field(False, description="return the absolute value (classic saliency) instead of the signed map")
 
@@ -44,6 +46,8 @@ def _input_capture(model: nn.Module, inputs: torch.Tensor, times_input: bool, ab
 
 
 class Gradient(Explainer):
+    """The input gradient d z_c / d x (saliency), signed or absolute."""
+
     name = "gradient"
     description = "input gradient d z_c / d x (saliency; option absolute)"
     Options = InputGradientOptions
@@ -54,6 +58,8 @@ class Gradient(Explainer):
 
 
 class InputXGradient(Explainer):
+    """Input times its gradient, x * d z_c / d x."""
+
     name = "input_x_gradient"
     description = "Input x Gradient: x * d z_c / d x"
     Options = InputGradientOptions

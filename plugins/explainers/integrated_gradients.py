@@ -12,7 +12,8 @@ forward is still the only one that updates them (the extra forwards use batch st
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
@@ -26,20 +27,27 @@ from e2kd.models import unfused_attention
 
 
 class IGOptions(BaseModel):
+    """Options of the ``integrated_gradients`` explainer."""
+
     model_config = ConfigDict(extra="forbid")
     n_steps: int = Field(16, ge=1, description="integration steps (extra forwards per explanation)")
     method: Literal["riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"] = Field(
-        "gausslegendre", description="captum's approximation method")
+        "gausslegendre", description="captum's approximation method"
+    )
     baseline: Literal["zeros", "mean", "blur"] | float = Field(
-        "zeros", description="zeros, a constant value, the per-image channel mean, or a blurred image")
+        "zeros", description="zeros, a constant value, the per-image channel mean, or a blurred image"
+    )
     internal_batch_size: int | None = Field(None, ge=1, description="captum's chunking of the steps (frozen path)")
 
 
 @contextlib.contextmanager
 def _keep_running_stats(model: nn.Module) -> Iterator[None]:
     """Extra training-mode forwards use batch statistics but do not update the running ones."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
     for m in norms:
         m.track_running_stats = False
     try:
@@ -71,8 +79,14 @@ class _IGCapture(Capture):
         if not create_graph:
             ig = CaptumIG(self.model)
             with torch.enable_grad():
-                return ig.attribute(x.detach(), baselines=base, target=target, n_steps=o.n_steps, method=o.method,
-                                    internal_batch_size=o.internal_batch_size).detach()
+                return ig.attribute(
+                    x.detach(),
+                    baselines=base,
+                    target=target,
+                    n_steps=o.n_steps,
+                    method=o.method,
+                    internal_batch_size=o.internal_batch_size,
+                ).detach()
         step_sizes, alphas = approximation_parameters(o.method)
         weights, alphas = step_sizes(o.n_steps), alphas(o.n_steps)
         delta = x - base
@@ -87,6 +101,8 @@ class _IGCapture(Capture):
 
 
 class IntegratedGradients(Explainer):
+    """Integrated Gradients through captum, keeping the graph for the student when training."""
+
     name = "integrated_gradients"
     description = "Integrated Gradients via captum; trainable (graph-keeping) mode for the student"
     Options = IGOptions

@@ -10,7 +10,8 @@ Class-agnostic (the target is ignored); differentiable.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from e2kd.models import unfused_attention
 
 
 class RolloutOptions(BaseModel):
+    """Options of the ``rollout`` explainer."""
+
     model_config = ConfigDict(extra="forbid")
     head_fusion: Literal["mean", "max"] = Field("mean", description="how the heads' attention maps are combined")
     residual: bool = Field(True, description="mix each attention with the identity: (A + I) / 2")
@@ -33,8 +36,10 @@ class RolloutOptions(BaseModel):
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "patch_embed"):
-        raise ModelError(f"rollout: {type(model).__name__} is not a timm vision transformer (needs blocks and "
-                         f"patch_embed); use gradcam or an input-gradient explainer")
+        raise ModelError(
+            f"rollout: {type(model).__name__} is not a timm vision transformer (needs blocks and "
+            f"patch_embed); use gradcam or an input-gradient explainer"
+        )
     return [block.attn for block in blocks]
 
 
@@ -44,8 +49,9 @@ class _RolloutCapture(Capture):
         self.options, self.prefix, self.grid = options, prefix, grid
         self.attentions: list[torch.Tensor] = []
 
-    def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False,
-                upsample: bool = True) -> torch.Tensor:
+    def explain(
+        self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False, upsample: bool = True
+    ) -> torch.Tensor:
         if not self.attentions:
             raise RuntimeError("rollout: no attention was recorded; run the model inside capture()")
         rollout = None
@@ -55,7 +61,7 @@ class _RolloutCapture(Capture):
                 a = 0.5 * a
                 a.diagonal(dim1=-2, dim2=-1).add_(0.5)
             rollout = a if rollout is None else a @ rollout
-        row = rollout[:, 0, self.prefix:]
+        row = rollout[:, 0, self.prefix :]
         out = row.reshape(row.shape[0], 1, *self.grid)
         if self.options.upsample and upsample:
             out = F.interpolate(out, size=self.inputs.shape[-2:], mode="bilinear", align_corners=False)
@@ -63,6 +69,8 @@ class _RolloutCapture(Capture):
 
 
 class AttentionRollout(Explainer):
+    """Attention rollout of a timm ViT: the class token's row of the product of attentions."""
+
     name = "rollout"
     description = "attention rollout of a timm ViT (class-token row, residual-aware, head fusion mean/max)"
     Options = RolloutOptions
@@ -77,10 +85,12 @@ class AttentionRollout(Explainer):
     @contextlib.contextmanager
     def capture(self, model: nn.Module, inputs: torch.Tensor, *, trainable: bool = True) -> Iterator[Capture]:
         modules = _attention_modules(model)
-        cap = _RolloutCapture(inputs, self.options, int(getattr(model, "num_prefix_tokens", 1)),
-                              tuple(model.patch_embed.grid_size))
-        handles = [m.attn_drop.register_forward_hook(lambda mod, args, out: cap.attentions.append(args[0]))
-                   for m in modules]
+        cap = _RolloutCapture(
+            inputs, self.options, int(getattr(model, "num_prefix_tokens", 1)), tuple(model.patch_embed.grid_size)
+        )
+        handles = [
+            m.attn_drop.register_forward_hook(lambda mod, args, out: cap.attentions.append(args[0])) for m in modules
+        ]
         try:
             with unfused_attention(model):  # the probabilities exist only on the unfused path
                 yield cap

@@ -11,11 +11,15 @@ from e2kd.api import EvalBatch, Metric
 
 
 class AccuracyOptions(BaseModel):
+    """Options of the ``accuracy`` metric."""
+
     model_config = ConfigDict(extra="forbid")
     top_k: int = Field(1, ge=1, description="a sample counts as correct if its label is among the k highest logits")
 
 
 class Accuracy(Metric):
+    """Top-k accuracy against single labels."""
+
     name = "accuracy"
     description = "top-k accuracy against the labels"
     Options = AccuracyOptions
@@ -28,6 +32,8 @@ class Accuracy(Metric):
 
 
 class Agreement(Metric):
+    """Fraction of samples whose top-1 class is the teacher's."""
+
     name = "agreement"
     description = "fraction of samples whose top-1 class equals the teacher's"
     requires = frozenset({"teacher"})
@@ -37,11 +43,15 @@ class Agreement(Metric):
 
 
 class KLOptions(BaseModel):
+    """Options of the ``kl_divergence`` metric."""
+
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions")
 
 
 class KLDivergence(Metric):
+    """KL(p_teacher || p_model) of the predictive distributions, in nats."""
+
     name = "kl_divergence"
     description = "KL(p_teacher || p_model) of the predictive distributions, in nats (lower is better)"
     Options = KLOptions

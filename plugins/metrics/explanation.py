@@ -13,19 +13,26 @@ from e2kd.api import EvalBatch, Metric, Similarity
 
 
 class ExplanationSimilarityOptions(BaseModel):
+    """Options of the ``explanation_similarity`` metric."""
+
     model_config = ConfigDict(extra="forbid")
-    similarity: str | None = Field(None, description="name of a registered similarity (default: the run's training "
-                                                     "similarity with its options, else cosine)")
+    similarity: str | None = Field(
+        None,
+        description="name of a registered similarity (default: the run's training "
+        "similarity with its options, else cosine)",
+    )
     similarity_options: dict[str, Any] = Field(default_factory=dict, description="options of that similarity")
 
     @model_validator(mode="after")
-    def _options_need_a_name(self) -> "ExplanationSimilarityOptions":
+    def _options_need_a_name(self) -> ExplanationSimilarityOptions:
         if self.similarity_options and self.similarity is None:
             raise ValueError("similarity_options needs similarity (the name of the similarity they configure)")
         return self
 
 
 class ExplanationSimilarity(Metric):
+    """Mean similarity of the model's explanations to the teacher's, for the teacher's top-1 class."""
+
     name = "explanation_similarity"
     description = "mean similarity of the model's explanations to the teacher's (teacher's top-1 class)"
     Options = ExplanationSimilarityOptions

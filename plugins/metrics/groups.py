@@ -16,10 +16,14 @@ from e2kd.api import EvalBatch, Metric
 
 
 class GroupOptions(BaseModel):
+    """Options of the group metrics."""
+
     model_config = ConfigDict(extra="forbid")
     in_distribution: list[int] | None = Field(
-        None, description="group ids that are in distribution (default: as the dataset marks samples, else "
-                          "cells whose group equals the label)")
+        None,
+        description="group ids that are in distribution (default: as the dataset marks samples, else "
+        "cells whose group equals the label)",
+    )
 
 
 class _GroupMetric(Metric):
@@ -68,6 +72,8 @@ class _GroupMetric(Metric):
 
 
 class GroupAccuracy(_GroupMetric):
+    """Accuracy per (label, group) cell: worst, mean, in- and out-of-distribution groups."""
+
     name = "group_accuracy"
     description = "accuracy per (label, group) cell; worst-group, mean-group, in- and out-of-distribution"
 
@@ -76,6 +82,8 @@ class GroupAccuracy(_GroupMetric):
 
 
 class GroupAgreement(_GroupMetric):
+    """Teacher agreement per (label, group) cell: worst, mean, in- and out-of-distribution groups."""
+
     name = "group_agreement"
     description = "teacher agreement per (label, group) cell; worst-group, mean-group, in- and out-of-distribution"
     requires = frozenset({"labels", "groups", "teacher"})

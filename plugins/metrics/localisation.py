@@ -24,7 +24,7 @@ def _chunks(maps: torch.Tensor, masks: torch.Tensor):
     samples, from (B, C, H, W) maps and masks."""
     a, m = maps.sum(1).flatten(1), masks.amax(1).flatten(1)
     for start in range(0, a.shape[0], CHUNK):
-        yield a[start:start + CHUNK], (m[start:start + CHUNK] > 0).to(a.dtype)
+        yield a[start : start + CHUNK], (m[start : start + CHUNK] > 0).to(a.dtype)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -64,8 +64,12 @@ def explanation_iou(maps: torch.Tensor, masks: torch.Tensor, threshold: float = 
 
 
 class EPG(Metric):
+    """Energy pointing game: the share of the positive map inside the class's mask, per (image, class)."""
+
     name = "epg"
-    description = "energy pointing game: share of the positive label-class map inside the class's mask, per (image, class)"
+    description = (
+        "energy pointing game: share of the positive label-class map inside the class's mask, per (image, class)"
+    )
     requires = frozenset({"label_explanations", "masks"})
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
@@ -73,11 +77,15 @@ class EPG(Metric):
 
 
 class IoUOptions(BaseModel):
+    """Options of the ``explanation_iou`` metric."""
+
     model_config = ConfigDict(extra="forbid")
     threshold: float = Field(0.5, gt=0, lt=1, description="binarisation threshold of the min-max normalised map")
 
 
 class ExplanationIoU(Metric):
+    """IoU of the binarised positive map with the object's mask."""
+
     name = "explanation_iou"
     description = "IoU of the binarised positive label-class map with the object mask"
     Options = IoUOptions

@@ -9,6 +9,8 @@ from e2kd.api import EvalBatch, Metric
 
 
 class MicroF1(Metric):
+    """Micro-averaged F1 of logits > 0 against multi-hot labels."""
+
     name = "micro_f1"
     description = "micro-averaged F1 of logits > 0 against multi-hot labels (class indices are one-hot encoded)"
     requires = frozenset({"labels"})

@@ -17,6 +17,8 @@ from e2kd.api import EvalBatch, Metric
 
 
 class ShiftOptions(BaseModel):
+    """Options of the ``shift_equivariance`` metric."""
+
     model_config = ConfigDict(extra="forbid")
     max_shift: int = Field(8, ge=1, description="largest diagonal shift in pixels")
     step: int = Field(1, ge=1, description="shift increment in pixels")
@@ -39,6 +41,8 @@ def overlap_cosine(shifted_maps: torch.Tensor, maps: torch.Tensor, t: int) -> to
 
 
 class ShiftEquivariance(Metric):
+    """Cosine of the explanations of shifted images on their overlap, per shift (a curve)."""
+
     name = "shift_equivariance"
     description = "cosine of explanations on the overlap after diagonal shifts of 0..max_shift px (a curve)"
     Options = ShiftOptions

@@ -37,7 +37,9 @@ class SmallResNet(nn.Module):
 
     def __init__(self, num_classes: int, widths: tuple[int, ...], blocks: int, in_chans: int) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
         stages, c_in = [], widths[0]
         for i, width in enumerate(widths):
             layers = [_Block(c_in, width, 1 if i == 0 else 2)] + [_Block(width, width, 1) for _ in range(blocks - 1)]
@@ -47,15 +49,15 @@ class SmallResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, num_classes)
         # timm-style description of the feature stages (explainers use the last one by default)
-        self.feature_info = [
-            {"num_chs": w, "reduction": 2**i, "module": f"stages.{i}"} for i, w in enumerate(widths)
-        ]
+        self.feature_info = [{"num_chs": w, "reduction": 2**i, "module": f"stages.{i}"} for i, w in enumerate(widths)]
 
     def forward(self, x):
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
 class SmallResNetOptions(BaseModel):
+    """Options of ``small_resnet``."""
+
     model_config = ConfigDict(extra="forbid")
     widths: tuple[int, ...] = Field((16, 32, 64), min_length=1, description="channels per stage")
     blocks: int = Field(1, ge=1, description="residual blocks per stage")
@@ -65,6 +67,8 @@ class SmallResNetOptions(BaseModel):
 
 
 class SmallResNetBuilder(ModelBuilder):
+    """A small residual CNN for low-resolution images (tests, the demo, the miniatures)."""
+
     name = "small_resnet"
     description = "small residual CNN for low-resolution images (last stage at 1/4 resolution with 3 stages)"
     Options = SmallResNetOptions

@@ -17,6 +17,8 @@ from e2kd.models import normalize_inputs
 
 
 class TimmOptions(BaseModel):
+    """Options of the ``timm`` model builder."""
+
     model_config = ConfigDict(extra="forbid")
     arch: str = Field("resnet18", description="timm model name, e.g. resnet18")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of timm.create_model")
@@ -33,6 +35,8 @@ class TimmOptions(BaseModel):
 
 
 class TimmBuilder(ModelBuilder):
+    """Any timm architecture by name, randomly initialised (weights from a local checkpoint)."""
+
     name = "timm"
     description = "a timm architecture by name (option arch), randomly initialised"
     Options = TimmOptions

@@ -13,6 +13,8 @@ from .cosine import gram_cosine
 
 
 class CorrelationOptions(BaseModel):
+    """Options of the correlation similarities."""
+
     model_config = ConfigDict(extra="forbid")
     eps: float = Field(1e-8, gt=0, description="guards against constant maps (their correlation is 0)")
 
@@ -34,11 +36,14 @@ def ranks(x: torch.Tensor) -> torch.Tensor:
     group = starts.cumsum(1) - 1  # tie group of each sorted position
     position = torch.arange(x.shape[1], dtype=dtype, device=x.device).expand(x.shape[0], -1)
     mean = torch.zeros_like(position).scatter_add_(1, group, position) / torch.zeros_like(position).scatter_add_(
-        1, group, torch.ones_like(position))
+        1, group, torch.ones_like(position)
+    )
     return torch.empty_like(position).scatter_(1, order, mean.gather(1, group))
 
 
 class Pearson(Similarity):
+    """Pearson correlation of the maps flattened over C x H x W."""
+
     name = "pearson"
     description = "Pearson correlation of maps flattened over C x H x W"
     Options = CorrelationOptions
@@ -55,6 +60,8 @@ class Pearson(Similarity):
 
 
 class Spearman(Similarity):
+    """Spearman rank correlation of the flattened maps (ties share their mean rank)."""
+
     name = "spearman"
     description = "Spearman rank correlation of flattened maps (tied values share their mean rank; evaluation only)"
     Options = CorrelationOptions

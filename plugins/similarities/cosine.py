@@ -12,11 +12,15 @@ from e2kd.upsampling import upsampled_inner
 
 
 class CosineOptions(BaseModel):
+    """Options of the ``cosine`` similarity."""
+
     model_config = ConfigDict(extra="forbid")
     eps: float = Field(1e-8, gt=0, description="guards against zero norms (PyTorch's default)")
 
 
 class Cosine(Similarity):
+    """Cosine similarity of the maps flattened over C x H x W (the paper's choice)."""
+
     name = "cosine"
     description = "cosine similarity of maps flattened over C x H x W"
     Options = CosineOptions

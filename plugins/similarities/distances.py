@@ -13,6 +13,8 @@ from e2kd.api import Similarity
 
 
 class NormalisedOptions(BaseModel):
+    """Options of the ``l1`` and ``l2`` distances."""
+
     model_config = ConfigDict(extra="forbid")
     eps: float = Field(1e-12, gt=0, description="guards against all-zero maps")
 
@@ -24,6 +26,8 @@ def unit_sum(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class L1(Similarity):
+    """L1 distance between maps normalised to unit sum (lower is better)."""
+
     name = "l1"
     description = "L1 distance between maps normalised to unit sum (lower is better)"
     Options = NormalisedOptions
@@ -34,6 +38,8 @@ class L1(Similarity):
 
 
 class L2(Similarity):
+    """L2 distance between maps normalised to unit sum (lower is better)."""
+
     name = "l2"
     description = "L2 distance between maps normalised to unit sum (lower is better)"
     Options = NormalisedOptions
@@ -45,9 +51,14 @@ class L2(Similarity):
 
 
 class JSDOptions(BaseModel):
+    """Options of the ``jsd`` divergence."""
+
     model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(1.0, gt=0, description="softmax temperature over the pixels, applied to maps "
-                                                      "scaled to unit maximum absolute value")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="softmax temperature over the pixels, applied to maps scaled to unit maximum absolute value",
+    )
     eps: float = Field(1e-12, gt=0, description="guards against all-zero maps")
 
 
@@ -59,8 +70,12 @@ def unit_max(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class JensenShannon(Similarity):
+    """Jensen-Shannon divergence of the maps' spatial softmax distributions (lower is better)."""
+
     name = "jsd"
-    description = "Jensen-Shannon divergence of spatial softmax distributions of scale-normalised maps (nats; lower is better)"
+    description = (
+        "Jensen-Shannon divergence of spatial softmax distributions of scale-normalised maps (nats; lower is better)"
+    )
     Options = JSDOptions
     higher_is_better = False
 

@@ -11,6 +11,8 @@ from e2kd.api import Similarity
 
 
 class SSIMOptions(BaseModel):
+    """Options of the ``ssim`` similarity."""
+
     model_config = ConfigDict(extra="forbid")
     window: int = Field(7, ge=2, description="side of the uniform window (clipped to the map size)")
     k1: float = Field(0.01, gt=0)
@@ -25,6 +27,8 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class SSIM(Similarity):
+    """Mean structural similarity over uniform windows (valid positions, every channel)."""
+
     name = "ssim"
     description = "mean SSIM over uniform windows (valid positions, all channels); 1 = identical"
     Options = SSIMOptions

@@ -10,6 +10,8 @@ from e2kd.api import Similarity
 
 
 class TopKOptions(BaseModel):
+    """Options of the ``topk_overlap`` similarity."""
+
     model_config = ConfigDict(extra="forbid")
     percent: float = Field(10.0, gt=0, le=100, description="share of pixels (of C x H x W) kept from each map")
 
@@ -22,6 +24,8 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TopKOverlap(Similarity):
+    """IoU of the top-k % pixels of the two maps."""
+
     name = "topk_overlap"
     description = "IoU of the top-k% pixels of the two maps (evaluation only)"
     Options = TopKOptions

@@ -62,5 +62,9 @@ class CsvImages(Dataset):
 
     def identity(self, split: str) -> dict:
         rows = self._rows(split)
-        return {**super().identity(split), "root": str(self.root.resolve()),
-                "files_sha256": files_digest([p for p, _ in rows], self.root), "labels": [y for _, y in rows]}
+        return {
+            **super().identity(split),
+            "root": str(self.root.resolve()),
+            "files_sha256": files_digest([p for p, _ in rows], self.root),
+            "labels": [y for _, y in rows],
+        }

@@ -1,10 +1,10 @@
 """The plugin's own tests: register it ad hoc (no install needed) and check values by hand."""
 
+import e2kd_attention_transfer as plugin
 import pytest
 import torch
 
 import e2kd
-import e2kd_attention_transfer as plugin
 from e2kd.testing import EXPLAINER_CASES, check_dataset, check_similarity
 
 
@@ -21,7 +21,7 @@ def registered():
 def test_neg_l2_by_hand(registered):
     sim = e2kd.get_similarity("neg_l2")
     a, b = torch.tensor([[3.0, 4.0]]), torch.tensor([[4.0, 3.0]])
-    assert sim(a, b).item() == pytest.approx(-((0.6 - 0.8) ** 2 * 2) ** 0.5)
+    assert sim(a, b).item() == pytest.approx(-(((0.6 - 0.8) ** 2 * 2) ** 0.5))
 
 
 def test_attention_map_by_hand(registered):
@@ -93,7 +93,8 @@ def test_the_kit_catches_a_frozen_teacher_mistake(registered):
         def capture(self, model, inputs, *, trainable=True):
             cap = _LayerCAMCapture(inputs)
             handle = resolve_layer(model, self.options.layer).register_forward_hook(
-                lambda m, a, out: setattr(cap, "activations", out))
+                lambda m, a, out: setattr(cap, "activations", out)
+            )
             try:
                 yield cap
             finally:

@@ -59,6 +59,8 @@ class PositionNorm2d(nn.Module):
 
 
 class BasicBlockV2(nn.Module):
+    """Two 3x3 B-cos-v2 convolutions with position norms and an identity (or 1x1) shortcut."""
+
     expansion = 1
 
     def __init__(self, c_in: int, planes: int, stride: int) -> None:
@@ -81,6 +83,8 @@ class BasicBlockV2(nn.Module):
 
 
 class BottleneckV2(BasicBlockV2):
+    """1x1 - 3x3 - 1x1 B-cos-v2 bottleneck (expansion 4) of the deeper B-cos-v2 ResNets."""
+
     expansion = 4
 
     def __init__(self, c_in: int, planes: int, stride: int) -> None:
@@ -95,6 +99,8 @@ class BottleneckV2(BasicBlockV2):
 
 
 class BcosV2ResNet(nn.Module):
+    """B-cos-v2 ResNet with the bcos package's module names, so its released state dicts load."""
+
     bcos = True
 
     def __init__(self, num_classes: int, block: type[BasicBlockV2], layers: list[int]) -> None:
@@ -113,7 +119,6 @@ class BcosV2ResNet(nn.Module):
         self.fc = BcosConv2dV2(c_in, num_classes, 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.logit_layer = LogitBias(num_classes)
-        self.logit_bias = self.logit_layer
         self.feature_info = [{"module": "layer4", "num_chs": c_in}]
 
     def forward(self, x):
@@ -123,6 +128,8 @@ class BcosV2ResNet(nn.Module):
 
 
 class DenseLayerV2(nn.Module):
+    """One B-cos-v2 dense layer: norm, 1x1 bottleneck, norm, 3x3 convolution; returns the new features."""
+
     def __init__(self, c_in: int, growth: int, bn_size: int) -> None:
         super().__init__()
         self.norm1, self.conv1 = PositionNorm2d(c_in), BcosConv2dV2(c_in, bn_size * growth, 1)
@@ -133,6 +140,8 @@ class DenseLayerV2(nn.Module):
 
 
 class DenseBlockV2(nn.ModuleDict):
+    """B-cos-v2 dense block: each layer sees the concatenation of every earlier output."""
+
     def __init__(self, n: int, c_in: int, growth: int, bn_size: int) -> None:
         super().__init__({f"denselayer{i + 1}": DenseLayerV2(c_in + i * growth, growth, bn_size) for i in range(n)})
 
@@ -150,7 +159,11 @@ class BcosV2DenseNet(nn.Module):
     def __init__(self, num_classes: int, blocks: list[int], growth: int = 32, init: int = 64, bn_size: int = 4) -> None:
         super().__init__()
         self.encode = AddInverse()
-        layers = {"conv0": BcosConv2dV2(6, init, 7, 2, 3), "norm0": PositionNorm2d(init), "pool0": nn.AvgPool2d(3, 2, 1)}
+        layers = {
+            "conv0": BcosConv2dV2(6, init, 7, 2, 3),
+            "norm0": PositionNorm2d(init),
+            "pool0": nn.AvgPool2d(3, 2, 1),
+        }
         c = init
         for i, n in enumerate(blocks, start=1):
             layers[f"denseblock{i}"] = DenseBlockV2(n, c, growth, bn_size)
@@ -167,7 +180,6 @@ class BcosV2DenseNet(nn.Module):
             self.features.add_module(name, module)
         self.classifier = BcosConv2dV2(c, num_classes, 1)
         self.logit_layer = LogitBias(num_classes)
-        self.logit_bias = self.logit_layer
         self.feature_info = [{"module": "features", "num_chs": c}]
 
     def forward(self, x):
@@ -222,7 +234,9 @@ class _AttentionV2(nn.Module):
 
     def forward(self, x):
         b, n, d = x.shape
-        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.to_qkv(self.norm(x)).chunk(3, -1))
+        q, k, v = (
+            t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in self.to_qkv(self.norm(x)).chunk(3, -1)
+        )
         attn = self.attend((q @ k.transpose(-1, -2)) * self.scale)
         return self.to_out(DynamicMatmul.apply(attn, v).transpose(1, 2).reshape(b, n, d))
 
@@ -233,8 +247,12 @@ class _EncoderV2(nn.Module):
         self.attn = _AttentionV2(dim, heads)
         self.ff = nn.Module()
         self.ff.net = nn.Sequential()
-        for name, module in (("norm", DynamicLayerNorm(dim, eps=1e-5)), ("linear1", BcosLinearV2(dim, mlp_dim)),
-                             ("act", nn.Identity()), ("linear2", BcosLinearV2(mlp_dim, dim))):
+        for name, module in (
+            ("norm", DynamicLayerNorm(dim, eps=1e-5)),
+            ("linear1", BcosLinearV2(dim, mlp_dim)),
+            ("act", nn.Identity()),
+            ("linear2", BcosLinearV2(mlp_dim, dim)),
+        ):
             self.ff.net.add_module(name, module)
 
     def forward(self, x):
@@ -266,8 +284,16 @@ class BcosV2SimpleViT(nn.Module):
 
     bcos = True
 
-    def __init__(self, num_classes: int, patch: int = 16, dim: int = 192, depth: int = 12, heads: int = 3,
-                 mlp_dim: int = 768, logit_bias: float | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        patch: int = 16,
+        dim: int = 192,
+        depth: int = 12,
+        heads: int = 3,
+        mlp_dim: int = 768,
+        logit_bias: float | None = None,
+    ) -> None:
         super().__init__()
         self.encode = AddInverse()
         self.add_module("0", _SimpleViTBody(num_classes, patch, dim, depth, heads, mlp_dim))
@@ -280,12 +306,19 @@ class BcosV2SimpleViT(nn.Module):
 
 
 class SimpleViTOptions(BaseModel):
+    """Options of ``bcos_v2_simple_vit_ti``."""
+
     model_config = ConfigDict(extra="forbid")
-    logit_bias: float | None = Field(None, description="constant logit bias (default -log(C - 1); the package's "
-                                                       "ImageNet configs use log(1/999) whatever C is)")
+    logit_bias: float | None = Field(
+        None,
+        description="constant logit bias (default -log(C - 1); the package's "
+        "ImageNet configs use log(1/999) whatever C is)",
+    )
 
 
 class BcosV2SimpleViTTiny(ModelBuilder):
+    """The bcos package's B-cos-v2 SimpleViT-Ti/16 (its state dicts load)."""
+
     name = "bcos_v2_simple_vit_ti"
     description = "B-cos-v2 SimpleViT-Ti/16 in the bcos package's layout (loads its state dicts)"
     Options = SimpleViTOptions
@@ -295,16 +328,21 @@ class BcosV2SimpleViTTiny(ModelBuilder):
 
 
 def _v2(name: str, build) -> type[ModelBuilder]:
-    return ModelBuilder.define(f"bcos_v2_{name}", f"B-cos-v2 {name} in the bcos package's layout (loads its state dicts)",
-                               lambda o, n: build(n))
+    return ModelBuilder.define(
+        f"bcos_v2_{name}",
+        f"B-cos-v2 {name} in the bcos package's layout (loads its state dicts)",
+        lambda o, n: build(n),
+    )
 
 
-BUILDERS = [_v2("resnet18", lambda n: BcosV2ResNet(n, BasicBlockV2, [2, 2, 2, 2])),
-            _v2("resnet34", lambda n: BcosV2ResNet(n, BasicBlockV2, [3, 4, 6, 3])),
-            _v2("resnet50", lambda n: BcosV2ResNet(n, BottleneckV2, [3, 4, 6, 3])),
-            _v2("densenet121", lambda n: BcosV2DenseNet(n, [6, 12, 24, 16])),
-            _v2("densenet169", lambda n: BcosV2DenseNet(n, [6, 12, 32, 32])),
-            BcosV2SimpleViTTiny]
+BUILDERS = [
+    _v2("resnet18", lambda n: BcosV2ResNet(n, BasicBlockV2, [2, 2, 2, 2])),
+    _v2("resnet34", lambda n: BcosV2ResNet(n, BasicBlockV2, [3, 4, 6, 3])),
+    _v2("resnet50", lambda n: BcosV2ResNet(n, BottleneckV2, [3, 4, 6, 3])),
+    _v2("densenet121", lambda n: BcosV2DenseNet(n, [6, 12, 24, 16])),
+    _v2("densenet169", lambda n: BcosV2DenseNet(n, [6, 12, 32, 32])),
+    BcosV2SimpleViTTiny,
+]
 
 
 @hookimpl
