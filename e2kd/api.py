@@ -15,10 +15,15 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 
-class NoOptions(BaseModel):
-    """Options model of a plugin item that takes none."""
+class PluginOptions(BaseModel):
+    """Base of every plugin item's options: a pydantic model that refuses unknown keys (a typo in a
+    config is a one-line error naming the key, not a silently ignored option)."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class NoOptions(PluginOptions):
+    """Options model of a plugin item that takes none."""
 
 
 class PluginItem:
@@ -54,11 +59,78 @@ class Capture:
     ) -> torch.Tensor:
         """Explanation (B, C, H, W) of ``logits[i, target[i]]`` from the captured forward.
 
+        ``create_graph=True`` (the student): the map must be differentiable with respect to the
+        model's parameters — the distiller back-propagates the explanation term through it, and
+        refuses a map without that path. ``False`` (a teacher, evaluation): return it detached.
+        ``explain`` may be called several times on one capture (several classes of one forward),
+        so keep the forward's graph (``retain_graph=True``; :func:`class_gradient` does). The map
+        is checked against :meth:`Explainer.map_channels` and the input's (H, W).
+
         ``upsample=False`` is asked only of explainers whose :meth:`Explainer.upsamples_bilinearly`
         is true: return the map before its final bilinear upsampling (a similarity then works at
         that resolution, exactly; see :mod:`e2kd.upsampling`).
         """
         raise NotImplementedError
+
+
+def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``sum_i logits[i, target[i]]``: one scalar whose gradient holds each sample's class-score
+    gradient (the samples of a batch do not interact)."""
+    return logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
+
+
+def class_gradient(
+    logits: torch.Tensor, target: torch.Tensor, wrt: torch.Tensor, *, create_graph: bool = False
+) -> torch.Tensor:
+    """d :func:`target_score` / d ``wrt``, keeping the forward's graph so that the same capture can
+    explain other classes; with ``create_graph`` the gradient is itself differentiable (a student's
+    map)."""
+    (grad,) = torch.autograd.grad(target_score(logits, target), wrt, create_graph=create_graph, retain_graph=True)
+    return grad
+
+
+@contextlib.contextmanager
+def recorded(
+    modules: nn.Module | list[nn.Module],
+    *,
+    read: str = "output",
+    leaf: bool | Callable[[torch.Tensor], bool] = False,
+    check: Callable[[Any], None] | None = None,
+    unfuse: nn.Module | None = None,
+) -> Iterator[list[torch.Tensor]]:
+    """Record, in call order, what ``modules`` output (``read="input"``: their first positional
+    argument) during the forwards run inside the block; the list is filled as the model runs.
+
+    - ``check(value)`` runs first on every value and may raise (e.g. a one-line
+      :class:`e2kd.errors.ModelError` for an unexpected shape);
+    - ``leaf`` (outputs only): record a detached copy that requires grad and let the model go on
+      from it — for a frozen model (``trainable=False``) the map then needs the graph from this
+      layer on only; a function of the output decides per call (e.g. ``not out.requires_grad``);
+    - ``unfuse``: run that model's attention on the unfused path for the block (attention
+      probabilities exist, and a double backward through attention works, only there).
+
+    The hooks are removed on leaving the block, also after an error.
+    """
+    from .models import unfused_attention  # (models imports this module)
+
+    values: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        value = args[0] if read == "input" else output
+        if check is not None:
+            check(value)
+        if read == "output" and (leaf(output) if callable(leaf) else leaf):
+            value = output = output.detach().requires_grad_(True)
+        values.append(value)
+        return output if read == "output" else None
+
+    handles = [m.register_forward_hook(hook) for m in (modules if isinstance(modules, list) else [modules])]
+    try:
+        with unfused_attention(unfuse) if unfuse is not None else contextlib.nullcontext():
+            yield values
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Explainer(PluginItem):
@@ -69,6 +141,22 @@ class Explainer(PluginItem):
         with explainer.capture(model, x) as cap:
             logits = model(cap.inputs)
         maps = cap.explain(logits, target, create_graph=True)
+
+    The contract, in the order the distiller uses it in one training step:
+
+    1. the teacher first (skipped when it is replayed from a frozen cache): ``capture(teacher, x,
+       trainable=False)``, one forward through ``cap.inputs``, ``cap.explain(logits, classes)``
+       for the teacher's top-1 (or each explained) class, detached; ``trainable=False`` promises
+       nothing will be back-propagated into the model, so a method may start its graph at its
+       layer (``recorded(..., leaf=True)``);
+    2. then the student: ``capture(student, x, trainable=True)``, the training forward through
+       ``cap.inputs`` (its logits also give the KD term), ``cap.explain(logits, teacher_classes,
+       create_graph=True)``: a map differentiable with respect to the student's parameters;
+    3. leaving ``capture`` removes every hook and restores the model, also after an error.
+
+    :meth:`check_model` runs once per model before training (a missing layer is a one-line
+    error then, not a traceback later). Building blocks: :func:`recorded`, :func:`class_gradient`,
+    :func:`target_score`; the contract kit (:mod:`e2kd.testing`) checks a plugin against all of it.
     """
 
     #: The map is differentiable w.r.t. the model parameters (usable for e2KD training).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from .evaluate import flatten_metrics
 from .explaining import explained_forward
 from .models import module_device
 from .runs import LoadedRun, load_run
-from .runtime import is_main_process
+from .runtime import Runtime, at_least_fp32, is_main_process
 from .storage import atomic_write_json, atomic_write_text
 from .viz import plot_curves, plot_explanations
 
@@ -34,19 +35,24 @@ def explanation_maps(
     explainer: Explainer,
     *,
     reference: str | None = None,
+    runtime: Runtime | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every model's map (and top-1 prediction) on the same images, each computed on that model's
-    device, all for the class ``models[reference]`` predicts, or each model's own top-1."""
+    device (under ``runtime``'s autocast when given, as in training and evaluation), all for the
+    class ``models[reference]`` predicts, or each model's own top-1."""
+    precision = runtime.autocast if runtime is not None else contextlib.nullcontext
     targets = None
     if reference is not None:
-        targets = explained_forward(models[reference], images.to(module_device(models[reference])), None)[2]
+        with precision():
+            targets = explained_forward(models[reference], images.to(module_device(models[reference])), None)[2]
     maps, preds = {}, {}
     for name, model in models.items():
         device = module_device(model)
-        logits, m, _ = explained_forward(
-            model, images.to(device), explainer, targets.to(device) if targets is not None else None
-        )
-        maps[name], preds[name] = m[:, 0], logits.argmax(1)
+        with precision():
+            logits, m, _ = explained_forward(
+                model, images.to(device), explainer, targets.to(device) if targets is not None else None
+            )
+        maps[name], preds[name] = at_least_fp32(m[:, 0]), logits.argmax(1)
     return maps, preds
 
 
@@ -60,9 +66,10 @@ def explanation_figure(
     reference: str | None = None,
     class_names: Sequence[str] | None = None,
     title: str | None = None,
+    runtime: Runtime | None = None,
 ) -> Path:
     """A figure of :func:`explanation_maps` (the images stay where they are; maps come back to the CPU)."""
-    maps, preds = explanation_maps(models, images, explainer, reference=reference)
+    maps, preds = explanation_maps(models, images, explainer, reference=reference, runtime=runtime)
     return plot_explanations(
         images.cpu(),
         {k: v.cpu() for k, v in maps.items()},
@@ -148,6 +155,7 @@ def evaluate_report(
             reference="teacher" if teacher is not None else None,
             class_names=first.class_names,
             title=f"{explainer.name} explanations for {whose} on {split} images",
+            runtime=first.runtime,
         )
     }
     curves = {

@@ -26,7 +26,7 @@ from .evaluate import evaluate_model
 from .models import build_from, load_teacher
 from .plan import Plan, plan_run
 from .registry import create, registry
-from .runtime import device_of, is_main_process, runtime_of
+from .runtime import Runtime, is_main_process, runtime_of
 from .storage import atomic_write_json, atomic_write_text, describe_difference
 
 if TYPE_CHECKING:
@@ -220,6 +220,8 @@ class LoadedRun:
     config: ExperimentConfig
     model: nn.Module
     teacher: nn.Module | None
+    #: Device, precision and processes of everything run on the loaded models.
+    runtime: Runtime
 
     @property
     def name(self) -> str:
@@ -257,12 +259,11 @@ class LoadedRun:
         refs = [PluginRef(name=m) for m in metrics] if metrics else None
         for ref in refs or []:
             create("metric", ref.name)  # unknown names fail here, with the known ones listed
-        runtime = runtime_of(self.config)
-        results = evaluate_model(self.plan, self.model, self.teacher, refs, runtime=runtime)
+        results = evaluate_model(self.plan, self.model, self.teacher, refs, runtime=self.runtime)
         previous = self.path / "metrics.json"
         if previous.is_file():
             results["history"] = json.loads(previous.read_text()).get("history", [])
-        if runtime.is_main:
+        if self.runtime.is_main:
             atomic_write_json(previous, results)
         return results
 
@@ -279,16 +280,17 @@ def _moved_teacher(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     return config.model_copy(update={"teacher": config.teacher.model_copy(update={"checkpoint": candidate})})
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """Load a finished run (``config.yaml`` + ``model.pt``) for evaluation or a notebook."""
+def load_run(run_dir: str | Path, runtime: Runtime | None = None) -> LoadedRun:
+    """Load a finished run (``config.yaml`` + ``model.pt``) for evaluation or a notebook, its models
+    placed by ``runtime`` (default: the one its config asks for in this process)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     config = _moved_teacher(load_config(config_path), run_dir.resolve())
-    run = LoadedRun(run_dir, config, None, None)  # type: ignore[arg-type]
-    device = device_of(config)
-    run.model = build_from(config.model, run.dataset, run_dir / "model.pt").to(device).eval()
+    runtime = runtime or runtime_of(config)
+    run = LoadedRun(run_dir, config, None, None, runtime)  # type: ignore[arg-type]
+    run.model = runtime.model(build_from(config.model, run.dataset, run_dir / "model.pt")).eval()
     if config.teacher is not None:
-        run.teacher = load_teacher(config, run.dataset).to(device).eval()
+        run.teacher = runtime.model(load_teacher(config, run.dataset)).eval()
     return run

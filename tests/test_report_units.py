@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from e2kd import report
+from e2kd.runtime import Runtime
 
 
 def test_table_is_one_row_per_run_with_missing_cells_dashed_and_lower_is_better_marked():
@@ -86,6 +87,7 @@ class _FakeRun:
         self.teacher = TinyCNN(num_classes=3).eval() if teacher else None
         self.config = SimpleNamespace(eval=SimpleNamespace(splits=["val", "test_ood"]))
         self.class_names = ["a", "b", "c"]
+        self.runtime = Runtime(torch.device("cpu"), "bf16")
         self.asked = []
         split = {"accuracy": 0.5 + len(name) / 100}
         if shift:
@@ -150,6 +152,7 @@ def test_evaluate_report_writes_metrics_table_and_figures_for_every_run(tmp_path
         "reference": "teacher",
         "class_names": ["a", "b", "c"],
         "title": "gradient explanations for the teacher's class on test_ood images",
+        "runtime": runs[str(tmp_path / "kd")].runtime,  # the first run's device and precision
     }
     ((data, path, kw),) = curves
     assert data == {"kd": ([0, 4], [1.0, 0.75])} and path == tmp_path / "out" / "shift.png"
@@ -254,3 +257,21 @@ def test_the_explanation_figure_is_written_where_asked(tmp_path):
         {"m": TinyCNN().eval()}, torch.rand(2, 3, 8, 8), None, get_explainer("gradient"), tmp_path / "e.png"
     )
     assert path == tmp_path / "e.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explanation_maps_run_under_the_runtimes_precision(spread_images):
+    """With a bf16 runtime the maps are the ones a bf16 forward gives (returned in float32), which
+    differ from the float32 maps: the figures show what the run's precision computes."""
+    from e2kd.explaining import explained_forward
+    from e2kd.registry import get_explainer
+    from e2kd.testing import TinyCNN
+
+    torch.manual_seed(3)
+    model, x, explainer = TinyCNN(num_classes=3).eval(), spread_images[:4], get_explainer("gradient")
+    maps, preds = report.explanation_maps({"m": model}, x, explainer, runtime=Runtime(torch.device("cpu"), "bf16"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, want, _ = explained_forward(model, x, explainer)
+    assert maps["m"].dtype == torch.float32 and torch.equal(maps["m"], want[:, 0].float()) and maps["m"].abs().sum() > 0
+    assert torch.equal(preds["m"], logits.argmax(1))
+    plain, _ = report.explanation_maps({"m": model}, x, explainer)
+    assert not torch.allclose(plain["m"], maps["m"], rtol=1e-4, atol=0)

@@ -115,7 +115,7 @@ def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, ca
     # the frozen claim reuses the few-data claim's teacher and KD students
     few, frozen = results["claims"][0], results["claims"][4]
     assert few["rows"][0]["KD"] == frozen["rows"][0]["KD"]
-    assert [r["variant"] for r in results["claims"][5]["rows"]] == list(reproduce.BIAS100_VARIANTS)
+    assert [r["variant"] for r in results["claims"][5]["rows"]] == list(reproduce.claims.BIAS100_VARIANTS)
 
 
 # -- full size on real folders: the paper's configs, pointed at a copy in the real on-disk format ------------
@@ -668,7 +668,7 @@ def test_run_reproduce_writes_the_report_the_results_and_the_figures(tmp_path, m
         assert (tmp_path / figure).stat().st_size > 1000
     assert (tmp_path / "few_data" / "data").is_dir() and (tmp_path / "cnn_to_vit" / "data").is_dir()
     students = {c.train.epochs for c in calls if c.out_dir.name != "teacher"}
-    assert students == {reproduce._epochs(0.25, 120), reproduce._epochs(0.25, 40)}  # the quick scale
+    assert students == {reproduce.claims._epochs(0.25, 120), reproduce.claims._epochs(0.25, 40)}  # the quick scale
     assert isinstance(stored["seconds"], float) and 0 < stored["seconds"] < 600
     assert stored["seconds"] == round(stored["seconds"], 1)
     (paired, rows, path, kw), (curves, lines, shift_path, shift_kw) = plots
@@ -707,7 +707,7 @@ def test_real_folder_claims_skip_those_without_a_teacher_and_say_so(tmp_path):
         "(e.g. --teacher few_data=/models/resnet34.pth)"
     )
     assert [c.key for c in reproduce.select_claims(None, None)] == [c.key for c in reproduce.CLAIMS]
-    assert reproduce._epochs(0.01, 30) == 1  # at least one epoch
+    assert reproduce.claims._epochs(0.01, 30) == 1  # at least one epoch
 
 
 if __name__ == "__main__":  # python -m tests.test_reproduce: record the current plan as the reference

@@ -42,7 +42,7 @@ METHOD = [
 ]
 #: The whole package: the core (datasets, checkpoints, guidance, mixup, the training loop, runtime,
 #: upsampling, reproduce, config, registry, ...) and every built-in plugin.
-PACKAGE = ["e2kd/*.py", "e2kd/data/*.py", "plugins/*/*.py"]
+PACKAGE = ["e2kd/*.py", "e2kd/data/*.py", "e2kd/reproduce/*.py", "plugins/*/*.py"]
 SCOPES = {"package": PACKAGE, "method": METHOD}
 
 #: Tests that cannot kill a mutant or must not run under mutmut: the notebook (executed in a kernel

@@ -12,21 +12,20 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import Capture, Explainer
+from e2kd.api import Capture, Explainer, PluginOptions, class_gradient, recorded
 from e2kd.errors import ModelError
 from e2kd.models import find_modules
 
 from .layers import AddInverse, explanation_mode
 
 
-class BcosOptions(BaseModel):
+class BcosOptions(PluginOptions):
     """Options of the ``bcos`` explainer."""
 
-    model_config = ConfigDict(extra="forbid")
     contribution: bool = Field(False, description="return the contribution map sum_c W(x) * x (B, 1, H, W)")
 
 
@@ -44,14 +43,18 @@ class _BcosCapture(Capture):
     def __init__(self, inputs: torch.Tensor, contribution: bool) -> None:
         super().__init__(inputs)
         self.contribution = contribution
-        self.encoded: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor] = []  # the encoded input, filled by the forward
+
+    @property
+    def encoded(self) -> torch.Tensor | None:
+        """The encoded input [x, 1 - x] of the captured forward, the map's reference."""
+        return self.outputs[-1] if self.outputs else None
 
     def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
         if self.encoded is None:
             raise RuntimeError("bcos: the model was not run inside capture()")
-        score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
         with explanation_mode():
-            (weights,) = torch.autograd.grad(score, self.encoded, create_graph=create_graph, retain_graph=True)
+            weights = class_gradient(logits, target, self.encoded, create_graph=create_graph)
         return (weights * self.encoded).sum(1, keepdim=True) if self.contribution else weights
 
 
@@ -74,18 +77,10 @@ class Bcos(Explainer):
         encoder = _encoder(model)
         cap = _BcosCapture(inputs, self.options.contribution)
 
-        def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
-            if not output.requires_grad:  # images need no grad: make the encoded input a leaf that does
-                output = output.detach().requires_grad_(True)
-            cap.encoded = output
-            return output
-
-        handle = encoder.register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                yield cap
-        finally:
-            handle.remove()
+        # images need no grad: the encoded input becomes a leaf that does (unless it already has a graph)
+        with recorded(encoder, leaf=lambda out: not out.requires_grad) as outputs, torch.enable_grad():
+            cap.outputs = outputs
+            yield cap
 
 
 @hookimpl

@@ -8,11 +8,11 @@ Registered: ``bcos_resnet18``, ``bcos_resnet34``, ``bcos_resnet50``, ``bcos_dens
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import ModelBuilder
+from e2kd.api import ModelBuilder, PluginOptions
 
 from .layers import AddInverse, BcosConv2d, LogitBias, UncenteredBatchNorm2d
 
@@ -123,26 +123,23 @@ class BcosDenseNet(nn.Module):
         return self.logit_bias(self.pool(self.classifier(x)).flatten(1))
 
 
-class DenseNetOptions(BaseModel):
+class DenseNetOptions(PluginOptions):
     """Options of the B-cos DenseNets."""
 
-    model_config = ConfigDict(extra="forbid")
     small_input: bool = Field(False, description="3x3 stride-1 stem for small images")
     growth: int = Field(32, ge=1, description="growth rate (channels added per dense layer)")
     init: int = Field(64, ge=1, description="stem channels")
 
 
-class ResNetOptions(BaseModel):
+class ResNetOptions(PluginOptions):
     """Options of the B-cos ResNets."""
 
-    model_config = ConfigDict(extra="forbid")
     small_input: bool = Field(False, description="3x3 stride-1 stem for small images instead of 7x7/2 + 3x3/2")
 
 
-class SmallOptions(BaseModel):
+class SmallOptions(PluginOptions):
     """Options of ``bcos_small``."""
 
-    model_config = ConfigDict(extra="forbid")
     widths: list[int] = Field([16, 32, 64], min_length=1, description="channels per stage")
     blocks: int = Field(1, ge=1, description="basic blocks per stage")
 

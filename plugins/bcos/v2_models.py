@@ -11,11 +11,11 @@ this package's layers, they keep the exact e2KD gradient semantics: give a B-cos
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import ModelBuilder
+from e2kd.api import ModelBuilder, PluginOptions
 
 from .layers import AddInverse, DynamicLayerNorm, DynamicMatmul, LogitBias, dynamic_mul
 
@@ -305,10 +305,9 @@ class BcosV2SimpleViT(nn.Module):
         return self.logit_bias(getattr(self, "0")(self.encode(x)))
 
 
-class SimpleViTOptions(BaseModel):
+class SimpleViTOptions(PluginOptions):
     """Options of ``bcos_v2_simple_vit_ti``."""
 
-    model_config = ConfigDict(extra="forbid")
     logit_bias: float | None = Field(
         None,
         description="constant logit bias (default -log(C - 1); the package's "

@@ -12,11 +12,11 @@ so Grad-CAM on tokens and attention rollout work on it unchanged.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import ModelBuilder
+from e2kd.api import ModelBuilder, PluginOptions
 
 from .layers import AddInverse, BcosConv2d, BcosLinear, DynamicLayerNorm, DynamicMatmul, LogitBias
 
@@ -90,10 +90,9 @@ class BcosViT(nn.Module):
         return self.logit_bias(self.head(self.norm(self.blocks(tokens))[:, 0]))
 
 
-class ViTOptions(BaseModel):
+class ViTOptions(PluginOptions):
     """Options of ``bcos_vit_tiny`` (every size configurable)."""
 
-    model_config = ConfigDict(extra="forbid")
     img_size: int = Field(224, ge=4)
     patch_size: int = Field(16, ge=1)
     embed_dim: int = Field(192, ge=2)

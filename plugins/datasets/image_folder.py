@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Dataset
+from e2kd.api import Dataset, PluginOptions
 from e2kd.data.files import (
     IMAGE_EXTENSIONS,
     ImageFiles,
@@ -33,10 +33,9 @@ from e2kd.errors import DataError
 HOLDOUT = "train_holdout"
 
 
-class ImageFolderOptions(BaseModel):
+class ImageFolderOptions(PluginOptions):
     """Options of the ``image_folder`` dataset."""
 
-    model_config = ConfigDict(extra="forbid")
     root: Path = Field(..., description="folder holding train/ and val/ (optional test/), one sub-folder per class")
     shots: int | None = Field(None, ge=1, description="training images per class, drawn with data.seed (all if unset)")
     holdout_per_class: int = Field(0, ge=0, description="images per class held out of train as split train_holdout")

@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from e2kd import hookimpl
 from e2kd.api import Dataset as DatasetPlugin
+from e2kd.api import PluginOptions
 from e2kd.data.files import per_split
 from e2kd.data.shapes import GENERATOR_VERSION, SHAPES, render
 
@@ -115,10 +116,9 @@ class SyntheticShapes(Dataset):
         return float((self.groups == self.labels).float().mean())
 
 
-class SyntheticOptions(BaseModel):
+class SyntheticOptions(PluginOptions):
     """Options of the ``synthetic`` dataset."""
 
-    model_config = ConfigDict(extra="forbid")
     num_classes: int = Field(4, ge=2, le=len(SHAPES), description="classes (object shapes)")
     image_size: int = Field(32, ge=16, description="side of the square images in pixels")
     train_per_class: int = Field(100, ge=1, description="training images per class")

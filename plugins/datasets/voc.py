@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch.utils.data import Dataset as TorchDataset
 from torchvision import tv_tensors
 
 from e2kd import hookimpl
-from e2kd.api import Dataset
+from e2kd.api import Dataset, PluginOptions
 from e2kd.data.files import drop_unreadable, files_digest, per_split, read_image, require_dir, require_file
 from e2kd.data.voc_format import VOC_CLASSES
 from e2kd.errors import DataError
@@ -27,10 +27,9 @@ from e2kd.errors import DataError
 CLASSES = VOC_CLASSES
 
 
-class VOCOptions(BaseModel):
+class VOCOptions(PluginOptions):
     """Options of the ``voc`` dataset."""
 
-    model_config = ConfigDict(extra="forbid")
     root: Path = Field(..., description="folder holding VOCdevkit (or VOCdevkit, or VOC<year> itself)")
     year: str = Field("2007", description="the VOC<year> folder to read")
     image_set: str = Field("train", description="ImageSets/Main/<image_set>.txt that trains")

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Dataset
+from e2kd.api import Dataset, PluginOptions
 from e2kd.data.files import ImageFiles, drop_unreadable, files_digest, per_split, require_dir, require_file
 from e2kd.errors import DataError
 
@@ -25,10 +25,9 @@ COLUMNS = ("img_filename", "y", "place", "split")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
-class WaterbirdsOptions(BaseModel):
+class WaterbirdsOptions(PluginOptions):
     """Options of the ``waterbirds`` dataset."""
 
-    model_config = ConfigDict(extra="forbid")
     root: Path = Field(..., description="folder holding the metadata file and the images it names")
     metadata: str = Field("metadata.csv", description="metadata file inside root (e.g. another one for Waterbirds-100)")
     image_size: int = Field(224, ge=8, description="side of the square crops the models see")

@@ -16,19 +16,18 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import Capture, Explainer
+from e2kd.api import Capture, Explainer, PluginOptions, class_gradient, recorded
 from e2kd.errors import ModelError
-from e2kd.models import default_layer_name, resolve_layer, unfused_attention
+from e2kd.models import default_layer_name, resolve_layer
 
 
-class GradCAMOptions(BaseModel):
+class GradCAMOptions(PluginOptions):
     """Options of the ``gradcam`` explainer."""
 
-    model_config = ConfigDict(extra="forbid")
     layer: str | None = Field(None, description="module name of the feature map; default: the last feature stage")
     relu: bool = Field(True, description="apply ReLU to the map (the paper's positive Grad-CAM)")
     upsample: bool = Field(True, description="bilinearly upsample the map to the input size")
@@ -52,8 +51,13 @@ class _GradCAMCapture(Capture):
         self.options = options
         self.layer_name = layer_name
         self.token_grid = token_grid  # (prefix tokens, (h, w)) for transformer tokens
-        self.activations: torch.Tensor | None = None
+        self.outputs: list[torch.Tensor] = []  # the layer's outputs, filled by the forward
         self.classifier_weight: torch.Tensor | None = None  # set for the closed form
+
+    @property
+    def activations(self) -> torch.Tensor | None:
+        """The layer's output in the captured forward."""
+        return self.outputs[-1] if self.outputs else None
 
     def _as_map(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() == 4:
@@ -72,9 +76,7 @@ class _GradCAMCapture(Capture):
             # d z_c / d A_k = W_ck / (h w) at every position: alpha_k = W_ck / (h w) exactly
             weights = self.classifier_weight[target].to(acts.dtype)[:, :, None, None] / (acts.shape[2] * acts.shape[3])
         else:
-            score = logits.gather(1, target.view(-1, 1)).sum()
-            # keep the graph: the same forward may be explained for several classes
-            (grads,) = torch.autograd.grad(score, acts, create_graph=create_graph, retain_graph=True)
+            grads = class_gradient(logits, target, acts, create_graph=create_graph)
             grads, acts = self._as_map(grads), self._as_map(acts)
             weights = grads.mean(dim=(2, 3), keepdim=True)
         cam = (weights * acts).sum(dim=1, keepdim=True)
@@ -129,25 +131,19 @@ class GradCAM(Explainer):
             if not trainable:
                 cap.classifier_weight = cap.classifier_weight.detach()
 
-        def hook(module: nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        def check(output: object) -> None:
             ok = torch.is_tensor(output) and (output.dim() == 4 or (output.dim() == 3 and grid is not None))
             if not ok:
                 shape = tuple(output.shape) if torch.is_tensor(output) else type(output).__name__
                 raise ModelError(
                     f"gradcam: layer {name!r} outputs {shape}, expected a (B, C, h, w) feature map (or ViT tokens)"
                 )
-            if not trainable:
-                # Frozen model: the map only needs the graph from this layer to the logits.
-                output = output.detach().requires_grad_(True)
-            cap.activations = output
-            return output
 
-        handle = layer.register_forward_hook(hook)
-        try:
-            with unfused_attention(model):  # ViT students need the double backward through attention
-                yield cap
-        finally:
-            handle.remove()
+        # a frozen model's map needs the graph from this layer on only; ViT students need the
+        # double backward through attention (the unfused path)
+        with recorded(layer, leaf=not trainable, check=check, unfuse=model) as outputs:
+            cap.outputs = outputs
+            yield cap
 
 
 def _linear_head(model: nn.Module, layer: str | None) -> nn.Linear:

@@ -11,18 +11,17 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import Capture, Explainer
+from e2kd.api import Capture, Explainer, PluginOptions, class_gradient
 from e2kd.models import unfused_attention
 
 
-class InputGradientOptions(BaseModel):
+class InputGradientOptions(PluginOptions):
     """Options of the ``gradient`` and ``input_x_gradient`` explainers."""
 
-    model_config = ConfigDict(extra="forbid")
     absolute: bool = Field(False, description="return the absolute value (classic saliency) instead of the signed map")
 
 
@@ -32,8 +31,7 @@ class _InputGradientCapture(Capture):
         self.times_input, self.absolute = times_input, absolute
 
     def explain(self, logits: torch.Tensor, target: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
-        score = logits.gather(1, target.view(-1, 1).to(logits.device)).sum()
-        (grad,) = torch.autograd.grad(score, self.inputs, create_graph=create_graph, retain_graph=True)
+        grad = class_gradient(logits, target, self.inputs, create_graph=create_graph)
         out = grad * self.inputs if self.times_input else grad
         out = out.abs() if self.absolute else out
         return out if create_graph else out.detach()

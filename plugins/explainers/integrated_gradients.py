@@ -18,18 +18,17 @@ from typing import Literal
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
 from captum.attr._utils.approximation_methods import approximation_parameters
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import Capture, Explainer
+from e2kd.api import Capture, Explainer, PluginOptions, target_score
 from e2kd.models import unfused_attention
 
 
-class IGOptions(BaseModel):
+class IGOptions(PluginOptions):
     """Options of the ``integrated_gradients`` explainer."""
 
-    model_config = ConfigDict(extra="forbid")
     n_steps: int = Field(16, ge=1, description="integration steps (extra forwards per explanation)")
     method: Literal["riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"] = Field(
         "gausslegendre", description="captum's approximation method"
@@ -93,8 +92,7 @@ class _IGCapture(Capture):
         scaled = torch.cat([base + a * delta for a in alphas]).requires_grad_(True)  # (n_steps * B, ...)
         with torch.enable_grad(), _keep_running_stats(self.model):
             out = self.model(scaled)
-        score = out.gather(1, target.repeat(o.n_steps).view(-1, 1)).sum()
-        (grads,) = torch.autograd.grad(score, scaled, create_graph=True)
+        (grads,) = torch.autograd.grad(target_score(out, target.repeat(o.n_steps)), scaled, create_graph=True)
         grads = grads.view(o.n_steps, *x.shape)
         total = sum(w * g for w, g in zip(weights, grads))
         return delta * total

@@ -15,19 +15,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import Capture, Explainer
+from e2kd.api import Capture, Explainer, PluginOptions, recorded
 from e2kd.errors import ModelError
-from e2kd.models import unfused_attention
 
 
-class RolloutOptions(BaseModel):
+class RolloutOptions(PluginOptions):
     """Options of the ``rollout`` explainer."""
 
-    model_config = ConfigDict(extra="forbid")
     head_fusion: Literal["mean", "max"] = Field("mean", description="how the heads' attention maps are combined")
     residual: bool = Field(True, description="mix each attention with the identity: (A + I) / 2")
     upsample: bool = Field(True, description="bilinearly upsample the patch-grid map to the input size")
@@ -88,15 +86,10 @@ class AttentionRollout(Explainer):
         cap = _RolloutCapture(
             inputs, self.options, int(getattr(model, "num_prefix_tokens", 1)), tuple(model.patch_embed.grid_size)
         )
-        handles = [
-            m.attn_drop.register_forward_hook(lambda mod, args, out: cap.attentions.append(args[0])) for m in modules
-        ]
-        try:
-            with unfused_attention(model):  # the probabilities exist only on the unfused path
-                yield cap
-        finally:
-            for h in handles:
-                h.remove()
+        # the attention probabilities enter each block's attention dropout (on the unfused path only)
+        with recorded([m.attn_drop for m in modules], read="input", unfuse=model) as attentions:
+            cap.attentions = attentions
+            yield cap
 
 
 @hookimpl

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import EvalBatch, Metric
+from e2kd.api import EvalBatch, Metric, PluginOptions
 
 
-class AccuracyOptions(BaseModel):
+class AccuracyOptions(PluginOptions):
     """Options of the ``accuracy`` metric."""
 
-    model_config = ConfigDict(extra="forbid")
     top_k: int = Field(1, ge=1, description="a sample counts as correct if its label is among the k highest logits")
 
 
@@ -42,10 +41,9 @@ class Agreement(Metric):
         return (batch.logits.argmax(1) == batch.teacher_logits.argmax(1)).float()
 
 
-class KLOptions(BaseModel):
+class KLOptions(PluginOptions):
     """Options of the ``kl_divergence`` metric."""
 
-    model_config = ConfigDict(extra="forbid")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of both distributions")
 
 

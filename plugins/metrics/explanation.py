@@ -5,17 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 import e2kd
 from e2kd import hookimpl
-from e2kd.api import EvalBatch, Metric, Similarity
+from e2kd.api import EvalBatch, Metric, PluginOptions, Similarity
 
 
-class ExplanationSimilarityOptions(BaseModel):
+class ExplanationSimilarityOptions(PluginOptions):
     """Options of the ``explanation_similarity`` metric."""
 
-    model_config = ConfigDict(extra="forbid")
     similarity: str | None = Field(
         None,
         description="name of a registered similarity (default: the run's training "

@@ -9,16 +9,15 @@ so (waterbird on water, matching background), else when its group id equals its 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import EvalBatch, Metric
+from e2kd.api import EvalBatch, Metric, PluginOptions
 
 
-class GroupOptions(BaseModel):
+class GroupOptions(PluginOptions):
     """Options of the group metrics."""
 
-    model_config = ConfigDict(extra="forbid")
     in_distribution: list[int] | None = Field(
         None,
         description="group ids that are in distribution (default: as the dataset marks samples, else "

@@ -10,10 +10,10 @@ per-sample definitions in ``tests/reference.py``.
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import EvalBatch, Metric
+from e2kd.api import EvalBatch, Metric, PluginOptions
 
 EPS = 1e-7
 CHUNK = 2048  # samples per vectorised step (bounds the memory of intermediates)
@@ -76,10 +76,9 @@ class EPG(Metric):
         return energy_pointing_game(batch.label_explanations, batch.label_masks)
 
 
-class IoUOptions(BaseModel):
+class IoUOptions(PluginOptions):
     """Options of the ``explanation_iou`` metric."""
 
-    model_config = ConfigDict(extra="forbid")
     threshold: float = Field(0.5, gt=0, lt=1, description="binarisation threshold of the min-max normalised map")
 
 

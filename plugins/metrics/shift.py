@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import EvalBatch, Metric
+from e2kd.api import EvalBatch, Metric, PluginOptions
 
 
-class ShiftOptions(BaseModel):
+class ShiftOptions(PluginOptions):
     """Options of the ``shift_equivariance`` metric."""
 
-    model_config = ConfigDict(extra="forbid")
     max_shift: int = Field(8, ge=1, description="largest diagonal shift in pixels")
     step: int = Field(1, ge=1, description="shift increment in pixels")
 

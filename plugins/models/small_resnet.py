@@ -6,11 +6,11 @@ feature map is 1/4 of the input (8x8 at 32 px).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import ModelBuilder
+from e2kd.api import ModelBuilder, PluginOptions
 from e2kd.models import normalize_inputs
 
 
@@ -55,10 +55,9 @@ class SmallResNet(nn.Module):
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
-class SmallResNetOptions(BaseModel):
+class SmallResNetOptions(PluginOptions):
     """Options of ``small_resnet``."""
 
-    model_config = ConfigDict(extra="forbid")
     widths: tuple[int, ...] = Field((16, 32, 64), min_length=1, description="channels per stage")
     blocks: int = Field(1, ge=1, description="residual blocks per stage")
     in_chans: int = Field(3, ge=1, description="input channels")

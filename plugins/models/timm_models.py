@@ -8,18 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from e2kd import hookimpl
-from e2kd.api import ModelBuilder
+from e2kd.api import ModelBuilder, PluginOptions
 from e2kd.models import normalize_inputs
 
 
-class TimmOptions(BaseModel):
+class TimmOptions(PluginOptions):
     """Options of the ``timm`` model builder."""
 
-    model_config = ConfigDict(extra="forbid")
     arch: str = Field("resnet18", description="timm model name, e.g. resnet18")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of timm.create_model")
     normalize: bool = Field(True, description="normalise [0, 1] input with mean/std inside the model")

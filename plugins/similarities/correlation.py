@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Similarity
+from e2kd.api import PluginOptions, Similarity
 from e2kd.upsampling import centred
 
 from .cosine import gram_cosine
 
 
-class CorrelationOptions(BaseModel):
+class CorrelationOptions(PluginOptions):
     """Options of the correlation similarities."""
 
-    model_config = ConfigDict(extra="forbid")
     eps: float = Field(1e-8, gt=0, description="guards against constant maps (their correlation is 0)")
 
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Similarity
+from e2kd.api import PluginOptions, Similarity
 from e2kd.upsampling import upsampled_inner
 
 
-class CosineOptions(BaseModel):
+class CosineOptions(PluginOptions):
     """Options of the ``cosine`` similarity."""
 
-    model_config = ConfigDict(extra="forbid")
     eps: float = Field(1e-8, gt=0, description="guards against zero norms (PyTorch's default)")
 
 

@@ -6,16 +6,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Similarity
+from e2kd.api import PluginOptions, Similarity
 
 
-class NormalisedOptions(BaseModel):
+class NormalisedOptions(PluginOptions):
     """Options of the ``l1`` and ``l2`` distances."""
 
-    model_config = ConfigDict(extra="forbid")
     eps: float = Field(1e-12, gt=0, description="guards against all-zero maps")
 
 
@@ -50,10 +49,9 @@ class L2(Similarity):
         return diff.pow(2).sum(1).clamp_min(1e-30).sqrt()
 
 
-class JSDOptions(BaseModel):
+class JSDOptions(PluginOptions):
     """Options of the ``jsd`` divergence."""
 
-    model_config = ConfigDict(extra="forbid")
     temperature: float = Field(
         1.0,
         gt=0,

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Similarity
+from e2kd.api import PluginOptions, Similarity
 
 
-class SSIMOptions(BaseModel):
+class SSIMOptions(PluginOptions):
     """Options of the ``ssim`` similarity."""
 
-    model_config = ConfigDict(extra="forbid")
     window: int = Field(7, ge=2, description="side of the uniform window (clipped to the map size)")
     k1: float = Field(0.01, gt=0)
     k2: float = Field(0.03, gt=0)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Similarity
+from e2kd.api import PluginOptions, Similarity
 
 
-class TopKOptions(BaseModel):
+class TopKOptions(PluginOptions):
     """Options of the ``topk_overlap`` similarity."""
 
-    model_config = ConfigDict(extra="forbid")
     percent: float = Field(10.0, gt=0, le=100, description="share of pixels (of C x H x W) kept from each map")
 
 

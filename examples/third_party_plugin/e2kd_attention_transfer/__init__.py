@@ -7,18 +7,17 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from e2kd import hookimpl
-from e2kd.api import Capture, Explainer, Similarity
+from e2kd.api import Capture, Explainer, PluginOptions, Similarity, recorded
 from e2kd.models import resolve_layer
 
 from .csv_images import CsvImages
 from .layercam import LayerCAM
 
 
-class AttentionMapOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AttentionMapOptions(PluginOptions):
     layer: str | None = Field(None, description="module name; default: the model's last feature stage")
     p: float = Field(2.0, gt=0, description="exponent of |A|")
 
@@ -27,10 +26,10 @@ class _AttentionCapture(Capture):
     def __init__(self, inputs, p):
         super().__init__(inputs)
         self.p = p
-        self.activations = None
+        self.outputs = []
 
     def explain(self, logits, target, *, create_graph=False):
-        amap = self.activations.abs().pow(self.p).mean(dim=1, keepdim=True)
+        amap = self.outputs[-1].abs().pow(self.p).mean(dim=1, keepdim=True)
         amap = F.interpolate(amap, size=self.inputs.shape[-2:], mode="bilinear", align_corners=False)
         return amap if create_graph else amap.detach()
 
@@ -48,15 +47,9 @@ class AttentionMap(Explainer):
     def capture(self, model, inputs, *, trainable=True):
         layer = resolve_layer(model, self.options.layer, who=self.name)
         cap = _AttentionCapture(inputs, self.options.p)
-
-        def hook(module, args, output):
-            cap.activations = output if trainable else output.detach()
-
-        handle = layer.register_forward_hook(hook)
-        try:
+        with recorded(layer) as outputs:  # the hook is removed on leaving, also after an error
+            cap.outputs = outputs
             yield cap
-        finally:
-            handle.remove()
 
 
 class NegL2(Similarity):

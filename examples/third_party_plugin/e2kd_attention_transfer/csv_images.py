@@ -11,15 +11,14 @@ import csv
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from e2kd.api import Dataset
+from e2kd.api import Dataset, PluginOptions
 from e2kd.data.files import ImageFiles, files_digest, require_dir, require_file
 from e2kd.errors import DataError
 
 
-class CsvImagesOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CsvImagesOptions(PluginOptions):
     root: Path = Field(..., description="folder with classes.txt, <split>.csv files and the images")
     splits: list[str] = Field(["train", "test"], min_length=1, description="split names; the first trains")
     image_size: int = Field(224, ge=8, description="side of the square crops the models see")

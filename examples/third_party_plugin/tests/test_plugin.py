@@ -92,8 +92,9 @@ def test_the_kit_catches_a_frozen_teacher_mistake(registered):
         @contextlib.contextmanager
         def capture(self, model, inputs, *, trainable=True):
             cap = _LayerCAMCapture(inputs)
+            cap.outputs = []  # recorded as is: a frozen teacher's activation then requires no grad
             handle = resolve_layer(model, self.options.layer).register_forward_hook(
-                lambda m, a, out: setattr(cap, "activations", out)
+                lambda m, a, out: cap.outputs.append(out)
             )
             try:
                 yield cap
