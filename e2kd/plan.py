@@ -14,7 +14,7 @@ config is loaded); the rules here need the command, the dataset, or several sect
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from torch import nn
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .guidance import Guidance
 
 Command = Literal["train-teacher", "distill", "precompute", "evaluate"]
+COMMANDS = get_args(Command)
 
 
 @dataclass
@@ -34,7 +35,6 @@ class Plan:
     """What one command makes of a config: resolved settings and the plugin items, each built once."""
 
     config: ExperimentConfig
-    command: Command
     dataset: Dataset
     #: The KD term: ``softmax`` or ``binary`` (``distill.kd``; auto: binary for multi-label data).
     kd: str
@@ -81,6 +81,8 @@ def plan_run(config: ExperimentConfig, command: Command, dataset: Dataset | None
     is a one-line :class:`ConfigError` raised before anything is built beyond the dataset."""
     from .data import dataset_of
 
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
     _check_command(config, command)
     dataset = dataset if dataset is not None else dataset_of(config)
     kd, classes = _resolved(config, dataset)
@@ -88,7 +90,6 @@ def plan_run(config: ExperimentConfig, command: Command, dataset: Dataset | None
     guidance = _guidance(config, dataset) if command == "train-teacher" else None
     return Plan(
         config=config,
-        command=command,
         dataset=dataset,
         kd=kd,
         explain_classes=classes,

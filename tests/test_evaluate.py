@@ -4,6 +4,7 @@ split over processes (each process's share, merged) equal to one process over ev
 import pytest
 import torch
 
+import e2kd
 from e2kd.config import load_config_dict
 from e2kd.data import dataset_of
 from e2kd.errors import ConfigError
@@ -237,3 +238,44 @@ def test_the_explain_function_and_flattened_metrics():
         "g.worst": 0.5,
         "g.y0.g1": 0.25,
     }
+
+
+def test_metric_keys_write_out_the_options_of_a_name_given_twice():
+    from e2kd.config import PluginRef
+    from e2kd.evaluate import metric_keys
+
+    refs = [
+        PluginRef(name="m", options={"b": {"y": 1, "x": True}, "a": "s"}),
+        PluginRef(name="m", options={"a": 2}),
+        PluginRef(name="m"),
+        PluginRef(name="once", options={"k": 3}),
+    ]
+    assert metric_keys(refs) == ['m[a=s,b={"x": true, "y": 1}]', "m[a=2]", "m", "once"]
+
+
+def test_the_explanation_similarity_takes_its_direction_from_its_similarity():
+    from e2kd_plugins.metrics.explanation import ExplanationSimilarity
+
+    assert ExplanationSimilarity.capabilities()["higher_is_better"] == "as its similarity"  # what e2kd plugins shows
+    listed = {i.name: i.capabilities for i in e2kd.list_plugins("metric")}
+    assert listed["explanation_similarity"]["higher_is_better"] == "as its similarity"
+
+
+def test_evaluation_runs_at_the_runtimes_precision(setup):
+    """The evaluation's forwards and maps under a bf16 runtime are the ones bf16 autocast gives."""
+    from e2kd.config import PluginRef
+    from e2kd.explaining import explained_forward
+
+    config, model, teacher, dataset = setup
+    refs = [PluginRef(name="explanation_similarity")]
+    plan = plan_run(config, "evaluate", dataset)
+    low = evaluate_model(plan, model, teacher, metrics=refs, runtime=Runtime(torch.device("cpu"), "bf16"))
+    full = evaluate_model(plan, model, teacher, metrics=refs)
+    images = torch.stack([s["image"] for s in dataset.samples("test_ood")])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, t_maps, targets = explained_forward(teacher, images, plan.eval_explainer)
+        _, s_maps, _ = explained_forward(model, images, plan.eval_explainer, targets)
+    a, b = s_maps[:, 0].float().flatten(1).double(), t_maps[:, 0].float().flatten(1).double()
+    want = torch.nn.functional.cosine_similarity(a, b).mean().item()
+    got = low["splits"]["test_ood"]["explanation_similarity"]
+    assert got == pytest.approx(want, rel=1e-6) and got != full["splits"]["test_ood"]["explanation_similarity"]

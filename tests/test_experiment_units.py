@@ -594,3 +594,25 @@ def test_a_distillation_builds_each_item_once_and_checks_each_model_once(
         ("metric", "accuracy"): 1,
     }
     assert len(checked) == 2 and loop[0].model is not None  # the teacher and the student, once each
+
+
+def test_a_frozen_teacher_the_explainer_cannot_explain_is_refused_before_the_cache(tmp_path, builds):
+    config = _student_config(
+        tmp_path,
+        tmp_path / "unused.pt",
+        distill={"teacher_mode": "frozen", "explainer": {"name": "gradcam", "options": {"layer": "stages.1"}}},
+    )
+    plan = plan_run(config, "distill")
+    teacher = build_from(config.teacher, plan.dataset, None)  # one stage: no stages.1
+    with pytest.raises(ConfigError) as error:
+        experiment.prepare_cache(plan, teacher)
+    assert str(error.value).startswith(
+        "exp.yaml: distill.explainer: the teacher does not fit: gradcam: model SmallResNet has no layer 'stages.1'"
+    )
+    assert builds == [] and not list(tmp_path.rglob("teacher-cache-*"))
+
+
+def test_the_cache_records_the_precision_the_teacher_ran_at(tmp_path, teacher_file):
+    config = _student_config(tmp_path, teacher_file(), train={"precision": "bf16"}, distill={"teacher_mode": "frozen"})
+    cache = experiment.precompute(config)
+    assert cache.index["fingerprint"]["preprocessing"]["precision"] == "bf16"

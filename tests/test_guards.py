@@ -260,3 +260,66 @@ def test_an_explainer_declaring_its_own_resolution_may_return_smaller_maps():
     check_map_shape(e2kd.get_explainer("bcos", contribution=True), torch.zeros(2, 1, 8, 8), images)
     with pytest.raises(PluginError, match="1 channels where the explainer declares 6"):
         check_map_shape(bcos, torch.zeros(2, 1, 8, 8), images)
+
+
+def test_map_shape_messages_name_each_side_and_the_role(monkeypatch):
+    """Non-square maps, so that height and width cannot be swapped unnoticed; the full messages."""
+    images = torch.zeros(2, 3, 8, 6)
+    gradcam = e2kd.get_explainer("gradcam")
+    with pytest.raises(PluginError) as err:
+        check_map_shape(gradcam, torch.zeros(2, 1, 4, 3), images)
+    assert str(err.value) == (
+        "explainer 'gradcam' returned model maps of shape (2, 1, 4, 3), expected (2, 1, 8, 6): 4 x 3 where the "
+        "input is 8 x 6 (upsample the map to the input); maps are (B, C, H, W) at input resolution with "
+        "C = map_channels() (docs/plugins.md)"
+    )
+    for size in ((9, 6), (8, 7)):  # larger in one side only
+        with pytest.raises(PluginError) as err:
+            check_map_shape(gradcam, torch.zeros(2, 1, *size), images, upsample=False, role="teacher")
+        assert str(err.value).startswith(
+            f"explainer 'gradcam' returned teacher maps of shape (2, 1, {size[0]}, {size[1]}), expected "
+            f"(2, 1, <= 8, <= 6): {size[0]} x {size[1]}, larger than the 8 x 6 input; "
+        )
+    with pytest.raises(
+        PluginError,
+        match=r"^explainer 'gradcam' returned model maps of shape \(2, 8, 6\), expected "
+        r"\(2, 1, 8, 6\): not 4-D; ",
+    ):
+        check_map_shape(gradcam, torch.zeros(2, 8, 6), images)
+    check_map_shape(gradcam, torch.zeros(2, 1, 8, 6), images, upsample=False)  # as large as the input: fine
+    with pytest.raises(PluginError) as err:
+        explained_forward(TinyCNN(), torch.rand(2, 3, 8, 8), faulty("small"))
+    assert str(err.value).startswith("explainer 'faulty_gradient' returned model maps of shape (2, 1, 4, 4)")
+
+
+def test_evaluation_names_the_teacher_when_the_teachers_map_is_wrong():
+    from e2kd.evaluate import evaluate
+
+    metrics = {"explanation_similarity": e2kd.get_metric("explanation_similarity")}
+    metrics["explanation_similarity"].bind(similarity=e2kd.get_similarity("cosine"))
+    with pytest.raises(PluginError, match=r"^explainer 'faulty_gradient' returned teacher maps of shape"):
+        evaluate(TinyCNN(), [{"image": torch.rand(2, 3, 8, 8)}], metrics, teacher=TinyCNN(), explainer=faulty("small"))
+
+
+def test_a_detached_student_map_names_the_consequence_and_the_fix_by_default():
+    from e2kd.explaining import check_gradient_path
+
+    model = TinyCNN(width=4)
+    with pytest.raises(PluginError) as err:
+        check_gradient_path(e2kd.get_explainer("gradient"), torch.rand(2, 3, 8, 8), model)
+    message = str(err.value)
+    assert "so distill.lam > 0 would train plain KD;" in message and message.endswith("or set distill.lam: 0")
+
+
+def test_a_non_differentiable_explainer_cannot_train_a_student():
+    from e2kd.explaining import check_trainable
+
+    class Frozen(type(e2kd.get_explainer("gradient"))):
+        name, differentiable = "frozen_map", False
+
+    with pytest.raises(PluginError) as err:
+        check_trainable(Frozen(), e2kd.get_similarity("cosine"))
+    assert str(err.value) == (
+        "explainer 'frozen_map' is not differentiable and cannot train a student (use it for evaluation, "
+        "or set distill.lam: 0)"
+    )

@@ -4,6 +4,7 @@ explainer, and the distiller made from the plan's items and settings."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from types import SimpleNamespace
 
@@ -107,21 +108,23 @@ def test_a_frozen_teacher_explains_top1_only():
 
 
 @pytest.mark.parametrize(
-    "command, train, message",
+    "command, train, distill, message",
     [
         (
             "train-teacher",
             {"mixup": 0.2, "guidance": {}},
+            {},
             "train.mixup: mixed images have no boxes to guide towards; use either train.mixup or train.guidance",
         ),
-        ("distill", {"guidance": {}}, "train.guidance guides a model trained on labels (train-teacher); "),
-        ("distill", {"mixup": 0.2, "ce_weight": None}, "train.mixup: a mixed image has two labels; "),
+        ("distill", {"guidance": {}}, {}, "train.guidance guides a model trained on labels (train-teacher); "),
+        ("distill", {"mixup": 0.2}, {"teacher_mode": "frozen"}, "train.mixup: a frozen teacher's outputs are stored "),
+        ("distill", {"mixup": 0.2}, {"ce_weight": 0.5}, "train.mixup: a mixed image has two labels; "),
+        ("distill", {"mixup": 0.2}, {"explain_classes": "label"}, "train.mixup: a mixed image has two labels; "),
     ],
 )
-def test_the_rules_of_each_command(command, train, message):
-    distill = {"ce_weight": 0.5} if train.pop("ce_weight", 0) is None else {}
+def test_the_rules_of_each_command(command, train, distill, message):
     config = _config(train={**BASE["train"], **train}, distill=distill)
-    with pytest.raises(ConfigError, match="^exp.yaml: " + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match="^exp.yaml: " + re.escape(message)):
         plan_run(config, command, _data(provides={"mask"}))
     other = {"train-teacher": "evaluate", "distill": "train-teacher"}[command]
     plan_run(config, other, _data(provides={"mask"}))  # the rule is the command's
@@ -205,3 +208,22 @@ def test_the_explainer_must_fit_teacher_and_student_each_checked_once(monkeypatc
     )
     with pytest.raises(ConfigError, match=r"^exp.yaml: train.guidance.explainer: gradcam: model SmallResNet has no "):
         guided.check_model("train.guidance.explainer", wide)
+
+
+def test_an_unknown_command_is_a_programming_error():
+    with pytest.raises(ValueError, match=r"^unknown command 'distil' \(known: train-teacher, distill, precompute, "):
+        plan_run(_config(), "distil", _data())
+
+
+def test_each_field_checks_with_its_own_explainer():
+    """A guided teacher's plan holds two explainers: the guidance's (a layer the model lacks here)
+    and distill.explainer's (the default layer); each field is checked with its own."""
+    config = _config(
+        train={**BASE["train"], "guidance": {"explainer": {"name": "gradcam", "options": {"layer": "nowhere"}}}}
+    )
+    dataset = dataset_of(config)
+    plan = plan_run(config, "train-teacher", dataset)
+    model = build_from(config.model, dataset, None)
+    plan.check_model("distill.explainer", model)  # the default layer exists
+    with pytest.raises(ConfigError, match=r"^exp.yaml: train.guidance.explainer: gradcam: model SmallResNet has no "):
+        plan.check_model("train.guidance.explainer", model)  # not taken for the pair checked above

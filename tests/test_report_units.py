@@ -275,3 +275,17 @@ def test_explanation_maps_run_under_the_runtimes_precision(spread_images):
     assert torch.equal(preds["m"], logits.argmax(1))
     plain, _ = report.explanation_maps({"m": model}, x, explainer)
     assert not torch.allclose(plain["m"], maps["m"], rtol=1e-4, atol=0)
+
+
+def test_the_explanation_figure_passes_the_runtime_on(spread_images, monkeypatch):
+    from e2kd.registry import get_explainer
+    from e2kd.testing import TinyCNN
+
+    seen = []
+    real = report.explanation_maps
+    monkeypatch.setattr(report, "explanation_maps", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    runtime = Runtime(torch.device("cpu"), "bf16")
+    report.explanation_figure(
+        {"m": TinyCNN(num_classes=3).eval()}, spread_images[:2], None, get_explainer("gradient"), None, runtime=runtime
+    )
+    assert seen == [{"reference": None, "runtime": runtime}]

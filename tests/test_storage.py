@@ -22,7 +22,7 @@ from e2kd import storage
     ids=["bytes", "text", "torch"],
 )
 def test_atomic_writes_leave_the_old_file_and_no_temporary_when_they_fail(tmp_path, monkeypatch, write, read):
-    path = tmp_path / "sub" / "file"
+    path = tmp_path / "sub" / "dir" / "file"  # folders made as needed
     write(path, "old")
     assert read(path) == "old" and sorted(p.name for p in path.parent.iterdir()) == ["file"]
 
