@@ -371,7 +371,9 @@ def test_the_live_step_is_the_distillers_loss_at_that_step_and_the_teacher_is_ev
     (call,), (runtime,), dataset = loop, runtimes, dataset_of(config)
     assert call.desc == "distill run" and call.epochs == 1 and call.runtime is runtime
     assert results["history"] == HISTORY and runtime.synced == [call.model]
-    assert [(e.model, e.runtime) for e in evaluations] == [(call.model, runtime)] and evaluations[0].teacher is not None
+    assert [(e.model, e.runtime) for e in evaluations] == [(call.model, runtime)]
+    evaluated_teacher = evaluations[0].teacher.state_dict()  # the teacher of the file, evaluated alongside
+    assert all(torch.equal(evaluated_teacher[k], v) for k, v in torch.load(teacher_file()).items())
     assert not list(tmp_path.rglob("teacher-cache-*"))  # a live teacher needs no cache
     torch.manual_seed(4)
     fresh = build_from(config.model, dataset, None)
@@ -582,9 +584,7 @@ def test_a_distillation_builds_each_item_once_and_checks_each_model_once(
     monkeypatch.setattr(
         registry.registry(), "create", lambda k, n, o=None: (created.update([(k, n)]), real_create(k, n, o))[1]
     )
-    monkeypatch.setattr(
-        GradCAM, "check_model", lambda self, m: (checked.append(type(m).__name__), real_check(self, m))[1]
-    )
+    monkeypatch.setattr(GradCAM, "check_model", lambda self, m: (checked.append(m), real_check(self, m))[1])
     experiment.distill(config)
     assert created == {
         ("dataset", "synthetic"): 1,
@@ -593,7 +593,11 @@ def test_a_distillation_builds_each_item_once_and_checks_each_model_once(
         ("similarity", "cosine"): 1,
         ("metric", "accuracy"): 1,
     }
-    assert len(checked) == 2 and loop[0].model is not None  # the teacher and the student, once each
+    # the teacher and the student, once each
+    student = [m for m in checked if m is loop[0].model]
+    teacher = [m for m in checked if m is not loop[0].model]
+    assert len(student) == 1 and len(teacher) == 1
+    assert all(torch.equal(teacher[0].state_dict()[k], v) for k, v in torch.load(teacher_file()).items())
 
 
 def test_a_frozen_teacher_the_explainer_cannot_explain_is_refused_before_the_cache(tmp_path, builds):
