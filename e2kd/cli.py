@@ -120,6 +120,22 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .experiment import prepare
+
+    config = _load(args)
+    cache = prepare(config, force=args.force)
+    if not _is_main():
+        return 0
+    gib = cache.index["bytes"] / 2**30
+    hint = "" if config.data.cache == "decoded" else "; set data.cache: decoded to train from it"
+    print(
+        f"decoded cache: {cache.root} ({len(cache)} images, short side {cache.index['short_side']} px, "
+        f"{gib:.2f} GiB){hint}"
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .report import evaluate_report
 
@@ -277,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild a cache that was made for another setting")
     p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser(
+        "prepare",
+        help="decode the training split once into a uint8 memory-mapped cache (for data.cache: decoded); "
+        "resumes after a kill",
+    )
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild the cache from scratch (stale or damaged)")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(
         "evaluate", help="evaluate finished runs: metrics.json, report.md, explanation grid, shift curve"

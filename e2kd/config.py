@@ -58,6 +58,17 @@ class DataConfig(PluginRef):
     name: str = "synthetic"
     seed: int = Field(0, description="draws subsets (shots, held-out images) and generated data")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (results do not depend on it)")
+    cache: Literal["none", "decoded"] = Field(
+        "none",
+        description="decoded: train from the training split decoded once into a uint8 memory-mapped file "
+        "(`e2kd prepare`), augmented per sample on the training device",
+    )
+    cache_dir: Path | None = Field(
+        None, description="the decoded cache's folder (default: $E2KD_CACHE_DIR or ~/.cache/e2kd, named by fingerprint)"
+    )
+    short_side: int | None = Field(
+        None, ge=8, description="short side of the images in the decoded cache (default: image_size * 256 / 224)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -68,6 +79,11 @@ class DataConfig(PluginRef):
             kept = {k: value[k] for k in ("seed", "num_workers") if k in value}
             return {"name": "synthetic", "options": rest, **kept}
         return value
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _resolve(cls, value: Path | None) -> Path | None:
+        return _absolute(value)
 
 
 class DistillConfig(StrictModel):

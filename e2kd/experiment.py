@@ -16,6 +16,8 @@ from torch import nn
 
 from . import mixup
 from .data import ViewDataset, split_view
+from .data.batch_views import DeviceView
+from .data.decoded import DecodedCache, build_decoded, decoded_fingerprint, default_root, default_short_side
 from .distill import Distiller
 from .errors import CacheError, ConfigError, ModelError, StaleCacheError
 from .evaluate import evaluate_model
@@ -30,12 +32,68 @@ from .storage import atomic_torch_save, atomic_write_json
 from .train import fit, make_optimizer, make_schedule
 
 
-def train_view(plan: Plan, samples=None) -> ViewDataset:
-    """The training split through the training view (``samples``: the split's samples, wrapped)."""
+def train_view(plan: Plan, samples=None, decoded: DecodedCache | None = None) -> ViewDataset | DeviceView:
+    """The training split through the training view (``samples``: the split's samples, wrapped).
+
+    From a ``decoded`` cache the view runs per batch on the training device (:class:`DeviceView`);
+    otherwise per item in the loader (:func:`e2kd.data.split_view`).
+    """
     t, dataset = plan.config.train, plan.dataset
+    if decoded is not None:
+        return DeviceView(
+            samples if samples is not None else decoded.samples(),
+            decoded.sizes,
+            kind=dataset.default_augment if t.augment == "auto" else t.augment,
+            image_size=dataset.image_size,
+            color_jitter=t.color_jitter,
+            num_classes=dataset.num_classes,
+            seed=plan.config.seed,
+        )
     return split_view(
-        dataset, dataset.train_split, "train", augment=t.augment, color_jitter=t.color_jitter, samples=samples
+        dataset,
+        dataset.train_split,
+        "train",
+        augment=t.augment,
+        color_jitter=t.color_jitter,
+        samples=samples,
+        uint8=True,  # made float on the training device (e2kd.data.item_batches)
     )
+
+
+def prepare_decoded(plan: Plan, *, force: bool = False, runtime: Runtime | None = None) -> DecodedCache:
+    """Build (or resume, or reuse) the decoded cache of ``plan``'s training split and open it verified.
+
+    Under several processes the main process builds it while the others wait, then each opens it.
+    """
+    config, dataset = plan.config, plan.dataset
+    split = dataset.train_split
+    short_side = config.data.short_side or default_short_side(dataset.image_size)
+    fingerprint = decoded_fingerprint(dataset.identity(split), short_side)
+    root = config.data.cache_dir or default_root(fingerprint)
+    runtime = runtime or Runtime(torch.device("cpu"))
+    progress = progress_enabled(config)
+    with runtime.main_first():
+        if runtime.is_main:
+            build_decoded(
+                root,
+                dataset.samples(split),
+                fingerprint,
+                short_side=short_side,
+                num_workers=config.data.num_workers,
+                progress=progress,
+                force=force,
+            )
+    return DecodedCache.open(root, fingerprint, progress=progress)
+
+
+def prepare(config, *, force: bool = False) -> DecodedCache:
+    """``e2kd prepare``: the decoded cache of ``config``'s training split."""
+    return prepare_decoded(plan_run(config, "prepare"), force=force)
+
+
+def _decoded(plan: Plan, runtime: Runtime) -> DecodedCache | None:
+    """The training run's decoded cache when ``data.cache: decoded`` (built on first use)."""
+    return prepare_decoded(plan, runtime=runtime) if plan.config.data.cache == "decoded" else None
 
 
 def _fit(plan: Plan, runtime: Runtime, model: nn.Module, step, data: ViewDataset, out: Path, desc: str) -> list[dict]:
@@ -87,8 +145,11 @@ def train_teacher(config, *, rerun: bool = False) -> dict[str, Any]:
     samples = None
     if guidance is not None:
         plan.check_model("train.guidance.explainer", model)
+    decoded = _decoded(plan, runtime)
+    if guidance is not None:
         g = config.train.guidance
-        samples = AnnotatedSamples(dataset.samples(dataset.train_split), g.annotated_fraction, config.seed)
+        base = decoded.samples() if decoded is not None else dataset.samples(dataset.train_split)
+        samples = AnnotatedSamples(base, g.annotated_fraction, config.seed)
     out = _run_dir(plan, runtime, rerun)  # after every check
     forward = runtime.ddp(model)
 
@@ -110,7 +171,7 @@ def train_teacher(config, *, rerun: bool = False) -> dict[str, Any]:
             return {"loss": ce}
         return {"loss": ce + config.train.guidance.weight * term, "ce": ce, "guidance": term}
 
-    history = _fit(plan, runtime, model, step, train_view(plan, samples), out, desc=f"teacher {out.name}")
+    history = _fit(plan, runtime, model, step, train_view(plan, samples, decoded), out, desc=f"teacher {out.name}")
     return _finish(plan, runtime, out, model, None, history)
 
 
@@ -203,9 +264,13 @@ def distill(config, *, rerun: bool = False) -> dict[str, Any]:
     # a frozen teacher is replayed from the cache: the distiller gets no teacher model at all
     distiller = make_distiller(plan, None if frozen else teacher, student, runtime.ddp(student))
     cache = prepare_cache(plan, teacher, runtime=runtime) if frozen else None
+    decoded = _decoded(plan, runtime)
     out = _run_dir(plan, runtime, rerun)  # after every check
     torch.set_rng_state(rng)
-    samples = FrozenTeacherDataset(dataset.samples(dataset.train_split), cache) if frozen else None
+    samples = None
+    if frozen:
+        base = decoded.samples() if decoded is not None else dataset.samples(dataset.train_split)
+        samples = FrozenTeacherDataset(base, cache, resize_maps=decoded is None)
 
     def step(batch, index):
         replay = {}
@@ -218,7 +283,7 @@ def distill(config, *, rerun: bool = False) -> dict[str, Any]:
         with runtime.autocast():
             return distiller(images, batch["label"].to(runtime.device), step=index, **replay)
 
-    history = _fit(plan, runtime, student, step, train_view(plan, samples), out, desc=f"distill {out.name}")
+    history = _fit(plan, runtime, student, step, train_view(plan, samples, decoded), out, desc=f"distill {out.name}")
     return _finish(plan, runtime, out, student, teacher, history)
 
 

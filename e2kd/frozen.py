@@ -289,12 +289,22 @@ class TeacherCache:
 
 
 class FrozenTeacherDataset(Dataset):
-    """A dataset's items plus the cached ``teacher_logits`` and ``teacher_map``, then ``transform``."""
+    """A dataset's items plus the cached ``teacher_logits`` and ``teacher_map``, then ``transform``.
 
-    def __init__(self, base: Dataset, cache: TeacherCache, transform: Callable[[dict], dict] | None = None) -> None:
+    The map is resized to the item's image (for the item view, which stacks them); with
+    ``resize_maps=False`` it stays as stored (the device view samples it at the image's crop)."""
+
+    def __init__(
+        self,
+        base: Dataset,
+        cache: TeacherCache,
+        transform: Callable[[dict], dict] | None = None,
+        *,
+        resize_maps: bool = True,
+    ) -> None:
         if len(base) != len(cache):
             raise CacheError(f"{cache.root}: cache holds {len(cache)} samples, the dataset {len(base)}")
-        self.base, self.cache, self.transform = base, cache, transform
+        self.base, self.cache, self.transform, self.resize_maps = base, cache, transform, resize_maps
 
     def __len__(self) -> int:
         return len(self.base)
@@ -302,5 +312,7 @@ class FrozenTeacherDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         logits, teacher_map = self.cache[i]
         item = self.base[i]
-        item = {**item, "teacher_logits": logits, "teacher_map": resize_map(teacher_map, item["image"].shape[-2:])}
+        if self.resize_maps:
+            teacher_map = resize_map(teacher_map, item["image"].shape[-2:])
+        item = {**item, "teacher_logits": logits, "teacher_map": teacher_map}
         return self.transform(item) if self.transform is not None else item

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .config import ExperimentConfig, PluginRef
     from .guidance import Guidance
 
-Command = Literal["train-teacher", "distill", "precompute", "evaluate"]
+Command = Literal["train-teacher", "distill", "precompute", "prepare", "evaluate"]
 COMMANDS = get_args(Command)
 
 
@@ -85,6 +85,19 @@ def plan_run(config: ExperimentConfig, command: Command, dataset: Dataset | None
         raise ValueError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
     _check_command(config, command)
     dataset = dataset if dataset is not None else dataset_of(config)
+    if (command == "prepare" or (config.data.cache == "decoded" and command != "evaluate")) and dataset.fixed_size:
+        field, fix = (
+            ("data.name", "prepare is for datasets of image files")
+            if command == "prepare"
+            else (
+                "data.cache",
+                "use data.cache: none",
+            )
+        )
+        raise ConfigError(
+            f"{config.source}: {field}: dataset {dataset.name!r} stores its images at the training size "
+            f"already, there is nothing to decode; {fix}"
+        )
     kd, classes = _resolved(config, dataset)
     explainer = _create("explainer", config.distill.explainer)
     guidance = _guidance(config, dataset) if command == "train-teacher" else None

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
+from .data.item_batches import ItemBatches
 from .errors import ModelError, TrainingError
 from .runtime import Runtime
 from .storage import atomic_torch_save
@@ -224,6 +225,12 @@ def fit(
     are the means over processes (the global batch's); a loss that is not finite stops training
     with :class:`e2kd.errors.TrainingError` before the update, leaving the last checkpoint as it
     was. Returns the per-epoch means of every scalar ``step`` returns.
+
+    ``dataset`` is a map-style dataset read by loader workers (``num_workers`` processes, kept across
+    epochs; :class:`e2kd.data.item_batches.ItemBatches`), or a batch source with
+    ``batches(sampler, device)`` yielding the batches of the sampler's epoch on the device
+    (:class:`e2kd.data.batch_views.DeviceView`). Each step's wait for its batch is logged
+    (``data_wait_s`` in steps.csv; its share of the epoch's step time in epochs.csv and the bar).
     """
     runtime = runtime or Runtime(torch.device("cpu"))
     sampler = EpochBatches(len(dataset), batch_size, seed=seed, rank=runtime.rank, world_size=runtime.world_size)
@@ -246,14 +253,8 @@ def fit(
     log = TrainLog(
         Path(log_dir) if log_dir is not None and runtime.is_main else None, resume_step=epoch * per_epoch + position
     )
-    generator = torch.Generator()
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        generator=generator,
-        pin_memory=runtime.device.type == "cuda",
-    )
+    # a batch source (e.g. the device view), else the dataset's items through loader workers
+    source = dataset if hasattr(dataset, "batches") else ItemBatches(dataset, num_workers=num_workers, seed=seed)
 
     saved_step = epoch * per_epoch + position if checkpoint is not None and checkpoint.is_file() else None
 
@@ -290,10 +291,12 @@ def fit(
     while epoch < epochs:
         model.train()
         sampler.set_epoch(epoch, skip=position)
-        generator.manual_seed(seed * 100_003 + epoch)  # worker seeds: a function of (seed, epoch)
+        epoch_batches = source.batches(sampler, runtime.device)
         sums = defaultdict(float, sums)
-        tick = time.perf_counter()
-        for batch in loader:
+        waited, spent = 0.0, 0.0  # this epoch's seconds waiting for batches, and in steps (waits included)
+        tick = ready = time.perf_counter()
+        while (batch := next(epoch_batches, None)) is not None:
+            wait = time.perf_counter() - ready  # from the end of the last step's bookkeeping
             index = epoch * per_epoch + position
             out = step(batch, index)
             optimizer.zero_grad(set_to_none=True)
@@ -312,12 +315,14 @@ def fit(
             sums["batches"] += 1
             now = time.perf_counter()
             images = len(batch["image"]) * runtime.world_size
+            waited, spent = waited + wait, spent + (now - tick)
             row = {
                 "step": index + 1,
                 "epoch": epoch + 1,
                 **scalars,
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": images / max(now - tick, 1e-9),
+                "data_wait_s": wait,
             }
             if runtime.device.type == "cuda":
                 row["gpu_memory_mb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
@@ -325,14 +330,20 @@ def fit(
             log.step(row)
             bar.update(1)
             bar.set_postfix(
-                {"img/s": f"{row['images_per_s']:.0f}", **{k: f"{v:.3f}" for k, v in scalars.items() if k in LOSS_KEYS}}
+                {
+                    "img/s": f"{row['images_per_s']:.0f}",
+                    "wait": f"{waited / max(spent, 1e-9):.0%}",
+                    **{k: f"{v:.3f}" for k, v in scalars.items() if k in LOSS_KEYS},
+                }
             )
             if checkpoint_every and (index + 1) % checkpoint_every == 0 and position < per_epoch:
                 save(epoch, position)
+            ready = time.perf_counter()
         batches = max(sums.pop("batches", 0), 1)
         means = {k: v / batches for k, v in sums.items()}
         history.append({"epoch": epoch + 1, **means})
-        log.epoch({"epoch": epoch + 1, "last_step": (epoch + 1) * per_epoch, **means})
+        share = {"data_wait_share": waited / spent} if spent > 0 else {}  # of the steps run in this process
+        log.epoch({"epoch": epoch + 1, "last_step": (epoch + 1) * per_epoch, **means, **share})
         epoch, position, sums = epoch + 1, 0, {}
         save(epoch, 0)
     bar.close()

@@ -1,9 +1,13 @@
 import copy
 import importlib
 import os
+import sys
+import tempfile
 import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# decoded-image caches of tests go to a folder of this session, never to ~/.cache
+os.environ.setdefault("E2KD_CACHE_DIR", tempfile.mkdtemp(prefix="e2kd-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,6 +36,15 @@ def dev_extra(module: str):
                 f"{module} is missing but CI runs every test: install the dev extra (pip install -e '.[dev]')"
             ) from exc
         pytest.skip(f"{module} is not installed (pip install -e '.[dev]')", allow_module_level=True)
+
+
+def end_spawned_worker() -> None:
+    """End a spawned gloo worker whose results are written and whose peers passed the last barrier, at
+    once: interpreter teardown in those workers has now and then aborted the process ("terminate called
+    without an active exception", SIGABRT) after the work was done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(autouse=True)

@@ -154,3 +154,48 @@ def test_epoch_benchmark_smoke(tmp_path):
         "0",
     )
     assert result["kd"]["steps"] == 2 and result["e2kd"]["median_images_per_s"] > 0
+
+
+def test_data_path_benchmark_smoke(tmp_path):
+    result = _bench(
+        tmp_path,
+        "bench_data_path.py",
+        "--images",
+        "20",
+        "--min-side",
+        "30",
+        "--max-side",
+        "60",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--repeats",
+        "1",
+    )
+    rates = result["images_per_s"]
+    assert set(rates) == {"jpeg (e2kd)", "jpeg (by hand)", "decoded + device view", "tensors + v2 per item (by hand)"}
+    assert all(v > 0 for v in rates.values()) and result["decoded_cache"]["bytes"] > 0
+
+
+def test_view_parity_benchmark_smoke(tmp_path):
+    result = _bench(
+        tmp_path,
+        "bench_view_parity.py",
+        "--seeds",
+        "2",
+        "--per-class",
+        "3",
+        "--val-per-class",
+        "2",
+        "--side",
+        "24",
+        "--image-size",
+        "16",
+        "--epochs",
+        "1",
+    )
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    assert all(0 <= r["item_view"] <= 1 and 0 <= r["device_view"] <= 1 for r in result["runs"])
+    differences = [r["device_view"] - r["item_view"] for r in result["runs"]]
+    assert result["mean_difference"] == pytest.approx(statistics.mean(differences))

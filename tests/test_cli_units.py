@@ -139,6 +139,30 @@ def test_precompute_passes_force_and_describes_the_cache(config_file, monkeypatc
     assert calls[1][1] == {"force": True} and capsys.readouterr().out == ""
 
 
+def test_prepare_passes_force_and_describes_the_cache(config_file, monkeypatch, rank, capsys):
+    from e2kd import experiment
+
+    class Cache:
+        root = Path("/c/decoded-x")
+        index = {"bytes": 3 * 2**29, "short_side": 256}
+
+        def __len__(self):
+            return 7
+
+    calls = _record(monkeypatch, experiment, "prepare", Cache())
+    assert cli.main(["prepare", str(config_file)]) == 0
+    assert calls[0][1] == {"force": False} and calls[0][0][0].seed == 0
+    assert capsys.readouterr().out == (
+        "decoded cache: /c/decoded-x (7 images, short side 256 px, 1.50 GiB); "
+        "set data.cache: decoded to train from it\n"
+    )
+    assert cli.main(["prepare", str(config_file), "--set", "data.cache=decoded"]) == 0
+    assert capsys.readouterr().out == "decoded cache: /c/decoded-x (7 images, short side 256 px, 1.50 GiB)\n"
+    rank(1)
+    assert cli.main(["prepare", str(config_file), "--force"]) == 0
+    assert calls[2][1] == {"force": True} and capsys.readouterr().out == ""
+
+
 def test_evaluate_passes_runs_out_and_metrics_and_lists_what_it_wrote(tmp_path, monkeypatch, rank, capsys):
     from e2kd import report
 
@@ -405,11 +429,11 @@ def test_plugins_table_aligns_five_columns_and_lists_problems_of_the_kind(monkey
         (
             ["distil"],
             "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, train-teacher, "
-            "distill, precompute, evaluate, sweep, demo, reproduce)",
+            "distill, precompute, prepare, evaluate, sweep, demo, reproduce)",
         ),
         (
             ["zzz"],
-            "e2kd: error: unknown command 'zzz' (known: plugins, train-teacher, distill, precompute, evaluate, "
+            "e2kd: error: unknown command 'zzz' (known: plugins, train-teacher, distill, precompute, prepare, evaluate, "
             "sweep, demo, reproduce)",
         ),
         (

@@ -19,7 +19,7 @@ from e2kd.distill import Distiller
 from e2kd.explaining import explained_forward
 from e2kd.testing import TinyCNN
 
-from .conftest import TINY
+from .conftest import TINY, end_spawned_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH = 8
@@ -112,8 +112,10 @@ def _eval_worker(rank: int, world: int, init_file: str, out: str) -> None:
         results = evaluate_on(rank, world)
         torch.save(results, f"{out}.{rank}")
         dist.barrier()  # an orderly shutdown: no process leaves while the other still talks to it
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_spawned_worker()
 
 
 def test_evaluation_split_over_processes_equals_one_process(tmp_path):
@@ -139,8 +141,10 @@ def _worker(rank: int, world: int, init_file: str, case: str, out: str) -> None:
         if rank == 0:
             torch.save(params, out)
         dist.barrier()  # an orderly shutdown: no process leaves while the other still talks to it
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_spawned_worker()
 
 
 @pytest.mark.parametrize("case", ["gradcam", "frozen", "bcos"])

@@ -22,7 +22,7 @@ from e2kd.runtime import Runtime
 from e2kd.testing import TinyCNN
 from e2kd.train import fit
 
-from .conftest import TINY
+from .conftest import TINY, end_spawned_worker
 from .test_runtime import KILL_AFTER_A_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,8 +151,10 @@ def _logged_worker(rank: int, world: int, init_file: str, folder: str) -> None:
     try:
         _distill_steps(rank, world, folder)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_spawned_worker()
 
 
 def test_logged_losses_under_two_processes_are_the_global_batchs(tmp_path):

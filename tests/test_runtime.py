@@ -83,6 +83,43 @@ def test_a_run_killed_mid_epoch_resumes_to_identical_weights(tmp_path, command):
     assert history_a == history_b
 
 
+def test_a_run_from_the_decoded_cache_killed_mid_epoch_resumes_to_identical_weights(tmp_path):
+    """The device view's path (decoded cache, per-sample crops, flips and colour jitter): SIGKILL after
+    the checkpoint at step 9 (epoch 2, 2 of 7 batches done), rerun, the uninterrupted run's weights."""
+    from e2kd.data.miniature import write_image_folder
+
+    write_image_folder(tmp_path / "img", ["a", "b", "c"], {"train": 5, "val": 2}, size=(20, 40), seed=3)
+    data = {
+        "name": "image_folder",
+        "options": {"root": str(tmp_path / "img"), "image_size": 16},
+        "cache": "decoded",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    train = {**TINY["train"], "epochs": 2, "batch_size": 2, "checkpoint_every": 3, "color_jitter": 0.3}
+    base = {**TINY, "data": data, "train": train}
+    straight = _write(tmp_path / "a.yaml", {**base, "out_dir": str(tmp_path / "a")})
+    assert main(["train-teacher", str(straight)]) == 0
+    killed = _write(tmp_path / "b.yaml", {**base, "out_dir": str(tmp_path / "b")})
+    env = {**os.environ, "KILL_AFTER": "4"}  # saves: steps 3, 6, end of epoch 1 (step 7), 9
+    run = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_A_CHECKPOINT, "train-teacher", str(killed)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["position"]) == (1, 2)
+    assert main(["train-teacher", str(killed)]) == 0
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history_a = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
+    assert history_a == json.loads((tmp_path / "b" / "metrics.json").read_text())["history"]
+
+
 def test_step_and_epoch_logs_hold_losses_lr_and_throughput(tmp_path):
     cfg = _write(
         tmp_path / "t.yaml", {**TINY, "train": {**TINY["train"], "batch_size": 4}, "out_dir": str(tmp_path / "t")}

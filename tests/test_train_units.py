@@ -305,13 +305,15 @@ def test_fit_draws_the_batches_of_its_seed_with_the_workers_asked_for(monkeypatc
     assert _fit(seed=3) == order(3) != order(0)
     workers = []  # (no worker process is started: one forked from a test runner may hang)
 
-    def loader(dataset, *, num_workers, **kwargs):
-        workers.append(num_workers)
+    def loader(dataset, *, num_workers, persistent_workers, **kwargs):
+        workers.append((num_workers, persistent_workers))
         return torch.utils.data.DataLoader(dataset, num_workers=0, **kwargs)
 
-    monkeypatch.setattr(train, "DataLoader", loader)
-    _fit(), _fit(num_workers=3)
-    assert workers == [0, 3]
+    from e2kd.data import item_batches
+
+    monkeypatch.setattr(item_batches, "DataLoader", loader)
+    _fit(), _fit(num_workers=3, epochs=2)
+    assert workers == [(0, False), (3, True)]  # started once for both epochs, kept between them
 
 
 def test_fit_shows_a_progress_bar_named_by_desc_unless_asked_not_to(capsys, tmp_path):
@@ -420,8 +422,11 @@ def half_second_clock(monkeypatch):
 
 
 def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp_path, half_second_clock):
-    """2 epochs of 3 batches of 4, the loss of step i equal to i: epoch means 1 and 4; a clock that
-    advances 0.5 s a reading makes the throughput 4 / 0.5 images a second."""
+    """2 epochs of 3 batches of 4, the loss of step i equal to i: epoch means 1 and 4. A clock that
+    advances 0.5 s a reading: an epoch starts with a reading; each step reads it when its batch arrives
+    (a wait of 0.5 s since the last step ended), when it is done (its step time: from the previous step's
+    end, 1 s for the first step of an epoch, else 1.5 s: 4 or 8/3 images a second) and when its
+    bookkeeping ends; the epoch's wait share is 3 × 0.5 / (1 + 1.5 + 1.5)."""
     import csv
 
     model = nn.Linear(1, 1)
@@ -442,11 +447,12 @@ def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp
     assert history == [{"epoch": 1, "loss": 1.0, "kd": 2.0}, {"epoch": 2, "loss": 4.0, "kd": 8.0}]
     steps = list(csv.DictReader((tmp_path / "steps.csv").open()))
     assert [(int(r["step"]), int(r["epoch"])) for r in steps] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
-    assert [float(r["images_per_s"]) for r in steps] == [8.0] * 6
+    assert [float(r["images_per_s"]) for r in steps] == pytest.approx([4.0, 8 / 3, 8 / 3] * 2)
+    assert [float(r["data_wait_s"]) for r in steps] == [0.5] * 6
     epochs = list(csv.DictReader((tmp_path / "epochs.csv").open()))
-    assert [(r["epoch"], r["last_step"], r["loss"], r["kd"]) for r in epochs] == [
-        ("1", "3", "1.0", "2.0"),
-        ("2", "6", "4.0", "8.0"),
+    assert [(r["epoch"], r["last_step"], r["loss"], r["kd"], r["data_wait_share"]) for r in epochs] == [
+        ("1", "3", "1.0", "2.0", "0.375"),
+        ("2", "6", "4.0", "8.0", "0.375"),
     ]
     # one batch an epoch: its mean is its value
     one = train.fit(
@@ -479,7 +485,7 @@ def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch, half_se
         progress=False,
         optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
     )
-    assert [r["images_per_s"] for r in rows] == [12.0, 12.0]  # 2 x 3 images in 0.5 s
+    assert [r["images_per_s"] for r in rows] == [6.0, 4.0]  # 2 x 3 images in 1 s, then in 1.5 s (see above)
 
 
 def test_a_parameter_without_a_gradient_in_a_step_is_not_updated():

@@ -59,11 +59,13 @@ def split_view(
     augment: str = "auto",
     color_jitter: float = 0.0,
     samples: TorchDataset | None = None,
+    uint8: bool = False,
 ) -> ViewDataset:
     """``split`` of ``dataset`` through ``view`` (``train`` | ``eval`` | ``whole``).
 
     ``augment: auto`` is the dataset's own default; ``samples`` replaces the split's raw samples
-    (e.g. the same samples with a replayed teacher).
+    (e.g. the same samples with a replayed teacher); ``uint8`` leaves uint8 images uint8 where nothing
+    needs them as float (the training loop makes them float on its device).
     """
     kind = dataset.default_augment if augment == "auto" else augment
     transform = make_view(
@@ -73,6 +75,7 @@ def split_view(
         augment=kind,
         color_jitter=color_jitter,
         num_classes=dataset.num_classes,
+        uint8=uint8,
     )
     return ViewDataset(samples if samples is not None else dataset.samples(split), transform)
 

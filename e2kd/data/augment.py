@@ -108,14 +108,18 @@ def boxes_to_masks(boxes: torch.Tensor, labels: torch.Tensor, num_classes: int, 
 class View:
     """Item transform: geometry on image + ``teacher_map`` + ``mask`` + ``boxes`` jointly, boxes
     rasterised to per-class masks, uint8 images made float in [0, 1], then colour on the image.
+    With ``uint8`` a uint8 image stays uint8 when nothing needs it as float (no colour jitter, no
+    teacher map): the batch is made float on the training device (``to_float_images``).
 
     A class (not a closure) so DataLoader workers can receive it under any start method.
     """
 
-    def __init__(self, geometry: v2.Transform | None, color_jitter: float = 0.0, num_classes: int = 0) -> None:
+    def __init__(
+        self, geometry: v2.Transform | None, color_jitter: float = 0.0, num_classes: int = 0, *, uint8: bool = False
+    ) -> None:
         self.geometry = geometry
         self.colour = v2.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
-        self.num_classes = num_classes
+        self.num_classes, self.uint8 = num_classes, uint8
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         out = dict(item)
@@ -144,7 +148,7 @@ class View:
         if "boxes" in out:
             boxes = v2.functional.clamp_bounding_boxes(out.pop("boxes"))
             out["mask"] = boxes_to_masks(boxes, out.pop("box_labels"), self.num_classes, tuple(image.shape[-2:]))
-        if image.dtype == torch.uint8:
+        if image.dtype == torch.uint8 and not (self.uint8 and self.colour is None):
             image = image.float().div_(255)
         if self.colour is not None:
             image = self.colour(image)
@@ -160,7 +164,8 @@ def make_view(
     augment: str = "none",
     color_jitter: float = 0.0,
     num_classes: int = 0,
+    uint8: bool = False,
 ) -> View:
     """The item transform of ``view``; colour jitter applies to the ``train`` view only."""
     geometry = view_geometry(view, image_size, fixed_size=fixed_size, augment=augment)
-    return View(geometry, color_jitter if view == "train" else 0.0, num_classes)
+    return View(geometry, color_jitter if view == "train" else 0.0, num_classes, uint8=uint8)

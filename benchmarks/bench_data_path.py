@@ -1,0 +1,188 @@
+"""The training data path alone (no model): the JPEG path against the decoded cache + device view.
+
+    python benchmarks/bench_data_path.py                      # 1,000 JPEGs of 256-500 px, 2 workers
+    python benchmarks/bench_data_path.py --device cuda        # the device view on a GPU
+    python benchmarks/bench_data_path.py --json benchmarks/results/data_path.json
+
+A generated ImageNet-layout folder (10 classes, sides drawn from 256-500 px, quality 90). Every mode
+produces the 224-px training view (random resized crop + flip, float in [0, 1]) of every image once
+per repeat, interleaved in alternating order; images/s is the median over repeats:
+
+- ``jpeg (e2kd)``: what ``data.cache: none`` trains from — the item view (PIL decode, the view per
+  item, uint8 out) in ``--workers`` loader processes kept across epochs, float on ``--device``;
+- ``jpeg (by hand)``: torchvision ``ImageFolder`` + ``v2`` (``RandomResizedCrop``, flip, ``ToDtype``);
+- ``decoded + device view``: the decoded cache (built once, its build timed on its own) read by
+  :class:`e2kd.data.batch_views.DeviceView` — crops, flips and conversion per batch on ``--device``;
+- ``tensors + v2 per item (by hand)``: what a user writes with the same pre-resized uint8 images in
+  memory: a DataLoader over them with ``v2.RandomResizedCrop`` per item, ``--workers`` processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _report import emit
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from e2kd.data import open_dataset, split_view
+from e2kd.data.augment import EVAL_RESIZE_RATIO
+from e2kd.data.batch_views import DeviceView
+from e2kd.data.decoded import DecodedCache, build_decoded, decoded_fingerprint
+from e2kd.data.item_batches import ItemBatches
+from e2kd.data.miniature import write_image_folder
+from e2kd.train import EpochBatches
+
+SIZE = 224
+
+
+def hand_jpeg(root: Path) -> ImageFolder:
+    steps = [v2.PILToTensor(), v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip()]
+    return ImageFolder(str(root / "train"), transform=v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)]))
+
+
+class HandTensors(Dataset):
+    """Pre-resized uint8 images in memory, the training view per item with v2 (a user's own code)."""
+
+    def __init__(self, cache: DecodedCache) -> None:
+        samples = cache.samples()
+        self.images = [samples[i]["image"].clone() for i in range(len(samples))]
+        self.labels = [int(samples[i]["label"]) for i in range(len(samples))]
+        self.view = v2.Compose(
+            [
+                v2.RandomResizedCrop(SIZE, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.view(self.images[i]), self.labels[i]
+
+
+def drain(batches) -> int:
+    n = 0
+    for batch in batches:
+        images = batch["image"] if isinstance(batch, dict) else batch[0]
+        n += images.shape[0]
+    if n and images.device.type == "cuda":
+        torch.cuda.synchronize()
+    return n
+
+
+def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
+    dataset = open_dataset("image_folder", {"root": str(root), "image_size": SIZE})
+    short_side = round(SIZE * EVAL_RESIZE_RATIO)
+    fingerprint = decoded_fingerprint(dataset.identity("train"), short_side)
+    start = time.perf_counter()
+    build_decoded(
+        cache_dir,
+        dataset.samples("train"),
+        fingerprint,
+        short_side=short_side,
+        num_workers=args.workers,
+        progress=False,
+    )
+    build_s = time.perf_counter() - start
+    cache = DecodedCache.open(cache_dir, fingerprint)
+    device = torch.device(args.device)
+    view = DeviceView(cache.samples(), cache.sizes, kind="resized_crop_flip", image_size=SIZE, seed=0)
+    epochs = {"n": 0}
+
+    def device_view():
+        sampler = EpochBatches(len(view), args.batch_size, seed=0)
+        sampler.set_epoch(epochs["n"])
+        epochs["n"] += 1
+        return view.batches(sampler, device)
+
+    jpeg = ItemBatches(split_view(dataset, "train", "train", uint8=True), num_workers=args.workers, seed=0)
+
+    def jpeg_path():
+        sampler = EpochBatches(len(jpeg), args.batch_size, seed=0)
+        sampler.set_epoch(epochs["n"])
+        epochs["n"] += 1
+        return jpeg.batches(sampler, device)
+
+    workers = args.workers
+    modes = {
+        "jpeg (e2kd)": jpeg_path,
+        "jpeg (by hand)": lambda: DataLoader(hand_jpeg(root), args.batch_size, shuffle=True, num_workers=workers),
+        "decoded + device view": device_view,
+        "tensors + v2 per item (by hand)": lambda: DataLoader(
+            HandTensors(cache), args.batch_size, shuffle=True, num_workers=workers
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    names = list(modes)
+    for rep in range(args.repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            batches = modes[name]()
+            begin = time.perf_counter()
+            n = drain(batches)
+            times[name].append(n / (time.perf_counter() - begin))
+    rates = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "decoded_cache": {
+            "build_s": round(build_s, 2),
+            "build_images_per_s": round(len(cache) / build_s, 1),
+            "bytes": cache.index["bytes"],
+            "short_side": short_side,
+        },
+        "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+        "ratio_decoded_over_jpeg": round(rates["decoded + device view"] / rates["jpeg (e2kd)"], 2),
+        "ratio_jpeg_e2kd_over_hand": round(rates["jpeg (e2kd)"] / rates["jpeg (by hand)"], 3),
+        "ratio_decoded_over_hand_tensors": round(
+            rates["decoded + device view"] / rates["tensors + v2 per item (by hand)"], 2
+        ),
+        "all_images_per_s": {k: [round(x, 1) for x in v] for k, v in times.items()},
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000, help="training images (spread over 10 classes)")
+    parser.add_argument("--min-side", type=int, default=256)
+    parser.add_argument("--max-side", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="loader processes of the JPEG and by-hand modes")
+    parser.add_argument("--device", default="cpu", help="where the device view runs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    classes = [f"class{i:02d}" for i in range(10)]
+    per_class = max(1, args.images // len(classes))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "folder"
+        sides = (args.min_side, args.max_side)
+        write_image_folder(root, classes, {"train": per_class, "val": 1}, size=sides, seed=0)
+        result = {
+            "benchmark": "training data path without a model (224-px training view), images/s",
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "images": per_class * len(classes),
+            "jpeg_sides": list(sides),
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "repeats": args.repeats,
+            **measure(args, root, Path(tmp) / "decoded"),
+        }
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Batches ahead of the step: loaded in background threads, copied to the device on a side stream.
+
+A batch is a dict of tensors (and lists). :func:`loaded_ahead` runs ``load(key)`` for the next keys
+in background threads (NumPy and torch copies and kernels release the GIL, so gathering
+memory-mapped pixels overlaps the step); :func:`on_device_ahead` issues the host-to-device copy of batch k + 1 on a CUDA side
+stream while the step of batch k runs (pinned memory makes the copy asynchronous). On the CPU both
+are plain iteration of the same values.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+K = TypeVar("K")
+Batch = dict[str, Any]
+
+
+def loaded_ahead(load: Callable[[K], Batch], keys: Iterable[K], *, threads: int = 1, depth: int = 2) -> Iterator[Batch]:
+    """``load(key)`` for each key, in order, with ``threads`` background threads and up to
+    ``threads + depth`` loads started ahead. An exception in ``load`` is raised here, at the batch it
+    belongs to."""
+    keys = iter(keys)
+    pending: deque[Future] = deque()
+    depth += threads - 1
+    # each thread runs its kernels on one core: the threads are the parallelism (OpenMP's thread
+    # count is per thread, so the step's own count is left as it is)
+    with ThreadPoolExecutor(
+        threads, thread_name_prefix="e2kd-batches", initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        try:
+            for key in keys:
+                pending.append(pool.submit(load, key))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (an error in the step, a break): drop what was not started
+            for future in pending:
+                future.cancel()
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
+
+
+def on_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """Each batch's tensors on ``device``. On CUDA the copy of the next batch is issued on a side
+    stream before the current one is handed out, so it overlaps the step; the step's stream waits
+    for the copy, and the copied tensors are recorded on it so their memory is not reused early."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield {k: _to(v, device) for k, v in batch.items()}
+        return
+    side = torch.cuda.Stream(device)
+
+    def issue(batch: Batch) -> Batch:
+        with torch.cuda.stream(side):
+            return {k: _to(v, device) for k, v in batch.items()}
+
+    def ready(batch: Batch) -> Batch:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)
+        for value in batch.values():
+            for t in value if isinstance(value, list) else [value]:
+                if torch.is_tensor(t) and t.device.type == "cuda":
+                    t.record_stream(current)
+        return batch
+
+    ahead = None
+    for batch in batches:
+        if ahead is None:
+            ahead = issue(batch)
+            continue
+        out = ready(ahead)
+        ahead = issue(batch)  # the next copy runs while the step of ``out`` does
+        yield out
+    if ahead is not None:
+        yield ready(ahead)

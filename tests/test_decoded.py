@@ -1,0 +1,285 @@
+"""The decoded-image cache: the bytes it stores, its refusals (stale, corrupt, truncated, unfinished),
+a killed build resuming to identical bytes, and training from it end to end."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from e2kd import hookimpl
+from e2kd.cli import main
+from e2kd.config import load_config_dict
+from e2kd.data import open_dataset
+from e2kd.data.decoded import (
+    PIXELS,
+    PROGRESS,
+    DecodedCache,
+    build_decoded,
+    decoded_fingerprint,
+    default_root,
+    default_short_side,
+)
+from e2kd.data.files import read_image
+from e2kd.data.miniature import write_image_folder, write_voc
+from e2kd.errors import CacheError, ConfigError, StaleCacheError
+from e2kd.experiment import distill, train_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_image_folder(tmp_path / "inet", CLASSES, {"train": 5, "val": 2}, size=(20, 44), seed=1)
+    return tmp_path / "inet"
+
+
+def _dataset(folder, **options):
+    return open_dataset("image_folder", {"root": str(folder), "image_size": 16, **options})
+
+
+def _build(root, dataset, short_side=18, **kwargs):
+    fingerprint = decoded_fingerprint(dataset.identity("train"), short_side)
+    build_decoded(root, dataset.samples("train"), fingerprint, short_side=short_side, progress=False, **kwargs)
+    return fingerprint
+
+
+def test_the_cache_holds_each_image_resized_as_torchvision_resizes_it(folder, tmp_path):
+    dataset = _dataset(folder)
+    fingerprint = _build(tmp_path / "c", dataset, chunk=4)
+    cache = DecodedCache.open(tmp_path / "c", fingerprint)
+    samples, raw = cache.samples(), dataset.samples("train")
+    assert len(samples) == 15 and len(cache.index["chunks"]) == 4  # 4 + 4 + 4 + 3
+    resize = v2.Resize(18, antialias=True)
+    for i in range(15):
+        expected = resize(read_image(raw.paths[i]))
+        item = samples[i]
+        assert item["image"].dtype == torch.uint8 and torch.equal(item["image"], expected), i
+        assert int(item["label"]) == int(raw.labels[i]) and min(item["image"].shape[-2:]) == 18
+        assert tuple(cache.sizes[i].tolist()) == tuple(expected.shape[-2:])
+    assert {int(samples[i]["label"]) for i in range(15)} == {0, 1, 2}
+    assert cache.index["fingerprint"]["short_side"] == 18
+    assert cache.index["fingerprint"]["dataset"]["files_sha256"] == dataset.identity("train")["files_sha256"]
+    assert (tmp_path / "c" / PIXELS).stat().st_size == sum(3 * h * w for h, w in cache.sizes.tolist())
+    assert not (tmp_path / "c" / PROGRESS).exists() and not list((tmp_path / "c").glob("part-*"))
+
+
+def test_a_cache_for_another_setting_is_refused_naming_the_difference(folder, tmp_path):
+    _build(tmp_path / "c", _dataset(folder))
+    with pytest.raises(StaleCacheError) as err:
+        _build(tmp_path / "c", _dataset(folder), short_side=20)
+    assert str(err.value) == (
+        f"{tmp_path / 'c'}: decoded cache was made for another setting: short_side (18 in the cache, 20 now). "
+        "Run `e2kd prepare CONFIG --force` to rebuild it, or set data.cache_dir elsewhere"
+    )
+    other = _dataset(folder, shots=2)
+    with pytest.raises(StaleCacheError, match=r"dataset.options.shots \(None in the cache, 2 now\)"):
+        DecodedCache.open(tmp_path / "c", decoded_fingerprint(other.identity("train"), 18))
+    fingerprint = _build(tmp_path / "c", other, force=True)  # --force rebuilds it for the new setting
+    assert len(DecodedCache.open(tmp_path / "c", fingerprint)) == 6
+
+
+def test_a_damaged_cache_is_refused_in_one_line_and_rebuilt_by_force(folder, tmp_path):
+    fingerprint = _build(tmp_path / "c", _dataset(folder), chunk=4)
+    pixels = tmp_path / "c" / PIXELS
+    good = pixels.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    pixels.write_bytes(bytes(data))
+    with pytest.raises(CacheError) as err:
+        DecodedCache.open(tmp_path / "c", fingerprint)
+    chunk = next(i for i, e in enumerate(_chunk_ends(tmp_path / "c")) if e > len(data) // 2)
+    assert str(err.value) == (
+        f"{pixels}: chunk {chunk} is corrupt (checksum mismatch); run `e2kd prepare CONFIG --force` to rebuild it"
+    )
+    pixels.write_bytes(good[:-5])
+    with pytest.raises(CacheError, match=rf"truncated or resized \({len(good) - 5} bytes, expected {len(good)}\)"):
+        DecodedCache.open(tmp_path / "c", fingerprint)
+    _build(tmp_path / "c", _dataset(folder), force=True)
+    assert pixels.read_bytes() == good
+    (tmp_path / "c" / "samples.pt").write_bytes(b"junk")
+    with pytest.raises(CacheError, match=r"samples.pt: missing or corrupt"):
+        DecodedCache.open(tmp_path / "c", fingerprint)
+
+
+def _chunk_ends(root):
+    ends, total = [], 0
+    for entry in json.loads((root / "index.json").read_text())["chunks"]:
+        total += entry["bytes"]
+        ends.append(total)
+    return ends
+
+
+class FailingAt(torch.utils.data.Dataset):
+    """Samples that fail at ``fail_at`` (a kill in the middle of a build), counting the reads."""
+
+    def __init__(self, samples, fail_at=None):
+        self.samples, self.fail_at, self.reads = samples, fail_at, []
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise KeyboardInterrupt
+        self.reads.append(i)
+        return self.samples[i]
+
+
+def test_a_killed_build_resumes_from_its_last_chunk_to_identical_bytes(folder, tmp_path):
+    dataset = _dataset(folder)
+    fingerprint = decoded_fingerprint(dataset.identity("train"), 18)
+    build_decoded(tmp_path / "clean", dataset.samples("train"), fingerprint, short_side=18, progress=False, chunk=4)
+    killed = FailingAt(dataset.samples("train"), fail_at=9)
+    with pytest.raises(KeyboardInterrupt):
+        build_decoded(tmp_path / "k", killed, fingerprint, short_side=18, progress=False, chunk=4)
+    with pytest.raises(CacheError, match=r"an unfinished decoded cache here; run `e2kd prepare CONFIG` to build it"):
+        DecodedCache.open(tmp_path / "k", fingerprint)
+    assert json.loads((tmp_path / "k" / PROGRESS).read_text())["samples"] == 8
+    with (tmp_path / "k" / PIXELS).open("ab") as handle:
+        handle.write(b"half a chunk written when the kill came")
+    resumed = FailingAt(dataset.samples("train"))
+    build_decoded(tmp_path / "k", resumed, fingerprint, short_side=18, progress=False, chunk=4)
+    assert resumed.reads == list(range(8, 15))  # the two whole chunks were not decoded again
+    for name in (PIXELS, "samples.pt", "index.json"):
+        assert (tmp_path / "k" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    with pytest.raises(StaleCacheError):  # an unfinished build of another setting is not mixed in
+        killed.fail_at = 2
+        other = decoded_fingerprint(dataset.identity("train"), 17)
+        with pytest.raises(KeyboardInterrupt):
+            build_decoded(tmp_path / "o", killed, fingerprint, short_side=18, progress=False, chunk=1)
+        build_decoded(tmp_path / "o", dataset.samples("train"), other, short_side=17, progress=False)
+
+
+def test_boxes_are_stored_scaled_with_their_image(tmp_path):
+    objects = [("cat", (3, 5, 30, 20), 0), ("dog", (10, 2, 40, 25), 0)]
+    images = {"train": [{"id": "a", "width": 48, "height": 32, "objects": objects}], "val": []}
+    voc = write_voc(tmp_path, {**images, "val": [{"id": "b", "width": 20, "height": 20, "objects": objects[:1]}]})
+    dataset = open_dataset("voc", {"root": str(voc), "image_size": 16})
+    split = dataset.train_split
+    fingerprint = decoded_fingerprint(dataset.identity(split), 16)
+    build_decoded(tmp_path / "c", dataset.samples(split), fingerprint, short_side=16, progress=False)
+    item = DecodedCache.open(tmp_path / "c", fingerprint).samples()[0]
+    raw = dataset.samples(split)[0]
+    expected = v2.Resize(16, antialias=True)({"image": raw["image"], "boxes": raw["boxes"]})
+    assert item["image"].shape == (3, 16, 24)
+    torch.testing.assert_close(item["boxes"].as_subclass(torch.Tensor), expected["boxes"].as_subclass(torch.Tensor))
+    assert torch.equal(item["box_labels"], torch.as_tensor(raw["box_labels"]))
+    assert torch.equal(item["label"], torch.as_tensor(raw["label"]))
+
+
+def _config(folder, tmp_path, name, **data):
+    return load_config_dict(
+        {
+            "data": {"name": "image_folder", "options": {"root": str(folder), "image_size": 16}, **data},
+            "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
+            "train": {"epochs": 2, "batch_size": 4, "progress": False, "color_jitter": 0.2},
+            "out_dir": str(tmp_path / name),
+        },
+        source=f"{name}.yaml",
+    )
+
+
+def test_training_from_the_cache_builds_it_once_and_logs_its_data_wait(folder, tmp_path):
+    config = _config(folder, tmp_path, "t", cache="decoded", cache_dir=str(tmp_path / "cache"))
+    results = train_teacher(config)
+    assert (tmp_path / "cache" / "index.json").is_file() and 0 <= results["splits"]["val"]["accuracy"] <= 1
+    steps = list(csv.DictReader((tmp_path / "t" / "steps.csv").open()))
+    epochs = list(csv.DictReader((tmp_path / "t" / "epochs.csv").open()))
+    assert len(steps) == 6 and all(float(r["data_wait_s"]) >= 0 for r in steps)
+    assert all(0 < float(r["data_wait_share"]) < 1 for r in epochs)
+    before = (tmp_path / "cache" / "index.json").stat().st_mtime_ns
+    train_teacher(config, rerun=True)
+    assert (tmp_path / "cache" / "index.json").stat().st_mtime_ns == before  # reused, not rebuilt
+    plain = train_teacher(_config(folder, tmp_path, "p"))
+    assert plain["history"] != results["history"]  # another view (the test tells the paths apart)
+
+
+def test_prepare_writes_the_cache_and_names_it(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("E2KD_CACHE_DIR", str(tmp_path / "home"))
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps({"data": {"name": "image_folder", "options": {"root": str(folder), "image_size": 16}}}))
+    assert main(["prepare", str(path)]) == 0
+    dataset = _dataset(folder)
+    root = default_root(decoded_fingerprint(dataset.identity("train"), default_short_side(16)))
+    assert root.parent == tmp_path / "home" and root.name.startswith("decoded-image_folder-train-")
+    cache = DecodedCache.open(root)
+    gib = cache.index["bytes"] / 2**30
+    assert capsys.readouterr().out == (
+        f"decoded cache: {root} (15 images, short side 18 px, {gib:.2f} GiB); set data.cache: decoded to train from it\n"
+    )
+
+
+def test_prepare_refuses_a_dataset_stored_at_the_training_size(tmp_path, capsys):
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {name: synthetic}\n")
+    assert main(["prepare", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"e2kd: error: {path}: data.name: dataset 'synthetic' stores its images at the training size already, "
+        "there is nothing to decode; prepare is for datasets of image files"
+    ]
+    with pytest.raises(ConfigError, match="data.cache: .* nothing to decode; use data.cache: none"):
+        train_teacher(load_config_dict({"data": {"name": "synthetic", "cache": "decoded"}}))
+
+
+def test_a_frozen_teacher_replays_onto_the_device_crops(folder, tmp_path):
+    teacher = _config(folder, tmp_path, "teacher")
+    train_teacher(teacher)
+    config = load_config_dict(
+        {
+            **_config(folder, tmp_path, "s").model_dump(mode="json"),
+            "data": {"name": "image_folder", "options": {"root": str(folder), "image_size": 16}, "cache": "decoded"},
+            "teacher": {
+                "name": "small_resnet",
+                "options": {"widths": [4, 8]},
+                "checkpoint": str(tmp_path / "teacher" / "model.pt"),
+            },
+            "distill": {"teacher_mode": "frozen"},
+            "out_dir": str(tmp_path / "s"),
+        }
+    )
+    results = distill(config)
+    assert all(h["explanation"] > 0 for h in results["history"]) and results["splits"]["val"]["agreement"] >= 0
+
+
+def test_a_third_party_dataset_trains_from_the_cache_unchanged(tmp_path, monkeypatch, fresh_registry):
+    """The example plugin's ``csv_images`` dataset (written before the cache existed) trains with
+    ``data.cache: decoded``."""
+    path = ROOT / "examples" / "third_party_plugin" / "e2kd_attention_transfer" / "csv_images.py"
+    spec = importlib.util.spec_from_file_location("example_csv_images", path)  # its file as it is
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # (pydantic resolves its annotations there)
+    spec.loader.exec_module(module)
+    CsvImages = module.CsvImages
+
+    class Plugin:
+        @hookimpl
+        def register_datasets(self, register):
+            register(CsvImages)
+
+    fresh_registry.register_plugin(Plugin(), name="csv_only")
+    manifest = write_image_folder(tmp_path / "img", CLASSES, {"train": 3, "test": 2}, size=(20, 30), seed=2)
+    (tmp_path / "img" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    for split, rows in manifest.items():
+        lines = ["path,label"] + [f"{p.relative_to(tmp_path / 'img')},{CLASSES[y]}" for p, y in rows]
+        (tmp_path / "img" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    config = load_config_dict(
+        {
+            "data": {
+                "name": "csv_images",
+                "options": {"root": str(tmp_path / "img"), "image_size": 16},
+                "cache": "decoded",
+            },
+            "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
+            "train": {"epochs": 1, "batch_size": 3, "progress": False},
+            "out_dir": str(tmp_path / "run"),
+        }
+    )
+    results = train_teacher(config)
+    assert set(results["splits"]) == {"test"} and len(results["history"]) == 1
