@@ -13,6 +13,8 @@ per repeat, interleaved in alternating order; images/s is the median over repeat
 - ``jpeg (by hand)``: torchvision ``ImageFolder`` + ``v2`` (``RandomResizedCrop``, flip, ``ToDtype``);
 - ``decoded + device view``: the decoded cache (built once, its build timed on its own) read by
   :class:`e2kd.data.batch_views.DeviceView` — crops, flips and conversion per batch on ``--device``;
+- ``jpeg bytes, decoded + device view``: ``data.decode: device`` — the files' bytes gathered by the
+  device view's threads, decoded on ``--device`` (nvJPEG on CUDA, one call per batch), then the view;
 - ``tensors + v2 per item (by hand)``: what a user writes with the same pre-resized uint8 images in
   memory: a DataLoader over them with ``v2.RandomResizedCrop`` per item, ``--workers`` processes.
 """
@@ -28,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _folders import write_jpeg_folder
 from _report import emit
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
@@ -37,8 +40,8 @@ from e2kd.data import open_dataset, split_view
 from e2kd.data.augment import EVAL_RESIZE_RATIO
 from e2kd.data.batch_views import DeviceView
 from e2kd.data.decoded import DecodedCache, build_decoded, decoded_fingerprint
+from e2kd.data.files import EncodedFiles
 from e2kd.data.item_batches import ItemBatches
-from e2kd.data.miniature import write_image_folder
 from e2kd.train import EpochBatches
 
 SIZE = 224
@@ -81,6 +84,36 @@ def drain(batches) -> int:
     return n
 
 
+def kernel_costs(batch_size: int, repeats: int = 5) -> dict:
+    """Microseconds per image, on one core, of what the CPU device view does per image: the uint8
+    crop-and-resize kernel (a 256 x 341 channels-last image, a 200 x 270 crop, to 224 px) and the
+    conversion of a 224-px result to float into a batch already touched and into a fresh one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        image = torch.randint(0, 256, (256, 341, 3), dtype=torch.uint8).permute(2, 0, 1)
+        crop = image[None, :, 20:220, 30:300]
+        resized = torch.randint(0, 256, (batch_size, 3, SIZE, SIZE), dtype=torch.uint8)
+        touched = torch.empty(batch_size, 3, SIZE, SIZE)
+
+        def per_image(fn, per: int) -> float:
+            fn()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            return round((time.perf_counter() - start) / repeats / per * 1e6, 1)
+
+        return {
+            "uint8_resized_crop": per_image(
+                lambda: torch.nn.functional.interpolate(crop, size=(SIZE, SIZE), mode="bilinear"), 1
+            ),
+            "to_float_touched_batch": per_image(lambda: touched.copy_(resized).mul_(1 / 255), batch_size),
+            "to_float_fresh_batch": per_image(lambda: resized.float().mul_(1 / 255), batch_size),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
     dataset = open_dataset("image_folder", {"root": str(root), "image_size": SIZE})
     short_side = round(SIZE * EVAL_RESIZE_RATIO)
@@ -97,7 +130,7 @@ def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
     build_s = time.perf_counter() - start
     cache = DecodedCache.open(cache_dir, fingerprint)
     device = torch.device(args.device)
-    view = DeviceView(cache.samples(), cache.sizes, kind="resized_crop_flip", image_size=SIZE, seed=0)
+    view = DeviceView(cache.samples(), kind="resized_crop_flip", image_size=SIZE, seed=0)
     epochs = {"n": 0}
 
     def device_view():
@@ -114,9 +147,20 @@ def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
         epochs["n"] += 1
         return jpeg.batches(sampler, device)
 
+    files = DeviceView(
+        EncodedFiles(dataset.samples("train")), encoded=True, kind="resized_crop_flip", image_size=SIZE, seed=0
+    )
+
+    def device_decode():
+        sampler = EpochBatches(len(files), args.batch_size, seed=0)
+        sampler.set_epoch(epochs["n"])
+        epochs["n"] += 1
+        return files.batches(sampler, device)
+
     workers = args.workers
     modes = {
         "jpeg (e2kd)": jpeg_path,
+        "jpeg bytes, decoded + device view": device_decode,
         "jpeg (by hand)": lambda: DataLoader(hand_jpeg(root), args.batch_size, shuffle=True, num_workers=workers),
         "decoded + device view": device_view,
         "tensors + v2 per item (by hand)": lambda: DataLoader(
@@ -141,11 +185,13 @@ def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
         },
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
         "ratio_decoded_over_jpeg": round(rates["decoded + device view"] / rates["jpeg (e2kd)"], 2),
+        "ratio_device_decode_over_jpeg": round(rates["jpeg bytes, decoded + device view"] / rates["jpeg (e2kd)"], 2),
         "ratio_jpeg_e2kd_over_hand": round(rates["jpeg (e2kd)"] / rates["jpeg (by hand)"], 3),
         "ratio_decoded_over_hand_tensors": round(
             rates["decoded + device view"] / rates["tensors + v2 per item (by hand)"], 2
         ),
         "all_images_per_s": {k: [round(x, 1) for x in v] for k, v in times.items()},
+        "cpu_kernel_us_per_image": kernel_costs(args.batch_size),
     }
 
 
@@ -158,14 +204,16 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="loader processes of the JPEG and by-hand modes")
     parser.add_argument("--device", default="cpu", help="where the device view runs")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder", type=Path, help="an ImageNet-layout folder to use (written here first if missing)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     classes = [f"class{i:02d}" for i in range(10)]
     per_class = max(1, args.images // len(classes))
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "folder"
+        root = args.folder or Path(tmp) / "folder"
         sides = (args.min_side, args.max_side)
-        write_image_folder(root, classes, {"train": per_class, "val": 1}, size=sides, seed=0)
+        if not root.is_dir():
+            write_jpeg_folder(root, classes, {"train": per_class, "val": 1}, sides)
         result = {
             "benchmark": "training data path without a model (224-px training view), images/s",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -173,7 +221,7 @@ def main(argv=None) -> int:
             "cpus": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": sys.version.split()[0],
-            "images": per_class * len(classes),
+            "images": len(open_dataset("image_folder", {"root": str(root), "image_size": SIZE}).samples("train")),
             "jpeg_sides": list(sides),
             "batch_size": args.batch_size,
             "workers": args.workers,

@@ -3,7 +3,7 @@
 # benchmarks whose figures docs/performance.md reports. Each part has its own time limit, so one
 # that hangs costs only its share. Needs python3 with CUDA torch, timm and e2kd importable.
 #
-#   bash benchmarks/gpu_suite.sh RESULTS_DIR        # ~5 minutes on an H100
+#   bash benchmarks/gpu_suite.sh RESULTS_DIR        # ~10 minutes on an H100
 set -u
 out=${1:?usage: gpu_suite.sh RESULTS_DIR}
 mkdir -p "$out"
@@ -38,5 +38,14 @@ bench bcos_b64_fp32 --family bcos --batch-size 64 --precision fp32 --repeats 8
 bench bcos_b64_bf16 --family bcos --batch-size 64 --precision bf16 --repeats 8
 part epoch 150 "${quiet[@]}" $py benchmarks/bench_epoch.py --device cuda --precision bf16 --classes 10 --per-class 128 \
     --batch-size 64 --workers 8 --json "$out/epoch_cuda.json"
+# The data path (issue 19): a 20,000-image folder of 256-500 px JPEGs written here once, then the loader
+# alone (JPEG item view with 16 workers vs decoded cache + device view on the GPU) and whole epochs of
+# the packaged 50-shot config at batch 256, bf16, channels-last: live and frozen e2KD, both data paths.
+folder=${DATA_FOLDER:-/tmp/e2kd_jpegs_20k}
+part data_path 200 "${quiet[@]}" $py benchmarks/bench_data_path.py --device cuda --workers 16 --batch-size 256 \
+    --images 20000 --folder "$folder" --repeats 2 --json "$out/data_path_cuda.json"
+part epoch_b256 300 "${quiet[@]}" $py benchmarks/bench_epoch.py --device cuda --precision bf16 --channels-last true \
+    --batch-size 256 --workers 16 --classes 10 --per-class 2000 --epochs 2 --folder "$folder" --cache none,decoded \
+    --modes e2kd,e2kd_frozen --json "$out/epoch_b256_cuda.json"
 part tests 170 $py -m pytest -q -p no:cacheprovider -rfEs tests/test_accelerator.py tests/test_feature_resolution.py \
-    tests/test_runtime.py tests/test_devices.py -k "not killed_mid_epoch"
+    tests/test_runtime.py tests/test_devices.py tests/test_batch_views.py -k "not killed_mid_epoch"

@@ -66,6 +66,11 @@ class DataConfig(PluginRef):
     cache_dir: Path | None = Field(
         None, description="the decoded cache's folder (default: $E2KD_CACHE_DIR or ~/.cache/e2kd, named by fingerprint)"
     )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="device: training images travel as their JPEG bytes and are decoded on the training device "
+        "(nvJPEG on CUDA), augmented there per sample (for data too large for data.cache: decoded)",
+    )
     short_side: int | None = Field(
         None, ge=8, description="short side of the images in the decoded cache (default: image_size * 256 / 224)"
     )
@@ -84,6 +89,12 @@ class DataConfig(PluginRef):
     @classmethod
     def _resolve(cls, value: Path | None) -> Path | None:
         return _absolute(value)
+
+    @model_validator(mode="after")
+    def _one_decoder(self) -> DataConfig:
+        if self.decode == "device" and self.cache == "decoded":
+            raise ValueError("data.decode: device decodes files per batch, data.cache: decoded never decodes; pick one")
+        return self
 
 
 class DistillConfig(StrictModel):

@@ -18,6 +18,7 @@ from . import mixup
 from .data import ViewDataset, split_view
 from .data.batch_views import DeviceView
 from .data.decoded import DecodedCache, build_decoded, decoded_fingerprint, default_root, default_short_side
+from .data.files import EncodedFiles, ImageFiles
 from .distill import Distiller
 from .errors import CacheError, ConfigError, ModelError, StaleCacheError
 from .evaluate import evaluate_model
@@ -35,14 +36,16 @@ from .train import fit, make_optimizer, make_schedule
 def train_view(plan: Plan, samples=None, decoded: DecodedCache | None = None) -> ViewDataset | DeviceView:
     """The training split through the training view (``samples``: the split's samples, wrapped).
 
-    From a ``decoded`` cache the view runs per batch on the training device (:class:`DeviceView`);
-    otherwise per item in the loader (:func:`e2kd.data.split_view`).
+    From a ``decoded`` cache, or with ``data.decode: device`` (files decoded on the device), the view
+    runs per batch on the training device (:class:`DeviceView`); otherwise per item in the loader
+    workers (:func:`e2kd.data.split_view`).
     """
     t, dataset = plan.config.train, plan.dataset
-    if decoded is not None:
+    encoded = plan.config.data.decode == "device"
+    if decoded is not None or encoded:
         return DeviceView(
-            samples if samples is not None else decoded.samples(),
-            decoded.sizes,
+            samples if samples is not None else training_samples(plan, decoded),
+            encoded=encoded,
             kind=dataset.default_augment if t.augment == "auto" else t.augment,
             image_size=dataset.image_size,
             color_jitter=t.color_jitter,
@@ -58,6 +61,27 @@ def train_view(plan: Plan, samples=None, decoded: DecodedCache | None = None) ->
         samples=samples,
         uint8=True,  # made float on the training device (e2kd.data.item_batches)
     )
+
+
+def _encoded(plan: Plan) -> EncodedFiles:
+    """The training split's samples as their files' bytes (``data.decode: device``)."""
+    dataset = plan.dataset
+    samples = dataset.samples(dataset.train_split)
+    if not isinstance(samples, ImageFiles):
+        raise ConfigError(
+            f"{plan.config.source}: data.decode: device decodes image files, and dataset {dataset.name!r} "
+            f"does not read its samples from files one to one (e2kd.data.files.ImageFiles); use data.decode: cpu"
+        )
+    return EncodedFiles(samples)
+
+
+def training_samples(plan: Plan, decoded: DecodedCache | None):
+    """The training split's raw samples: from the decoded cache, as file bytes, or decoded per item."""
+    if decoded is not None:
+        return decoded.samples()
+    if plan.config.data.decode == "device":
+        return _encoded(plan)
+    return plan.dataset.samples(plan.dataset.train_split)
 
 
 def prepare_decoded(plan: Plan, *, force: bool = False, runtime: Runtime | None = None) -> DecodedCache:
@@ -92,7 +116,10 @@ def prepare(config, *, force: bool = False) -> DecodedCache:
 
 
 def _decoded(plan: Plan, runtime: Runtime) -> DecodedCache | None:
-    """The training run's decoded cache when ``data.cache: decoded`` (built on first use)."""
+    """The training run's decoded cache when ``data.cache: decoded`` (built on first use); with
+    ``data.decode: device``, the check that the samples are files (before the run directory exists)."""
+    if plan.config.data.decode == "device":
+        _encoded(plan)
     return prepare_decoded(plan, runtime=runtime) if plan.config.data.cache == "decoded" else None
 
 
@@ -148,8 +175,7 @@ def train_teacher(config, *, rerun: bool = False) -> dict[str, Any]:
     decoded = _decoded(plan, runtime)
     if guidance is not None:
         g = config.train.guidance
-        base = decoded.samples() if decoded is not None else dataset.samples(dataset.train_split)
-        samples = AnnotatedSamples(base, g.annotated_fraction, config.seed)
+        samples = AnnotatedSamples(training_samples(plan, decoded), g.annotated_fraction, config.seed)
     out = _run_dir(plan, runtime, rerun)  # after every check
     forward = runtime.ddp(model)
 
@@ -269,8 +295,8 @@ def distill(config, *, rerun: bool = False) -> dict[str, Any]:
     torch.set_rng_state(rng)
     samples = None
     if frozen:
-        base = decoded.samples() if decoded is not None else dataset.samples(dataset.train_split)
-        samples = FrozenTeacherDataset(base, cache, resize_maps=decoded is None)
+        on_device = decoded is not None or config.data.decode == "device"
+        samples = FrozenTeacherDataset(training_samples(plan, decoded), cache, resize_maps=not on_device)
 
     def step(batch, index):
         replay = {}

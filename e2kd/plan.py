@@ -85,19 +85,7 @@ def plan_run(config: ExperimentConfig, command: Command, dataset: Dataset | None
         raise ValueError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
     _check_command(config, command)
     dataset = dataset if dataset is not None else dataset_of(config)
-    if (command == "prepare" or (config.data.cache == "decoded" and command != "evaluate")) and dataset.fixed_size:
-        field, fix = (
-            ("data.name", "prepare is for datasets of image files")
-            if command == "prepare"
-            else (
-                "data.cache",
-                "use data.cache: none",
-            )
-        )
-        raise ConfigError(
-            f"{config.source}: {field}: dataset {dataset.name!r} stores its images at the training size "
-            f"already, there is nothing to decode; {fix}"
-        )
+    _check_data(config, command, dataset)
     kd, classes = _resolved(config, dataset)
     explainer = _create("explainer", config.distill.explainer)
     guidance = _guidance(config, dataset) if command == "train-teacher" else None
@@ -138,6 +126,27 @@ def _check_command(config: ExperimentConfig, command: Command) -> None:
             f"{source}: train.mixup: a mixed image has two labels; distil with distill.ce_weight: 0 "
             f"and explain_classes other than label"
         )
+
+
+def _check_data(config: ExperimentConfig, command: Command, dataset: Dataset) -> None:
+    """A dataset stored at the training size has nothing to decode: no cache, no device decoding."""
+    data, source = config.data, config.source
+    if command == "evaluate":
+        return
+    if command == "prepare":
+        field, fix = "data.name", "prepare is for datasets of image files"
+    elif data.cache == "decoded":
+        field, fix = "data.cache", "use data.cache: none"
+    elif data.decode == "device":
+        field, fix = "data.decode", "use data.decode: cpu"
+    else:
+        return
+    if not dataset.fixed_size:
+        return
+    raise ConfigError(
+        f"{source}: {field}: dataset {dataset.name!r} stores its images at the training size already, "
+        f"there is nothing to decode; {fix}"
+    )
 
 
 def _resolved(config: ExperimentConfig, dataset: Dataset | None) -> tuple[str, str]:

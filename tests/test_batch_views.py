@@ -13,7 +13,6 @@ from torchvision.transforms.v2 import functional as TF
 from e2kd.data.augment import eval_geometry
 from e2kd.data.batch_views import (
     DeviceView,
-    Draws,
     draw_epoch,
     epoch_generator,
     jitter_colours,
@@ -173,7 +172,7 @@ def test_random_crops_of_flip_crop_cover_torchvisions_offsets():
     """``flip_crop`` on a cached image: ``v2.RandomCrop`` after the resize — offsets uniform over every
     position (each of the 33 × 77 reached, none outside)."""
     sizes = torch.tensor([[256, 300]]).expand(20_000, 2)
-    boxes = resize_crop_boxes(sizes, 224, torch.Generator().manual_seed(0))
+    boxes = resize_crop_boxes(sizes, 224, torch.rand(len(sizes), 2, generator=torch.Generator().manual_seed(0)))
     assert set(boxes[:, 1].long().tolist()) == set(range(33)) and set(boxes[:, 0].long().tolist()) == set(range(77))
     assert bool((boxes[:, 2:] == 224).all())
 
@@ -241,18 +240,17 @@ def test_teacher_map_mask_and_boxes_stay_aligned_with_the_image_pixel_for_pixel(
         item["boxes"] = tv_tensors.BoundingBoxes(box, format="XYXY", canvas_size=item["image"].shape[-2:])
         item["box_labels"] = torch.tensor([1])
     out = 24
-    view = DeviceView(
-        ListDataset(items), torch.tensor(sizes), kind="resized_crop_flip", image_size=out, num_classes=2, seed=3
-    )
+    view = DeviceView(ListDataset(items), kind="resized_crop_flip", image_size=out, num_classes=2, seed=3)
     draws = view.draws(0)
-    assert bool(draws.flips.any()) and not bool(draws.flips.all())
+    boxes, flips = draws.geometry(torch.tensor(sizes), "resized_crop_flip", out)
+    assert bool(flips.any()) and not bool(flips.all())
     with_boxes = view.finish(view.collate([0, 1, 2, 3], draws))  # boxes take the "mask" key: check masks apart
     for item in items:
         item.pop("boxes"), item.pop("box_labels")
     batch = view.finish(view.collate([0, 1, 2, 3], draws))
     for i in range(4):
-        x = _source_columns(draws.boxes[i], bool(draws.flips[i]), out)[None, :].expand(out, out).float()
-        y = _source_rows(draws.boxes[i], out)[:, None].expand(out, out).float()
+        x = _source_columns(boxes[i], bool(flips[i]), out)[None, :].expand(out, out).float()
+        y = _source_rows(boxes[i], out)[:, None].expand(out, out).float()
         assert float((batch["image"][i, 0] * 255 - x).abs().max()) <= 1.0 + 1e-4
         assert float((batch["image"][i, 1] * 255 - y).abs().max()) <= 1.0 + 1e-4
         inner = (slice(1, -1), slice(1, -1))  # the map is not clamped to the crop: its edges differ
@@ -287,15 +285,33 @@ def test_colour_jitter_per_sample_equals_torchvisions_operations_in_each_samples
     assert not torch.allclose(swapped[0], out[0], atol=1e-3)  # the order matters (it is not ignored)
 
 
-def test_jitter_factors_and_orders_are_drawn_as_torchvision_draws_them():
-    draws = draw_epoch(torch.tensor([[64, 64]]).expand(30_000, 2), "flip", 32, 0.4, torch.Generator().manual_seed(0))
+def test_jitter_factors_flips_and_orders_are_drawn_as_torchvision_draws_them():
+    draws = draw_epoch(30_000, 0.4, torch.Generator().manual_seed(0))
     assert float(draws.jitter.min()) >= 0.6 and float(draws.jitter.max()) <= 1.4
     assert abs(float(draws.jitter.mean()) - 1.0) < 0.01 and abs(float(draws.jitter.std()) - 0.8 / math.sqrt(12)) < 0.01
     counts = torch.unique(draws.order, dim=0, return_counts=True)[1]
     assert len(counts) == 6 and int(counts.min()) > 4500  # every order, about equally often
-    assert abs(float(draws.flips.float().mean()) - 0.5) < 0.01
-    none = draw_epoch(torch.tensor([[64, 64]]).expand(10, 2), "none", 32, 0.0, torch.Generator().manual_seed(0))
-    assert not none.flips.any() and none.jitter is None
+    sizes = torch.tensor([[64, 64]]).expand(30_000, 2)
+    assert abs(float(draws.geometry(sizes, "flip", 32)[1].float().mean()) - 0.5) < 0.01
+    assert not draws.geometry(sizes, "none", 32)[1].any() and draw_epoch(10, 0.0, torch.Generator()).jitter is None
+
+
+def test_the_same_draws_give_each_geometry_of_torchvision():
+    """One set of uniforms, four geometries: the random resized crop equals :func:`resized_crop_boxes`
+    of the same generator state; ``none``/``flip`` take the centre crop; ``flip_crop`` a random one."""
+    sizes = torch.tensor([[256, 300], [300, 256], [256, 256]])
+    draws = draw_epoch(3, 0.0, torch.Generator().manual_seed(5))
+    rrc, _ = draws.geometry(sizes, "resized_crop_flip", 224)
+    assert torch.equal(rrc, resized_crop_boxes(sizes, torch.Generator().manual_seed(5)))
+    centre, _ = draws.geometry(sizes, "none", 224)
+    assert torch.equal(centre, resize_crop_boxes(sizes, 224, None)) and torch.equal(
+        centre[2], torch.tensor([16.0, 16, 224, 224])
+    )
+    random_crop, flips = draws.geometry(sizes, "flip_crop", 224)
+    assert torch.equal(random_crop, resize_crop_boxes(sizes, 224, draws.offset)) and not torch.equal(
+        random_crop, centre
+    )
+    assert torch.equal(flips, draws.flip < 0.5)
 
 
 def _all_images(view, world, skip=0, epoch=0, batch_size=3):
@@ -316,9 +332,7 @@ def test_draws_depend_on_seed_epoch_and_index_only_so_processes_and_resumes_agre
         {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8), "index": torch.tensor(i)}
         for i, (h, w) in enumerate(sizes)
     ]
-    view = DeviceView(
-        ListDataset(items), torch.tensor(sizes), kind="resized_crop_flip", image_size=16, color_jitter=0.3, seed=1
-    )
+    view = DeviceView(ListDataset(items), kind="resized_crop_flip", image_size=16, color_jitter=0.3, seed=1)
     one = _all_images(view, 1)
     two = _all_images(view, 2)
     common = one.keys() & two.keys()  # (one process drops its last partial batch, two do not)
@@ -327,9 +341,7 @@ def test_draws_depend_on_seed_epoch_and_index_only_so_processes_and_resumes_agre
     assert resumed and all(torch.equal(one[i], resumed[i]) for i in resumed)
     next_epoch = _all_images(view, 1, epoch=1)
     reseeded = _all_images(
-        DeviceView(
-            ListDataset(items), torch.tensor(sizes), kind="resized_crop_flip", image_size=16, color_jitter=0.3, seed=2
-        ),
+        DeviceView(ListDataset(items), kind="resized_crop_flip", image_size=16, color_jitter=0.3, seed=2),
         1,
     )
     assert not any(torch.equal(one[i], next_epoch[i]) for i in one if i in next_epoch)
@@ -343,17 +355,10 @@ def test_epoch_generators_differ_by_seed_and_epoch():
 
 
 def test_draws_take_the_rows_of_the_indices():
-    draws = Draws(
-        torch.arange(12.0).view(3, 4),
-        torch.tensor([True, False, True]),
-        torch.ones(3, 3),
-        torch.zeros(3, 3, dtype=torch.long),
-    )
-    picked = draws.take(torch.tensor([2, 0]))
-    assert torch.equal(picked.boxes, torch.tensor([[8.0, 9, 10, 11], [0, 1, 2, 3]])) and picked.flips.tolist() == [
-        True,
-        True,
-    ]
+    draws = draw_epoch(5, 0.3, torch.Generator().manual_seed(0))
+    picked = draws.take(torch.tensor([3, 1]))
+    for name in ("crop", "offset", "flip", "jitter", "order"):
+        assert torch.equal(getattr(picked, name), getattr(draws, name)[[3, 1]]), name
 
 
 def test_loaded_ahead_keeps_order_and_raises_at_the_failing_batch():

@@ -152,8 +152,14 @@ def test_epoch_benchmark_smoke(tmp_path):
         "4",
         "--workers",
         "0",
+        "--cache",
+        "none,decoded",
+        "--modes",
+        "kd,e2kd_frozen",
     )
-    assert result["kd"]["steps"] == 2 and result["e2kd"]["median_images_per_s"] > 0
+    assert result["kd"]["steps"] == 2 and result["e2kd_frozen_decoded"]["median_images_per_s"] > 0
+    assert set(result) >= {"kd", "e2kd_frozen", "kd_decoded", "e2kd_frozen_decoded", "prepare_s"}
+    assert all(0 <= result[k]["data_wait_share"] < 1 for k in ("kd", "kd_decoded"))
 
 
 def test_data_path_benchmark_smoke(tmp_path):
@@ -174,8 +180,15 @@ def test_data_path_benchmark_smoke(tmp_path):
         "1",
     )
     rates = result["images_per_s"]
-    assert set(rates) == {"jpeg (e2kd)", "jpeg (by hand)", "decoded + device view", "tensors + v2 per item (by hand)"}
+    assert set(rates) == {
+        "jpeg (e2kd)",
+        "jpeg (by hand)",
+        "decoded + device view",
+        "jpeg bytes, decoded + device view",
+        "tensors + v2 per item (by hand)",
+    }
     assert all(v > 0 for v in rates.values()) and result["decoded_cache"]["bytes"] > 0
+    assert all(v > 0 for v in result["cpu_kernel_us_per_image"].values())
 
 
 def test_view_parity_benchmark_smoke(tmp_path):

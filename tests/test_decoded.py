@@ -283,3 +283,84 @@ def test_a_third_party_dataset_trains_from_the_cache_unchanged(tmp_path, monkeyp
     )
     results = train_teacher(config)
     assert set(results["splits"]) == {"test"} and len(results["history"]) == 1
+
+
+# -- decoding on the training device (data.decode: device) ------------------------------------------------------------
+
+
+def _encoded_folder(folder):
+    """The folder's training files as bytes, one of them re-saved as a PNG (not a JPEG) first."""
+    from PIL import Image
+
+    dataset = _dataset(folder)
+    files = dataset.samples("train")
+    png = files.paths[4].with_suffix(".png")
+    Image.open(files.paths[4]).save(png)
+    files.paths[4].unlink()
+    files.paths[4] = png
+    return files
+
+
+def test_files_decoded_on_the_device_give_the_view_of_the_decoded_images(folder):
+    """The device view of file bytes (decoded per batch: JPEGs in one call, the PNG file by file) equals
+    the device view of the same images decoded first, draw for draw; the bytes are the files'."""
+    from torchvision.io import decode_image
+
+    from e2kd.data.batch_views import DeviceView, decode_images
+    from e2kd.data.files import EncodedFiles
+
+    files = _encoded_folder(folder)
+    encoded = EncodedFiles(files)
+    assert bytes(encoded[2]["image"].numpy()) == files.paths[2].read_bytes() and encoded[2]["label"] == files.labels[2]
+    decoded = [{"image": decode_image(encoded[i]["image"]), "label": files.labels[i]} for i in range(len(files))]
+    assert torch.equal(decoded[4]["image"], read_image(files.paths[4]))  # (PNG: lossless, as PIL reads it)
+    common = {"kind": "resized_crop_flip", "image_size": 12, "color_jitter": 0.2, "seed": 7}
+    on_device = DeviceView(encoded, encoded=True, **common)
+    first = DeviceView(decoded, **common)
+    draws = on_device.draws(1)
+    indices = [4, 0, 9, 2]
+    a = on_device.finish(on_device.collate(indices, draws, canvas=False))
+    b = first.finish(first.collate(indices, draws, canvas=False))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    blobs = [encoded[i]["image"] for i in indices]
+    assert all(torch.equal(x, decoded[i]["image"]) for x, i in zip(decode_images(blobs, torch.device("cpu")), indices))
+
+
+def test_a_file_nothing_decodes_is_one_line_naming_it(folder):
+    from e2kd.data.batch_views import DeviceView
+    from e2kd.data.files import EncodedFiles
+    from e2kd.errors import DataError
+
+    files = _dataset(folder).samples("train")
+    files.paths[3].write_bytes(files.paths[3].read_bytes()[:40])
+    view = DeviceView(EncodedFiles(files), encoded=True, kind="flip", image_size=12)
+    with pytest.raises(DataError) as err:
+        view.finish(view.collate([1, 3], view.draws(0), canvas=False))
+    assert str(err.value).startswith(f"{files.paths[3]}: unreadable or truncated image (RuntimeError: ")
+    assert str(err.value).endswith("; replace or remove it, or set data.options.skip_unreadable: true")
+    assert "\n" not in str(err.value)
+
+
+def test_training_with_device_decoding_and_its_refusals(folder, tmp_path):
+    config = _config(folder, tmp_path, "t", decode="device")
+    results = train_teacher(config)
+    assert len(results["history"]) == 2 and 0 <= results["splits"]["val"]["accuracy"] <= 1
+    assert len(list(csv.DictReader((tmp_path / "t" / "steps.csv").open()))) == 6
+    with pytest.raises(ConfigError) as err:
+        _config(folder, tmp_path, "x", decode="device", cache="decoded")
+    assert "data.decode: device decodes files per batch, data.cache: decoded never decodes; pick one" in str(err.value)
+    objects = [("cat", (3, 5, 30, 20), 0)]
+    image = {"width": 40, "height": 30, "objects": objects}
+    voc = write_voc(tmp_path / "voc", {"train": [{"id": "a", **image}], "val": [{"id": "b", **image}]})
+    boxes = load_config_dict(
+        {"data": {"name": "voc", "options": {"root": str(voc), "image_size": 16}, "decode": "device"}},
+        source="v.yaml",
+    )
+    with pytest.raises(ConfigError) as err:
+        train_teacher(boxes)
+    assert str(err.value) == (
+        "v.yaml: data.decode: device decodes image files, and dataset 'voc' does not read its samples from files "
+        "one to one (e2kd.data.files.ImageFiles); use data.decode: cpu"
+    )
+    with pytest.raises(ConfigError, match=r"data.decode: dataset 'synthetic' .* use data.decode: cpu"):
+        train_teacher(load_config_dict({"data": {"name": "synthetic", "decode": "device"}}))

@@ -90,12 +90,13 @@ def boxes_to_masks(boxes: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     """(K, H, W) uint8 masks: pixel (r, c) is in class k's mask when its centre (c + .5, r + .5)
     lies in one of the class's XYXY boxes."""
     h, w = size
-    masks = torch.zeros(num_classes, h, w, dtype=torch.uint8)
+    device = boxes.device
+    masks = torch.zeros(num_classes, h, w, dtype=torch.uint8, device=device)
     if boxes.shape[0] == 0:
         return masks
     b = boxes.as_subclass(torch.Tensor).float()
-    ys = torch.arange(h, dtype=torch.float32) + 0.5
-    xs = torch.arange(w, dtype=torch.float32) + 0.5
+    ys = torch.arange(h, dtype=torch.float32, device=device) + 0.5
+    xs = torch.arange(w, dtype=torch.float32, device=device) + 0.5
     rows = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4])
     cols = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3])
     inside = rows[:, :, None] & cols[:, None, :]

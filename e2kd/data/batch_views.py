@@ -21,8 +21,9 @@ is resampled once instead of twice.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,12 +35,48 @@ from .augment import AUGMENTATIONS, EVAL_RESIZE_RATIO
 CROP_SCALE, CROP_RATIO, CROP_ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10
 #: RGB weights of the grayscale image colour jitter blends with (torchvision's).
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+#: The batch key of what the device view's host half hands its device half (sizes, draws, masks, boxes).
+VIEW = "device_view"
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's augmentation draws (independent of the batch order's)."""
     state = np.random.SeedSequence([seed, epoch, 0x5EED]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+
+
+def _resized_crop_boxes(
+    sizes: torch.Tensor,
+    crop: torch.Tensor,
+    offset: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> torch.Tensor:
+    """The boxes of :func:`resized_crop_boxes` from its uniforms: ``crop`` (N, attempts, 2) for the area
+    share and the log aspect ratio of each attempt, ``offset`` (N, 2) for the position."""
+    sizes, crop, offset = sizes.to(crop.device), crop.double(), offset.double()
+    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()
+    share = crop[..., 0] * (scale[1] - scale[0]) + scale[0]
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(crop[..., 1] * (high - low) + low)
+    w = torch.round(torch.sqrt(height * width * share * aspect))
+    h = torch.round(torch.sqrt(height * width * share / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.double().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    height, width = height[:, 0], width[:, 0]
+    # the fallback: the whole image, its aspect ratio clamped into [ratio[0], ratio[1]]
+    in_ratio = width / height
+    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    top = torch.where(
+        found, torch.floor(offset[:, 0] * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor")
+    )
+    left = torch.where(
+        found, torch.floor(offset[:, 1] * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor")
+    )
+    return torch.stack([left, top, w, h], 1)
 
 
 def resized_crop_boxes(
@@ -53,30 +90,9 @@ def resized_crop_boxes(
     log aspect ratio ~ U(log ratio) that fit, at a uniform integer offset; else the central crop
     with the aspect ratio clamped into ``ratio``."""
     n = len(sizes)
-    height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()
-    area = height * width
-    share = torch.rand(n, CROP_ATTEMPTS, generator=generator, dtype=torch.float64) * (scale[1] - scale[0]) + scale[0]
-    low, high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(torch.rand(n, CROP_ATTEMPTS, generator=generator, dtype=torch.float64) * (high - low) + low)
-    w = torch.round(torch.sqrt(area * share * aspect))
-    h = torch.round(torch.sqrt(area * share / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.double().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
-    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
-    height, width = height[:, 0], width[:, 0]
-    # the fallback: the whole image, its aspect ratio clamped into [ratio[0], ratio[1]]
-    in_ratio = width / height
-    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
-    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
-    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
-    offsets = torch.rand(n, 2, generator=generator, dtype=torch.float64)
-    top = torch.where(
-        found, torch.floor(offsets[:, 0] * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor")
-    )
-    left = torch.where(
-        found, torch.floor(offsets[:, 1] * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor")
-    )
-    return torch.stack([left, top, w, h], 1)
+    crop = torch.rand(n, CROP_ATTEMPTS, 2, generator=generator, dtype=torch.float64)
+    offset = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    return _resized_crop_boxes(sizes, crop, offset, scale, ratio)
 
 
 def resized_size(sizes: torch.Tensor, short_side: int) -> torch.Tensor:
@@ -90,62 +106,59 @@ def resized_size(sizes: torch.Tensor, short_side: int) -> torch.Tensor:
     ).double()
 
 
-def resize_crop_boxes(sizes: torch.Tensor, image_size: int, generator: torch.Generator | None) -> torch.Tensor:
+def resize_crop_boxes(sizes: torch.Tensor, image_size: int, offset: torch.Tensor | None) -> torch.Tensor:
     """(N, 4) boxes in source pixels of "resize the short side to ``image_size``·256/224, then crop
-    ``image_size``": centred (``generator`` None; the evaluation view) or at a uniform integer offset
-    (``v2.RandomCrop``)."""
+    ``image_size``": centred (``offset`` None; the evaluation view) or at the uniform integer offset
+    ``floor(offset · (room + 1))`` of ``v2.RandomCrop`` (``offset``: (N, 2) uniforms, rows then columns)."""
     resized = resized_size(sizes, round(image_size * EVAL_RESIZE_RATIO))
     room = resized - image_size  # (N, 2): rows, columns left over
-    if generator is None:
-        offset = torch.round(room / 2.0)
-    else:
-        offset = torch.floor(torch.rand(len(sizes), 2, generator=generator, dtype=torch.float64) * (room + 1))
+    place = torch.round(room / 2.0) if offset is None else torch.floor(offset.double().to(room.device) * (room + 1))
     factor = resized / sizes.double()  # (N, 2) resized / source, per axis
-    top, left = offset[:, 0] / factor[:, 0], offset[:, 1] / factor[:, 1]
+    top, left = place[:, 0] / factor[:, 0], place[:, 1] / factor[:, 1]
     return torch.stack([left, top, image_size / factor[:, 1], image_size / factor[:, 0]], 1)
 
 
 @dataclass
 class Draws:
-    """One epoch's augmentation of every sample: crop boxes (N, 4) ``(left, top, width, height)`` in
-    source pixels, horizontal flips (N,), and colour-jitter factors (N, 3) (brightness, contrast,
-    saturation) with the order (N, 3) they apply in (None without jitter)."""
+    """One epoch's random numbers of every sample, whatever its size: uniforms for the crop's attempts
+    ``crop`` (N, 10, 2) and position ``offset`` (N, 2), for the flip ``flip`` (N,), and the colour
+    jitter factors (N, 3) (brightness, contrast, saturation) with the order (N, 3) they apply in (None
+    without jitter). :meth:`geometry` turns them into crop boxes once the images' sizes are known."""
 
-    boxes: torch.Tensor
-    flips: torch.Tensor
+    crop: torch.Tensor
+    offset: torch.Tensor
+    flip: torch.Tensor
     jitter: torch.Tensor | None = None
     order: torch.Tensor | None = None
 
     def take(self, index: torch.Tensor) -> Draws:
         """The draws of the samples ``index``."""
-        pick = (lambda t: t[index]) if len(index) else (lambda t: t[:0])
         return Draws(
-            pick(self.boxes),
-            pick(self.flips),
-            None if self.jitter is None else pick(self.jitter),
-            None if self.order is None else pick(self.order),
+            *(None if t is None else t[index] for t in (self.crop, self.offset, self.flip, self.jitter, self.order))
         )
 
+    def geometry(self, sizes: torch.Tensor, kind: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes (N, 4) ``(left, top, width, height)`` in source pixels, flips (N,)) of the training
+        geometry ``kind`` for images of ``sizes`` (N, 2) (see :func:`e2kd.data.augment.geometric_transform`)."""
+        if kind == "resized_crop_flip":
+            boxes = _resized_crop_boxes(sizes, self.crop, self.offset, CROP_SCALE, CROP_RATIO)
+        else:
+            boxes = resize_crop_boxes(sizes, image_size, self.offset if kind == "flip_crop" else None)
+        flips = self.flip < 0.5 if kind != "none" else torch.zeros_like(self.flip, dtype=torch.bool)
+        return boxes, flips
 
-def draw_epoch(
-    sizes: torch.Tensor, kind: str, image_size: int, color_jitter: float, generator: torch.Generator
-) -> Draws:
-    """Every sample's training geometry of ``kind`` (for images of any size; see
-    :func:`e2kd.data.augment.geometric_transform`) and its colour jitter."""
-    if kind not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {kind!r} (known: {', '.join(AUGMENTATIONS)})")
-    n = len(sizes)
-    if kind == "resized_crop_flip":
-        boxes = resized_crop_boxes(sizes, generator)
-    else:
-        boxes = resize_crop_boxes(sizes, image_size, generator if kind == "flip_crop" else None)
-    flips = torch.rand(n, generator=generator) < 0.5 if kind != "none" else torch.zeros(n, dtype=torch.bool)
+
+def draw_epoch(n: int, color_jitter: float, generator: torch.Generator) -> Draws:
+    """The random numbers of ``n`` samples for one epoch (:class:`Draws`)."""
+    crop = torch.rand(n, CROP_ATTEMPTS, 2, generator=generator, dtype=torch.float64)
+    offset = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    flip = torch.rand(n, generator=generator)
     if color_jitter <= 0:
-        return Draws(boxes, flips)
+        return Draws(crop, offset, flip)
     low, high = max(0.0, 1 - color_jitter), 1 + color_jitter
     jitter = torch.rand(n, 3, generator=generator, dtype=torch.float64) * (high - low) + low
     order = torch.rand(n, 3, generator=generator).argsort(1)
-    return Draws(boxes, flips, jitter.float(), order)
+    return Draws(crop, offset, flip, jitter.float(), order)
 
 
 def _axis(start: torch.Tensor, length: torch.Tensor, out: int, limit: torch.Tensor, clamp_to_box: bool) -> torch.Tensor:
@@ -255,22 +268,60 @@ def move_boxes(boxes: torch.Tensor, box: torch.Tensor, flip: bool, out: int) -> 
     return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1).float()
 
 
+def decode_images(
+    blobs: list[torch.Tensor], device: torch.device, name: Callable[[int], str] | None = None
+) -> list[torch.Tensor]:
+    """(3, h, w) uint8 RGB images on ``device`` from encoded files (1-D uint8 tensors of their bytes):
+    JPEGs decoded in one batched call on the device (nvJPEG on CUDA); a batch with a file that call
+    cannot take (a PNG, a CMYK JPEG on some decoders) is decoded file by file, those on the CPU. A file
+    nothing decodes is a one-line :class:`~e2kd.errors.DataError` naming it (``name(position)``)."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    from .files import unreadable
+
+    try:
+        return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        images = []
+        for position, blob in enumerate(blobs):
+            try:
+                images.append(decode_jpeg(blob, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                try:
+                    images.append(decode_image(blob.cpu(), mode=ImageReadMode.RGB).to(device))
+                except RuntimeError as exc:
+                    where = name(position) if name is not None else f"image {position} of the batch"
+                    raise unreadable(where, exc) from None
+        return images
+
+
+def sample_path(samples: Any, index: int) -> str:
+    """The file of sample ``index`` of ``samples`` (through wrappers holding the samples as ``base``,
+    ``samples`` or ``dataset``), or ``sample <index>`` when no file is known."""
+    while not hasattr(samples, "paths"):
+        inner = next((getattr(samples, a) for a in ("base", "samples", "dataset") if hasattr(samples, a)), None)
+        if inner is None:
+            return f"sample {index}"
+        samples = inner
+    return str(samples.paths[index])
+
+
 class DeviceView:
     """The training view of uint8 samples of any size, applied per batch on the training device.
 
-    ``samples[i]`` holds a uint8 ``image`` (3, h, w) with ``sizes[i] = (h, w)``, and optionally a
-    ``mask`` (K, h, w), ``boxes`` + ``box_labels`` (rasterised into per-class masks after the
-    geometry, as the item view does) and a replayed ``teacher_map`` (C, m, m) covering the whole
-    image; other fields are collated as they are. :meth:`batches` is the batch source
-    :func:`e2kd.train.fit` reads: ``threads`` background threads gather the next batches, which are
-    copied to the device ahead of the step and cropped, flipped, jittered and converted there (on the
-    CPU the threads do that work too, beside the step).
+    ``samples[i]`` holds a uint8 ``image`` (3, h, w) — or, with ``encoded``, the bytes of its image
+    file (1-D uint8), decoded on the device by :func:`decode_images` — and optionally a ``mask``
+    (K, h, w), ``boxes`` + ``box_labels`` (rasterised into per-class masks after the geometry, as the
+    item view does) and a replayed ``teacher_map`` (C, m, m) covering the whole image; other fields are
+    collated as they are. :meth:`batches` is the batch source :func:`e2kd.train.fit` reads:
+    ``threads`` background threads gather the next batches, which are copied to the device ahead of
+    the step and decoded, cropped, flipped, jittered and converted there (on the CPU the threads do
+    that work too, beside the step).
     """
 
     def __init__(
         self,
         samples: torch.utils.data.Dataset,
-        sizes: torch.Tensor,
         *,
         kind: str,
         image_size: int,
@@ -278,54 +329,38 @@ class DeviceView:
         num_classes: int = 0,
         seed: int = 0,
         threads: int = 2,
+        encoded: bool = False,
     ) -> None:
-        if len(sizes) != len(samples):  # type: ignore[arg-type]
-            raise ValueError("one size per sample")
         if kind not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {kind!r} (known: {', '.join(AUGMENTATIONS)})")
-        self.samples, self.sizes = samples, sizes.long()
-        self.kind, self.image_size, self.color_jitter = kind, image_size, color_jitter
-        self.num_classes, self.seed, self.threads = num_classes, seed, threads
+        self.samples, self.kind, self.image_size, self.color_jitter = samples, kind, image_size, color_jitter
+        self.num_classes, self.seed, self.threads, self.encoded = num_classes, seed, threads, encoded
 
     def __len__(self) -> int:
-        return len(self.sizes)
+        return len(self.samples)  # type: ignore[arg-type]
 
     def draws(self, epoch: int) -> Draws:
-        """Every sample's augmentation in ``epoch``."""
-        return draw_epoch(self.sizes, self.kind, self.image_size, self.color_jitter, epoch_generator(self.seed, epoch))
+        """Every sample's random numbers in ``epoch``."""
+        return draw_epoch(len(self), self.color_jitter, epoch_generator(self.seed, epoch))
 
     def collate(self, indices: list[int], draws: Draws, *, canvas: bool = True, pin: bool = False) -> dict:
         """The host batch of samples ``indices``: their uint8 images (a padded canvas to copy to a
-        device, else a list of the memory-mapped images as they are), their draws, boxes already
-        rasterised into masks (geometry known, no pixels needed)."""
-        from .augment import boxes_to_masks
-
-        index = torch.tensor(indices, dtype=torch.long)
+        device, else a list of the images as they are; encoded files always as a list) and their draws."""
         items = [self.samples[i] for i in indices]
-        mine = draws.take(index)
-        batch: dict = {
-            "image": _canvas([item["image"] for item in items], pin) if canvas else [item["image"] for item in items],
-            "size": self.sizes[index],
-            "boxes_": mine.boxes,
-            "flips_": mine.flips,
-        }
+        images = [item["image"] for item in items]
+        mine = draws.take(torch.tensor(indices, dtype=torch.long))
+        view = {"crop": mine.crop, "offset": mine.offset, "flip": mine.flip}  # what finish needs, not the step
+        view["index"] = torch.tensor(indices, dtype=torch.long)
         if mine.jitter is not None:
-            batch["jitter_"], batch["order_"] = mine.jitter, mine.order
-        if "mask" in items[0] and "boxes" not in items[0]:  # (boxes replace masks, as in the item view)
-            batch["mask_"] = _canvas([torch.as_tensor(item["mask"]) for item in items], pin)
-        if "boxes" in items[0]:
-            size = (self.image_size, self.image_size)
-            batch["mask"] = torch.stack(
-                [
-                    boxes_to_masks(
-                        move_boxes(item["boxes"].as_subclass(torch.Tensor), box, bool(flip), self.image_size),
-                        item["box_labels"],
-                        self.num_classes,
-                        size,
-                    )
-                    for item, box, flip in zip(items, mine.boxes, mine.flips, strict=True)
-                ]
-            )
+            view["jitter"], view["order"] = mine.jitter, mine.order
+        if not self.encoded:
+            view["size"] = torch.tensor([list(image.shape[-2:]) for image in images], dtype=torch.long)
+        if "boxes" in items[0]:  # (boxes replace masks, as in the item view)
+            view["boxes"] = [item["boxes"].as_subclass(torch.Tensor) for item in items]
+            view["box_labels"] = [torch.as_tensor(item["box_labels"]) for item in items]
+        elif "mask" in items[0]:
+            view["mask"] = _canvas([torch.as_tensor(item["mask"]) for item in items], pin)
+        batch: dict = {"image": _canvas(images, pin) if canvas and not self.encoded else images, VIEW: view}
         if "teacher_map" in items[0]:
             batch["teacher_map"] = torch.stack([item["teacher_map"] for item in items])
         skip = {"image", "mask", "boxes", "box_labels", "teacher_map"}
@@ -334,23 +369,42 @@ class DeviceView:
         return batch
 
     def finish(self, batch: dict) -> dict:
-        """The training batch from a host batch on the device: crops resized, flips, colour jitter,
-        float images in [0, 1]; the teacher map and masks moved with the image."""
-        out = dict(batch)
-        sizes, boxes, flips = out.pop("size"), out.pop("boxes_"), out.pop("flips_")
-        jitter, order = out.pop("jitter_", None), out.pop("order_", None)
-        out["image"] = resized_crops(batch["image"], sizes, boxes, flips, self.image_size)
-        if jitter is not None:
-            out["image"] = jitter_colours(out["image"], jitter, order)
+        """The training batch from a host batch on its device: images decoded (``encoded``), crops
+        resized, flips, colour jitter, float images in [0, 1]; the teacher map and masks moved with
+        the image."""
+        from .augment import boxes_to_masks
+
+        out = {k: v for k, v in batch.items() if k != VIEW}
+        view, images = batch[VIEW], batch["image"]
+        if self.encoded:
+            device = images[0].device
+            index = view["index"].tolist()
+            images = decode_images(images, device, lambda k: sample_path(self.samples, index[k]))
+            sizes = torch.tensor([list(image.shape[-2:]) for image in images], dtype=torch.long, device=device)
+        else:
+            sizes = view["size"]
+        draws = Draws(view["crop"], view["offset"], view["flip"], view.get("jitter"), view.get("order"))
+        boxes, flips = draws.geometry(sizes, self.kind, self.image_size)
+        out["image"] = resized_crops(images, sizes, boxes, flips, self.image_size)
+        if draws.jitter is not None:
+            out["image"] = jitter_colours(out["image"], draws.jitter, draws.order)
         if "teacher_map" in out:
             maps = out["teacher_map"].float()
             scale = torch.tensor(maps.shape[-2:], dtype=torch.float64, device=sizes.device) / sizes.double()
             in_map = boxes.double() * torch.stack([scale[:, 1], scale[:, 0], scale[:, 1], scale[:, 0]], 1)
             map_sizes = torch.tensor(maps.shape[-2:], device=sizes.device).expand(len(maps), 2)
             out["teacher_map"] = sample_boxes(maps, map_sizes, in_map, flips, self.image_size, clamp_to_box=False)
-        if "mask_" in out:  # the samples' own masks (box masks were rasterised at the crop already)
-            masks = out.pop("mask_")
-            out["mask"] = sample_boxes(masks.float(), sizes, boxes, flips, self.image_size, mode="nearest")
+        if "mask" in view:
+            out["mask"] = sample_boxes(view["mask"].float(), sizes, boxes, flips, self.image_size, mode="nearest")
+        if "boxes" in view:
+            size = (self.image_size, self.image_size)
+            moved = zip(view["boxes"], view["box_labels"], boxes, flips, strict=True)
+            out["mask"] = torch.stack(
+                [
+                    boxes_to_masks(move_boxes(b, box, bool(flip), self.image_size), labels, self.num_classes, size)
+                    for b, labels, box, flip in moved
+                ]
+            )
         return out
 
     def batches(self, sampler, device: torch.device) -> Iterator[dict]:

@@ -50,11 +50,16 @@ def read_image(path: str | Path) -> torch.Tensor:
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(
-            f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc}); replace or remove it, "
-            f"or set data.options.skip_unreadable: true"
-        ) from None
+        raise unreadable(path, exc) from None
     return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def unreadable(path: str | Path, exc: Exception) -> DataError:
+    """The one-line error of an image file that does not decode."""
+    return DataError(
+        f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc}); replace or remove it, "
+        f"or set data.options.skip_unreadable: true"
+    )
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -113,5 +118,26 @@ class ImageFiles(TorchDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {"image": read_image(self.paths[index]), "label": self.labels[index]}
+        item.update({k: v[index] for k, v in self.fields.items()})
+        return item
+
+
+class EncodedFiles(TorchDataset):
+    """The samples of :class:`ImageFiles` with each image as its file's bytes (1-D uint8), not
+    decoded: for decoding on the training device (``data.decode: device``)."""
+
+    def __init__(self, files: ImageFiles) -> None:
+        self.paths, self.labels, self.fields = files.paths, files.labels, files.fields
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found") from None
+        item = {"image": torch.frombuffer(bytearray(data), dtype=torch.uint8), "label": self.labels[index]}
         item.update({k: v[index] for k, v in self.fields.items()})
         return item

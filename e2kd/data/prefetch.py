@@ -49,6 +49,8 @@ def _to(value: Any, device: torch.device) -> Any:
         return value.to(device, non_blocking=True)
     if isinstance(value, list):
         return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 
@@ -66,13 +68,19 @@ def on_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterator[
         with torch.cuda.stream(side):
             return {k: _to(v, device) for k, v in batch.items()}
 
+    def tensors(value: Any) -> Iterator[torch.Tensor]:
+        if torch.is_tensor(value):
+            yield value
+        elif isinstance(value, (list, dict)):
+            for v in value.values() if isinstance(value, dict) else value:
+                yield from tensors(v)
+
     def ready(batch: Batch) -> Batch:
         current = torch.cuda.current_stream(device)
         current.wait_stream(side)
-        for value in batch.values():
-            for t in value if isinstance(value, list) else [value]:
-                if torch.is_tensor(t) and t.device.type == "cuda":
-                    t.record_stream(current)
+        for t in tensors(batch):
+            if t.device.type == "cuda":
+                t.record_stream(current)
         return batch
 
     ahead = None
