@@ -245,6 +245,7 @@ def test_teacher_map_mask_and_boxes_stay_aligned_with_the_image_pixel_for_pixel(
     boxes, flips = draws.geometry(torch.tensor(sizes), "resized_crop_flip", out)
     assert bool(flips.any()) and not bool(flips.all())
     with_boxes = view.finish(view.collate([0, 1, 2, 3], draws))  # boxes take the "mask" key: check masks apart
+    assert set(with_boxes) == {"image", "label", "teacher_map", "mask"}  # (no boxes or labels of boxes left)
     for item in items:
         item.pop("boxes"), item.pop("box_labels")
     batch = view.finish(view.collate([0, 1, 2, 3], draws))
@@ -385,3 +386,223 @@ def test_batches_reach_the_device_unchanged_and_in_order(device):
     assert [float(b["x"][0]) for b in moved] == [0.0, 1.0, 2.0, 3.0]
     assert all(b["x"].device.type == torch.device(device).type and b["name"] == "b" for b in moved)
     assert [int(b["ids"][0]) for b in moved] == [0, 1, 2, 3]
+
+
+def _torchvision_loop(height, width, crop, offset, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """``v2.RandomResizedCrop``'s sampling loop written out by hand, fed the given uniforms: ``crop``
+    (attempts, 2) for the area share and log aspect ratio, ``offset`` (2,) for the row and column."""
+    area = height * width
+    for share_u, ratio_u in crop.tolist():
+        target = area * (scale[0] + share_u * (scale[1] - scale[0]))
+        aspect = math.exp(math.log(ratio[0]) + ratio_u * (math.log(ratio[1]) - math.log(ratio[0])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return [math.floor(offset[1] * (width - w + 1)), math.floor(offset[0] * (height - h + 1)), w, h]
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return [(width - w) // 2, (height - h) // 2, w, h]
+
+
+def test_resized_crop_boxes_follow_torchvisions_loop_for_the_same_uniforms():
+    """Exact boxes for 2,000 random uniform sets over sizes that make every branch happen (crops that
+    fit only at the first, a middle or no attempt; fallbacks of tall, wide and square images), and
+    for uniforms chosen to land exactly on the boundaries (a crop as wide or as tall as the image)."""
+    from e2kd.data.batch_views import _resized_crop_boxes
+
+    g = torch.Generator().manual_seed(11)
+    sizes = [[256, 341], [40, 200], [200, 40], [3, 3], [1, 100], [100, 1], [64, 64], [2, 7], [1, 1], [1, 2], [2, 1]]
+    sizes = torch.tensor(sizes)  # (the last three: attempts of zero width or height happen)
+    sizes = sizes[torch.randint(0, len(sizes), (2000,), generator=g)]
+    crop = torch.rand(2000, 10, 2, generator=g, dtype=torch.float64)
+    offset = torch.rand(2000, 2, generator=g, dtype=torch.float64)
+    ours = _resized_crop_boxes(sizes, crop, offset, (0.08, 1.0), (3 / 4, 4 / 3))
+    expected = [_torchvision_loop(int(h), int(w), crop[i], offset[i]) for i, (h, w) in enumerate(sizes.tolist())]
+    assert ours.tolist() == expected
+    # boundaries: the whole image at the first attempt (share 1, ratio = the image's) and offsets of 0 and ~1
+    square = _resized_crop_boxes(
+        torch.tensor([[64, 64], [64, 64]]),
+        torch.tensor([[[1.0, 0.5]] * 10, [[1.0, 0.5]] * 10], dtype=torch.float64),
+        torch.tensor([[0.0, 0.0], [0.999, 0.999]], dtype=torch.float64),
+        (0.08, 1.0),
+        (3 / 4, 4 / 3),
+    )
+    assert square.tolist() == [[0, 0, 64, 64], [0, 0, 64, 64]]
+
+
+def test_resize_then_crop_boxes_of_images_not_at_the_eval_size_by_hand():
+    """A 300 x 400 image, 224 px: resized to 256 x 341 (short side 256, long int(256 · 400 / 300)),
+    centre crop at (16, 58) there; in source pixels every coordinate divided by its own axis' factor."""
+    box = resize_crop_boxes(torch.tensor([[300, 400]]), 224, None)[0].tolist()
+    fy, fx = 256 / 300, 341 / 400
+    assert box == pytest.approx([58 / fx, 16 / fy, 224 / fx, 224 / fy])
+    random_box = resize_crop_boxes(torch.tensor([[400, 300]]), 224, torch.tensor([[0.5, 0.25]]))[0].tolist()
+    fy, fx = 341 / 400, 256 / 300
+    assert random_box == pytest.approx([math.floor(0.25 * 33) / fx, math.floor(0.5 * 118) / fy, 224 / fx, 224 / fy])
+
+
+def test_a_map_sampled_without_the_crop_clamp_keeps_its_edge_values():
+    """The whole map (clamp to the image, not the crop): the corners of the output are the map's corners."""
+    maps = torch.arange(16.0).view(1, 1, 4, 4)
+    out = sample_boxes(
+        maps, torch.tensor([[4, 4]]), torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([False]), 8, clamp_to_box=False
+    )
+    assert out[0, 0, 0, 0] == 0 and out[0, 0, -1, -1] == 15 and out[0, 0, 0, -1] == 3 and out[0, 0, -1, 0] == 12
+
+
+def test_boxes_moved_into_a_crop_by_hand():
+    """A 40 x 30 crop at (10, 5) resized to 20 px: x scales by 0.5, y by 2/3; a box reaching outside the
+    crop is clipped to it; flipped, x becomes 20 - x."""
+    from e2kd.data.batch_views import move_boxes
+
+    boxes = torch.tensor([[12.0, 8.0, 30.0, 20.0], [0.0, 0.0, 100.0, 100.0]])
+    crop = torch.tensor([10.0, 5.0, 40.0, 30.0])
+    moved = move_boxes(boxes, crop, False, 20)
+    torch.testing.assert_close(moved, torch.tensor([[1.0, 2.0, 10.0, 10.0], [0.0, 0.0, 20.0, 20.0]]))
+    flipped = move_boxes(boxes, crop, True, 20)
+    torch.testing.assert_close(flipped, torch.tensor([[10.0, 2.0, 19.0, 10.0], [0.0, 0.0, 20.0, 20.0]]))
+
+
+def test_the_file_of_a_sample_through_wrappers():
+    from e2kd.data.batch_views import sample_path
+
+    class Files:
+        paths = ["a.jpg", "b.jpg"]
+
+    class Wrapped:
+        def __init__(self, attribute, inner):
+            setattr(self, attribute, inner)
+
+    assert sample_path(Files(), 1) == "b.jpg"
+    for attribute in ("base", "samples", "dataset"):
+        assert sample_path(Wrapped(attribute, Files()), 0) == "a.jpg"
+    assert sample_path(Wrapped("base", Wrapped("samples", Files())), 1) == "b.jpg"
+    assert sample_path(ListDataset([]), 3) == "sample 3"
+
+
+def test_the_device_view_composes_crop_jitter_and_map_as_written_by_hand():
+    """Non-square images, colour jitter, a two-channel map (image x and y of each map pixel's centre):
+    the batch equals the crops of the draws' boxes, jittered with the draws' factors in their order,
+    and the map reads each output pixel's source coordinates; a batch of one sample works too."""
+    sizes = [(30, 50), (44, 26), (35, 35)]
+    items = []
+    g = torch.Generator().manual_seed(2)
+    for h, w in sizes:
+        x = (torch.arange(6) + 0.5) * w / 6
+        y = (torch.arange(6) + 0.5) * h / 6
+        column, row = x[None, :].expand(6, 6), y[:, None].expand(6, 6)
+        image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        items.append({"image": image, "teacher_map": torch.stack([column, row]), "label": torch.tensor(1)})
+    view = DeviceView(ListDataset(items), kind="resized_crop_flip", image_size=16, color_jitter=0.4, seed=4)
+    draws = view.draws(2)
+    batch = view.finish(view.collate([2, 0, 1], draws, canvas=False))
+    mine = draws.take(torch.tensor([2, 0, 1]))
+    size_rows = torch.tensor([sizes[i] for i in (2, 0, 1)])
+    boxes, flips = mine.geometry(size_rows, "resized_crop_flip", 16)
+    crops = resized_crops([items[i]["image"] for i in (2, 0, 1)], size_rows, boxes, flips, 16)
+    torch.testing.assert_close(batch["image"], jitter_colours(crops, mine.jitter, mine.order), rtol=0, atol=1e-6)
+    assert not torch.allclose(batch["image"], crops, atol=1e-3)  # the jitter was applied
+    for k, (h, w) in enumerate(size_rows.tolist()):
+        x = _source_columns(boxes[k], bool(flips[k]), 16)[None, :].expand(16, 16).float() + 0.5
+        y = _source_rows(boxes[k], 16)[:, None].expand(16, 16).float() + 0.5
+        # where the map is linear: between its outermost pixel centres, inside the crop's clamp
+        inside = (x > w / 12) & (x < w - w / 12) & (y > h / 12) & (y < h - h / 12)
+        inside[[0, -1], :] = False
+        inside[:, [0, -1]] = False
+        assert inside.sum() > 50
+        torch.testing.assert_close(batch["teacher_map"][k, 0][inside], x[inside], rtol=0, atol=2e-3)
+        torch.testing.assert_close(batch["teacher_map"][k, 1][inside], y[inside], rtol=0, atol=2e-3)
+    one = view.finish(view.collate([1], draws))  # a batch of one sample, through a canvas
+    torch.testing.assert_close(one["image"][0], batch["image"][2], rtol=0, atol=1 / 255 + 1e-6)
+    assert one["label"].tolist() == [1]
+
+
+def test_the_next_copy_is_issued_before_the_current_batch_is_handed_out():
+    from e2kd.data.prefetch import one_ahead
+
+    calls = []
+
+    def issue(batch):
+        calls.append(f"issue {batch['k']}")
+        return batch
+
+    def ready(batch):
+        calls.append(f"ready {batch['k']}")
+        return batch
+
+    for batch in one_ahead(({"k": k} for k in range(3)), issue, ready):
+        calls.append(f"step {batch['k']}")
+    assert calls == [
+        "issue 0",
+        "ready 0",
+        "issue 1",
+        "step 0",
+        "ready 1",
+        "issue 2",
+        "step 1",
+        "ready 2",
+        "step 2",
+    ]
+    assert list(one_ahead(iter([]), issue, ready)) == []
+
+
+def test_boxes_beyond_the_image_read_its_last_row_and_column_without_the_crop_clamp():
+    """A 4 x 8 image (wider than tall) in a 6 x 10 zero canvas, sampled over a box twice its size without
+    the crop clamp: coordinates stop at the image's last row and column, never reaching the padding."""
+    canvas = torch.zeros(1, 1, 6, 10)
+    canvas[0, 0, :4, :8] = torch.arange(32.0).view(4, 8)
+    box = torch.tensor([[0.0, 0.0, 16.0, 8.0]])
+    out = sample_boxes(canvas, torch.tensor([[4, 8]]), box, torch.tensor([False]), 8, clamp_to_box=False)[0, 0]
+    last_row = torch.tensor([24.5, 26.5, 28.5, 30.5, 31.0, 31.0, 31.0, 31.0])  # x = 0.5, 2.5, ..., then column 7
+    torch.testing.assert_close(out[3:], last_row.expand(5, 8), rtol=0, atol=1e-4)
+    torch.testing.assert_close(out[0, 4:], torch.full((4,), 7.0), rtol=0, atol=1e-4)
+
+
+def test_the_fallback_of_a_square_image_is_the_whole_image():
+    """Every attempt too wide (area share 1, aspect 1.2 > 1): the fallback keeps a square image whole."""
+    from e2kd.data.batch_views import _resized_crop_boxes
+
+    ratio_u = (math.log(1.2) - math.log(3 / 4)) / (math.log(4 / 3) - math.log(3 / 4))
+    crop = torch.tensor([[[1.0, ratio_u]] * 10], dtype=torch.float64)
+    box = _resized_crop_boxes(
+        torch.tensor([[50, 50]]), crop, torch.zeros(1, 2, dtype=torch.float64), (0.08, 1.0), (3 / 4, 4 / 3)
+    )
+    assert box.tolist() == [[0, 0, 50, 50]] == [_torchvision_loop(50, 50, crop[0], [0.0, 0.0])]
+
+
+def test_the_other_geometries_and_single_sample_batches_through_the_device_view():
+    """``flip_crop`` and ``none`` on images not at the eval size (fractional boxes, the batched kernel) equal
+    the crops of the draws' boxes; a one-sample batch gives that sample's view; an unknown kind is refused."""
+    sizes = [(30, 50), (44, 26)]
+    g = torch.Generator().manual_seed(5)
+    items = [{"image": torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)} for h, w in sizes]
+    for kind in ("flip_crop", "none"):
+        view = DeviceView(ListDataset(items), kind=kind, image_size=12, seed=1)
+        draws = view.draws(0)
+        batch = view.finish(view.collate([0, 1], draws, canvas=False))
+        boxes, flips = draws.geometry(torch.tensor(sizes), kind, 12)
+        canvas = torch.zeros(2, 3, 44, 50, dtype=torch.uint8)
+        for i, (h, w) in enumerate(sizes):
+            canvas[i, :, :h, :w] = items[i]["image"]
+        expected = sample_boxes(canvas, torch.tensor(sizes), boxes, flips, 12) / 255
+        torch.testing.assert_close(batch["image"], expected, rtol=0, atol=1e-5)
+        assert set(batch) == {"image"} and batch["image"].dtype == torch.float32
+        one = view.finish(view.collate([1], draws, canvas=False))
+        torch.testing.assert_close(one["image"][0], batch["image"][1], rtol=0, atol=1e-5)
+    assert draws.geometry(torch.tensor(sizes), "none", 12)[1].dtype == torch.bool
+    with pytest.raises(
+        ValueError, match=r"unknown augmentation 'crop' \(known: none, flip, flip_crop, resized_crop_flip\)"
+    ):
+        DeviceView(ListDataset(items), kind="crop", image_size=12)
+
+
+def test_a_fractional_box_of_an_image_given_in_a_list_takes_the_batched_kernel():
+    ramp = torch.arange(200, dtype=torch.uint8).expand(3, 40, 200).clone()
+    box = torch.tensor([[20.25, 3.5, 150.5, 30.0]])
+    out = resized_crops([ramp], torch.tensor([[40, 200]]), box, torch.tensor([False]), 16)[0, 0] * 255
+    expected = 20.25 + (torch.arange(16) + 0.5) * 150.5 / 16 - 0.5
+    torch.testing.assert_close(out[5], expected.float(), rtol=0, atol=2e-4)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from e2kd import hookimpl
@@ -78,8 +79,10 @@ def test_a_cache_for_another_setting_is_refused_naming_the_difference(folder, tm
         "Run `e2kd prepare CONFIG --force` to rebuild it, or set data.cache_dir elsewhere"
     )
     other = _dataset(folder, shots=2)
-    with pytest.raises(StaleCacheError, match=r"dataset.options.shots \(None in the cache, 2 now\)"):
+    with pytest.raises(StaleCacheError) as err:
         DecodedCache.open(tmp_path / "c", decoded_fingerprint(other.identity("train"), 18))
+    assert str(err.value).startswith(f"{tmp_path / 'c'}: decoded cache was made for another setting: ")
+    assert "now); dataset.options.shots (None in the cache, 2 now). Run" in str(err.value)  # every difference, "; "
     fingerprint = _build(tmp_path / "c", other, force=True)  # --force rebuilds it for the new setting
     assert len(DecodedCache.open(tmp_path / "c", fingerprint)) == 6
 
@@ -148,18 +151,24 @@ def test_a_killed_build_resumes_from_its_last_chunk_to_identical_bytes(folder, t
     assert resumed.reads == list(range(8, 15))  # the two whole chunks were not decoded again
     for name in (PIXELS, "samples.pt", "index.json"):
         assert (tmp_path / "k" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
-    with pytest.raises(StaleCacheError):  # an unfinished build of another setting is not mixed in
-        killed.fail_at = 2
-        other = decoded_fingerprint(dataset.identity("train"), 17)
-        with pytest.raises(KeyboardInterrupt):
-            build_decoded(tmp_path / "o", killed, fingerprint, short_side=18, progress=False, chunk=1)
+    killed.fail_at = 2
+    other = decoded_fingerprint(dataset.identity("train"), 17)
+    with pytest.raises(KeyboardInterrupt):
+        build_decoded(tmp_path / "o", killed, fingerprint, short_side=18, progress=False, chunk=1)
+    with pytest.raises(StaleCacheError) as err:  # an unfinished build of another setting is not mixed in
         build_decoded(tmp_path / "o", dataset.samples("train"), other, short_side=17, progress=False)
+    assert str(err.value).startswith(
+        f"{tmp_path / 'o'}: decoded cache was made for another setting: short_side (18 in the cache, 17 now)"
+    )
 
 
 def test_boxes_are_stored_scaled_with_their_image(tmp_path):
     objects = [("cat", (3, 5, 30, 20), 0), ("dog", (10, 2, 40, 25), 0)]
-    images = {"train": [{"id": "a", "width": 48, "height": 32, "objects": objects}], "val": []}
-    voc = write_voc(tmp_path, {**images, "val": [{"id": "b", "width": 20, "height": 20, "objects": objects[:1]}]})
+    train = [
+        {"id": "a", "width": 48, "height": 32, "objects": objects},
+        {"id": "c", "width": 30, "height": 30, "objects": objects[:1]},  # another number of boxes
+    ]
+    voc = write_voc(tmp_path, {"train": train, "val": [{"id": "b", "width": 20, "height": 20, "objects": objects[:1]}]})
     dataset = open_dataset("voc", {"root": str(voc), "image_size": 16})
     split = dataset.train_split
     fingerprint = decoded_fingerprint(dataset.identity(split), 16)
@@ -167,8 +176,10 @@ def test_boxes_are_stored_scaled_with_their_image(tmp_path):
     item = DecodedCache.open(tmp_path / "c", fingerprint).samples()[0]
     raw = dataset.samples(split)[0]
     expected = v2.Resize(16, antialias=True)({"image": raw["image"], "boxes": raw["boxes"]})
-    assert item["image"].shape == (3, 16, 24)
+    assert item["image"].shape == (3, 16, 24) and tuple(item["boxes"].canvas_size) == (16, 24)
+    assert item["boxes"].format == tv_tensors.BoundingBoxFormat.XYXY
     torch.testing.assert_close(item["boxes"].as_subclass(torch.Tensor), expected["boxes"].as_subclass(torch.Tensor))
+    assert len(DecodedCache.open(tmp_path / "c", fingerprint).samples()[1]["boxes"]) == 1
     assert torch.equal(item["box_labels"], torch.as_tensor(raw["box_labels"]))
     assert torch.equal(item["label"], torch.as_tensor(raw["label"]))
 
@@ -295,16 +306,17 @@ def _encoded_folder(folder):
     dataset = _dataset(folder)
     files = dataset.samples("train")
     png = files.paths[4].with_suffix(".png")
-    Image.open(files.paths[4]).save(png)
+    Image.open(files.paths[4]).convert("L").save(png)  # a grayscale PNG: decoded as RGB all the same
     files.paths[4].unlink()
     files.paths[4] = png
+    Image.open(files.paths[9]).convert("L").save(files.paths[9], quality=90)  # a grayscale JPEG
     return files
 
 
 def test_files_decoded_on_the_device_give_the_view_of_the_decoded_images(folder):
     """The device view of file bytes (decoded per batch: JPEGs in one call, the PNG file by file) equals
     the device view of the same images decoded first, draw for draw; the bytes are the files'."""
-    from torchvision.io import decode_image
+    from torchvision.io import ImageReadMode, decode_image
 
     from e2kd.data.batch_views import DeviceView, decode_images
     from e2kd.data.files import EncodedFiles
@@ -312,8 +324,13 @@ def test_files_decoded_on_the_device_give_the_view_of_the_decoded_images(folder)
     files = _encoded_folder(folder)
     encoded = EncodedFiles(files)
     assert bytes(encoded[2]["image"].numpy()) == files.paths[2].read_bytes() and encoded[2]["label"] == files.labels[2]
-    decoded = [{"image": decode_image(encoded[i]["image"]), "label": files.labels[i]} for i in range(len(files))]
+    rgb = ImageReadMode.RGB
+    decoded = [
+        {"image": decode_image(encoded[i]["image"], mode=rgb), "label": files.labels[i]} for i in range(len(files))
+    ]
     assert torch.equal(decoded[4]["image"], read_image(files.paths[4]))  # (PNG: lossless, as PIL reads it)
+    gray = decode_images([encoded[9]["image"]], torch.device("cpu"))[0]
+    assert gray.shape[0] == 3 and torch.equal(gray[0], gray[1]) and torch.equal(gray, decoded[9]["image"])
     common = {"kind": "resized_crop_flip", "image_size": 12, "color_jitter": 0.2, "seed": 7}
     on_device = DeviceView(encoded, encoded=True, **common)
     first = DeviceView(decoded, **common)
@@ -322,6 +339,8 @@ def test_files_decoded_on_the_device_give_the_view_of_the_decoded_images(folder)
     a = on_device.finish(on_device.collate(indices, draws, canvas=False))
     b = first.finish(first.collate(indices, draws, canvas=False))
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    alone = on_device.finish(on_device.collate([9], draws, canvas=False))  # one sample: the grayscale JPEG
+    assert torch.equal(alone["image"][0], b["image"][2])
     blobs = [encoded[i]["image"] for i in indices]
     assert all(torch.equal(x, decoded[i]["image"]) for x, i in zip(decode_images(blobs, torch.device("cpu")), indices))
 
@@ -339,6 +358,10 @@ def test_a_file_nothing_decodes_is_one_line_naming_it(folder):
     assert str(err.value).startswith(f"{files.paths[3]}: unreadable or truncated image (RuntimeError: ")
     assert str(err.value).endswith("; replace or remove it, or set data.options.skip_unreadable: true")
     assert "\n" not in str(err.value)
+    from e2kd.data.batch_views import decode_images
+
+    with pytest.raises(DataError, match=r"^image 1 of the batch: unreadable or truncated image"):  # (no names given)
+        decode_images([EncodedFiles(files)[0]["image"], torch.zeros(10, dtype=torch.uint8)], torch.device("cpu"))
 
 
 def test_training_with_device_decoding_and_its_refusals(folder, tmp_path):
@@ -364,3 +387,89 @@ def test_training_with_device_decoding_and_its_refusals(folder, tmp_path):
     )
     with pytest.raises(ConfigError, match=r"data.decode: dataset 'synthetic' .* use data.decode: cpu"):
         train_teacher(load_config_dict({"data": {"name": "synthetic", "decode": "device"}}))
+
+
+class WithMasks(torch.utils.data.Dataset):
+    """Float images (a dataset may give [0, 1] floats) of varying sizes with two-channel masks and a group."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.items = []
+        for i, (h, w) in enumerate([(20, 30), (36, 24), (18, 18)]):
+            mask = torch.zeros(2, h, w, dtype=torch.uint8)
+            mask[0, : h // 2], mask[1, :, w // 3 :] = 1, 1
+            mask = mask.float() if i == 1 else mask  # (the API's masks are float; uint8 ones are kept too)
+            image = torch.rand(3, h, w, generator=g)
+            self.items.append(
+                {"image": image, "mask": mask, "label": torch.tensor(i % 2), "group": torch.tensor(7 - i)}
+            )
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_float_images_and_masks_are_stored_resized_with_their_image(tmp_path):
+    """Float images are stored as round(255·x); masks (K channels) follow their image (nearest), stored
+    after it in the same file, and read back at the stored size; other fields as they were."""
+    samples = WithMasks()
+    fingerprint = decoded_fingerprint({"dataset": "masks", "split": "train"}, 12)
+    build_decoded(tmp_path / "c", samples, fingerprint, short_side=12, progress=False, chunk=2)
+    cache = DecodedCache.open(tmp_path / "c", fingerprint)
+    resize = v2.Resize(12, antialias=True)
+    total = 0
+    for i, raw in enumerate(samples.items):
+        pixels = raw["image"].mul(255).round().to(torch.uint8)
+        moved = resize({"image": tv_tensors.Image(pixels), "mask": tv_tensors.Mask(raw["mask"])})
+        item = cache.samples()[i]
+        assert torch.equal(item["image"], moved["image"].as_subclass(torch.Tensor)), i
+        mask = moved["mask"].as_subclass(torch.Tensor).round().to(torch.uint8)
+        assert item["mask"].dtype == torch.uint8 and torch.equal(item["mask"], mask) and item["mask"].shape[0] == 2
+        assert 0 < item["mask"].float().mean() < 1
+        assert int(item["group"]) == 7 - i and int(item["label"]) == i % 2 and "boxes" not in item
+        total += 5 * item["image"].shape[-2] * item["image"].shape[-1]  # 3 colours + 2 mask channels
+    assert (tmp_path / "c" / PIXELS).stat().st_size == total == cache.index["bytes"]
+    with pytest.raises(IndexError):
+        cache.samples()[3]
+
+
+def test_the_default_folder_and_every_refusal_of_a_cache_in_one_line(folder, tmp_path, monkeypatch):
+    fingerprint = decoded_fingerprint({"dataset": "image_folder", "split": "train", "x": 1}, 256)
+    digest = __import__("hashlib").sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    monkeypatch.delenv("E2KD_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_root(fingerprint) == tmp_path / "home" / ".cache" / "e2kd" / f"decoded-image_folder-train-{digest}"
+    monkeypatch.setenv("E2KD_CACHE_DIR", "~/elsewhere")
+    assert default_root(fingerprint).parent == tmp_path / "home" / "elsewhere"
+    assert default_root(decoded_fingerprint({}, 8)).name.startswith("decoded-data-split-")
+    assert fingerprint == {
+        "format": 1,
+        "dataset": {"dataset": "image_folder", "split": "train", "x": 1},
+        "short_side": 256,
+        "resize": "torchvision v2.Resize(short_side, antialias=True) of uint8 RGB; masks nearest; boxes scaled",
+    }
+    root = tmp_path / "c"
+    with pytest.raises(CacheError) as err:
+        DecodedCache.open(root)
+    assert str(err.value) == f"{root}: no decoded cache here; run `e2kd prepare CONFIG` to build it"
+    fingerprint = _build(root, _dataset(folder))
+    (root / PIXELS).unlink()
+    with pytest.raises(CacheError) as err:
+        DecodedCache.open(root, fingerprint)
+    assert str(err.value) == (
+        f"{root / PIXELS}: truncated or resized (missing); run `e2kd prepare CONFIG --force` to rebuild it"
+    )
+    (root / "index.json").write_text("{not json")
+    with pytest.raises(CacheError) as err:
+        DecodedCache.open(root, fingerprint)
+    assert str(err.value) == (
+        f"{root / 'index.json'}: unreadable; run `e2kd prepare CONFIG --force` to rebuild the decoded cache"
+    )
+    (root / "index.json").write_text('{"format": 1}')  # valid JSON, not an index
+    with pytest.raises(CacheError, match="index.json: unreadable"):
+        DecodedCache.open(root, fingerprint)
+    empty = decoded_fingerprint({"dataset": "none"}, 8)
+    build_decoded(tmp_path / "e", WithMasks().items[:0], empty, short_side=8, progress=False)
+    assert len(DecodedCache.open(tmp_path / "e", empty)) == 0  # an empty split is a cache too

@@ -83,4 +83,46 @@ def test_uint8_images_become_float_in_the_unit_range_and_others_stay():
     out = to_float_images(batch)
     assert torch.equal(out["image"], torch.tensor([0.0, 0.2, 1.0])) and out["mask"].dtype == torch.uint8
     floats = {"image": torch.tensor([0.5])}
-    assert to_float_images(floats)["image"] is floats["image"]
+    assert to_float_images(floats)["image"] is floats["image"] and float(floats["image"]) == 0.5
+
+
+def test_a_worker_reseeds_at_the_first_sample_of_each_epoch_as_a_fresh_worker(monkeypatch):
+    """In-process, as worker 1: the first key of an epoch seeds torch, random and numpy as DataLoader
+    seeds a fresh worker 1 of that epoch; later keys of the epoch continue the stream."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    from torch.utils.data._utils.worker import _generate_state
+
+    from e2kd.data import item_batches
+
+    monkeypatch.setattr(item_batches, "get_worker_info", lambda: SimpleNamespace(id=1))
+    items = item_batches._EpochItems(Draws(), seed=4)
+    saved = (random.getstate(), np.random.get_state())
+    with torch.random.fork_rng(devices=[]):
+        draws = [float(items[(0, 3)]["draw"]), float(items[(0, 5)]["draw"])]
+        after = (random.random(), float(np.random.rand()))
+        torch.manual_seed(worker_base_seed(4, 0) + 1)
+        assert draws == [float(torch.rand(())), float(torch.rand(()))]
+        random.seed(worker_base_seed(4, 0) + 1)
+        np.random.seed(_generate_state(worker_base_seed(4, 0), 1))
+        assert after == (random.random(), float(np.random.rand()))
+        second = float(items[(1, 0)]["draw"])
+        torch.manual_seed(worker_base_seed(4, 1) + 1)
+        assert second == float(torch.rand(())) and items.epoch == 1
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+
+
+def test_nested_batches_reach_the_device_whole():
+    from e2kd.data.prefetch import _to
+
+    value = {"a": [torch.ones(1), {"b": torch.zeros(2)}], "c": "text", "d": 3}
+    moved = _to(value, torch.device("cpu"))
+    assert moved["c"] == "text" and moved["d"] == 3 and torch.equal(moved["a"][1]["b"], torch.zeros(2))
+    assert torch.equal(moved["a"][0], torch.ones(1))
+    from e2kd.data.prefetch import tensors
+
+    found = list(tensors({"x": torch.ones(2), "y": [torch.zeros(1), {"z": torch.full((3,), 2.0)}, "w"], "n": 1}))
+    assert [t.tolist() for t in found] == [[1.0, 1.0], [0.0], [2.0, 2.0, 2.0]]

@@ -38,6 +38,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _killed_after_saves(saves: int, command: str, config) -> None:
+    """Run ``e2kd COMMAND CONFIG`` in a process that SIGKILLs itself right after its ``saves``-th checkpoint."""
+    run = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_A_CHECKPOINT, command, str(config)],
+        env={**os.environ, "KILL_AFTER": str(saves)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+
+
 def _write(path, data):
     path.write_text(yaml.safe_dump(data))
     return path
@@ -59,16 +72,7 @@ def test_a_run_killed_mid_epoch_resumes_to_identical_weights(tmp_path, command):
     straight = _write(tmp_path / "a.yaml", {**base, "out_dir": str(tmp_path / "a")})
     assert main([command, str(straight)]) == 0
     killed = _write(tmp_path / "b.yaml", {**base, "out_dir": str(tmp_path / "b")})
-    env = {**os.environ, "KILL_AFTER": "3"}  # saves: step 3, end of epoch 1 (step 4), step 6
-    run = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_A_CHECKPOINT, command, str(killed)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert run.returncode == -signal.SIGKILL, run.stderr
+    _killed_after_saves(3, command, killed)  # saves: step 3, end of epoch 1 (step 4), step 6
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["position"]) == (1, 2) and not (tmp_path / "b" / "model.pt").exists()
     assert main([command, str(killed)]) == 0
@@ -100,16 +104,7 @@ def test_a_run_from_the_decoded_cache_killed_mid_epoch_resumes_to_identical_weig
     straight = _write(tmp_path / "a.yaml", {**base, "out_dir": str(tmp_path / "a")})
     assert main(["train-teacher", str(straight)]) == 0
     killed = _write(tmp_path / "b.yaml", {**base, "out_dir": str(tmp_path / "b")})
-    env = {**os.environ, "KILL_AFTER": "4"}  # saves: steps 3, 6, end of epoch 1 (step 7), 9
-    run = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_A_CHECKPOINT, "train-teacher", str(killed)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert run.returncode == -signal.SIGKILL, run.stderr
+    _killed_after_saves(4, "train-teacher", killed)  # saves: steps 3, 6, end of epoch 1 (step 7), 9
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["position"]) == (1, 2)
     assert main(["train-teacher", str(killed)]) == 0

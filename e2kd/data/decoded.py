@@ -246,7 +246,7 @@ def _finish(root: Path, state: dict[str, Any], short_side: int) -> None:
         "samples_sha256": hashlib.sha256((root / SAMPLES).read_bytes()).hexdigest(),
     }
     atomic_write_json(root / INDEX, index)
-    (root / PROGRESS).unlink()
+    (root / PROGRESS).unlink(missing_ok=True)  # (an empty split never wrote one)
     for part in range(len(state["chunks"])):
         (root / f"part-{part:05d}.pt").unlink()
 

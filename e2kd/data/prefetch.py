@@ -54,6 +54,15 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+def tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a batch value (nested lists and dicts walked)."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (list, dict)):
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from tensors(v)
+
+
 def on_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
     """Each batch's tensors on ``device``. On CUDA the copy of the next batch is issued on a side
     stream before the current one is handed out, so it overlaps the step; the step's stream waits
@@ -68,13 +77,6 @@ def on_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterator[
         with torch.cuda.stream(side):
             return {k: _to(v, device) for k, v in batch.items()}
 
-    def tensors(value: Any) -> Iterator[torch.Tensor]:
-        if torch.is_tensor(value):
-            yield value
-        elif isinstance(value, (list, dict)):
-            for v in value.values() if isinstance(value, dict) else value:
-                yield from tensors(v)
-
     def ready(batch: Batch) -> Batch:
         current = torch.cuda.current_stream(device)
         current.wait_stream(side)
@@ -83,13 +85,21 @@ def on_device_ahead(batches: Iterable[Batch], device: torch.device) -> Iterator[
                 t.record_stream(current)
         return batch
 
-    ahead = None
+    yield from one_ahead(batches, issue, ready)
+
+
+def one_ahead(
+    batches: Iterable[Batch], issue: Callable[[Batch], Batch], ready: Callable[[Batch], Batch]
+) -> Iterator[Batch]:
+    """``ready(issue(b))`` for each batch ``b``, with ``issue`` of the next batch called before the
+    current one is handed out (the next copy overlaps the step of the current batch)."""
+    pending: list[Batch] = []
     for batch in batches:
-        if ahead is None:
-            ahead = issue(batch)
+        if not pending:
+            pending.append(issue(batch))
             continue
-        out = ready(ahead)
-        ahead = issue(batch)  # the next copy runs while the step of ``out`` does
+        out = ready(pending.pop())
+        pending.append(issue(batch))
         yield out
-    if ahead is not None:
-        yield ready(ahead)
+    if pending:
+        yield ready(pending.pop())
