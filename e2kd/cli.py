@@ -124,15 +124,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .experiment import prepare
 
     config = _load(args)
-    cache = prepare(config, force=args.force)
+    caches = prepare(config, force=args.force)
     if not _is_main():
         return 0
-    gib = cache.index["bytes"] / 2**30
-    hint = "" if config.data.cache == "decoded" else "; set data.cache: decoded to train from it"
-    print(
-        f"decoded cache: {cache.root} ({len(cache)} images, short side {cache.index['short_side']} px, "
-        f"{gib:.2f} GiB){hint}"
-    )
+    for split, cache in caches.items():
+        gib = cache.index["bytes"] / 2**30
+        print(
+            f"decoded cache of {split}: {cache.root} ({len(cache)} images, short side "
+            f"{cache.index['short_side']} px, {gib:.2f} GiB)"
+        )
+    if config.data.cache != "decoded":
+        print("set data.cache: decoded to train and evaluate from them")
     return 0
 
 
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "prepare",
-        help="decode the training split once into a uint8 memory-mapped cache (for data.cache: decoded); "
+        help="decode the training and evaluation splits once into uint8 memory-mapped caches (for data.cache: decoded); "
         "resumes after a kill",
     )
     _add_config_args(p)

@@ -64,7 +64,9 @@ class DataConfig(PluginRef):
         "(`e2kd prepare`), augmented per sample on the training device",
     )
     cache_dir: Path | None = Field(
-        None, description="the decoded cache's folder (default: $E2KD_CACHE_DIR or ~/.cache/e2kd, named by fingerprint)"
+        None,
+        description="where decoded caches go, one folder per split named by its fingerprint "
+        "(default: $E2KD_CACHE_DIR or ~/.cache/e2kd)",
     )
     decode: Literal["cpu", "device"] = Field(
         "cpu",

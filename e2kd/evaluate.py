@@ -4,11 +4,12 @@ evaluation splits a config names."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset
 
 from .api import Dataset, EvalBatch, Explainer, Metric
@@ -131,10 +132,12 @@ def evaluate_model(
     teacher: nn.Module | None,
     metrics: list[PluginRef] | None = None,
     runtime: Runtime | None = None,
+    samples_of: Callable[[str], TorchDataset] | None = None,
 ) -> dict[str, Any]:
     """Every evaluation split of ``plan`` through the eval view, with ``metrics`` (default
     ``eval.metrics``), each built once and bound to the plan's similarity; the explanations are the
-    plan's evaluation explainer's.
+    plan's evaluation explainer's. ``samples_of(split)`` gives a split's raw samples (default: the
+    dataset's; e.g. a decoded cache's).
 
     Under several processes each evaluates every ``world_size``-th sample and the metric states
     are merged (:meth:`e2kd.api.Metric.merge`); every process returns the same results.
@@ -151,7 +154,7 @@ def evaluate_model(
         "higher_is_better": {key: metric.higher_is_better for key, metric in created.items()},
     }
     for split in eval_splits(config, dataset):
-        view = split_view(dataset, split, "eval")
+        view = split_view(dataset, split, "eval", samples=samples_of(split) if samples_of is not None else None)
         if runtime.distributed:
             view = Subset(view, range(runtime.rank, len(view), runtime.world_size))
         loader = make_loader(view, EVAL_BATCH_SIZE, num_workers=config.data.num_workers, device=runtime.device)

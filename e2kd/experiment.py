@@ -21,7 +21,7 @@ from .data.decoded import DecodedCache, build_decoded, decoded_fingerprint, defa
 from .data.files import EncodedFiles, ImageFiles
 from .distill import Distiller
 from .errors import CacheError, ConfigError, ModelError, StaleCacheError
-from .evaluate import evaluate_model
+from .evaluate import eval_splits, evaluate_model
 from .frozen import FrozenTeacherDataset, TeacherCache, build_cache, fingerprint_hash, make_fingerprint
 from .guidance import AnnotatedSamples
 from .labels import label_loss
@@ -84,16 +84,16 @@ def training_samples(plan: Plan, decoded: DecodedCache | None):
     return plan.dataset.samples(plan.dataset.train_split)
 
 
-def prepare_decoded(plan: Plan, *, force: bool = False, runtime: Runtime | None = None) -> DecodedCache:
-    """Build (or resume, or reuse) the decoded cache of ``plan``'s training split and open it verified.
-
-    Under several processes the main process builds it while the others wait, then each opens it.
-    """
+def prepare_decoded(
+    plan: Plan, split: str | None = None, *, force: bool = False, runtime: Runtime | None = None
+) -> DecodedCache:
+    """Build (or resume, or reuse) the decoded cache of ``split`` (default: the training split) and
+    open it verified. Under several processes the main process builds it while the others wait."""
     config, dataset = plan.config, plan.dataset
-    split = dataset.train_split
+    split = split or dataset.train_split
     short_side = config.data.short_side or default_short_side(dataset.image_size)
     fingerprint = decoded_fingerprint(dataset.identity(split), short_side)
-    root = config.data.cache_dir or default_root(fingerprint)
+    root = default_root(fingerprint, config.data.cache_dir)
     runtime = runtime or Runtime(torch.device("cpu"))
     progress = progress_enabled(config)
     with runtime.main_first():
@@ -110,9 +110,19 @@ def prepare_decoded(plan: Plan, *, force: bool = False, runtime: Runtime | None 
     return DecodedCache.open(root, fingerprint, progress=progress)
 
 
-def prepare(config, *, force: bool = False) -> DecodedCache:
-    """``e2kd prepare``: the decoded cache of ``config``'s training split."""
-    return prepare_decoded(plan_run(config, "prepare"), force=force)
+def prepare(config, *, force: bool = False) -> dict[str, DecodedCache]:
+    """``e2kd prepare``: the decoded caches of ``config``'s training split and evaluation splits."""
+    plan = plan_run(config, "prepare")
+    splits = [plan.dataset.train_split, *eval_splits(config, plan.dataset)]
+    return {split: prepare_decoded(plan, split, force=force) for split in dict.fromkeys(splits)}
+
+
+def _eval_samples(plan: Plan, runtime: Runtime):
+    """The samples evaluation reads per split: from decoded caches with ``data.cache: decoded`` (the
+    eval view of a cached image is the JPEG's, pixel for pixel), else the dataset's own."""
+    if plan.config.data.cache != "decoded":
+        return None
+    return lambda split: prepare_decoded(plan, split, runtime=runtime).samples()
 
 
 def _decoded(plan: Plan, runtime: Runtime) -> DecodedCache | None:
@@ -319,7 +329,7 @@ def _finish(plan: Plan, runtime: Runtime, out: Path, model, teacher, history) ->
     runtime.sync_buffers(model)  # evaluate (and save) the main process's model on every process
     if runtime.is_main:
         atomic_torch_save(model.state_dict(), out / "model.pt")
-    results = evaluate_model(plan, model, teacher, runtime=runtime)
+    results = evaluate_model(plan, model, teacher, runtime=runtime, samples_of=_eval_samples(plan, runtime))
     results["history"] = history
     if runtime.is_main:
         atomic_write_json(out / "metrics.json", results)

@@ -139,25 +139,30 @@ def test_precompute_passes_force_and_describes_the_cache(config_file, monkeypatc
     assert calls[1][1] == {"force": True} and capsys.readouterr().out == ""
 
 
-def test_prepare_passes_force_and_describes_the_cache(config_file, monkeypatch, rank, capsys):
+def test_prepare_passes_force_and_describes_each_cache(config_file, monkeypatch, rank, capsys):
     from e2kd import experiment
 
     class Cache:
-        root = Path("/c/decoded-x")
-        index = {"bytes": 3 * 2**29, "short_side": 256}
+        def __init__(self, name, n, size):
+            self.root, self.n, self.index = Path(f"/c/decoded-{name}"), n, {"bytes": size, "short_side": 256}
 
         def __len__(self):
-            return 7
+            return self.n
 
-    calls = _record(monkeypatch, experiment, "prepare", Cache())
+    caches = {"train": Cache("t", 7, 3 * 2**29), "val": Cache("v", 2, 2**20)}
+    calls = _record(monkeypatch, experiment, "prepare", caches)
     assert cli.main(["prepare", str(config_file)]) == 0
     assert calls[0][1] == {"force": False} and calls[0][0][0].seed == 0
     assert capsys.readouterr().out == (
-        "decoded cache: /c/decoded-x (7 images, short side 256 px, 1.50 GiB); "
-        "set data.cache: decoded to train from it\n"
+        "decoded cache of train: /c/decoded-t (7 images, short side 256 px, 1.50 GiB)\n"
+        "decoded cache of val: /c/decoded-v (2 images, short side 256 px, 0.00 GiB)\n"
+        "set data.cache: decoded to train and evaluate from them\n"
     )
     assert cli.main(["prepare", str(config_file), "--set", "data.cache=decoded"]) == 0
-    assert capsys.readouterr().out == "decoded cache: /c/decoded-x (7 images, short side 256 px, 1.50 GiB)\n"
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == "decoded cache of val: /c/decoded-v (2 images, short side 256 px, 0.00 GiB)"
+    )
     rank(1)
     assert cli.main(["prepare", str(config_file), "--force"]) == 0
     assert calls[2][1] == {"force": True} and capsys.readouterr().out == ""

@@ -199,31 +199,66 @@ def _config(folder, tmp_path, name, **data):
 def test_training_from_the_cache_builds_it_once_and_logs_its_data_wait(folder, tmp_path):
     config = _config(folder, tmp_path, "t", cache="decoded", cache_dir=str(tmp_path / "cache"))
     results = train_teacher(config)
-    assert (tmp_path / "cache" / "index.json").is_file() and 0 <= results["splits"]["val"]["accuracy"] <= 1
+    built = sorted((tmp_path / "cache").iterdir())  # the training split's cache and the evaluated split's
+    assert [p.name.split("-")[2] for p in built] == ["train", "val"] and all(
+        (p / "index.json").is_file() for p in built
+    )
+    assert 0 <= results["splits"]["val"]["accuracy"] <= 1
     steps = list(csv.DictReader((tmp_path / "t" / "steps.csv").open()))
     epochs = list(csv.DictReader((tmp_path / "t" / "epochs.csv").open()))
     assert len(steps) == 6 and all(float(r["data_wait_s"]) >= 0 for r in steps)
     assert all(0 < float(r["data_wait_share"]) < 1 for r in epochs)
-    before = (tmp_path / "cache" / "index.json").stat().st_mtime_ns
+    before = [(p / "index.json").stat().st_mtime_ns for p in built]
     train_teacher(config, rerun=True)
-    assert (tmp_path / "cache" / "index.json").stat().st_mtime_ns == before  # reused, not rebuilt
+    assert [(p / "index.json").stat().st_mtime_ns for p in built] == before  # reused, not rebuilt
     plain = train_teacher(_config(folder, tmp_path, "p"))
     assert plain["history"] != results["history"]  # another view (the test tells the paths apart)
 
 
-def test_prepare_writes_the_cache_and_names_it(folder, tmp_path, capsys, monkeypatch):
+def test_prepare_writes_a_cache_per_split_and_names_them(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("E2KD_CACHE_DIR", str(tmp_path / "home"))
     path = tmp_path / "p.yaml"
     path.write_text(json.dumps({"data": {"name": "image_folder", "options": {"root": str(folder), "image_size": 16}}}))
     assert main(["prepare", str(path)]) == 0
     dataset = _dataset(folder)
-    root = default_root(decoded_fingerprint(dataset.identity("train"), default_short_side(16)))
-    assert root.parent == tmp_path / "home" and root.name.startswith("decoded-image_folder-train-")
-    cache = DecodedCache.open(root)
-    gib = cache.index["bytes"] / 2**30
-    assert capsys.readouterr().out == (
-        f"decoded cache: {root} (15 images, short side 18 px, {gib:.2f} GiB); set data.cache: decoded to train from it\n"
-    )
+    lines = []
+    for split, count in (("train", 15), ("val", 6)):
+        root = default_root(decoded_fingerprint(dataset.identity(split), default_short_side(16)))
+        assert root.parent == tmp_path / "home" and root.name.startswith(f"decoded-image_folder-{split}-")
+        cache = DecodedCache.open(root)
+        gib = cache.index["bytes"] / 2**30
+        assert len(cache) == count
+        lines.append(f"decoded cache of {split}: {root} ({count} images, short side 18 px, {gib:.2f} GiB)")
+    lines.append("set data.cache: decoded to train and evaluate from them")
+    assert capsys.readouterr().out == "\n".join(lines) + "\n"
+    assert default_root(decoded_fingerprint({}, 8), tmp_path / "x").parent == tmp_path / "x"  # data.cache_dir
+
+
+def test_evaluation_from_the_cache_equals_evaluation_from_the_files(folder, tmp_path):
+    """The eval view of a cached image (stored at the eval resize) is the JPEG's, pixel for pixel: the
+    same model gets the same metrics either way, and the evaluation split's cache is built on first use."""
+    from e2kd.evaluate import evaluate_model
+    from e2kd.experiment import _eval_samples
+    from e2kd.plan import plan_run
+    from e2kd.runtime import Runtime
+
+    cached = _config(folder, tmp_path, "a", cache="decoded", cache_dir=str(tmp_path / "caches"))
+    plain = _config(folder, tmp_path, "b")
+    torch.manual_seed(0)
+    model = __import__("e2kd").get_model_builder("small_resnet", widths=[4, 8]).build(3).eval()
+    cpu = Runtime(torch.device("cpu"))
+    plan = plan_run(cached, "evaluate")
+    with_cache = evaluate_model(plan, model, None, runtime=cpu, samples_of=_eval_samples(plan, cpu))
+    without = evaluate_model(plan_run(plain, "evaluate"), model, None, runtime=cpu)
+    assert _eval_samples(plan_run(plain, "evaluate"), cpu) is None
+    assert with_cache == without and 0 <= with_cache["splits"]["val"]["accuracy"] <= 1
+    assert [p.name.split("-")[2] for p in sorted((tmp_path / "caches").iterdir())] == ["val"]
+    samples = _eval_samples(plan, cpu)("val")
+    raw = _dataset(folder).samples("val")
+    view = __import__("e2kd.data", fromlist=["split_view"]).split_view
+    a = view(plan.dataset, "val", "eval", samples=samples)[3]["image"]
+    b = view(plan.dataset, "val", "eval", samples=raw)[3]["image"]
+    assert torch.equal(a, b)
 
 
 def test_prepare_refuses_a_dataset_stored_at_the_training_size(tmp_path, capsys):

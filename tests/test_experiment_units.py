@@ -127,9 +127,9 @@ def evaluations(monkeypatch):
     seen = []
     real = experiment.evaluate_model
 
-    def recording(plan, model, teacher, *, runtime):
-        seen.append(SimpleNamespace(plan=plan, model=model, teacher=teacher, runtime=runtime))
-        return real(plan, model, teacher, runtime=runtime)
+    def recording(plan, model, teacher, *, runtime, samples_of):
+        seen.append(SimpleNamespace(plan=plan, model=model, teacher=teacher, runtime=runtime, samples_of=samples_of))
+        return real(plan, model, teacher, runtime=runtime, samples_of=samples_of)
 
     monkeypatch.setattr(experiment, "evaluate_model", recording)
     return seen
@@ -198,6 +198,7 @@ def test_teacher_settings_reach_the_loop_and_the_trained_model_is_saved_and_eval
     )
     assert call.runtime is runtime and runtime.synced == [call.model]
     assert [(e.model, e.teacher, e.runtime) for e in evaluations] == [(call.model, None, runtime)]
+    assert evaluations[0].samples_of is None  # (data.cache: none: the dataset's own samples)
 
     made, by_hand = (
         call.optimizer_fn([nn.Parameter(torch.zeros(2))]),

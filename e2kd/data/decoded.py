@@ -54,9 +54,9 @@ def decoded_fingerprint(identity: dict[str, Any], short_side: int) -> dict[str, 
     return {"format": FORMAT, "dataset": identity, "short_side": short_side, "resize": RESIZE}
 
 
-def default_root(fingerprint: dict[str, Any]) -> Path:
-    """``$E2KD_CACHE_DIR`` (default ``~/.cache/e2kd``) / ``decoded-<dataset>-<split>-<hash>``."""
-    base = Path(os.environ.get("E2KD_CACHE_DIR") or Path.home() / ".cache" / "e2kd").expanduser()
+def default_root(fingerprint: dict[str, Any], base: str | Path | None = None) -> Path:
+    """``base`` (default ``$E2KD_CACHE_DIR``, else ``~/.cache/e2kd``) / ``decoded-<dataset>-<split>-<hash>``."""
+    base = Path(base or os.environ.get("E2KD_CACHE_DIR") or Path.home() / ".cache" / "e2kd").expanduser()
     identity = fingerprint["dataset"]
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     return base / f"decoded-{identity.get('dataset', 'data')}-{identity.get('split', 'split')}-{digest}"
