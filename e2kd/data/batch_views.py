@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import AUGMENTATIONS, EVAL_RESIZE_RATIO
+from .augment import AUGMENTATIONS, EVAL_RESIZE_RATIO, boxes_to_masks
+from .files import unreadable
+from .prefetch import loaded_ahead, on_device_ahead
 
 #: torchvision's RandomResizedCrop defaults and its number of rejection-sampling attempts.
 CROP_SCALE, CROP_RATIO, CROP_ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10
@@ -277,8 +279,6 @@ def decode_images(
     nothing decodes is a one-line :class:`~e2kd.errors.DataError` naming it (``name(position)``)."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    from .files import unreadable
-
     try:
         return list(decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
@@ -372,8 +372,6 @@ class DeviceView:
         """The training batch from a host batch on its device: images decoded (``encoded``), crops
         resized, flips, colour jitter, float images in [0, 1]; the teacher map and masks moved with
         the image."""
-        from .augment import boxes_to_masks
-
         out = {k: v for k, v in batch.items() if k != VIEW}
         view, images = batch[VIEW], batch["image"]
         if self.encoded:
@@ -409,8 +407,6 @@ class DeviceView:
 
     def batches(self, sampler, device: torch.device) -> Iterator[dict]:
         """The training batches of ``sampler``'s current epoch (its ``epoch`` and ``skip``) on ``device``."""
-        from .prefetch import loaded_ahead, on_device_ahead
-
         draws = self.draws(sampler.epoch)
         if device.type == "cpu":  # the view itself runs in the loader threads, beside the step
             yield from loaded_ahead(
