@@ -244,3 +244,26 @@ def test_torchrun_train_teacher_and_distill(tmp_path):
         assert index["complete"] and not list((tmp_path / name).glob("index.part-*"))
         shards[name] = {k: (v["logits"]["sha256"], v["maps"]["sha256"]) for k, v in index["shards"].items()}
     assert len(shards["one"]) == 5 and shards["one"] == shards["two"]  # 18 images, 4 per shard
+
+
+@pytest.mark.slow
+def test_torchrun_trains_from_the_decoded_cache_built_by_the_main_process(tmp_path):
+    """Two processes, data.cache: decoded: the main process builds each split's cache while the other
+    waits, both train from it through the device view and evaluate from it; one report."""
+    from e2kd.data.miniature import write_image_folder
+
+    write_image_folder(tmp_path / "img", ["a", "b", "c"], {"train": 4, "val": 2}, size=(20, 40), seed=3)
+    data = {
+        "name": "image_folder",
+        "options": {"root": str(tmp_path / "img"), "image_size": 16},
+        "cache": "decoded",
+        "cache_dir": str(tmp_path / "caches"),
+    }
+    train = {**TINY["train"], "epochs": 1, "batch_size": 2, "color_jitter": 0.2}
+    config = _write(tmp_path / "t.yaml", {**TINY, "data": data, "train": train, "out_dir": str(tmp_path / "t")})
+    run = _torchrun("train-teacher", str(config))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("run directory:") == 1
+    assert sorted(p.name.split("-")[2] for p in (tmp_path / "caches").iterdir()) == ["train", "val"]
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"val"} and len(metrics["history"]) == 1
