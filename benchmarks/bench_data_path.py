@@ -22,7 +22,6 @@ per repeat, interleaved in alternating order; images/s is the median over repeat
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 from _folders import write_jpeg_folder
-from _report import emit
+from _report import emit, environment
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
@@ -177,6 +176,7 @@ def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
             times[name].append(n / (time.perf_counter() - begin))
     rates = {name: statistics.median(v) for name, v in times.items()}
     return {
+        "images": len(cache),
         "decoded_cache": {
             "build_s": round(build_s, 2),
             "build_images_per_s": round(len(cache) / build_s, 1),
@@ -216,12 +216,8 @@ def main(argv=None) -> int:
             write_jpeg_folder(root, classes, {"train": per_class, "val": 1}, sides)
         result = {
             "benchmark": "training data path without a model (224-px training view), images/s",
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            **environment(),
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-            "cpus": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "images": len(open_dataset("image_folder", {"root": str(root), "image_size": SIZE}).samples("train")),
             "jpeg_sides": list(sides),
             "batch_size": args.batch_size,
             "workers": args.workers,

@@ -14,7 +14,6 @@ once through a DataLoader (JPEG decode + view), the modes interleaved with alter
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import emit
+from _report import emit, environment
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
@@ -93,10 +92,7 @@ def main(argv=None) -> int:
         write_image_folder(root, classes, {"train": per_class, "val": per_class}, size=args.size, seed=0)
         result = {
             "benchmark": "loader throughput (JPEG decode + view), images/s",
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpus": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
+            **environment(),
             "images_per_split": per_class * len(classes),
             "jpeg_size": args.size,
             "batch_size": args.batch_size,
