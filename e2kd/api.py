@@ -281,7 +281,9 @@ class EvalBatch:
     groups: torch.Tensor | None = None
     in_distribution: torch.Tensor | None = None
     images: torch.Tensor | None = None
-    explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    explain: Callable[..., torch.Tensor] | None = None
+    forward: Callable[..., torch.Tensor] | None = None
+    model: nn.Module | None = None
 
     def available(self) -> set[str]:
         """Names of the requirements this batch can satisfy."""
@@ -293,7 +295,7 @@ class EvalBatch:
             "label_explanations": self.label_explanations is not None,
             "masks": self.label_masks is not None,
             "groups": self.groups is not None,
-            "model": self.images is not None and self.explain is not None,
+            "model": self.images is not None and self.explain is not None and self.forward is not None,
         }
         return {name for name, ok in have.items() if ok}
 
@@ -302,6 +304,10 @@ class EvalBatch:
 REQUIREMENTS = frozenset(
     {"labels", "single_label", "teacher", "explanations", "label_explanations", "masks", "groups", "model"}
 )
+
+
+#: What a metric measures (its ``category``), in the order ``e2kd plugins`` and the docs list them.
+CATEGORIES = ("performance", "agreement", "localisation", "faithfulness", "randomisation", "robustness")
 
 
 class Metric(PluginItem):
@@ -316,7 +322,11 @@ class Metric(PluginItem):
 
     #: Data the metric needs: any of :data:`REQUIREMENTS`.
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: Direction of every value the metric returns (an instance may decide it from its options,
+    #: e.g. from its similarity's direction, by overriding this with a property).
     higher_is_better: ClassVar[bool] = True
+    #: What it measures: one of :data:`CATEGORIES`.
+    category: ClassVar[str] = "performance"
 
     def __init__(self, options: BaseModel | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
@@ -324,12 +334,23 @@ class Metric(PluginItem):
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        """What ``e2kd plugins`` lists: the data the metric requires and its direction."""
-        return {"requires": sorted(cls.requires), "higher_is_better": cls.higher_is_better}
+        """What ``e2kd plugins`` lists: the data the metric requires, its direction and category."""
+        return {"requires": sorted(cls.requires), "higher_is_better": cls.higher_is_better, "category": cls.category}
 
     def bind(self, *, similarity: Similarity | None = None) -> None:
         """Called by the evaluator before a run is evaluated, with the run's training similarity
         (its options included); metrics that compare explanations may default to it."""
+
+    def detail(self) -> str:
+        """What the report writes beside the metric's column, e.g. the similarity it uses (after
+        :meth:`bind`); empty for nothing."""
+        return ""
+
+    def curve_labels(self) -> tuple[str, str] | None:
+        """For a metric whose value holds a ``"curve"`` (``{x: y}``, x numbers written as text or
+        names such as layers): the labels of its x and y axes; the report then draws the curve of
+        every run (and of the teacher, for faithfulness and randomisation metrics) in one panel."""
+        return None
 
     def reset(self) -> None:
         """Forget every batch seen (called on construction and before each split)."""

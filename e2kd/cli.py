@@ -55,7 +55,7 @@ def _print_results(results: dict) -> None:
     if not _is_main():
         return
     for split, values in results["splits"].items():
-        text = ", ".join(f"{k} {v:.4g}" for k, v in flatten_metrics(values).items())
+        text = ", ".join(f"{k} {v:.4g}" for k, v in flatten_metrics(values).items() if ".curve." not in k)
         print(f"{split}: {text}")
     for name, why in results.get("skipped", {}).items():
         print(f"(skipped metric {name}: {why})")

@@ -6,11 +6,21 @@ Plugins are named by string; their options are validated by the plugin's own
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import ConfigError, E2KDError
 from .registry import create, format_validation_error, registry, validate_options
@@ -30,6 +40,41 @@ class PluginRef(StrictModel):
     @classmethod
     def _from_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+
+class MetricRef(PluginRef):
+    """A registered metric by name with its options, and optionally the key of its results (``as``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    as_: str | None = Field(
+        None,
+        alias="as",
+        min_length=1,
+        description="key of its results in metrics.json and report.md (default: its name, with its options "
+        "written out where one metric is listed twice)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        key = data.pop("as_", None)
+        return data | ({"as": key} if key is not None else {})
+
+
+def metric_keys(refs: list[PluginRef]) -> list[str]:
+    """The key of each metric in the results: its ``as`` name, else its name — written with its
+    options where one name is given with different options (``explanation_similarity[similarity=l2]``)."""
+    names = [ref.name for ref in refs]
+    keys = []
+    for ref in refs:
+        options = ",".join(
+            f"{k}={json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}"
+            for k, v in sorted(ref.options.items())
+        )
+        explicit = getattr(ref, "as_", None)
+        keys.append(explicit or (f"{ref.name}[{options}]" if names.count(ref.name) > 1 and options else ref.name))
+    return keys
 
 
 def _absolute(path: Path | None) -> Path | None:
@@ -204,13 +249,21 @@ class TrainConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    metrics: list[PluginRef] = Field(
-        default_factory=lambda: [PluginRef(name=n) for n in ("accuracy", "agreement", "explanation_similarity")]
+    metrics: list[MetricRef] = Field(
+        default_factory=lambda: [MetricRef(name=n) for n in ("accuracy", "agreement", "explanation_similarity")]
     )
     explainer: PluginRef | None = Field(
         None, description="explainer for explanation metrics (default: distill.explainer)"
     )
     splits: list[str] | None = Field(None, description="splits to evaluate (default: the dataset's evaluation splits)")
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> EvalConfig:
+        keys = metric_keys(self.metrics)  # type: ignore[arg-type]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise ValueError(f"metrics: two entries store their results as {twice!r}; give one of them `as: <key>`")
+        return self
 
 
 class ExperimentConfig(StrictModel):

@@ -3,7 +3,6 @@ evaluation splits a config names."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +12,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Subset
 
 from .api import Dataset, EvalBatch, Explainer, Metric
-from .config import ExperimentConfig, PluginRef
+from .config import ExperimentConfig, PluginRef, metric_keys
 from .data import make_loader, split_view
 from .errors import ConfigError
 from .explaining import explained_forward
@@ -90,7 +89,7 @@ def evaluate(
             groups=_get(batch, "group", device),
             in_distribution=_get(batch, "in_distribution", device),
             images=images,
-            explain=_explain_fn(explainer, model),
+            **(_model_in_loop(model, explainer, runtime) if explainer is not None else {}),
         )
         if label_maps:
             rows, cols = torch.nonzero(label_weights > 0, as_tuple=True)
@@ -152,6 +151,9 @@ def evaluate_model(
         "splits": {},
         "skipped": {},
         "higher_is_better": {key: metric.higher_is_better for key, metric in created.items()},
+        "details": {key: metric.detail() for key, metric in created.items() if metric.detail()},
+        "categories": {key: metric.category for key, metric in created.items()},
+        "curve_labels": {key: list(m.curve_labels()) for key, m in created.items() if m.curve_labels() is not None},
     }
     for split in eval_splits(config, dataset):
         view = split_view(dataset, split, "eval", samples=samples_of(split) if samples_of is not None else None)
@@ -166,20 +168,6 @@ def evaluate_model(
         results["splits"][split] = values
         results["skipped"].update(skipped)
     return results
-
-
-def metric_keys(refs: list[PluginRef]) -> list[str]:
-    """The key of each metric in the results: its name, and where one name is given with different
-    options, the name with the options written out (``explanation_similarity[similarity=l2]``)."""
-    names = [ref.name for ref in refs]
-    keys = []
-    for ref in refs:
-        options = ",".join(
-            f"{k}={json.dumps(v, sort_keys=True) if not isinstance(v, str) else v}"
-            for k, v in sorted(ref.options.items())
-        )
-        keys.append(f"{ref.name}[{options}]" if names.count(ref.name) > 1 and options else ref.name)
-    return keys
 
 
 def merge_across_processes(
@@ -201,10 +189,20 @@ def _fp32(x: torch.Tensor | None) -> torch.Tensor | None:
     return at_least_fp32(x) if x is not None else None
 
 
-def _explain_fn(explainer: Explainer | None, model: nn.Module):
-    if explainer is None:
-        return None
-    return lambda images, target: explainer.explain(model, images, target)
+def _model_in_loop(evaluated: nn.Module, explainer: Explainer, runtime: Runtime) -> dict[str, Any]:
+    """``EvalBatch``'s ``forward``, ``explain`` and ``model``: the evaluated model (or another
+    module given as ``model=``) run as the batch was, under the run's precision, at least float32."""
+
+    def forward(images: torch.Tensor, model: nn.Module = evaluated) -> torch.Tensor:
+        with runtime.autocast():
+            return at_least_fp32(explained_forward(model, images, None)[0])
+
+    def explain(images: torch.Tensor, target: torch.Tensor, model: nn.Module = evaluated) -> torch.Tensor:
+        with runtime.autocast():
+            maps = explained_forward(model, images, explainer, target.view(-1, 1), role="evaluated model")[1]
+        return at_least_fp32(maps[:, 0])  # type: ignore[index]
+
+    return {"forward": forward, "explain": explain, "model": evaluated}
 
 
 def flatten_metrics(values: dict[str, Any]) -> dict[str, float]:

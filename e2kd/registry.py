@@ -24,7 +24,17 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
-from .api import REQUIREMENTS, SAMPLE_FIELDS, Dataset, Explainer, Metric, ModelBuilder, PluginItem, Similarity
+from .api import (
+    CATEGORIES,
+    REQUIREMENTS,
+    SAMPLE_FIELDS,
+    Dataset,
+    Explainer,
+    Metric,
+    ModelBuilder,
+    PluginItem,
+    Similarity,
+)
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "e2kd"
@@ -334,6 +344,10 @@ def _describe(cls: type, kind: str, base: type[PluginItem], plugin: str, dist: s
         unknown = sorted(set(cls.requires) - REQUIREMENTS)  # type: ignore[attr-defined]
         raise PluginError(
             f"plugin {plugin!r}: metric {cls.name!r} requires unknown data {unknown} (known: {sorted(REQUIREMENTS)})"
+        )
+    if kind == "metric" and cls.category not in CATEGORIES:  # type: ignore[attr-defined]
+        raise PluginError(
+            f"plugin {plugin!r}: metric {cls.name!r} has category {cls.category!r} (known: {', '.join(CATEGORIES)})"  # type: ignore[attr-defined]
         )
     if kind == "dataset" and (cls.label_type not in ("single", "multi") or not set(cls.provides) <= SAMPLE_FIELDS):  # type: ignore[attr-defined]
         raise PluginError(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .config import ExperimentConfig, PluginRef, dump_config, load_config, stored_config
+from .config import ExperimentConfig, MetricRef, dump_config, load_config, stored_config
 from .data import ViewDataset, split_view
 from .digests import file_sha256
 from .errors import ConfigError
@@ -256,7 +256,7 @@ class LoadedRun:
     def evaluate(self, metrics: list[str] | None = None) -> dict[str, Any]:
         """Re-evaluate (optionally with other metrics; split over torchrun's processes); the main
         process rewrites the run's metrics.json."""
-        refs = [PluginRef(name=m) for m in metrics] if metrics else None
+        refs = [MetricRef(name=m) for m in metrics] if metrics else None
         for ref in refs or []:
             create("metric", ref.name)  # unknown names fail here, with the known ones listed
         results = evaluate_model(self.plan, self.model, self.teacher, refs, runtime=self.runtime)

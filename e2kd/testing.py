@@ -403,12 +403,29 @@ SIMILARITY_CASES: dict[str, Callable[[Similarity], None]] = {
 # -- metrics ------------------------------------------------------------------------------
 
 
+def _input_gradient(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d logit_target / d image, summed over channels: the kit's explanation of any model."""
+    images = images.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(model(images).gather(1, target.view(-1, 1)).sum(), images)
+    return grad.sum(1, keepdim=True)
+
+
 def full_eval_batch(n: int = 6, num_classes: int = 3, seed: int = 0) -> EvalBatch:
-    """A batch with every field a metric may require (random values, single labels)."""
+    """A batch with every field a metric may require (random values, single labels); the model in
+    the loop is a seeded :class:`TinyCNN`, explained by its input gradient."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % num_classes
     groups = torch.randint(0, num_classes, (n,), generator=g)
     images = torch.rand(n, 3, 8, 8, generator=g)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TinyCNN(num_classes=num_classes).eval()
+
+    def forward(x: torch.Tensor, model: nn.Module = model) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
     return EvalBatch(
         logits=torch.randn(n, num_classes, generator=g),
         labels=labels,
@@ -421,7 +438,9 @@ def full_eval_batch(n: int = 6, num_classes: int = 3, seed: int = 0) -> EvalBatc
         groups=groups,
         in_distribution=groups == labels,
         images=images,
-        explain=lambda x, target: x.mean(1, keepdim=True),
+        explain=lambda x, target, model=model: _input_gradient(model, x, target),
+        forward=forward,
+        model=model,
     )
 
 
@@ -430,7 +449,9 @@ def _split_batch(batch: EvalBatch, lo: int, hi: int) -> EvalBatch:
 
 
 def _flat(value: Any) -> dict[str, float]:
-    return value if isinstance(value, dict) else {"value": value}
+    from .evaluate import flatten_metrics
+
+    return flatten_metrics(value) if isinstance(value, dict) else {"value": value}
 
 
 def metric_accumulates(metric: Metric) -> None:

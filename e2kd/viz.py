@@ -84,16 +84,27 @@ def plot_curves(
     title: str | None = None,
 ) -> Path:
     """One line per name: ``curves[name] = (xs, ys)``."""
-    fig = Figure(figsize=(5.5, 3.8))
-    ax = fig.subplots()
-    for name, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
+    return plot_panels([{"curves": curves, "xlabel": xlabel, "ylabel": ylabel, "title": title}], path)
+
+
+def plot_panels(panels: Sequence[dict], path: str | Path) -> Path:
+    """Side by side, one axes per panel, each a dict: ``curves`` (``{name: (xs, ys)}``, one line per
+    name, the same colour for a name in every panel), ``xlabel``, ``ylabel``, ``title``, and
+    ``xticks`` — names for the positions 0, 1, ... of a categorical x axis (e.g. layers)."""
+    fig = Figure(figsize=(5.5 * len(panels), 3.8 + (0.8 if any(p.get("xticks") for p in panels) else 0)))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    names = list(dict.fromkeys(name for p in panels for name in p["curves"]))
+    for ax, panel in zip(axes, panels):
+        for name, (xs, ys) in panel["curves"].items():
+            ax.plot(xs, ys, marker="o", markersize=3, label=name, color=f"C{names.index(name) % 10}")
+        if panel.get("xticks"):
+            ax.set_xticks(range(len(panel["xticks"])), panel["xticks"], rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel(panel.get("xlabel", ""))
+        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if panel.get("title"):
+            ax.set_title(panel["title"], fontsize=10)
     fig.tight_layout()
     return save_figure(fig, Path(path))
 

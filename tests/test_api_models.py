@@ -64,9 +64,13 @@ def test_capabilities_name_every_flag():
     assert S.capabilities() == {"differentiable": True, "higher_is_better": False, "feature_resolution": True}
 
     class M(Metric):
-        requires, higher_is_better = frozenset({"teacher", "labels"}), False
+        requires, higher_is_better, category = frozenset({"teacher", "labels"}), False, "localisation"
 
-    assert M.capabilities() == {"requires": ["labels", "teacher"], "higher_is_better": False}
+    assert M.capabilities() == {
+        "requires": ["labels", "teacher"],
+        "higher_is_better": False,
+        "category": "localisation",
+    }
 
     class D(Dataset):
         label_type, provides = "multi", frozenset({"mask", "boxes"})

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from e2kd.cli import main
+from e2kd.runs import load_run
 
 from .conftest import TINY
 
@@ -223,7 +224,8 @@ def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
         assert main(["distill", str(cfg)]) == 0
     capsys.readouterr()
     metrics = (
-        "accuracy,agreement,kl_divergence,explanation_similarity,epg,explanation_iou,group_accuracy,shift_equivariance"
+        "accuracy,agreement,kl_divergence,explanation_similarity,epg,explanation_iou,group_accuracy,shift_equivariance,"
+        "deletion,insertion,road,model_randomisation"
     )
     assert (
         main(
@@ -250,8 +252,27 @@ def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
     )  # OOD set: no matching background
     md = (tmp_path / "report" / "report.md").read_text()
     assert md.startswith("| run | test_id/accuracy") and "| kd |" in md and "| e2kd |" in md
-    for name in ("explanations.png", "shift.png"):
+    for name in ("explanations.png", "shift.png", "faithfulness.png", "randomisation.png"):
         assert (tmp_path / "report" / name).stat().st_size > 5_000
+    # the teacher is evaluated with the faithfulness and randomisation metrics, as a run of its own would be
+    model_metrics = ["deletion", "insertion", "road", "model_randomisation"]
+    assert set(report["teacher"]["splits"]["test_ood"]) == set(model_metrics)
+    assert report["teacher"]["categories"] == {
+        "deletion": "faithfulness",
+        "insertion": "faithfulness",
+        "road": "faithfulness",
+        "model_randomisation": "randomisation",
+    }
+    assert report["e2kd"]["details"]["explanation_similarity"] == "cosine"  # the run's training similarity
+    assert report["e2kd"]["higher_is_better"]["deletion"] is False and report["e2kd"]["higher_is_better"]["insertion"]
+    assert report["e2kd"]["curve_labels"]["deletion"] == [
+        "share of patches removed",
+        "probability of the explained class",
+    ]
+    own = load_run(tmp_path / "teacher").evaluate(model_metrics)["splits"]["test_ood"]
+    assert report["teacher"]["splits"]["test_ood"] == own
+    assert "| teacher |" in md and "deletion.auc (MoRF, 8 px patches) ↓" in md and ".curve." not in md
+    assert report["e2kd"]["splits"]["test_ood"]["deletion"] != own["deletion"]  # (a different model)
     # a teacher run alone: teacher-only metrics are skipped, the rest works
     assert main(["evaluate", str(tmp_path / "teacher"), "--metrics", "accuracy,agreement,epg"]) == 0
     alone = json.loads((tmp_path / "teacher" / "metrics.json").read_text())

@@ -637,8 +637,15 @@ def test_the_full_eval_batch_has_every_requirement_and_splits_by_rows():
     torch.testing.assert_close(batch.label_pairs, torch.stack([torch.arange(6), batch.labels], 1))
     assert torch.equal(batch.in_distribution, batch.groups == batch.labels)
     part = testing._split_batch(batch, 2, 5)
-    assert torch.equal(part.logits, batch.logits[2:5]) and part.explain is batch.explain
-    torch.testing.assert_close(batch.explain(batch.images, None), batch.images.mean(1, keepdim=True))
+    assert torch.equal(part.logits, batch.logits[2:5]) and part.explain is batch.explain and part.model is batch.model
+    # the model in the loop: forward runs the batch's model; explain is its input gradient, summed over channels
+    torch.testing.assert_close(batch.forward(batch.images), batch.model(batch.images))
+    target = torch.tensor([0, 1, 2, 2, 1, 0])
+    x = batch.images.clone().requires_grad_(True)
+    batch.model(x).gather(1, target.view(-1, 1)).sum().backward()
+    torch.testing.assert_close(batch.explain(batch.images, target), x.grad.sum(1, keepdim=True))
+    other = testing.TinyCNN(num_classes=3, width=5)
+    assert not torch.equal(batch.forward(batch.images, model=other), batch.forward(batch.images))
     assert not torch.equal(testing.full_eval_batch(seed=1).logits, batch.logits)
 
 

@@ -92,6 +92,10 @@ def evaluate_on(rank: int, world: int) -> dict:
         "group_accuracy",
         "micro_f1",
         {"name": "shift_equivariance", "options": {"max_shift": 2}},
+        {"name": "deletion", "options": {"patch_size": 4, "steps": 4}},
+        {"name": "insertion", "options": {"patch_size": 4, "patches_per_step": 3}},
+        {"name": "road", "options": {"percentages": [20, 60], "noise": 0.0}},
+        {"name": "model_randomisation", "options": {"layers": ["fc", "stem.0"]}},
     ]
     config = load_config_dict({**TINY, "data": {**TINY["data"], "test_per_class": 7}, "eval": {"metrics": metrics}})
     dataset = dataset_of(config)

@@ -223,16 +223,30 @@ def test_every_batch_field_reaches_the_metrics(per_class_masks):
     assert values["agreement"] == pytest.approx((pred == t_pred).double().mean().item())
 
 
-def test_the_explain_function_and_flattened_metrics():
+def test_the_model_in_the_loop_and_flattened_metrics():
+    """EvalBatch's forward/explain run the evaluated model (or another module given as model=) like
+    the batch: no gradients for forward, under the run's precision, logits and maps in float32."""
     import e2kd
-    from e2kd.evaluate import _explain_fn, flatten_metrics
+    from e2kd.evaluate import _model_in_loop, flatten_metrics
     from e2kd.testing import TinyCNN
 
     model, x = TinyCNN().double().eval(), torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    other_model = TinyCNN(width=5).double().eval()
     gradcam = e2kd.get_explainer("gradcam")
+    calls = _model_in_loop(model, gradcam, Runtime(torch.device("cpu")))
     other = (model(x).argmax(1) + 1) % 3  # not the top-1: the given target is explained
-    torch.testing.assert_close(_explain_fn(gradcam, model)(x, other), gradcam.explain(model, x, other))
-    assert _explain_fn(None, model) is None
+    torch.testing.assert_close(calls["explain"](x, other), gradcam.explain(model, x, other))
+    torch.testing.assert_close(calls["explain"](x, other, model=other_model), gradcam.explain(other_model, x, other))
+    logits = calls["forward"](x)
+    assert not logits.requires_grad and torch.equal(logits, model(x).detach())
+    assert torch.equal(calls["forward"](x, model=other_model), other_model(x).detach())
+    assert calls["model"] is model
+    half = _model_in_loop(model.float(), gradcam, Runtime(torch.device("cpu"), precision="bf16"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x.float()).float()
+    low = half["forward"](x.float())
+    assert low.dtype == torch.float32 and torch.equal(low, expected)
+    assert half["explain"](x.float(), other).dtype == torch.float32
     assert flatten_metrics({"a": 1.0, "g": {"worst": 0.5, "y0": {"g1": 0.25}}}) == {
         "a": 1.0,
         "g.worst": 0.5,
@@ -251,6 +265,36 @@ def test_metric_keys_write_out_the_options_of_a_name_given_twice():
         PluginRef(name="once", options={"k": 3}),
     ]
     assert metric_keys(refs) == ['m[a=s,b={"x": true, "y": 1}]', "m[a=2]", "m", "once"]
+
+
+def test_an_as_name_keys_a_metrics_results_and_a_clash_is_one_line():
+    """eval.metrics entries may name their results key (``as``); it survives the run's config.yaml,
+    and two entries with one key are refused when the config loads, naming the fix."""
+    import yaml
+
+    from e2kd.config import dump_config, metric_keys
+
+    config = load_config_dict(
+        {
+            "eval": {
+                "metrics": [
+                    {"name": "explanation_similarity", "as": "sim_l2", "options": {"similarity": "l2"}},
+                    "explanation_similarity",
+                    {"name": "deletion", "as": "deletion_1px", "options": {"patch_size": 1}},
+                    "deletion",
+                ]
+            }
+        }
+    )
+    assert metric_keys(config.eval.metrics) == ["sim_l2", "explanation_similarity", "deletion_1px", "deletion"]
+    stored = yaml.safe_load(dump_config(config))["eval"]["metrics"]
+    assert stored[0] == {"name": "explanation_similarity", "options": {"similarity": "l2"}, "as": "sim_l2"}
+    assert stored[1] == {"name": "explanation_similarity", "options": {}}  # no `as: null` (run identities unchanged)
+    assert load_config_dict({"eval": {"metrics": stored}}).eval.metrics == config.eval.metrics
+    with pytest.raises(
+        ConfigError, match="two entries store their results as 'accuracy'; give one of them `as: <key>`"
+    ):
+        load_config_dict({"eval": {"metrics": ["accuracy", {"name": "agreement", "as": "accuracy"}]}})
 
 
 def test_the_explanation_similarity_takes_its_direction_from_its_similarity():

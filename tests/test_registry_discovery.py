@@ -253,6 +253,7 @@ def test_misdeclared_items_are_reported_by_plugin_distribution_and_name_and_the_
     metrics = [
         _item(Metric, "needs_all", requires=tuple(REQUIREMENTS)),
         _item(Metric, "needs_odd", requires=("odd",)),
+        _item(Metric, "odd_category", category="speed"),
         _item(
             Metric,
             "",
@@ -281,6 +282,12 @@ def test_misdeclared_items_are_reported_by_plugin_distribution_and_name_and_the_
             "mis",
             "mis-dist",
             f"plugin 'mis': metric 'needs_odd' requires unknown data ['odd'] (known: {known})",
+        ),
+        ("metric", "odd_category"): (
+            "mis",
+            "mis-dist",
+            "plugin 'mis': metric 'odd_category' has category 'speed' (known: performance, agreement, "
+            "localisation, faithfulness, randomisation, robustness)",
         ),
         ("metric", ""): ("mis", "mis-dist", "plugin 'mis': Metric_ must set class attributes 'name' and 'description'"),
         ("metric", "undescribed"): (

@@ -27,13 +27,50 @@ def test_table_is_one_row_per_run_with_missing_cells_dashed_and_lower_is_better_
         "| run | val/accuracy | val/l1 ↓ | test/ood/accuracy |\n"
         "|---|---|---|---|\n"
         "| kd | 0.8123 | 0.5 | 0.5 |\n"
-        "| e2kd | 0.9 | — | — |\n"
-        "\n↓: lower is better\n"
+        "| e2kd | **0.9** | — | — |\n"
+        "\n↓: lower is better; bold: the best run of a column\n"
     )
     plain = report.table({"a": {"splits": {"val": {"accuracy": 1.0}}, "higher_is_better": {"accuracy": True}}})
     assert plain == "| run | val/accuracy |\n|---|---|\n| a | 1 |\n"
     nested = report.table({"a": {"splits": {"val": {"l1": {"mean": 0.25}}}, "higher_is_better": {"l1": False}}})
     assert nested.splitlines()[0] == "| run | val/l1.mean ↓ |"
+
+
+def test_table_bolds_the_best_run_by_direction_names_details_and_leaves_curves_out():
+    def run(deletion, similarity, accuracy):
+        return {
+            "splits": {
+                "test": {
+                    "deletion": {"auc": deletion, "curve": {"0": 0.9, "1": 0.1}},
+                    "sim": similarity,
+                    "explanation_similarity[similarity=l2]": 0.3,
+                    "accuracy": accuracy,
+                }
+            },
+            "higher_is_better": {
+                "deletion": False,
+                "sim": True,
+                "explanation_similarity[similarity=l2]": False,
+                "accuracy": True,
+            },
+            "details": {
+                "deletion": "MoRF, 8 px patches",
+                "sim": "cosine",
+                "explanation_similarity[similarity=l2]": "l2",
+            },
+        }
+
+    got = report.table({"kd": run(0.4, 0.7, float("nan")), "e2kd": run(0.2, 0.9, 0.5), "t": run(0.2, 0.8, 0.25)})
+    assert got.splitlines() == [
+        "| run | test/deletion.auc (MoRF, 8 px patches) ↓ | test/sim (cosine) | "
+        "test/explanation_similarity[similarity=l2] ↓ | test/accuracy |",
+        "|---|---|---|---|---|",
+        "| kd | 0.4 | 0.7 | 0.3 | nan |",
+        "| e2kd | **0.2** | **0.9** | 0.3 | **0.5** |",
+        "| t | **0.2** | 0.8 | 0.3 | 0.25 |",
+        "",
+        "↓: lower is better; bold: the best run of a column",
+    ]
 
 
 def test_sample_images_are_spread_over_the_dataset():
@@ -85,7 +122,7 @@ class _FakeRun:
         torch.manual_seed(len(name))
         self.model = TinyCNN(num_classes=3).eval()
         self.teacher = TinyCNN(num_classes=3).eval() if teacher else None
-        self.config = SimpleNamespace(eval=SimpleNamespace(splits=["val", "test_ood"]))
+        self.config = SimpleNamespace(eval=SimpleNamespace(splits=["val", "test_ood"], metrics=[]))
         self.class_names = ["a", "b", "c"]
         self.runtime = Runtime(torch.device("cpu"), "bf16")
         self.asked = []

@@ -37,6 +37,8 @@ class Agreement(Metric):
     description = "fraction of samples whose top-1 class equals the teacher's"
     requires = frozenset({"teacher"})
 
+    category = "agreement"
+
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
         return (batch.logits.argmax(1) == batch.teacher_logits.argmax(1)).float()
 
@@ -55,6 +57,7 @@ class KLDivergence(Metric):
     Options = KLOptions
     requires = frozenset({"teacher"})
     higher_is_better = False
+    category = "agreement"
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
         t = self.options.temperature

@@ -36,6 +36,7 @@ class ExplanationSimilarity(Metric):
     description = "mean similarity of the model's explanations to the teacher's (teacher's top-1 class)"
     Options = ExplanationSimilarityOptions
     requires = frozenset({"explanations"})
+    category = "agreement"
 
     def __init__(self, options: BaseModel | None = None, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
@@ -53,6 +54,10 @@ class ExplanationSimilarity(Metric):
     def bind(self, *, similarity: Similarity | None = None) -> None:
         if self.options.similarity is None and similarity is not None:
             self.similarity = similarity  # the run's training similarity, with its options
+
+    def detail(self) -> str:
+        """The similarity's name."""
+        return self.similarity.name
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
         return self.similarity(batch.explanations, batch.teacher_explanations)

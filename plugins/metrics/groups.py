@@ -86,6 +86,7 @@ class GroupAgreement(_GroupMetric):
     name = "group_agreement"
     description = "teacher agreement per (label, group) cell; worst-group, mean-group, in- and out-of-distribution"
     requires = frozenset({"labels", "groups", "teacher"})
+    category = "agreement"
 
     def hits(self, batch: EvalBatch) -> torch.Tensor:
         return batch.logits.argmax(1) == batch.teacher_logits.argmax(1)

@@ -71,6 +71,7 @@ class EPG(Metric):
         "energy pointing game: share of the positive label-class map inside the class's mask, per (image, class)"
     )
     requires = frozenset({"label_explanations", "masks"})
+    category = "localisation"
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
         return energy_pointing_game(batch.label_explanations, batch.label_masks)
@@ -89,6 +90,7 @@ class ExplanationIoU(Metric):
     description = "IoU of the binarised positive label-class map with the object mask"
     Options = IoUOptions
     requires = frozenset({"label_explanations", "masks"})
+    category = "localisation"
 
     def per_sample(self, batch: EvalBatch) -> torch.Tensor:
         return explanation_iou(batch.label_explanations, batch.label_masks, self.options.threshold)

@@ -46,6 +46,7 @@ class ShiftEquivariance(Metric):
     description = "cosine of explanations on the overlap after diagonal shifts of 0..max_shift px (a curve)"
     Options = ShiftOptions
     requires = frozenset({"model"})
+    category = "robustness"
 
     def shifts(self) -> list[int]:
         return list(range(0, self.options.max_shift + 1, self.options.step))
