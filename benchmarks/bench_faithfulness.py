@@ -28,6 +28,7 @@ from _report import emit, environment
 from torch import nn
 
 import e2kd
+from e2kd import testing
 from e2kd_plugins.metrics.faithfulness import perturbation_curve, road_predictions
 from e2kd_plugins.metrics.randomisation import randomised_models
 
@@ -83,13 +84,10 @@ def input_gradient(model: nn.Module, images: torch.Tensor, target: torch.Tensor)
     start = time.perf_counter()
     CLOCK["explaining"] = True
     try:
-        images = images.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(model(images).gather(1, target.view(-1, 1)).sum(), images)
+        return testing.input_gradient(model, images, target)
     finally:
         CLOCK["explaining"] = False
         CLOCK["model_s"] += time.perf_counter() - start
-    return grad.sum(1, keepdim=True)
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:

@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds (default: 0,1,2)")
     p.add_argument(
         "--claims",
-        help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos (default: all)",
+        help="comma-separated subset: few_data, spurious, voc, cnn_to_vit, frozen, faithfulness, bias100, bias100_bcos (default: all)",
     )
     p.add_argument("--quick", action="store_true", help="small data and few epochs: a smoke run (minutes)")
     real = p.add_argument_group(

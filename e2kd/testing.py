@@ -403,8 +403,9 @@ SIMILARITY_CASES: dict[str, Callable[[Similarity], None]] = {
 # -- metrics ------------------------------------------------------------------------------
 
 
-def _input_gradient(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """d logit_target / d image, summed over channels: the kit's explanation of any model."""
+def input_gradient(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d logit_target / d image, summed over channels: the kit's explanation of any model (and a
+    reference explainer for tests of metrics that explain other models, e.g. randomised copies)."""
     images = images.detach().requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(model(images).gather(1, target.view(-1, 1)).sum(), images)
@@ -438,7 +439,7 @@ def full_eval_batch(n: int = 6, num_classes: int = 3, seed: int = 0) -> EvalBatc
         groups=groups,
         in_distribution=groups == labels,
         images=images,
-        explain=lambda x, target, model=model: _input_gradient(model, x, target),
+        explain=lambda x, target, model=model: input_gradient(model, x, target),
         forward=forward,
         model=model,
     )

@@ -212,3 +212,29 @@ def test_view_parity_benchmark_smoke(tmp_path):
     assert all(0 <= r["item_view"] <= 1 and 0 <= r["device_view"] <= 1 for r in result["runs"])
     differences = [r["device_view"] - r["item_view"] for r in result["runs"]]
     assert result["mean_difference"] == pytest.approx(statistics.mean(differences))
+
+
+def test_faithfulness_benchmark_smoke(tmp_path):
+    """The Quantus comparison runs end to end (it checks the values equal before timing)."""
+    from .conftest import dev_extra
+
+    dev_extra("quantus")
+    result = _bench(
+        tmp_path,
+        "bench_faithfulness.py",
+        "--model",
+        "linear",
+        "--n",
+        "4",
+        "--size",
+        "12",
+        "--steps",
+        "4",
+        "--patch",
+        "4",
+        "--repeats",
+        "1",
+    )
+    assert set(result["metrics"]) == {"deletion_pixels", "deletion_patches", "mprt", "road"}
+    assert all(row["values_equal"] and row["speedup"] > 0 for row in result["metrics"].values())
+    assert result["pixels_per_step"] == 24  # <= 144 px / 4 steps, and 3 x 24 divides 144 (Quantus' rule)

@@ -18,7 +18,8 @@ import e2kd
 from e2kd.api import EvalBatch
 from e2kd.errors import ModelError, PluginError
 from e2kd.evaluate import evaluate
-from e2kd.testing import TinyCNN
+from e2kd.testing import TinyCNN, input_gradient
+from e2kd_plugins.metrics import faithfulness
 from e2kd_plugins.metrics.faithfulness import area_under, perturbation_curve, pixel_ranks, road_predictions
 from e2kd_plugins.metrics.imputation import linear_imputation
 from e2kd_plugins.metrics.randomisation import randomisable_layers, randomised_models
@@ -75,7 +76,7 @@ def test_deletion_pixel_by_pixel_equals_quantus_pixel_flipping(size):
             pf(model=model, x_batch=x.numpy(), y_batch=classes.numpy(), a_batch=maps.numpy(), device="cpu")
         )
     fractions, ours = perturbation_curve(
-        _forward(model), x, maps[:, 0], classes, patch_size=1, patches_per_step=per_step, chunk=7
+        _forward(model), x, maps[:, 0], classes, patch_size=1, patches_per_step=per_step, chunk=10
     )
     assert ours.shape == (5, size * size // per_step + 1)
     np.testing.assert_allclose(ours[:, 1:].numpy(), theirs, atol=1e-5)
@@ -274,7 +275,7 @@ def test_linear_imputation_equals_quantus_noisy_linear_imputation_without_noise(
     np.testing.assert_allclose(ours.numpy(), np.stack(theirs), atol=1e-5)
 
 
-def test_road_equals_quantus_without_noise_on_single_channel_images():
+def test_road_equals_quantus_without_noise_on_single_channel_images(monkeypatch):
     """Quantus' ROAD indexes the channel-broadcast map as if it had one channel (it fails on RGB
     images with one map channel), so the comparison runs on one-channel images."""
     g = torch.Generator().manual_seed(13)
@@ -290,6 +291,8 @@ def test_road_equals_quantus_without_noise_on_single_channel_images():
     kept = road_predictions(_forward(model), x, maps[:, 0], classes, percentages, noise=0.0, chunk=20)
     assert kept.float().mean(0).tolist() == pytest.approx([theirs[p] for p in percentages], abs=1e-9)
     assert 0 < kept.float().mean() < 1  # the comparison saw predictions change and stay
+    monkeypatch.setattr(faithfulness, "IMPUTATION_BUDGET", 16 * 100 * 2)  # two percentages per solve
+    assert torch.equal(road_predictions(_forward(model), x, maps[:, 0], classes, percentages, noise=0.0), kept)
     metric = e2kd.get_metric("road", percentages=percentages, noise=0.0)
     metric.update(_batch(model, x, maps))
     result = metric.compute()
@@ -339,6 +342,28 @@ def test_road_noise_is_seeded_and_distributed_like_quantus():
     assert a.std() == pytest.approx(0.05, rel=0.02)
 
 
+def test_road_by_hand_on_a_4x4_image_and_a_linear_model():
+    """int(16 * 12.5 / 100) = 2 pixels go: the two most relevant, (0, 0) and (0, 1), imputed as the
+    2 x 2 system above; the linear model's logits on the imputed image decide the prediction."""
+    x = torch.arange(16, dtype=torch.float64).view(1, 1, 4, 4) ** 1.5 / 27
+    relevance = torch.zeros(1, 4, 4, dtype=torch.float64)
+    relevance[0, 0, 0], relevance[0, 0, 1] = 2.0, 1.0
+    v = x[0, 0]
+    a = torch.tensor([[5 / 12, -1 / 6], [-1 / 6, 8 / 12]], dtype=torch.float64)
+    k = torch.stack([v[1, 0] / 6 + v[1, 1] / 12, v[0, 2] / 6 + v[1, 1] / 6 + v[1, 0] / 12 + v[1, 2] / 12])
+    imputed = v.clone()
+    imputed[0, :2] = torch.linalg.solve(a, k)
+    w = torch.zeros(2, 16, dtype=torch.float64)
+    w[0, 0] = w[0, 1] = 1.0  # class 0 reads the two removed pixels, class 1 a constant between before and after
+    before, after = float(x.flatten()[:2].sum()), float(imputed.flatten()[:2].sum())
+    threshold = (before + after) / 2
+    model = _linear(w, torch.tensor([0.0, threshold], dtype=torch.float64))
+    classes = model(x).argmax(1)
+    assert classes.tolist() == [0 if before > threshold else 1]
+    kept = road_predictions(_forward(model), x, relevance, classes, [12.5, 0.0], noise=0.0, tolerance=1e-12)
+    assert kept.tolist() == [[False, True]]  # the imputed pixels move the logit across the threshold
+
+
 def test_road_removes_the_most_relevant_pixels_and_checks_percentages():
     x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(18))
     relevance = _maps((2, 6, 6), seed=19)
@@ -363,14 +388,15 @@ def test_road_removes_the_most_relevant_pixels_and_checks_percentages():
 # ---------------------------------------------------------------- randomisation
 
 
-class _Gradient:
-    """Input gradient of the target logit, summed over channels — through a model given per call."""
-
-    def __call__(self, model, images, target):
-        images = images.clone().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(model(images).gather(1, target.view(-1, 1)).sum(), images)
-        return grad.sum(1, keepdim=True)
+def _gradient_batch(model, x):
+    """An EvalBatch whose explanations are input gradients, of the model given per call."""
+    return EvalBatch(
+        logits=model(x).detach(),
+        images=x,
+        forward=_forward(model),
+        explain=lambda images, target, model=model: input_gradient(model, images, target),
+        model=model,
+    )
 
 
 def test_randomisation_by_hand_on_a_linear_model():
@@ -381,18 +407,10 @@ def test_randomisation_by_hand_on_a_linear_model():
     w = torch.randn(3, 16, generator=g, dtype=torch.float64)
     model = _linear(w, torch.zeros(3, dtype=torch.float64))
     x = torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64)
-    gradient = _Gradient()
     with torch.no_grad():
         classes = model(x).argmax(1)
-    batch = EvalBatch(
-        logits=model(x).detach(),
-        images=x,
-        forward=_forward(model),
-        explain=lambda images, target, model=model: gradient(model, images, target),
-        model=model,
-    )
     metric = e2kd.get_metric("model_randomisation", similarity="cosine", seed=7)
-    metric.update(batch)
+    metric.update(_gradient_batch(model, x))
     torch.manual_seed(7)
     fresh = nn.Linear(16, 3, dtype=torch.float64).weight.detach()
     expected = torch.nn.functional.cosine_similarity(fresh[classes], w[classes], dim=1).mean()
@@ -433,25 +451,17 @@ def test_randomisation_equals_quantus_mprt(order):
     model = TinyCNN(num_classes=4, width=6, bn=True).eval()
     model.stem[2], model.feat[1] = nn.Softplus(), nn.Softplus()
     x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(21))
-    gradient = _Gradient()
     classes = model(x).argmax(1)
     mprt = _quiet(quantus.MPRT, layer_order="top_down" if order == "cascading" else "independent", seed=41, abs=False)
 
     def explain_func(model, inputs, targets, **kwargs):
-        return gradient(model, torch.as_tensor(inputs), torch.as_tensor(targets)).detach().numpy()
+        return input_gradient(model, torch.as_tensor(inputs), torch.as_tensor(targets)).detach().numpy()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = mprt(model=model, x_batch=x.numpy(), y_batch=classes.numpy(), explain_func=explain_func, device="cpu")
-    batch = EvalBatch(
-        logits=model(x).detach(),
-        images=x,
-        forward=_forward(model),
-        explain=lambda images, target, model=model: gradient(model, images, target),
-        model=model,
-    )
     metric = e2kd.get_metric("model_randomisation", order=order, seed=42)
-    metric.update(batch)
+    metric.update(_gradient_batch(model, x))
     curve = metric.compute()["curve"]
     layers = [n for n in theirs if n != "original"]
     assert list(curve) == ["fc", "feat.0", "stem.1", "stem.0"] and sorted(layers) == sorted(curve)

@@ -47,6 +47,43 @@ def test_measure_reads_values_keys_and_the_mean_of_a_curve():
     assert Measure("a", "test", "accuracy").read(results) == 0.5
     assert Measure("b", "test", "group_accuracy", "out_of_distribution").read(results) == 0.25
     assert Measure("c", "test", "shift_equivariance", "mean_shift").read(results) == pytest.approx(0.3)
+    closer = Measure("d", "test", "group_accuracy", "out_of_distribution", towards_teacher=True)
+    teacher = {"splits": {"test": {"group_accuracy": {"out_of_distribution": 0.75}}}}
+    assert closer.read(results, teacher) == -0.5
+    with pytest.raises(ValueError, match="needs the teacher"):
+        closer.read(results)
+
+
+def test_the_faithfulness_claim_measures_each_student_against_the_teacher_evaluated_once(tmp_path, monkeypatch):
+    """Its value per run is -|student AUC - teacher AUC|, the teacher evaluated (under the students'
+    metrics) once per claim; e2KD closer to the teacher than KD gives positive differences."""
+    claim = next(c for c in reproduce.CLAIMS if c.key == "faithfulness")
+    assert claim.root == "few_data" and [m.towards_teacher for m in claim.measures] == [True, True]
+    monkeypatch.setattr(reproduce, "train_teacher", lambda config, **kw: {"splits": {"val": {"accuracy": 1.0}}})
+    aucs = {("KD", 0): 0.2, ("e2KD", 0): 0.35, ("KD", 1): 0.6, ("e2KD", 1): 0.45}
+
+    def fake_distill(config, **kw):
+        auc = aucs[("e2KD" if config.distill.lam else "KD", config.seed)]
+        return {"splits": {"val": {"deletion": {"auc": auc}, "insertion": {"auc": 1 - auc}}}}
+
+    evaluated = []
+
+    def fake_teacher_results(run):
+        evaluated.append(run)
+        return {"splits": {"val": {"deletion": {"auc": 0.4}, "insertion": {"auc": 0.5}}}}
+
+    monkeypatch.setattr(reproduce, "distill", fake_distill)
+    monkeypatch.setattr(reproduce, "load_run", lambda path: path)
+    monkeypatch.setattr(reproduce, "teacher_results", fake_teacher_results)
+    (tmp_path / "data").mkdir()
+    configs = reproduce.miniature_configs(claim, tmp_path, [0, 1], 0.25)
+    result = reproduce.run_claim(claim, configs, log=lambda _: None)
+    assert evaluated == [configs[0]["KD"].out_dir]
+    deletion, insertion = result["rows"]
+    assert deletion["KD"] == pytest.approx([-0.2, -0.2]) and deletion["e2KD"] == pytest.approx([-0.05, -0.05])
+    assert deletion["differences"] == pytest.approx([0.15, 0.15]) and deletion["verdict"] == "holds here"
+    assert insertion["KD"] == pytest.approx([-0.3, -0.1]) and insertion["e2KD"] == pytest.approx([-0.15, -0.05])
+    assert result["teacher"]["val"] == {"accuracy": 1.0, "deletion.auc": 0.4, "insertion.auc": 0.5}
 
 
 def test_verdicts_follow_the_numbers_not_the_hope(tmp_path, monkeypatch):
@@ -83,7 +120,8 @@ def test_reproduce_errors_are_one_line(tmp_path, capsys):
     _fails_with(
         capsys,
         ["reproduce", "--quick", "--claims", "few_data,nope", "--out", str(tmp_path)],
-        "--claims: unknown claim 'nope' (known: few_data, spurious, voc, cnn_to_vit, frozen, bias100, bias100_bcos)",
+        "--claims: unknown claim 'nope' (known: few_data, spurious, voc, cnn_to_vit, frozen, faithfulness, bias100, "
+        "bias100_bcos)",
     )
     _fails_with(capsys, ["reproduce", "--quick", "--seeds", ",", "--out", str(tmp_path)], "--seeds")
 
@@ -98,6 +136,7 @@ def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, ca
         "voc",
         "cnn_to_vit",
         "frozen",
+        "faithfulness",
         "bias100",
         "bias100_bcos",
     ]
@@ -115,7 +154,9 @@ def test_quick_reproduce_runs_every_claim_and_computes_its_verdicts(tmp_path, ca
     # the frozen claim reuses the few-data claim's teacher and KD students
     few, frozen = results["claims"][0], results["claims"][4]
     assert few["rows"][0]["KD"] == frozen["rows"][0]["KD"]
-    assert [r["variant"] for r in results["claims"][5]["rows"]] == list(reproduce.claims.BIAS100_VARIANTS)
+    assert [r["variant"] for r in results["claims"][6]["rows"]] == list(reproduce.claims.BIAS100_VARIANTS)
+    faithful = results["claims"][5]  # its KD students are the few-data claim's, measured against the teacher
+    assert faithful["teacher"]["val"]["deletion.auc"] > 0 and all(v <= 0 for v in faithful["rows"][0]["KD"])
 
 
 # -- full size on real folders: the paper's configs, pointed at a copy in the real on-disk format ------------

@@ -26,6 +26,8 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from ..experiment import distill, train_teacher
+from ..report import teacher_results
+from ..runs import load_run
 from ..storage import atomic_write_json, atomic_write_text
 from .claims import CLAIMS, MINIATURE, VARIANTS, Claim, Measure, PaperSetting
 from .planning import RealData, check_teacher_files, miniature_configs, paper_configs, select_claims
@@ -61,11 +63,15 @@ def run_claim(
     teacher = train_teacher(teacher_config) if teacher_config is not None else {}
     values: dict[str, list[list[float]]] = {}
     curves: dict[str, list[dict[str, float]]] = {}  # shift-equivariance curves, for the figure
+    of_teacher: dict[str, Any] | None = None  # the teacher under the students' metrics, for towards_teacher
     for seed in seeds:
         for variant in claim.variants:
             log(f"[e2kd reproduce] {claim.key}: {variant}, seed {seed}")
             results = distill(configs[seed][variant])
-            values.setdefault(variant, []).append([m.read(results) for m in claim.measures])
+            if of_teacher is None and any(m.towards_teacher for m in claim.measures):
+                log(f"[e2kd reproduce] {claim.key}: the teacher under the students' faithfulness metrics")
+                of_teacher = teacher_results(load_run(configs[seed][variant].out_dir))
+            values.setdefault(variant, []).append([m.read(results, of_teacher) for m in claim.measures])
             for m in claim.measures:
                 if m.key == "mean_shift":
                     curves.setdefault(variant, []).append(results["splits"][m.split][m.metric])
@@ -89,6 +95,9 @@ def run_claim(
                 }
             )
     teacher_splits = teacher.get("splits", {})
+    if of_teacher is not None:  # its measured values, beside its own metrics
+        for m in claim.measures:
+            teacher_splits.setdefault(m.split, {})[f"{m.metric}.{m.key}"] = m.value_in(of_teacher)
     if curves:
         split = next(m.split for m in claim.measures if m.key == "mean_shift")
         if "shift_equivariance" in teacher_splits.get(split, {}):  # a given checkpoint has no run to read it from

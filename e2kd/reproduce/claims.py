@@ -22,8 +22,20 @@ class Measure:
     metric: str
     key: str | None = None  # a key inside a metric that returns several values
     paper: str = ""  # the paper's KD -> e2KD, as printed in the report
+    towards_teacher: bool = False  # the value is -|student - teacher|: closer to the teacher is higher
 
-    def read(self, results: dict[str, Any]) -> float:
+    def read(self, results: dict[str, Any], teacher: dict[str, Any] | None = None) -> float:
+        """The value in a student's results; with ``towards_teacher``, minus its distance to the same
+        value in the ``teacher``'s results."""
+        value = self.value_in(results)
+        if self.towards_teacher:
+            if teacher is None:
+                raise ValueError(f"{self.label}: needs the teacher's results")
+            return -abs(value - self.value_in(teacher))
+        return value
+
+    def value_in(self, results: dict[str, Any]) -> float:
+        """The measured quantity in ``results`` (a run's metrics)."""
         value = results["splits"][self.split][self.metric]
         if self.key == "mean_shift":  # the curve's mean over the non-zero shifts
             shifted = [v for k, v in value.items() if k != "shift_0"]
@@ -124,11 +136,19 @@ def _few_data_data(root: Path, scale: float) -> None:
     write_shapes_folder(root / "data", {"train": per, "val": max(8, round(40 * scale))}, num_classes=4, size=32, seed=0)
 
 
+#: Faithfulness of the few-data students (the claim ``faithfulness``): deletion and insertion of
+#: 4-px patches of the 32-px images, 16 steps.
+FAITHFULNESS_METRICS = [
+    {"name": "deletion", "options": {"patch_size": 4, "steps": 16}},
+    {"name": "insertion", "options": {"patch_size": 4, "steps": 16}},
+]
+
+
 def _few_data(root: Path, scale: float, seed: int) -> dict[str, dict]:
     data = {"name": "image_folder", "options": {"root": str(root / "data"), "image_size": 32}}
     teacher = _teacher(root, data, CNN_TEACHER, scale, ["accuracy"])
     few = {**data, "options": {**data["options"], "shots": 6}}
-    metrics = ["accuracy", "agreement"]
+    metrics = ["accuracy", "agreement", *FAITHFULNESS_METRICS]
     return {
         "teacher": teacher,
         **{
@@ -143,6 +163,19 @@ def _few_data(root: Path, scale: float, seed: int) -> dict[str, dict]:
 FEW_DATA = [
     Measure("accuracy", "val", "accuracy", paper="49.8 -> 54.9 (ImageNet, 50 shots, R34 -> R18)"),
     Measure("agreement", "val", "agreement", paper="55.5 -> 61.7"),
+]
+
+
+FAITHFULNESS = [
+    Measure(
+        "deletion AUC: −|student − teacher|",
+        "val",
+        "deletion",
+        "auc",
+        paper="not in the paper: does a student that copies the maps keep the teacher's faithfulness?",
+        towards_teacher=True,
+    ),
+    Measure("insertion AUC: −|student − teacher|", "val", "insertion", "auc", paper="", towards_teacher=True),
 ]
 
 
@@ -419,6 +452,15 @@ CLAIMS = (
         _few_data,
         _few_data_data,
         IMAGENET_R34,
+        shares="few_data",
+    ),
+    Claim(
+        "faithfulness",
+        "Beyond the paper: e2KD students keep the teacher's faithfulness (deletion / insertion AUC closer to its)",
+        tuple(FAITHFULNESS),
+        ("KD", "e2KD"),
+        _few_data,
+        _few_data_data,
         shares="few_data",
     ),
     Claim(

@@ -6,7 +6,7 @@ the baseline and put the image's patches back — and follow the model's score f
 class: a curve and its area. ROAD (remove and debias) removes the top (or bottom) percentages of
 pixels, fills them by noisy linear imputation from their neighbours, and counts the predictions
 that survive. Everything is batched: the perturbed images of many steps and samples go through
-the model together, ``chunk`` images at a time (bounded memory).
+the model together, ``chunk`` images at a time (default: one step of the batch per forward).
 
 Definitions, and how they relate to Quantus' ``PixelFlipping``, ``RegionPerturbation`` and
 ``ROAD``, are in docs/metrics.md; ``tests/test_faithfulness.py`` checks them against Quantus.
@@ -84,7 +84,7 @@ def perturbation_curve(
     patches_per_step: int = 1,
     baseline: float | str = 0.0,
     output: str = "probability",
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A deletion (or insertion) curve: (fractions (S + 1,), scores (B, S + 1)).
 
@@ -92,14 +92,15 @@ def perturbation_curve(
     (:func:`pixel_ranks`), in every channel, replacing them with ``baseline``; insertion starts from
     the baseline image and puts those patches back instead. ``fractions[k]`` is the share of
     patches removed (inserted); ``scores[:, k]`` the model's score for ``classes`` on that image
-    (:func:`class_scores`). Step 0 is the unperturbed (for insertion: the baseline) image.
+    (:func:`class_scores`). Step 0 is the unperturbed (for insertion: the baseline) image. The
+    steps go through ``forward`` ``chunk // B`` at a time (default one).
     """
     ranks, n_patches = pixel_ranks(relevance, patch_size, most_relevant_first)
     steps = math.ceil(n_patches / patches_per_step)
     counts = [min(k * patches_per_step, n_patches) for k in range(steps + 1)]
     base = baseline_images(images, baseline)
     start, end = (base, images) if insertion else (images, base)
-    per_forward = max(1, chunk // images.shape[0])
+    per_forward = max(1, (chunk or 0) // images.shape[0])
     scores = []
     for first in range(0, steps + 1, per_forward):
         changed = torch.stack([ranks < n for n in counts[first : first + per_forward]])[:, :, None]
@@ -255,6 +256,11 @@ class RoadOptions(ModelRunOptions):
         return self
 
 
+#: Most pixel values (images x channels x H x W) imputed in one solve: bounds its memory (float64,
+#: about ten arrays of this size: ~1.3 GB), while many images per solve keep the solver's steps few.
+IMPUTATION_BUDGET = 2**24
+
+
 def road_predictions(
     forward: Forward,
     images: torch.Tensor,
@@ -266,26 +272,29 @@ def road_predictions(
     noise: float = 0.01,
     generator: torch.Generator | None = None,
     tolerance: float = 1e-6,
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """(B, P) True where the model still predicts ``classes`` after removing ``int(H * W * p / 100)``
     pixels (most or least relevant first, in every channel) and imputing them
-    (:func:`linear_imputation`, plus Gaussian noise of std ``noise`` on each imputed value)."""
+    (:func:`linear_imputation`, plus Gaussian noise of std ``noise`` on each imputed value).
+
+    The images of several percentages are imputed in one solve (up to :data:`IMPUTATION_BUDGET`
+    pixel values) and go through ``forward`` ``chunk`` images at a time (default: the batch).
+    """
     ranks, n_pixels = pixel_ranks(relevance, 1, most_relevant_first)
     counts = [int(n_pixels * p / 100) for p in percentages]
-    per_forward = max(1, chunk // images.shape[0])
-    kept = []
-    for first in range(0, len(counts), per_forward):
-        removed = torch.stack([ranks < n for n in counts[first : first + per_forward]])[:, :, None]
-        batch = images.expand(removed.shape[0], *images.shape).flatten(0, 1)
-        removed = removed.flatten(0, 1)
-        filled = linear_imputation(batch, removed, tolerance=tolerance)
+    batch_size = images.shape[0]
+    per_solve = max(1, IMPUTATION_BUDGET // images[0].numel() // batch_size)
+    per_forward = max(batch_size, chunk or batch_size)
+    predicted = []
+    for first in range(0, len(counts), per_solve):
+        removed = torch.stack([ranks < n for n in counts[first : first + per_solve]])[:, :, None].flatten(0, 1)
+        filled = linear_imputation(images.repeat(removed.shape[0] // batch_size, 1, 1, 1), removed, tolerance=tolerance)
         if noise:
             draws = torch.randn(filled.shape, generator=generator, device=filled.device, dtype=filled.dtype)
             filled = torch.where(removed, filled + noise * draws, filled)
-        predicted = forward(filled).argmax(1).view(removed.shape[0] // images.shape[0], images.shape[0])
-        kept.append((predicted == classes).T)
-    return torch.cat(kept, dim=1)
+        predicted += [forward(part).argmax(1) for part in filled.split(per_forward)]
+    return (torch.cat(predicted).view(len(counts), batch_size) == classes).T
 
 
 class Road(ModelRunMetric):

@@ -17,7 +17,12 @@ class ModelRunOptions(PluginOptions):
         "predicted",
         description="explained class: the model's own top-1, or the teacher's top-1 (needs a teacher)",
     )
-    chunk: int = Field(256, ge=1, description="most images per model forward (bounds memory)")
+    chunk: int | None = Field(
+        None,
+        ge=1,
+        description="images per model forward: several perturbation steps of a batch together (default: one step, "
+        "the evaluated batch; larger helps a GPU, and on a CPU is often slower per image)",
+    )
 
 
 class ModelRunMetric(Metric):
