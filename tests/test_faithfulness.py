@@ -20,7 +20,13 @@ from e2kd.errors import ModelError, PluginError
 from e2kd.evaluate import evaluate
 from e2kd.testing import TinyCNN, input_gradient
 from e2kd_plugins.metrics import faithfulness
-from e2kd_plugins.metrics.faithfulness import area_under, perturbation_curve, pixel_ranks, road_predictions
+from e2kd_plugins.metrics.faithfulness import (
+    area_under,
+    perturbation_curve,
+    pixel_ranks,
+    pixel_relevance,
+    road_predictions,
+)
 from e2kd_plugins.metrics.imputation import linear_imputation
 from e2kd_plugins.metrics.randomisation import randomisable_layers, randomised_models
 
@@ -79,19 +85,25 @@ def test_deletion_pixel_by_pixel_equals_quantus_pixel_flipping(size):
         _forward(model), x, maps[:, 0], classes, patch_size=1, patches_per_step=per_step, chunk=10
     )
     assert ours.shape == (5, size * size // per_step + 1)
+    default = perturbation_curve(_forward(model), x, maps[:, 0], classes, patches_per_step=per_step)[1]
+    assert torch.equal(default, ours)  # pixel by pixel unless told otherwise
     np.testing.assert_allclose(ours[:, 1:].numpy(), theirs, atol=1e-5)
     np.testing.assert_allclose(ours[:, 0].numpy(), _probabilities(model, x)[np.arange(5), classes], atol=1e-6)
     assert fractions[0] == 0 and fractions[-1] == 1 and fractions[1] == pytest.approx(per_step / size**2)
 
 
-@pytest.mark.parametrize(("size", "order"), [(12, "morf"), (10, "morf"), (10, "lerf")])
+@pytest.mark.parametrize(
+    ("size", "order"),
+    [((12, 12), "morf"), ((10, 10), "morf"), ((10, 10), "lerf"), ((9, 11), "morf"), ((11, 9), "lerf")],
+)
 def test_deletion_by_patches_equals_quantus_region_perturbation(size, order):
-    """Quantus reports the drop y(x) - y(x_k); 10 px with 4-px patches checks the cut-short edge patches."""
+    """Quantus reports the drop y(x) - y(x_k); 10 px with 4-px patches checks the cut-short edge patches
+    of the centred grid, 9 x 11 its uneven split (1 + 2 rows, 0 + 1 columns of padding) per axis."""
     model = _model()
-    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(3))
-    maps = _maps((4, 1, size, size), seed=4)
+    x = torch.rand(4, 3, *size, generator=torch.Generator().manual_seed(3))
+    maps = _maps((4, 1, *size), seed=4)
     classes = model(x).argmax(1)
-    n_patches = math.ceil(size / 4) ** 2
+    n_patches = math.ceil(size[0] / 4) * math.ceil(size[1] / 4)
     rp = _quiet(
         quantus.RegionPerturbation, patch_size=4, order=order, regions_evaluation=n_patches, perturb_baseline=0.0
     )
@@ -100,10 +112,11 @@ def test_deletion_by_patches_equals_quantus_region_perturbation(size, order):
         theirs = np.array(
             rp(model=model, x_batch=x.numpy(), y_batch=classes.numpy(), a_batch=maps.numpy(), device="cpu")
         )
-    _, ours = perturbation_curve(
+    fractions, ours = perturbation_curve(
         _forward(model), x, maps[:, 0], classes, patch_size=4, most_relevant_first=order == "morf"
     )
     np.testing.assert_allclose((ours[:, :1] - ours[:, 1:]).numpy(), theirs, atol=1e-5)
+    assert fractions.dtype == torch.float64 and fractions[1] == 1 / n_patches
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
@@ -170,6 +183,23 @@ def test_ties_keep_raster_order_and_ranks_cover_every_pixel_once():
     assert n == 4 and ranks[0].tolist() == [[3, 3, 2], [3, 3, 2], [0, 0, 1]]
 
 
+def test_many_ties_keep_raster_order_where_an_unstable_sort_would_not():
+    relevance = (torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(30)) > 0.5).float()
+    ranks, _ = pixel_ranks(relevance, 1, most_relevant_first=True)
+    ones = relevance.flatten().nonzero()[:, 0]
+    assert torch.equal(ranks.flatten()[ones], torch.arange(len(ones)))
+    assert torch.equal(pixel_ranks(relevance, 1, True)[0], pixel_ranks(relevance, 1, most_relevant_first=True)[0])
+
+
+def test_maps_at_another_resolution_are_summed_over_channels_and_resized_bilinearly():
+    maps = torch.rand(2, 3, 4, 5, generator=torch.Generator().manual_seed(31))
+    expected = torch.nn.functional.interpolate(
+        maps.sum(1, keepdim=True), size=(8, 10), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(pixel_relevance(maps, (8, 10)), expected[:, 0])
+    torch.testing.assert_close(pixel_relevance(maps, (4, 5)), maps.sum(1))
+
+
 def _batch(model, x, maps, teacher_logits=None):
     """An EvalBatch as the evaluator builds it, with fixed maps for the model's explanations."""
     with torch.no_grad():
@@ -205,6 +235,100 @@ def test_deletion_metric_averages_the_curve_over_batches_and_processes():
     assert list(result["curve"].values()) == pytest.approx(scores.mean(0).tolist())
     assert result["auc"] == pytest.approx(float(area_under(fractions, scores.mean(0))))
     assert e2kd.get_metric("deletion").compute() == {}
+
+
+@pytest.mark.parametrize("name", ["deletion", "insertion"])
+def test_the_curve_metrics_pass_every_option_on_and_average_in_float64(name):
+    model = _model()
+    x = torch.rand(4, 3, 6, 10, generator=torch.Generator().manual_seed(32))  # not square: 2 x 3 patches of 4 px
+    maps = _maps((4, 2, 6, 10), seed=33)  # two channels: summed
+    options = {
+        "order": "least_relevant_first",
+        "patch_size": 4,
+        "patches_per_step": 2,
+        "baseline": 0.5,
+        "output": "logit",
+    }
+    metric = e2kd.get_metric(name, **options, chunk=8)
+    metric.update(_batch(model, x, maps))
+    fractions, scores = perturbation_curve(
+        _forward(model),
+        x,
+        maps.sum(1),
+        model(x).argmax(1),
+        insertion=name == "insertion",
+        most_relevant_first=False,
+        patch_size=4,
+        patches_per_step=2,
+        baseline=0.5,
+        output="logit",
+    )
+    result = metric.compute()
+    assert list(result["curve"]) == ["0", "0.333333", "0.666667", "1"]
+    assert list(result["curve"].values()) == (scores.double().sum(0) / 4).tolist()  # exactly: float64 sums
+    assert result["auc"] == float(area_under(fractions, scores.double().sum(0) / 4))
+    # steps: 6 patches (2 rows x 3 columns) in 3 steps of 2; steps=2 makes 2 steps of 3; the default
+    # (32 steps) 6 steps of 1
+    for steps, points in (({}, 7), ({"steps": 2}, 3)):
+        by_steps = e2kd.get_metric(name, patch_size=4, **steps)
+        by_steps.update(_batch(model, x, maps))
+        assert len(by_steps.compute()["curve"]) == points
+
+
+def test_merging_with_an_evaluation_that_saw_nothing_changes_nothing():
+    model = _model()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(34))
+    full = e2kd.get_metric("deletion", patch_size=4)
+    full.update(_batch(model, x, _maps((3, 1, 8, 8))))
+    empty = e2kd.get_metric("deletion", patch_size=4)
+    empty.merge(full.state())
+    assert empty.compute() == full.compute()
+    full.merge(e2kd.get_metric("deletion", patch_size=4).state())
+    assert full.compute() == empty.compute()
+
+
+def test_what_the_report_and_e2kd_plugins_show_of_each_metric():
+    from e2kd_plugins.metrics.faithfulness import Deletion, Road
+    from e2kd_plugins.metrics.randomisation import ModelRandomisation
+
+    assert Deletion(patch_size=3).options.patch_size == 3  # keyword options reach the options model
+    assert ModelRandomisation(similarity="cosine", target="teacher").similarity.name == "cosine"
+    assert ModelRandomisation(target="teacher").requires == {"model", "teacher"}
+    assert e2kd.get_metric("deletion").detail() == "MoRF, 8 px patches"
+    assert e2kd.get_metric("insertion", order="least_relevant_first", patch_size=2).detail() == "LeRF, 2 px patches"
+    assert e2kd.get_metric("deletion").curve_labels() == (
+        "share of patches removed",
+        "probability of the explained class",
+    )
+    assert e2kd.get_metric("insertion", output="logit").curve_labels() == (
+        "share of patches inserted",
+        "logit of the explained class",
+    )
+    assert (
+        e2kd.get_metric("road").detail() == "MoRF"
+        and e2kd.get_metric("road", order="least_relevant_first").detail() == "LeRF"
+    )
+    assert e2kd.get_metric("road").curve_labels() == (
+        "% of pixels removed and imputed",
+        "share still predicted as the explained class",
+    )
+    randomisation = e2kd.get_metric("model_randomisation", order="independent", similarity="cosine")
+    assert randomisation.detail() == "cosine, independent"
+    assert randomisation.curve_labels() == ("layer randomised, from the top", "cosine to the trained model's maps")
+    assert e2kd.get_metric("model_randomisation").curve_labels()[0] == "layer randomised, from the top (cumulative)"
+    for cls, direction in (
+        (Deletion, "as its order"),
+        (Road, "as its order"),
+        (ModelRandomisation, "opposite of its similarity"),
+    ):
+        assert cls.capabilities() == {"requires": ["model"], "higher_is_better": direction, "category": cls.category}
+    assert (Deletion.category, Road.category, ModelRandomisation.category) == (
+        "faithfulness",
+        "faithfulness",
+        "randomisation",
+    )
+    options = e2kd.get_metric("model_randomisation", similarity="cosine", similarity_options={"eps": 0.5})
+    assert options.similarity.options.eps == 0.5
 
 
 def test_directions_follow_the_order_and_the_explained_class_can_be_the_teachers():
@@ -275,6 +399,55 @@ def test_linear_imputation_equals_quantus_noisy_linear_imputation_without_noise(
     np.testing.assert_allclose(ours.numpy(), np.stack(theirs), atol=1e-5)
 
 
+def _blob_mask(n, size, share, seed):
+    """Removed pixels in smooth blobs (large holes: the hard case for an iterative solver)."""
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size, size, generator=g), 9, 1, 4)
+    return smooth >= smooth.flatten(1).quantile(1 - share, dim=1).view(-1, 1, 1, 1)
+
+
+def test_the_multigrid_preconditioner_converges_in_a_few_iterations_where_plain_cg_would_not():
+    """Half of a 96 x 96 image removed in large blobs: the preconditioned solver reaches 1e-6 in at
+    most 15 iterations (plain conjugate gradients needs hundreds); 3 iterations are not enough and
+    say so in one warning naming the tolerance and the count, pointing at the caller."""
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(40))
+    removed = _blob_mask(2, 96, 0.5, seed=41)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = linear_imputation(x, removed, max_iterations=15)
+    with pytest.warns(RuntimeWarning, match=r"did not reach tolerance 1e-06 in 3 iterations") as caught:
+        linear_imputation(x, removed, max_iterations=3)
+    assert not caught[0].filename.endswith("imputation.py")  # the warning points at a caller
+    exact = linear_imputation(x.double(), removed, tolerance=1e-12)
+    assert (fast.double() - exact).abs().max() < 1e-5
+
+
+def test_each_system_stops_at_its_own_tolerance():
+    """An easy image (5 % removed, scattered) beside a hard one (90 % in blobs) scaled by 1e-4: each
+    is solved to its own relative tolerance, not stopped once the batch's total residual is small
+    (which the large image would dominate)."""
+    g = torch.Generator().manual_seed(42)
+    x = torch.rand(2, 1, 64, 64, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1e-4]).view(2, 1, 1, 1)
+    removed = torch.cat([torch.rand(1, 1, 64, 64, generator=g) < 0.05, _blob_mask(1, 64, 0.9, seed=43)])
+    together = linear_imputation(x, removed, tolerance=1e-5)
+    for i in range(2):
+        alone = linear_imputation(x[i : i + 1], removed[i : i + 1], tolerance=1e-12)
+        scale = x[i].abs().max()
+        assert (together[i] - alone[0]).abs().max() / scale < 1e-4, i
+
+
+def test_the_grid_transfers_are_each_others_transpose():
+    from e2kd_plugins.metrics.imputation import _prolong, _restrict
+
+    for h, w in ((8, 8), (7, 9)):
+        coarse = torch.rand(2, 1, (h + 1) // 2, (w + 1) // 2, dtype=torch.float64)
+        fine = torch.rand(2, 1, h, w, dtype=torch.float64)
+        assert float((_prolong(coarse, (h, w)) * fine).sum()) == pytest.approx(float((coarse * _restrict(fine)).sum()))
+    ones = _prolong(torch.ones(1, 1, 4, 4, dtype=torch.float64), (8, 8))[0, 0]
+    assert torch.equal(ones[1:-1, 1:-1], torch.ones(6, 6, dtype=torch.float64))  # linear: constants kept inside
+    assert ones[0, 0] == 0.75**2 and ones[0, 3] == 0.75  # zero outside the grid
+
+
 def test_road_equals_quantus_without_noise_on_single_channel_images(monkeypatch):
     """Quantus' ROAD indexes the channel-broadcast map as if it had one channel (it fails on RGB
     images with one map channel), so the comparison runs on one-channel images."""
@@ -336,6 +509,8 @@ def test_road_noise_is_seeded_and_distributed_like_quantus():
 
     a, b = ours(0), ours(0)
     np.testing.assert_array_equal(a, b)
+    draws = torch.randn((1, 3, 100, 100), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    np.testing.assert_allclose(a, (0.05 * draws)[0][removed[0].expand(3, -1, -1)].numpy(), atol=1e-9)
     assert not np.array_equal(a, ours(1))
     assert ks_2samp(a.ravel(), theirs.ravel()).statistic < 0.02
     assert ks_2samp(ours(0, 0.06).ravel(), theirs.ravel()).statistic > 0.04
@@ -362,6 +537,77 @@ def test_road_by_hand_on_a_4x4_image_and_a_linear_model():
     assert classes.tolist() == [0 if before > threshold else 1]
     kept = road_predictions(_forward(model), x, relevance, classes, [12.5, 0.0], noise=0.0, tolerance=1e-12)
     assert kept.tolist() == [[False, True]]  # the imputed pixels move the logit across the threshold
+
+
+def test_the_road_metric_draws_its_noise_from_one_seeded_stream_over_batches_and_passes_its_options_on():
+    g = torch.Generator().manual_seed(35)
+    model = _linear(torch.randn(3, 64, generator=g, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)).float()
+    x = torch.rand(8, 1, 8, 8, generator=g)
+    maps = _maps((8, 1, 8, 8), seed=36)
+    options = {
+        "percentages": [20.0, 50.0, 80.0],
+        "order": "least_relevant_first",
+        "noise": 2.0,
+        "seed": 5,
+        "tolerance": 1e-2,
+    }
+    metric = e2kd.get_metric("road", **options)
+    metric.update(_batch(model, x[:4], maps[:4]))
+    metric.update(_batch(model, x[4:], maps[4:]))
+    stream = torch.Generator().manual_seed(5)
+    kept = [
+        road_predictions(
+            _forward(model),
+            x[s],
+            maps[s, 0],
+            model(x[s]).argmax(1),
+            [20.0, 50.0, 80.0],
+            most_relevant_first=False,
+            noise=2.0,
+            generator=stream,
+            tolerance=1e-2,
+        )
+        for s in (slice(0, 4), slice(4, 8))
+    ]
+    expected = torch.cat(kept).double().mean(0).tolist()
+    assert 0 < torch.cat(kept).double().mean() < 1  # the noise decides some predictions
+    assert list(metric.compute()["curve"].values()) == expected
+    assert metric.compute()["mean"] == pytest.approx(sum(expected) / 3)
+    fresh = [
+        road_predictions(
+            _forward(model),
+            x[:4],
+            maps[:4, 0],
+            model(x[:4]).argmax(1),
+            [20.0, 50.0, 80.0],
+            most_relevant_first=False,
+            noise=2.0,
+            generator=torch.Generator().manual_seed(5),
+            tolerance=1e-2,
+        )
+        for _ in range(2)
+    ]
+    assert not torch.equal(torch.cat(fresh), torch.cat(kept))  # the second batch draws on, not from the start
+
+
+def test_road_noise_defaults_to_one_hundredth():
+    x = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(45), dtype=torch.float64)
+    relevance, classes = _maps((2, 6, 6), seed=46).double(), torch.zeros(2, dtype=torch.long)
+    seen = {}
+    for noise in (None, 0.01):
+        images = []
+        kwargs = {} if noise is None else {"noise": noise}
+        road_predictions(
+            lambda b, images=images: images.append(b) or torch.zeros(len(b), 2),
+            x,
+            relevance,
+            classes,
+            [50.0],
+            generator=torch.Generator().manual_seed(1),
+            **kwargs,
+        )
+        seen[noise] = images[0]
+    assert torch.equal(seen[None], seen[0.01])
 
 
 def test_road_removes_the_most_relevant_pixels_and_checks_percentages():
@@ -437,9 +683,31 @@ def test_cascading_keeps_earlier_layers_random_and_independent_restores_them():
     state = torch.random.get_rng_state()
     list(randomised_models(model, "cascading", 3))
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
-    with pytest.raises(ModelError, match=r"layers \['1'\]"):
+    with pytest.raises(ModelError) as refused:
         randomisable_layers(model, ["1"])
+    assert str(refused.value) == (
+        "model_randomisation: layers ['1'] are not modules with reset_parameters (some that are: 2, 0)"
+    )
+    wide = nn.Sequential(*[nn.Linear(2, 2) for _ in range(7)])
+    with pytest.raises(ModelError, match=r"\(some that are: 6, 5, 4, 3, 2\)$"):
+        randomisable_layers(wide, ["x"])
     assert [n for n, _ in randomisable_layers(model, ["0"])] == ["0"]
+
+
+def test_randomisation_of_chosen_layers_and_its_mean():
+    model = TinyCNN(num_classes=4, width=6).eval()
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(44))
+    chosen = e2kd.get_metric("model_randomisation", layers=["fc", "stem.0"], similarity="cosine", seed=3)
+    chosen.update(_gradient_batch(model, x))
+    every = e2kd.get_metric("model_randomisation", similarity="cosine", seed=3)
+    every.update(_gradient_batch(model, x))
+    result, full = chosen.compute(), every.compute()
+    assert list(result["curve"]) == ["fc", "stem.0"] and list(full["curve"]) == ["fc", "feat.0", "stem.0"]
+    assert result["curve"]["fc"] == pytest.approx(full["curve"]["fc"])  # the first step is the same
+    assert full["mean"] == pytest.approx(sum(full["curve"].values()) / 3)
+    default = [m.state_dict() for _, m in randomised_models(model)]
+    seeded = [m.state_dict() for _, m in randomised_models(model, "cascading", 0)]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(default, seeded) for k in a)
 
 
 @pytest.mark.parametrize("order", ["cascading", "independent"])

@@ -200,8 +200,10 @@ class _PerturbationCurve(ModelRunMetric):
         self._count += scores.shape[0]
 
     def merge(self, state: dict[str, Any]) -> None:
-        self._sums = [a + b for a, b in zip(self._sums, state["_sums"])] if self._sums else state["_sums"]
-        self._fractions = self._fractions or state["_fractions"]
+        if not state["_count"]:  # (a process that saw no sample: nothing to add)
+            return
+        self._sums = [a + b for a, b in zip(self._sums, state["_sums"])] if self._sums else list(state["_sums"])
+        self._fractions = self._fractions or list(state["_fractions"])
         self._count += state["_count"]
 
     def compute(self) -> dict[str, Any]:
