@@ -326,3 +326,38 @@ def test_the_explanation_figure_passes_the_runtime_on(spread_images, monkeypatch
         {"m": TinyCNN(num_classes=3).eval()}, spread_images[:2], None, get_explainer("gradient"), None, runtime=runtime
     )
     assert seen == [{"reference": None, "runtime": runtime}]
+
+
+def test_curve_panels_draw_every_run_per_metric_and_category():
+    """A panel per metric with a curve on the split (numbers on the x axis, or names such as layers
+    as ticks), a line per run that has it, titled with the metric's detail, labelled with its axes."""
+
+    def run(deletion, layers):
+        return {
+            "splits": {
+                "test": {
+                    "accuracy": 0.5,
+                    "deletion": {"auc": 0.2, "curve": {"0": deletion, "0.5": deletion / 2, "1": 0.0}},
+                    "model_randomisation": {"mean": 0.3, "curve": layers},
+                },
+                "val": {"deletion": {"auc": 0.1, "curve": {"0": 1.0}}},
+            },
+            "details": {"deletion": "MoRF, 8 px patches"},
+            "categories": {"deletion": "faithfulness", "model_randomisation": "randomisation"},
+            "curve_labels": {"deletion": ["share of patches removed", "probability"]},
+        }
+
+    results = {"kd": run(0.8, {"fc": 0.1, "conv": 0.4}), "teacher": run(0.6, {"fc": 0.2, "conv": 0.3})}
+    panels = report.curve_panels(results, "test")
+    assert list(panels) == ["faithfulness", "randomisation"]
+    (deletion,) = panels["faithfulness"]
+    assert deletion == {
+        "title": "deletion (MoRF, 8 px patches)",
+        "xlabel": "share of patches removed",
+        "ylabel": "probability",
+        "curves": {"kd": ([0.0, 0.5, 1.0], [0.8, 0.4, 0.0]), "teacher": ([0.0, 0.5, 1.0], [0.6, 0.3, 0.0])},
+    }
+    (layers,) = panels["randomisation"]
+    assert layers["xticks"] == ["fc", "conv"] and layers["title"] == "model_randomisation"
+    assert layers["curves"]["teacher"] == ([0, 1], [0.2, 0.3]) and (layers["xlabel"], layers["ylabel"]) == ("", "")
+    assert report.curve_panels(results, "missing") == {}
