@@ -92,17 +92,19 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     values left out). A column is headed by its metric's key and, where the metric states one, its
     detail (e.g. its similarity); a metric where lower is better is marked ↓; with several runs the
     best value of each column is in bold."""
-    rows = {
-        run: {f"{split}/{k}": v for split, values in r["splits"].items() for k, v in flatten_metrics(values).items()}
+    flat = {
+        run: {(split, k): v for split, values in r["splits"].items() for k, v in flatten_metrics(values).items()}
         for run, r in results.items()
     }
+    rows = {run: {f"{split}/{k}": v for (split, k), v in values.items()} for run, values in flat.items()}
+    value_key = {f"{split}/{k}": k for values in flat.values() for split, k in values}
     directions = {key: higher for r in results.values() for key, higher in r.get("higher_is_better", {}).items()}
     details = {key: detail for r in results.values() for key, detail in r.get("details", {}).items()}
     columns = list(dict.fromkeys(c for row in rows.values() for c in row if not any(p in c for p in _NOT_IN_TABLE)))
 
     def metric_of(column: str) -> str | None:
-        metric = column.split("/", 1)[1]
-        return next((k for k in directions if metric == k or metric.startswith(f"{k}.")), None)
+        value = value_key[column]  # (split names may hold "/")
+        return next((k for k in directions if value == k or value.startswith(f"{k}.")), None)
 
     def header(column: str) -> str:
         key = metric_of(column)

@@ -131,6 +131,12 @@ def test_maps_of_the_wrong_shape_are_refused_in_distill_and_evaluate(fault, prob
         frozen(x, teacher_logits=torch.randn(4, 3), teacher_maps=torch.rand(4, 1, 8, 8))
     with pytest.raises(PluginError, match="returned evaluated model maps"):
         explained_forward(TinyCNN(), x, explainer, role="evaluated model")
+    from e2kd.evaluate import _model_in_loop
+    from e2kd.runtime import Runtime
+
+    explain = _model_in_loop(TinyCNN(), explainer, Runtime(torch.device("cpu")))["explain"]
+    with pytest.raises(PluginError, match=r"^explainer 'faulty_gradient' returned evaluated model maps of shape "):
+        explain(x, torch.zeros(4, dtype=torch.long))  # a metric's explanation of other images is checked the same way
 
 
 def test_shape_declaration_at_feature_resolution_and_for_input_channels():

@@ -338,19 +338,25 @@ def test_curve_panels_draw_every_run_per_metric_and_category():
                 "test": {
                     "accuracy": 0.5,
                     "deletion": {"auc": 0.2, "curve": {"0": deletion, "0.5": deletion / 2, "1": 0.0}},
+                    "insertion": {"auc": 0.7, "curve": {"0": 0.1, "1": deletion}},
                     "model_randomisation": {"mean": 0.3, "curve": layers},
                 },
                 "val": {"deletion": {"auc": 0.1, "curve": {"0": 1.0}}},
             },
             "details": {"deletion": "MoRF, 8 px patches"},
-            "categories": {"deletion": "faithfulness", "model_randomisation": "randomisation"},
+            "categories": {
+                "deletion": "faithfulness",
+                "insertion": "faithfulness",
+                "model_randomisation": "randomisation",
+            },
             "curve_labels": {"deletion": ["share of patches removed", "probability"]},
         }
 
     results = {"kd": run(0.8, {"fc": 0.1, "conv": 0.4}), "teacher": run(0.6, {"fc": 0.2, "conv": 0.3})}
     panels = report.curve_panels(results, "test")
     assert list(panels) == ["faithfulness", "randomisation"]
-    (deletion,) = panels["faithfulness"]
+    deletion, insertion = panels["faithfulness"]
+    assert insertion["title"] == "insertion" and insertion["curves"]["kd"] == ([0.0, 1.0], [0.1, 0.8])
     assert deletion == {
         "title": "deletion (MoRF, 8 px patches)",
         "xlabel": "share of patches removed",
@@ -361,3 +367,51 @@ def test_curve_panels_draw_every_run_per_metric_and_category():
     assert layers["xticks"] == ["fc", "conv"] and layers["title"] == "model_randomisation"
     assert layers["curves"]["teacher"] == ([0, 1], [0.2, 0.3]) and (layers["xlabel"], layers["ylabel"]) == ("", "")
     assert report.curve_panels(results, "missing") == {}
+
+
+def test_a_split_name_with_a_slash_keeps_its_columns_direction_and_best_mark():
+    got = report.table(
+        {
+            "a": {"splits": {"test/ood": {"l1": 0.5}}, "higher_is_better": {"l1": False}},
+            "b": {"splits": {"test/ood": {"l1": 0.25}}, "higher_is_better": {"l1": False}},
+        }
+    )
+    assert got.splitlines()[:4] == ["| run | test/ood/l1 ↓ |", "|---|---|", "| a | 0.5 |", "| b | **0.25** |"]
+
+
+def test_curve_panels_of_results_that_state_no_category_labels_or_detail():
+    results = {"x": {"splits": {"val": {"m": {"curve": {"0": 1.0, "1": 0.5}}}}}}
+    assert report.curve_panels(results, "val") == {
+        "other": [{"title": "m", "xlabel": "", "ylabel": "", "curves": {"x": ([0.0, 1.0], [1.0, 0.5])}}]
+    }
+
+
+def test_the_teacher_is_evaluated_with_the_runs_faithfulness_and_randomisation_metrics_under_their_keys(monkeypatch):
+    from e2kd.config import MetricRef
+
+    calls = []
+    monkeypatch.setattr(report, "evaluate_model", lambda *args, **kwargs: calls.append((args, kwargs)) or {"ok": 1})
+    metrics = [
+        MetricRef(name="accuracy"),
+        MetricRef(name="deletion", options={"patch_size": 2}),
+        MetricRef(name="deletion", options={"patch_size": 4}),
+        MetricRef(name="model_randomisation", options={"order": "independent"}, as_="mprt"),
+        MetricRef(name="shift_equivariance"),
+    ]
+    teacher = object()
+    run = SimpleNamespace(
+        config=SimpleNamespace(eval=SimpleNamespace(metrics=metrics)), teacher=teacher, plan="plan", runtime="rt"
+    )
+    assert report.teacher_results(run) == {"ok": 1}
+    ((args, kwargs),) = calls
+    assert args[:3] == ("plan", teacher, None) and kwargs == {"runtime": "rt"}
+    assert [(r.name, r.options, r.as_) for r in args[3]] == [
+        ("deletion", {"patch_size": 2}, "deletion[patch_size=2]"),
+        ("deletion", {"patch_size": 4}, "deletion[patch_size=4]"),
+        ("model_randomisation", {"order": "independent"}, "mprt"),
+    ]
+    calls.clear()
+    assert report.teacher_results(run, ["accuracy", "road"]) == {"ok": 1}
+    assert [(r.name, r.as_) for r in calls[0][0][3]] == [("road", "road")]
+    assert report.teacher_results(run, ["accuracy", "epg"]) is None  # no metric of those categories
+    assert report.teacher_results(SimpleNamespace(**{**vars(run), "teacher": None})) is None
