@@ -16,7 +16,7 @@ from .config import MetricRef, metric_keys
 from .evaluate import evaluate_model, flatten_metrics
 from .explaining import explained_forward
 from .models import module_device
-from .registry import create
+from .registry import registry
 from .runs import LoadedRun, load_run
 from .runtime import Runtime, at_least_fp32, is_main_process
 from .storage import atomic_write_json, atomic_write_text
@@ -152,7 +152,7 @@ def teacher_results(run: LoadedRun, metrics: list[str] | None = None) -> dict[st
     chosen = [
         MetricRef(name=ref.name, options=ref.options, as_=key)
         for ref, key in zip(refs, metric_keys(refs))
-        if create("metric", ref.name, ref.options).category in TEACHER_CATEGORIES
+        if registry().info("metric", ref.name).cls.category in TEACHER_CATEGORIES
     ]
     if run.teacher is None or not chosen:
         return None

@@ -87,6 +87,11 @@ def test_deletion_pixel_by_pixel_equals_quantus_pixel_flipping(size):
     assert ours.shape == (5, size * size // per_step + 1)
     default = perturbation_curve(_forward(model), x, maps[:, 0], classes, patches_per_step=per_step)[1]
     assert torch.equal(default, ours)  # pixel by pixel unless told otherwise
+    # without a step size: the patches divided into `steps` steps (default 32), rounded up: 33 pixels
+    # make 17 steps of 2 (and 34 steps of 1 were the default 33)
+    odd, relevance = torch.rand(5, 3, 3, 11), _maps((5, 3, 11), seed=9)
+    by_steps, _ = perturbation_curve(_forward(model), odd, relevance, classes, patches_per_step=None)
+    assert len(by_steps) == 18 and by_steps[1] == 2 / 33
     np.testing.assert_allclose(ours[:, 1:].numpy(), theirs, atol=1e-5)
     np.testing.assert_allclose(ours[:, 0].numpy(), _probabilities(model, x)[np.arange(5), classes], atol=1e-6)
     assert fractions[0] == 0 and fractions[-1] == 1 and fractions[1] == pytest.approx(per_step / size**2)

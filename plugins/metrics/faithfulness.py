@@ -81,14 +81,16 @@ def perturbation_curve(
     insertion: bool = False,
     most_relevant_first: bool = True,
     patch_size: int = 1,
-    patches_per_step: int = 1,
+    patches_per_step: int | None = 1,
+    steps: int = 32,
     baseline: float | str = 0.0,
     output: str = "probability",
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A deletion (or insertion) curve: (fractions (S + 1,), scores (B, S + 1)).
 
-    Step k = 0..S removes the first ``k * patches_per_step`` patches in rank order
+    Step k = 0..S removes the first ``k * m`` patches in rank order, m = ``patches_per_step`` or,
+    when that is None, the patches divided into ``steps`` steps (rounded up)
     (:func:`pixel_ranks`), in every channel, replacing them with ``baseline``; insertion starts from
     the baseline image and puts those patches back instead. ``fractions[k]`` is the share of
     patches removed (inserted); ``scores[:, k]`` the model's score for ``classes`` on that image
@@ -96,6 +98,7 @@ def perturbation_curve(
     steps go through ``forward`` ``chunk // B`` at a time (default one).
     """
     ranks, n_patches = pixel_ranks(relevance, patch_size, most_relevant_first)
+    patches_per_step = patches_per_step or math.ceil(n_patches / steps)
     steps = math.ceil(n_patches / patches_per_step)
     counts = [min(k * patches_per_step, n_patches) for k in range(steps + 1)]
     base = baseline_images(images, baseline)
@@ -180,7 +183,6 @@ class _PerturbationCurve(ModelRunMetric):
         classes, maps = self.explained(batch)
         relevance = pixel_relevance(maps, images.shape[-2:])  # type: ignore[union-attr]
         o = self.options
-        n_patches = math.ceil(images.shape[-2] / o.patch_size) * math.ceil(images.shape[-1] / o.patch_size)  # type: ignore[union-attr]
         fractions, scores = perturbation_curve(
             batch.forward,  # type: ignore[arg-type]
             images,  # type: ignore[arg-type]
@@ -189,7 +191,8 @@ class _PerturbationCurve(ModelRunMetric):
             insertion=self.insertion,
             most_relevant_first=o.order == "most_relevant_first",
             patch_size=o.patch_size,
-            patches_per_step=o.patches_per_step or math.ceil(n_patches / o.steps),
+            patches_per_step=o.patches_per_step,
+            steps=o.steps,
             baseline=o.baseline,
             output=o.output,
             chunk=o.chunk,
