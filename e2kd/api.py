@@ -1,4 +1,5 @@
-"""Base classes that plugins subclass: explainers, similarities, metrics, model builders, datasets.
+"""Base classes that plugins subclass: explainers, similarities, metrics, model builders, datasets,
+weight sources.
 
 The core only talks to these interfaces; concrete methods live in plugins.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -507,3 +509,37 @@ class Dataset(PluginItem):
             "seed": self.seed,
             "options": self.options.model_dump(mode="json"),
         }
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A weights file found in a local cache: where it is, and what names its exact version."""
+
+    path: Path
+    #: the source's version of the file (a hub commit), None where the address alone names the file
+    revision: str | None = None
+    #: where it comes from (a URL or a hub repository)
+    origin: str | None = None
+
+
+class WeightSource(PluginItem):
+    """Resolves weight names ``<name>:<spec>`` (``name`` is the scheme, e.g. ``hf-hub``) to a local file.
+
+    Sources keep files in the cache of the library they come from (the Hugging Face hub cache,
+    ``torch.hub``'s checkpoint folder), so a file fetched once is found by every tool that uses it.
+    The core decides whether a download is allowed (``HF_HUB_OFFLINE=1`` forbids it), checks the
+    lock file and hashes the file; a source only finds or fetches it.
+    """
+
+    def locate(self, spec: str, *, revision: str | None = None, download: bool = True) -> WeightFile:
+        """The local file of ``spec`` (at ``revision`` when the source has versions; None = its default).
+
+        ``download=False``: only the cache is searched. Raise :class:`e2kd.errors.WeightsNotCached`
+        when the file is not there (or cannot be fetched) and :class:`e2kd.errors.ModelError` for a
+        name this source does not know (with the names it does, or a close one).
+        """
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """Specs this source knows by heart (listed by ``e2kd weights list``; empty when open-ended)."""
+        return []

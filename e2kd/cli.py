@@ -86,6 +86,40 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    from .weights import compare, fetch, lock_path
+
+    if args.action == "fetch":
+        lock = args.lock or lock_path()
+        for w in fetch(args.names, lock=lock):
+            revision = f" @ {w.revision}" if w.revision else ""
+            print(f"{w.name}{revision}: {w.path} (SHA-256 {w.sha256[:12]}…)")
+        print(f"lock file: {lock}")
+        return 0
+    if len(args.names) != 2:
+        raise ConfigError("e2kd weights compare takes two weight files or names")
+    result = compare(*args.names)
+    equal = not (result["only_first"] or result["only_second"] or result["shape_differs"] or result["differing"])
+    print(
+        json.dumps(result, indent=2)
+        if args.json
+        else ("equal" if equal else "different") + f": {result['tensors']} shared tensors, "
+        f"largest difference {result['max_abs_difference']:.3g}, {len(result['only_first'])} only in the first, "
+        f"{len(result['only_second'])} only in the second, {len(result['shape_differs'])} of another shape"
+    )
+    return 0 if equal else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run, push_to_hub
+
+    out = export_run(args.run, args.out, force=args.force)
+    print(f"exported: {out} (config.json, model.safetensors, README.md)")
+    if args.push:
+        print(f"pushed: {push_to_hub(out, args.push, private=args.private)}")
+    return 0
+
+
 def cmd_train_teacher(args: argparse.Namespace) -> int:
     from .experiment import train_teacher
 
@@ -168,6 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _real_data(args: argparse.Namespace):
     """--imagenet/--waterbirds/--voc folders, --teacher CLAIM=FILE and --set, checked; None without folders."""
     from .reproduce import CLAIMS, RealData
+    from .weights import is_weight_name
 
     folders = {
         name: getattr(args, name).expanduser().resolve()
@@ -188,9 +223,12 @@ def _real_data(args: argparse.Namespace):
             raise ConfigError(f"--teacher {item!r}: {key!r} is not a claim with a teacher (one of: {', '.join(on)})")
         if on[key] not in folders:
             raise ConfigError(f"--teacher {item!r}: {key} runs on --{on[key]} DIR, which was not given")
+        if is_weight_name(file.strip()):  # e.g. few_data=torchvision:ResNet34_Weights.IMAGENET1K_V1
+            teachers[key] = file.strip()
+            continue
         path = Path(file.strip()).expanduser().resolve()
         if not path.is_file():
-            raise ConfigError(f"--teacher {item!r}: {path} is not a file")
+            raise ConfigError(f"--teacher {item!r}: {path} is not a file (nor a weight name <source>:<spec>)")
         teachers[key] = path
     if not folders:
         if args.overrides:
@@ -268,14 +306,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="e2kd", description="Explanation-enhanced knowledge distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plugins", help="list registered explainers, similarities, metrics, models and datasets")
+    p = sub.add_parser(
+        "plugins", help="list registered explainers, similarities, metrics, models, datasets and weight sources"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument(
         "--kind",
-        choices=["explainer", "similarity", "metric", "model", "dataset"],
+        choices=["explainer", "similarity", "metric", "model", "dataset", "weights"],
         help="list only the items of this kind",
     )
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("weights", help="fetch named weights into the libraries' caches and lock them; compare two")
+    p.add_argument(
+        "action", choices=["fetch", "compare"], help="fetch NAME...: download (or find) and lock; compare A B"
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="weight names (<source>:<spec>) or, for compare, files")
+    p.add_argument("--lock", type=Path, help="lock file to write (default: $E2KD_WEIGHTS_LOCK or ./e2kd-weights.lock)")
+    p.add_argument("--json", action="store_true", help="compare: print the comparison as JSON")
+    p.set_defaults(func=cmd_weights)
+
+    p = sub.add_parser("export", help="write a run's student for timm / the Hugging Face hub (optionally push it)")
+    p.add_argument("run", type=Path, metavar="RUN", help="a finished run directory")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN/export)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--push", metavar="REPO", help="upload the folder to this hub repository (needs a login)")
+    p.add_argument("--private", action="store_true", help="with --push: create the repository private")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-teacher", help="train config.model with cross-entropy")
     _add_config_args(p)
@@ -387,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CLAIM=FILE",
-        help="teacher checkpoint of a claim: few_data (also frozen), spurious, cnn_to_vit, voc (voc "
-        "trains the guided teacher when none is given); repeatable",
+        help="teacher checkpoint (file or weight name) of a claim: few_data (also frozen), spurious, cnn_to_vit, "
+        "voc (voc trains the guided teacher when none is given); repeatable",
     )
     real.add_argument(
         "--set",

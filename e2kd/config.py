@@ -83,14 +83,27 @@ def _absolute(path: Path | None) -> Path | None:
 
 
 class ModelConfig(PluginRef):
-    """A registered model builder, optionally with a local checkpoint (state dict file)."""
+    """A registered model builder, optionally with weights: a local file, or a weight name."""
 
-    checkpoint: Path | None = None
+    checkpoint: Path | str | None = Field(
+        None,
+        description="weights: a state-dict file (path), or a weight name <source>:<spec> such as "
+        "hf-hub:timm/resnet34.tv_in1k, torchvision:ResNet34_Weights.IMAGENET1K_V1, bcos-v2:resnet_34",
+    )
 
-    @field_validator("checkpoint")
+    @field_validator("checkpoint", mode="before")
     @classmethod
-    def _resolve(cls, value: Path | None) -> Path | None:
+    def _resolve(cls, value: Any) -> Path | str | None:
+        from .weights import is_weight_name
+
+        if is_weight_name(value):
+            return str(value)
         return _absolute(value)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """The checkpoint as a local file when it is one (None for a weight name or no checkpoint)."""
+        return self.checkpoint if isinstance(self.checkpoint, Path) else None
 
 
 #: Keys of the config format before datasets were plugins (``data: {num_classes: ...}``).

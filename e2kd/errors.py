@@ -17,6 +17,10 @@ class ModelError(E2KDError):
     """A model cannot be used as asked (missing layer, bad checkpoint, ...)."""
 
 
+class WeightsNotCached(ModelError):
+    """Named weights are not in the local cache and could not (or may not) be downloaded."""
+
+
 class DataError(E2KDError):
     """A dataset folder, file or image is missing, malformed or unreadable."""
 

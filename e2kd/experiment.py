@@ -29,7 +29,7 @@ from .models import build_from, load_teacher
 from .plan import Plan, plan_run
 from .runs import prepare_run_dir, reused
 from .runtime import Runtime, at_least_fp32, progress_enabled, runtime_of
-from .storage import atomic_torch_save, atomic_write_json
+from .storage import atomic_torch_save, atomic_write_json, e2kd_cache_dir
 from .train import fit, make_optimizer, make_schedule
 
 
@@ -249,7 +249,10 @@ def prepare_cache(
     ref = {"name": config.teacher.name, "options": config.teacher.options}
     identity = {**dataset.identity(split), "view": "whole", "image_size": dataset.image_size}
     fingerprint = make_fingerprint(teacher, ref, plan.explainer, identity, d.cache_dtype, config.train.precision)
-    root = d.cache_dir or Path(config.teacher.checkpoint).parent / f"teacher-cache-{fingerprint_hash(fingerprint)[:12]}"
+    folder = f"teacher-cache-{fingerprint_hash(fingerprint)[:12]}"
+    # beside a teacher file; for named weights (a library's cache holds the file) in e2kd's cache folder
+    checkpoint = config.teacher.checkpoint_path
+    root = d.cache_dir or (checkpoint.parent if checkpoint is not None else e2kd_cache_dir()) / folder
     if not force:
         try:
             return TeacherCache.open(root, fingerprint)

@@ -80,3 +80,15 @@ def register_datasets(register: Register) -> None:
 
     Called once, when the registry is first used.
     """
+
+
+@hookspec
+def register_weight_sources(register: Register) -> None:
+    """Register weight sources: the schemes of weight names (``checkpoint: <scheme>:<spec>``).
+
+    :param register: call ``register(cls)`` for each class; ``cls`` subclasses
+        :class:`e2kd.api.WeightSource`, its ``name`` is the scheme (``hf-hub``, ``torchvision``, ...)
+        and ``locate(spec, revision=, download=)`` returns the local file.
+
+    Called once, when the registry is first used.
+    """

@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoints import load_weights
 from .errors import ModelError
+from .weights import checkpoint_file
 
 if TYPE_CHECKING:
     from .api import Dataset
@@ -72,12 +73,12 @@ def _normalize(module: nn.Module, args: tuple) -> tuple:
 def build_model(
     name: str, options: dict[str, Any] | None, num_classes: int, checkpoint: str | Path | None = None
 ) -> nn.Module:
-    """Build a registered model; load ``checkpoint`` (a state dict file) if given."""
+    """Build a registered model; load ``checkpoint`` (a state-dict file, or a weight name) if given."""
     from .registry import create
 
     model = create("model", name, options).build(num_classes)
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint_file(checkpoint))
     return model
 
 

@@ -34,6 +34,7 @@ from .api import (
     ModelBuilder,
     PluginItem,
     Similarity,
+    WeightSource,
 )
 from .errors import PluginError
 
@@ -51,6 +52,7 @@ KINDS: dict[str, tuple[str, type[PluginItem]]] = {
     "metric": ("register_metrics", Metric),
     "model": ("register_models", ModelBuilder),
     "dataset": ("register_datasets", Dataset),
+    "weights": ("register_weight_sources", WeightSource),
 }
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import ExperimentConfig, MetricRef, dump_config, load_config, stored_config
 from .data import ViewDataset, split_view
-from .digests import file_sha256
+from .digests import cached_file_sha256
 from .errors import ConfigError
 from .evaluate import evaluate_model
 from .models import build_from, load_teacher
@@ -28,6 +28,7 @@ from .plan import Plan, plan_run
 from .registry import create, registry
 from .runtime import Runtime, is_main_process, runtime_of
 from .storage import atomic_write_json, atomic_write_text, describe_difference
+from .weights import resolve as resolve_weights
 
 if TYPE_CHECKING:
     from .api import Dataset, Explainer
@@ -63,33 +64,31 @@ def identity_digest(config: ExperimentConfig) -> str:
 _PACKAGES = ("e2kd", "torch", "torchvision", "timm", "captum", "pluggy", "pydantic", "numpy")
 
 
-def _sha256(path: Path) -> str:
-    """SHA-256 of a file, remembered per (path, size, modification time) within the process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        _FILE_DIGESTS[key] = file_sha256(path)
-    return _FILE_DIGESTS[key]
-
-
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
 def produced_by(config: ExperimentConfig) -> dict[str, Any]:
     """What besides the config decides a run's results: e2kd's version, the distribution and version
     of every plugin item the config names, and the SHA-256 of each checkpoint file it starts from
-    (the teacher's, a student's initial weights). Stored in env.json; a run is reused only when it is
-    the same now (a checkpoint file that is gone is not compared)."""
+    (the teacher's, a student's initial weights) — for a weight name also the name and revision it
+    resolved to. Stored in env.json; a run is reused only when it is the same now (a checkpoint file
+    that is gone is not compared)."""
     plugins = {}
     for _, kind, ref in config.plugin_refs():
         info = registry().info(kind, ref.name)
         plugins[f"{kind} {ref.name}"] = f"{info.distribution} {info.version}" if info.version else info.distribution
-    files = {
-        role: _sha256(ref.checkpoint)
-        for role, ref in (("model", config.model), ("teacher", config.teacher))
-        if ref is not None and ref.checkpoint is not None and ref.checkpoint.is_file()
+    files, weights = {}, {}
+    for role, ref in (("model", config.model), ("teacher", config.teacher)):
+        if ref is None or ref.checkpoint is None:
+            continue
+        if ref.checkpoint_path is None:  # a weight name: the file it resolves to now, and its revision
+            resolved = resolve_weights(str(ref.checkpoint))
+            files[role], weights[role] = resolved.sha256, resolved.record()
+        elif ref.checkpoint_path.is_file():
+            files[role] = cached_file_sha256(ref.checkpoint_path)
+    return {
+        "e2kd": _version("e2kd"),
+        "plugins": plugins,
+        "checkpoints": files,
+        **({"weights": weights} if weights else {}),
     }
-    return {"e2kd": _version("e2kd"), "plugins": plugins, "checkpoints": files}
 
 
 def _version(package: str) -> str | None:
@@ -271,7 +270,7 @@ class LoadedRun:
 def _moved_teacher(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
     """If the teacher checkpoint is missing where the config says, look for it where it would be
     had it moved together with the run directory (e.g. a whole experiment folder copied)."""
-    ckpt = config.teacher.checkpoint if config.teacher is not None else None
+    ckpt = config.teacher.checkpoint_path if config.teacher is not None else None
     if ckpt is None or ckpt.is_file():
         return config
     candidate = (run_dir / os.path.relpath(ckpt, Path(config.out_dir))).resolve()

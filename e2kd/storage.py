@@ -76,3 +76,8 @@ def describe_difference(
 
 def _is_digest(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def e2kd_cache_dir() -> Path:
+    """Where e2kd keeps caches unless told otherwise: ``$E2KD_CACHE_DIR``, else ``~/.cache/e2kd``."""
+    return Path(os.environ.get("E2KD_CACHE_DIR") or Path.home() / ".cache" / "e2kd").expanduser()

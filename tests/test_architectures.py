@@ -154,7 +154,7 @@ def test_timm_models_normalise_their_input_with_the_archs_mean_and_std_or_the_gi
     assert vit(x).shape == (2, 3) and vit.patch_embed.img_size == (32, 32)
 
 
-def test_timm_refuses_unknown_archs_and_downloads():
+def test_timm_refuses_unknown_archs_and_pretrained_kwargs():
     from e2kd.errors import ModelError, PluginError
 
     with pytest.raises(ModelError, match=r"^timm: unknown arch 'resnet_nineteen' \(see timm.list_models\(\)\)$"):
@@ -162,8 +162,9 @@ def test_timm_refuses_unknown_archs_and_downloads():
     for kwargs in ({"pretrained": True}, {"pretrained_cfg_overlay": {}}):
         with pytest.raises(
             PluginError,
-            match=r"^model 'timm': options.kwargs: Value error, pretrained weights are "
-            r"never downloaded; give a local file in 'checkpoint' instead",
+            match=r"^model 'timm': options.kwargs: Value error, pretrained weights are not loaded through "
+            r"timm's kwargs; set the model's checkpoint to a weight name instead \(e.g. checkpoint: "
+            r"timm:resnet34.tv_in1k\) or to a local file",
         ):
             REGISTRY.create("model", "timm", {"arch": "resnet18", "kwargs": kwargs})
     model = REGISTRY.create("model", "timm", {"arch": "resnet18", "kwargs": {"pretrained": False}}).build(5)

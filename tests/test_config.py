@@ -85,11 +85,11 @@ def test_bad_override():
     )
 
 
-def test_timm_never_downloads():
+def test_timm_pretrained_kwargs_point_to_weight_names():
     _one_line_error(
         load_config_dict,
         {"model": {"name": "timm", "options": {"arch": "resnet18", "kwargs": {"pretrained": True}}}},
-        match="never downloaded",
+        match="set the model's checkpoint to a weight name instead",
     )
 
 

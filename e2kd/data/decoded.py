@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from ..errors import CacheError, StaleCacheError
-from ..storage import atomic_torch_save, atomic_write_bytes, atomic_write_json, describe_difference
+from ..storage import atomic_torch_save, atomic_write_bytes, atomic_write_json, describe_difference, e2kd_cache_dir
 from .augment import EVAL_RESIZE_RATIO
 
 FORMAT = 1
@@ -56,7 +56,7 @@ def decoded_fingerprint(identity: dict[str, Any], short_side: int) -> dict[str, 
 
 def default_root(fingerprint: dict[str, Any], base: str | Path | None = None) -> Path:
     """``base`` (default ``$E2KD_CACHE_DIR``, else ``~/.cache/e2kd``) / ``decoded-<dataset>-<split>-<hash>``."""
-    base = Path(base or os.environ.get("E2KD_CACHE_DIR") or Path.home() / ".cache" / "e2kd").expanduser()
+    base = Path(base).expanduser() if base else e2kd_cache_dir()
     identity = fingerprint["dataset"]
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
     return base / f"decoded-{identity.get('dataset', 'data')}-{identity.get('split', 'split')}-{digest}"

@@ -18,7 +18,7 @@ class RealData:
     (``{"few_data": path}``), and ``--set`` overrides applied to every full-size run."""
 
     folders: dict[str, Path]
-    teachers: dict[str, Path]
+    teachers: dict[str, Path | str]
     overrides: tuple[str, ...] = ()
 
 

@@ -1,6 +1,8 @@
-"""Any timm architecture, always with random initialisation (nothing is downloaded).
+"""Any timm architecture, built with random initialisation.
 
-Load trained weights with the config's ``checkpoint`` field instead. Models take [0, 1]
+Pretrained weights come through the config's ``checkpoint`` field: a local file or a weight name such
+as ``timm:resnet34.tv_in1k`` (the library's cache, pinned by ``e2kd weights fetch``), so every run
+records which file it loaded. Models take [0, 1]
 images and normalise them themselves, by default with the architecture's pretrained mean/std.
 """
 
@@ -27,9 +29,12 @@ class TimmOptions(PluginOptions):
 
     @field_validator("kwargs")
     @classmethod
-    def _no_downloads(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _weights_by_checkpoint(cls, value: dict[str, Any]) -> dict[str, Any]:
         if value.get("pretrained") or "pretrained_cfg_overlay" in value:
-            raise ValueError("pretrained weights are never downloaded; give a local file in 'checkpoint' instead")
+            raise ValueError(
+                "pretrained weights are not loaded through timm's kwargs; set the model's checkpoint to a weight "
+                "name instead (e.g. checkpoint: timm:resnet34.tv_in1k) or to a local file"
+            )
         return value
 
 

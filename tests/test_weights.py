@@ -1,0 +1,239 @@
+"""Weights by name, with no network: the caches the libraries would have written are built here, in
+temporary folders, with random weights; each name resolves, loads and gives the logits of the weights
+written. Missing names, wrong hashes and changed locks are one line each."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from e2kd.config import load_config_dict
+from e2kd.digests import file_sha256
+from e2kd.errors import ConfigError, ModelError, WeightsNotCached
+from e2kd.models import build_model
+from e2kd.runs import produced_by
+from e2kd.weights import compare, fetch, is_weight_name, read_lock, resolve
+
+REPO = "timm/resnet18.a1_in1k"
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """Empty library caches (HF_HOME, TORCH_HOME) and lock file, offline."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("E2KD_WEIGHTS_LOCK", str(tmp_path / "e2kd-weights.lock"))
+    return tmp_path
+
+
+def hub_snapshot(root: Path, repo: str, revision: str, state: dict[str, torch.Tensor], *, main: bool = True) -> Path:
+    """The Hugging Face hub cache layout: models--ORG--NAME/snapshots/REV/{config.json,model.safetensors}
+    and refs/main naming the revision (as huggingface_hub writes it after a download)."""
+    folder = root / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 10}))
+    save_file({k: v.contiguous() for k, v in state.items()}, snapshot / "model.safetensors")
+    if main:
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / "main").write_text(revision)
+    return snapshot / "model.safetensors"
+
+
+def hub_file(root: Path, stem: str, state: dict[str, torch.Tensor]) -> Path:
+    """A file in torch.hub's checkpoint folder named ``<stem>-<first 10 hex of its SHA-256>.pth``."""
+    folder = root / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = folder / "scratch"
+    torch.save(state, scratch)
+    path = folder / f"{stem}-{file_sha256(scratch)[:10]}.pth"
+    scratch.rename(path)
+    return path
+
+
+def timm_resnet18(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("resnet18", num_classes=10).eval()
+
+
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def e2kd_logits(checkpoint: str) -> torch.Tensor:
+    model = build_model("timm", {"arch": "resnet18"}, 10, checkpoint).eval()
+    with torch.no_grad():
+        return model(images())
+
+
+def expected_logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model((images() - MEAN) / STD)
+
+
+def test_hf_hub_name_resolves_to_the_cached_snapshot_and_loads_its_weights(caches):
+    source = timm_resnet18(1)
+    path = hub_snapshot(caches, REPO, "a" * 40, source.state_dict())
+    hub_snapshot(caches, REPO, "b" * 40, timm_resnet18(2).state_dict(), main=False)  # another revision
+    found = resolve(f"hf-hub:{REPO}")
+    assert found.path == path and found.revision == "a" * 40 and found.sha256 == file_sha256(path)
+    assert torch.equal(e2kd_logits(f"hf-hub:{REPO}"), expected_logits(source))
+    # a pinned revision, and timm's pretrained tag (whose hub repository is this one), resolve too
+    assert resolve(f"hf-hub:{REPO}@{'b' * 40}").revision == "b" * 40
+    assert not torch.equal(e2kd_logits(f"hf-hub:{REPO}@{'b' * 40}"), expected_logits(source))
+    assert resolve("timm:resnet18.a1_in1k").path == path
+
+
+def test_missing_names_are_one_line_naming_the_fetch_command(caches):
+    with pytest.raises(WeightsNotCached) as caught:
+        resolve(f"hf-hub:{REPO}")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"hf-hub:{REPO}: {REPO} (model.safetensors or pytorch_model.bin)")
+    assert "downloads are off (HF_HUB_OFFLINE=1)" in message and f"`e2kd weights fetch hf-hub:{REPO}`" in message
+    with pytest.raises(WeightsNotCached, match=r"^torchvision:ResNet18_Weights.IMAGENET1K_V1: resnet18-f37072fd.pth "):
+        resolve("torchvision:ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(ModelError, match=r"^torchvision:ResNet18_Weight.IMAGENET1K_V1: torchvision has no weights .*did you mean 'ResNet18_Weights.IMAGENET1K_V1'\?$"):
+        resolve("torchvision:ResNet18_Weight.IMAGENET1K_V1")
+    with pytest.raises(ModelError, match=r"^timm:resnet18.nope: timm has no pretrained weights of that name"):
+        resolve("timm:resnet18.nope")
+    with pytest.raises(ModelError, match=r"^bcos-v2:resnet_43: no B-cos-v2 release of that name; did you mean 'resnet_34'\?$"):
+        resolve("bcos-v2:resnet_43")
+    with pytest.raises(ModelError, match=r"^nohub:x: unknown weight source 'nohub' \(known: bcos-v2, hf-hub, timm, torchvision;"):
+        resolve("nohub:x")
+
+
+def test_torchvision_file_loads_into_the_timm_resnet(caches, monkeypatch):
+    """The paper's teacher route: a torchvision ResNet state dict in torch.hub's folder, into timm's ResNet."""
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18(num_classes=10).eval()
+    path = hub_file(caches, "resnet18", source.state_dict())
+    # torchvision's enum names a real file whose hash random weights cannot have: point it at this one
+    weights = types.SimpleNamespace(url=f"https://download.pytorch.org/models/{path.name}")
+    monkeypatch.setattr(torchvision.models, "get_weight", lambda name: weights)
+    assert resolve("torchvision:ResNet18_Weights.IMAGENET1K_V1").path == path
+    assert torch.equal(e2kd_logits("torchvision:ResNet18_Weights.IMAGENET1K_V1"), expected_logits(source))
+
+
+def test_a_file_whose_name_hash_is_wrong_is_refused_in_one_line(caches):
+    folder = caches / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(timm_resnet18(0).state_dict(), folder / "resnet18-f37072fd.pth")  # torchvision's real name
+    with pytest.raises(ModelError, match=r"^checkpoint .*resnet18-f37072fd.pth: its name says SHA-256 f37072fd…, the file's is [0-9a-f]{8}…; the download is incomplete or corrupt"):
+        resolve("torchvision:ResNet18_Weights.IMAGENET1K_V1")
+    torch.save({}, folder / "resnet_34-a63425a03e.pth")
+    with pytest.raises(ModelError, match=r"resnet_34-a63425a03e.pth: its name says SHA-256 a63425a03e…"):
+        resolve("bcos-v2:resnet_34")
+
+
+def test_bcos_release_name_loads_into_the_bcos_v2_builder(caches, monkeypatch):
+    from e2kd_plugins.bcos import releases
+
+    torch.manual_seed(4)
+    source = build_model("bcos_v2_resnet18", {}, 10).eval()
+    path = hub_file(caches, "resnet_18", source.state_dict())
+    monkeypatch.setattr(releases, "RELEASE_FILES", (path.name, *releases.RELEASE_FILES[1:]))
+    assert resolve("bcos-v2:resnet_18").path == path
+    loaded = build_model("bcos_v2_resnet18", {}, 10, "bcos-v2:resnet_18").eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), source(x))
+
+
+def test_fetch_locks_revision_and_hash_and_a_changed_cache_is_refused(caches):
+    path = hub_snapshot(caches, REPO, "a" * 40, timm_resnet18(1).state_dict())
+    [locked] = fetch([f"hf-hub:{REPO}"])
+    assert read_lock()[f"hf-hub:{REPO}"] == {
+        "revision": "a" * 40,
+        "sha256": file_sha256(path),
+        "origin": f"https://huggingface.co/{REPO}",
+    }
+    # main moves on: the locked name still resolves to the locked revision
+    newer = hub_snapshot(caches, REPO, "c" * 40, timm_resnet18(2).state_dict())
+    assert resolve(f"hf-hub:{REPO}").path == path and resolve(f"hf-hub:{REPO}", locked=False).path == newer
+    # the locked file changed in the cache: one line, naming both hashes and the fix
+    save_file({k: v.contiguous() for k, v in timm_resnet18(5).state_dict().items()}, path)
+    with pytest.raises(ModelError) as caught:
+        resolve(f"hf-hub:{REPO}")
+    message = str(caught.value)
+    assert "\n" not in message and f"has SHA-256 {file_sha256(path)[:12]}…, the lock file" in message
+    assert f"says {locked.sha256[:12]}…; run `e2kd weights fetch hf-hub:{REPO}`" in message
+    fetch([f"hf-hub:{REPO}"])  # re-fetching re-resolves main and rewrites the entry
+    assert read_lock()[f"hf-hub:{REPO}"]["revision"] == "c" * 40
+
+
+def test_a_damaged_lock_file_is_one_line(caches):
+    (caches / "e2kd-weights.lock").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"e2kd-weights.lock: not an e2kd weights lock file \(delete it"):
+        resolve(f"hf-hub:{REPO}")
+
+
+def test_runs_record_the_resolved_weights_and_notice_a_changed_file(caches):
+    path = hub_snapshot(caches, REPO, "a" * 40, timm_resnet18(1).state_dict())
+    config = load_config_dict(
+        {
+            "data": {"name": "synthetic"},
+            "model": {"name": "timm", "options": {"arch": "resnet18"}},
+            "teacher": {"name": "timm", "options": {"arch": "resnet18"}, "checkpoint": f"hf-hub:{REPO}"},
+            "distill": {},
+        }
+    )
+    assert config.teacher.checkpoint == f"hf-hub:{REPO}" and config.teacher.checkpoint_path is None
+    record = produced_by(config)
+    sha = file_sha256(path)
+    assert record["checkpoints"] == {"teacher": sha}
+    assert record["weights"] == {
+        "teacher": {"name": f"hf-hub:{REPO}", "revision": "a" * 40, "sha256": sha, "origin": f"https://huggingface.co/{REPO}"}
+    }
+    hub_snapshot(caches, REPO, "d" * 40, timm_resnet18(2).state_dict())  # main now names another file
+    assert produced_by(config)["weights"]["teacher"]["revision"] == "d" * 40
+    # a path stays a path (absolute), and runs without names record no weights section
+    plain = load_config_dict({"model": {"name": "small_resnet", "checkpoint": "m.pt"}})
+    assert isinstance(plain.model.checkpoint, Path) and plain.model.checkpoint.is_absolute()
+    assert "weights" not in produced_by(plain)
+
+
+def test_weight_names_are_told_from_paths():
+    assert is_weight_name("hf-hub:timm/resnet34.tv_in1k") and is_weight_name("bcos-v2:resnet_34")
+    for path in ("C:\\models\\r34.pth", "models/r34.pth", "https://x.org/r34.pth", "/abs/r:34.pth", "hf-hub: x"):
+        assert not is_weight_name(path), path
+
+
+def test_compare_tells_equal_tensors_in_other_formats_from_different_ones(tmp_path):
+    state = timm_resnet18(1).state_dict()
+    torch.save(state, tmp_path / "a.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "a.safetensors")
+    same = compare(tmp_path / "a.pth", tmp_path / "a.safetensors")
+    assert same["tensors"] == len(state) and same["max_abs_difference"] == 0 and not same["differing"]
+    changed = dict(state, **{"fc.bias": state["fc.bias"] + torch.arange(10) * 0.5})
+    del changed["fc.weight"]
+    torch.save(changed, tmp_path / "b.pth")
+    diff = compare(tmp_path / "a.pth", tmp_path / "b.pth")
+    assert diff["differing"] == ["fc.bias"] and diff["max_abs_difference"] == pytest.approx(4.5)
+    assert diff["only_first"] == ["fc.weight"] and diff["only_second"] == []
+
+
+def test_cli_fetch_and_compare(caches, capsys):
+    from e2kd.cli import main
+
+    path = hub_snapshot(caches, REPO, "a" * 40, timm_resnet18(1).state_dict())
+    lock = caches / "custom.lock"
+    assert main(["weights", "fetch", f"hf-hub:{REPO}", "--lock", str(lock)]) == 0
+    out = capsys.readouterr().out
+    assert f"hf-hub:{REPO} @ {'a' * 40}: {path} (SHA-256 {file_sha256(path)[:12]}…)" in out
+    assert json.loads(lock.read_text())["weights"][f"hf-hub:{REPO}"]["sha256"] == file_sha256(path)
+    assert main(["weights", "fetch", "hf-hub:timm/missing"]) == 2
+    assert capsys.readouterr().err.startswith("e2kd: error: hf-hub:timm/missing: timm/missing (model.safetensors")
+    torch.save(timm_resnet18(1).state_dict(), caches / "a.pth")
+    assert main(["weights", "compare", f"hf-hub:{REPO}", str(caches / "a.pth")]) == 0
+    assert capsys.readouterr().out.startswith("equal: 122 shared tensors, largest difference 0")
