@@ -326,14 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="compare: print the comparison as JSON")
     p.set_defaults(func=cmd_weights)
 
-    p = sub.add_parser("export", help="write a run's student for timm / the Hugging Face hub (optionally push it)")
-    p.add_argument("run", type=Path, metavar="RUN", help="a finished run directory")
-    p.add_argument("--out", type=Path, help="output folder (default: RUN/export)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--push", metavar="REPO", help="upload the folder to this hub repository (needs a login)")
-    p.add_argument("--private", action="store_true", help="with --push: create the repository private")
-    p.set_defaults(func=cmd_export)
-
     p = sub.add_parser("train-teacher", help="train config.model with cross-entropy")
     _add_config_args(p)
     _add_rerun(p)
@@ -379,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. accuracy,agreement,epg,explanation_iou,group_accuracy,shift_equivariance",
     )
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a run's student for timm / the Hugging Face hub (optionally push it)")
+    p.add_argument("run", type=Path, metavar="RUN", help="a finished run directory")
+    p.add_argument("--out", type=Path, help="output folder (default: RUN/export)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--push", metavar="REPO", help="upload the folder to this hub repository (needs a login)")
+    p.add_argument("--private", action="store_true", help="with --push: create the repository private")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "sweep",

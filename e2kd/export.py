@@ -3,7 +3,7 @@
 The folder holds ``config.json`` (timm's layout: architecture, classes and their names, mean/std,
 the eval preprocessing, and an ``e2kd`` section with the builder and options), ``model.safetensors``
 and a model card ``README.md`` (the run's metrics, config, teacher by name and SHA-256, e2kd version).
-A student built by the ``timm`` builder opens with ``timm.create_model("local-dir:FOLDER")`` (or
+A student built by the ``timm`` builder opens with ``timm.create_model("local-dir:FOLDER", pretrained=True)`` (or
 ``hf-hub:REPO`` once pushed) and takes images normalised with the stored mean/std; every student opens
 with :func:`load_exported`, which takes [0, 1] images like every e2kd model.
 """
@@ -150,7 +150,7 @@ def model_card(config: ExperimentConfig, metrics: dict[str, Any], env: dict[str,
         lines += [
             "```python",
             "import timm",
-            'model = timm.create_model("local-dir:THIS_FOLDER")  # or "hf-hub:REPO" once pushed',
+            'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)  # or "hf-hub:REPO" once pushed',
             "# inputs normalised with pretrained_cfg mean/std (config.json)",
             "```",
             "",
@@ -178,10 +178,10 @@ def model_card(config: ExperimentConfig, metrics: dict[str, Any], env: dict[str,
     lines += ["## Metrics", ""]
     rows = [
         (split, key, value)
-        for split, values in metrics.items()
+        for split, values in metrics.get("splits", {}).items()
         if isinstance(values, dict)
         for key, value in values.items()
-        if isinstance(value, (int, float))
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
     ]
     if rows:
         lines += ["| split | metric | value |", "|---|---|---|", *[f"| {s} | {k} | {v:.4g} |" for s, k, v in rows], ""]

@@ -284,7 +284,7 @@ def test_evaluate_report_over_runs_with_every_metric_kind(tmp_path, capsys):
     [
         (
             ["distil", "x.yaml"],
-            "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, train-teacher, distill, ",
+            "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, weights, train-teacher, distill, ",
         ),
         (
             ["plugins", "--kind", "explainr"],

@@ -277,7 +277,10 @@ def test_reproduce_passes_seeds_claims_and_real_folders(tmp_path, monkeypatch, c
             ["--imagenet", "inet", "--teacher", "spurious=a_file"],
             "--teacher 'spurious=a_file': spurious runs on --waterbirds DIR, which was not given",
         ),
-        (["--imagenet", "inet", "--teacher", "few_data=inet"], "--teacher 'few_data=inet': {tmp}/inet is not a file"),
+        (
+            ["--imagenet", "inet", "--teacher", "few_data=inet"],
+            "--teacher 'few_data=inet': {tmp}/inet is not a file (nor a weight name <source>:<spec>)",
+        ),
         (
             ["--teacher", "few_data=a_file"],
             "--teacher 'few_data=a_file': few_data runs on --imagenet DIR, which was not given",
@@ -433,18 +436,18 @@ def test_plugins_table_aligns_five_columns_and_lists_problems_of_the_kind(monkey
     [
         (
             ["distil"],
-            "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, train-teacher, "
-            "distill, precompute, prepare, evaluate, sweep, demo, reproduce)",
+            "e2kd: error: unknown command 'distil'; did you mean 'distill'? (known: plugins, weights, train-teacher, "
+            "distill, precompute, prepare, evaluate, export, sweep, demo, reproduce)",
         ),
         (
             ["zzz"],
-            "e2kd: error: unknown command 'zzz' (known: plugins, train-teacher, distill, precompute, prepare, evaluate, "
-            "sweep, demo, reproduce)",
+            "e2kd: error: unknown command 'zzz' (known: plugins, weights, train-teacher, distill, precompute, prepare, "
+            "evaluate, export, sweep, demo, reproduce)",
         ),
         (
             ["plugins", "--kind", "metrics"],
             "e2kd plugins: error: unknown choice 'metrics'; did you mean 'metric'? (known: "
-            "explainer, similarity, metric, model, dataset)",
+            "explainer, similarity, metric, model, dataset, weights)",
         ),
         (["demo", "--speed"], "e2kd: error: unrecognized arguments: --speed (see e2kd --help)"),
         ([], "e2kd: error: the following arguments are required: command (see e2kd --help)"),

@@ -453,7 +453,10 @@ def test_the_facade_builds_items_and_validates_with_the_default_source_and_path(
     assert str(err.value).startswith("cfg: options.epz: unknown key")
     with pytest.raises(PluginError) as err:
         registry_module.list_plugins("explainers")
-    assert str(err.value) == "unknown plugin kind 'explainers' (known: explainer, similarity, metric, model, dataset)"
+    assert (
+        str(err.value)
+        == "unknown plugin kind 'explainers' (known: explainer, similarity, metric, model, dataset, weights)"
+    )
 
 
 def test_unknown_names_list_every_known_one_and_count_the_failed_plugins(entry_points):

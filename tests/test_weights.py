@@ -103,13 +103,20 @@ def test_missing_names_are_one_line_naming_the_fetch_command(caches):
     assert "downloads are off (HF_HUB_OFFLINE=1)" in message and f"`e2kd weights fetch hf-hub:{REPO}`" in message
     with pytest.raises(WeightsNotCached, match=r"^torchvision:ResNet18_Weights.IMAGENET1K_V1: resnet18-f37072fd.pth "):
         resolve("torchvision:ResNet18_Weights.IMAGENET1K_V1")
-    with pytest.raises(ModelError, match=r"^torchvision:ResNet18_Weight.IMAGENET1K_V1: torchvision has no weights .*did you mean 'ResNet18_Weights.IMAGENET1K_V1'\?$"):
+    with pytest.raises(
+        ModelError,
+        match=r"^torchvision:ResNet18_Weight.IMAGENET1K_V1: torchvision has no weights .*did you mean 'ResNet18_Weights.IMAGENET1K_V1'\?$",
+    ):
         resolve("torchvision:ResNet18_Weight.IMAGENET1K_V1")
     with pytest.raises(ModelError, match=r"^timm:resnet18.nope: timm has no pretrained weights of that name"):
         resolve("timm:resnet18.nope")
-    with pytest.raises(ModelError, match=r"^bcos-v2:resnet_43: no B-cos-v2 release of that name; did you mean 'resnet_34'\?$"):
+    with pytest.raises(
+        ModelError, match=r"^bcos-v2:resnet_43: no B-cos-v2 release of that name; did you mean 'resnet_34'\?$"
+    ):
         resolve("bcos-v2:resnet_43")
-    with pytest.raises(ModelError, match=r"^nohub:x: unknown weight source 'nohub' \(known: bcos-v2, hf-hub, timm, torchvision;"):
+    with pytest.raises(
+        ModelError, match=r"^nohub:x: unknown weight source 'nohub' \(known: bcos-v2, hf-hub, timm, torchvision;"
+    ):
         resolve("nohub:x")
 
 
@@ -129,7 +136,10 @@ def test_a_file_whose_name_hash_is_wrong_is_refused_in_one_line(caches):
     folder = caches / "torch" / "hub" / "checkpoints"
     folder.mkdir(parents=True)
     torch.save(timm_resnet18(0).state_dict(), folder / "resnet18-f37072fd.pth")  # torchvision's real name
-    with pytest.raises(ModelError, match=r"^checkpoint .*resnet18-f37072fd.pth: its name says SHA-256 f37072fd…, the file's is [0-9a-f]{8}…; the download is incomplete or corrupt"):
+    with pytest.raises(
+        ModelError,
+        match=r"^checkpoint .*resnet18-f37072fd.pth: its name says SHA-256 f37072fd…, the file's is [0-9a-f]{8}…; the download is incomplete or corrupt",
+    ):
         resolve("torchvision:ResNet18_Weights.IMAGENET1K_V1")
     torch.save({}, folder / "resnet_34-a63425a03e.pth")
     with pytest.raises(ModelError, match=r"resnet_34-a63425a03e.pth: its name says SHA-256 a63425a03e…"):
@@ -193,7 +203,12 @@ def test_runs_record_the_resolved_weights_and_notice_a_changed_file(caches):
     sha = file_sha256(path)
     assert record["checkpoints"] == {"teacher": sha}
     assert record["weights"] == {
-        "teacher": {"name": f"hf-hub:{REPO}", "revision": "a" * 40, "sha256": sha, "origin": f"https://huggingface.co/{REPO}"}
+        "teacher": {
+            "name": f"hf-hub:{REPO}",
+            "revision": "a" * 40,
+            "sha256": sha,
+            "origin": f"https://huggingface.co/{REPO}",
+        }
     }
     hub_snapshot(caches, REPO, "d" * 40, timm_resnet18(2).state_dict())  # main now names another file
     assert produced_by(config)["weights"]["teacher"]["revision"] == "d" * 40

@@ -1,0 +1,134 @@
+"""``e2kd export``: the exported student opens with timm's own loader (``local-dir:``) and with
+e2kd's, and gives the run's logits exactly; the model card says what produced it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from e2kd.cli import main
+from e2kd.config import load_config_dict
+from e2kd.errors import ConfigError
+from e2kd.experiment import train_teacher
+from e2kd.export import export_run, load_exported
+from e2kd.runs import load_run
+
+DATA = {"num_classes": 3, "image_size": 32, "train_per_class": 4, "test_per_class": 2}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A timm ResNet-18 trained one short epoch on three synthetic classes, with mean/std of its own."""
+    out = tmp_path_factory.mktemp("run") / "r18"
+    config = load_config_dict(
+        {
+            "seed": 1,
+            "data": DATA,
+            "model": {
+                "name": "timm",
+                "options": {"arch": "resnet18", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]},
+            },
+            "train": {"epochs": 1, "batch_size": 6, "progress": False},
+            "out_dir": str(out),
+        }
+    )
+    train_teacher(config)
+    return out
+
+
+def test_timm_loads_the_export_and_gives_the_runs_logits(finished_run, tmp_path):
+    folder = export_run(finished_run, tmp_path / "export")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    run = load_run(finished_run)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = run.model(images)
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        cfg = model.pretrained_cfg
+        mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+        assert torch.equal(model((images - mean) / std), expected)
+        assert torch.equal(load_exported(folder)(images), expected)  # e2kd's loader: [0, 1] images
+    assert cfg["mean"] == pytest.approx([0.4, 0.5, 0.6]) and cfg["std"] == pytest.approx([0.2, 0.3, 0.25])
+    assert cfg["label_names"] == run.class_names and cfg["num_classes"] == 3 and tuple(cfg["input_size"]) == (3, 32, 32)
+    assert cfg["crop_pct"] == pytest.approx(224 / 256, abs=1e-4)
+    stored = load_file(folder / "model.safetensors")
+    assert set(stored) == set(run.model.state_dict()) and "input_mean" not in stored
+
+
+def test_model_card_reports_metrics_config_and_version(finished_run, tmp_path):
+    card = (export_run(finished_run, tmp_path / "e") / "README.md").read_text()
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    accuracy = metrics["splits"]["test_id"]["accuracy"]
+    assert card.startswith(
+        "---\ntags:\n- image-classification\n- knowledge-distillation\n- e2kd\n- timm\nlibrary_name: timm\n---"
+    )
+    assert f"| test_id | accuracy | {accuracy:.4g} |" in card and "| test_ood | accuracy |" in card
+    assert "## Teacher\n\nNone (trained with labels)." in card
+    assert "arch: resnet18" in card and "e2kd 0.1.0" in card
+    assert 'timm.create_model("local-dir:THIS_FOLDER", pretrained=True)' in card
+
+
+def test_card_names_the_teacher_by_name_and_hash(finished_run):
+    from e2kd.export import model_card
+
+    config = load_config_dict(
+        {
+            "data": DATA,
+            "model": {"name": "small_resnet"},
+            "teacher": {"name": "timm", "options": {"arch": "resnet34"}, "checkpoint": "timm:resnet34.tv_in1k"},
+            "distill": {},
+        }
+    )
+    env = {
+        "produced_by": {
+            "checkpoints": {"teacher": "ab" * 32},
+            "weights": {"teacher": {"name": "timm:resnet34.tv_in1k", "revision": "c" * 40, "sha256": "ab" * 32}},
+        }
+    }
+    card = model_card(config, {"test": {"accuracy": 0.5}}, env, "student")
+    assert f"- weights: `timm:resnet34.tv_in1k` (revision `{'c' * 40}`)\n- SHA-256: `{'ab' * 32}`" in card
+    assert "library_name" not in card and "timm.create_model" not in card  # an e2kd-only architecture
+    assert "e2KD" in card
+
+
+def test_export_refuses_what_it_cannot_do_in_one_line(finished_run, tmp_path, capsys, monkeypatch):
+    with pytest.raises(ConfigError, match=r"not a finished run \(no config.yaml\); train it first$"):
+        export_run(tmp_path)
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"taken: exists and is not empty; choose another --out or pass --force"):
+        export_run(finished_run, target)
+    assert (target / "keep.txt").read_text() == "mine"
+    assert main(["export", str(finished_run), "--out", str(target), "--force"]) == 0
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+    capsys.readouterr()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["export", str(finished_run), "--out", str(tmp_path / "p"), "--push", "me/student"]) == 2
+    err = capsys.readouterr().err
+    assert err == "e2kd: error: --push me/student: downloads and uploads are off (HF_HUB_OFFLINE=1); unset it to push\n"
+    assert (tmp_path / "p" / "model.safetensors").is_file()  # the export itself is kept
+
+
+def test_push_uploads_the_folder_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from e2kd.export import push_to_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo, private, exist_ok):
+            calls.append(("create", repo, private, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert push_to_hub(tmp_path, "me/student", private=True) == "https://huggingface.co/me/student"
+    assert calls == [("create", "me/student", True, True), ("upload", str(tmp_path), "me/student")]
