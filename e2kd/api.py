@@ -1,5 +1,5 @@
 """Base classes that plugins subclass: explainers, similarities, metrics, model builders, datasets,
-weight sources.
+weight sources, trackers.
 
 The core only talks to these interfaces; concrete methods live in plugins.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -543,3 +543,46 @@ class WeightSource(PluginItem):
     def names(self) -> list[str]:
         """Specs this source knows by heart (listed by ``e2kd weights list``; empty when open-ended)."""
         return []
+
+
+@dataclass
+class TrackedRun:
+    """What a tracker is told when training starts."""
+
+    #: the run directory
+    folder: Path
+    #: the run's name (its folder's name)
+    name: str
+    #: the resolved config (as in config.yaml)
+    config: dict[str, Any]
+    #: 0 for a fresh start; else the last step a resumed run keeps (drop or overwrite what came after)
+    resume_step: int = 0
+    #: this tracker's own state, kept in the run directory's trackers.json between starts (e.g. its run id)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Tracker(PluginItem):
+    """A logging destination (``train.loggers``): training scalars per step and per epoch, then results.
+
+    Only the main process of a run logs. ``start`` is called once per training (again when a killed
+    run resumes), then ``log_step`` / ``log_epoch`` with the rows also written to steps.csv /
+    epochs.csv (``step``, ``epoch``, the loss terms, ``lr``, ``images_per_s``, ``data_wait_s``; epoch
+    rows carry ``last_step``), ``log_results`` with metrics.json's ``splits`` after evaluation, and
+    ``close``. Optional packages are imported in ``start``, failing with a one-line
+    :class:`e2kd.errors.ConfigError` naming the extra to install.
+    """
+
+    def start(self, run: TrackedRun) -> None:
+        """Open the destination for ``run`` (resume it where ``run.state`` says one was started)."""
+
+    def log_step(self, row: dict[str, float]) -> None:
+        """One training step's scalars (``row["step"]`` is the global step, from 1)."""
+
+    def log_epoch(self, row: dict[str, float]) -> None:
+        """One epoch's means (``row["epoch"]`` from 1, ``row["last_step"]`` its last global step)."""
+
+    def log_results(self, results: dict[str, dict[str, Any]]) -> None:
+        """The evaluation: split -> metric -> value (numbers; curves and lists may be skipped)."""
+
+    def close(self) -> None:
+        """Flush and release the destination."""

@@ -307,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "plugins", help="list registered explainers, similarities, metrics, models, datasets and weight sources"
+        "plugins", help="list registered explainers, similarities, metrics, models, datasets, weight sources, trackers"
     )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument(
         "--kind",
-        choices=["explainer", "similarity", "metric", "model", "dataset", "weights"],
+        choices=["explainer", "similarity", "metric", "model", "dataset", "weights", "tracker"],
         help="list only the items of this kind",
     )
     p.set_defaults(func=cmd_plugins)

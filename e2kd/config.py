@@ -259,6 +259,11 @@ class TrainConfig(StrictModel):
         "lam ~ Beta(alpha, alpha); distilling, the teacher sees the same "
         "mixed image (the paper: Waterbirds)",
     )
+    loggers: list[PluginRef] | None = Field(
+        None,
+        description="where training logs go (e2kd plugins --kind tracker): csv, tensorboard, mlflow, wandb, ... "
+        "(default: csv, and tensorboard when installed)",
+    )
 
 
 class EvalConfig(StrictModel):
@@ -317,12 +322,16 @@ class ExperimentConfig(StrictModel):
         refs += [(f"eval.metrics.{i}", "metric", ref) for i, ref in enumerate(self.eval.metrics)]
         return refs
 
+    def tracker_refs(self) -> list[tuple[str, str, PluginRef]]:
+        """(field path, kind, ref) of every tracker ``train.loggers`` names (they do not change results)."""
+        return [(f"train.loggers.{i}", "tracker", ref) for i, ref in enumerate(self.train.loggers or [])]
+
 
 def validate_plugins(config: ExperimentConfig, source: str = "config") -> None:
     """Check every named plugin exists, its options validate (metrics are built, so options they pass
     on to other plugins are checked too), and that a distillation with ``lam > 0`` names a
     differentiable explainer and similarity; one-line ConfigError naming the field otherwise."""
-    for path, kind, ref in config.plugin_refs():
+    for path, kind, ref in [*config.plugin_refs(), *config.tracker_refs()]:
         try:
             options = validate_options(kind, ref.name, ref.options, source=source, path=f"{path}.options")
         except E2KDError as exc:

@@ -30,6 +30,7 @@ from .plan import Plan, plan_run
 from .runs import prepare_run_dir, reused
 from .runtime import Runtime, at_least_fp32, progress_enabled, runtime_of
 from .storage import atomic_torch_save, atomic_write_json, e2kd_cache_dir
+from .tracking import Tracking
 from .train import fit, make_optimizer, make_schedule
 
 
@@ -133,7 +134,23 @@ def _decoded(plan: Plan, runtime: Runtime) -> DecodedCache | None:
     return prepare_decoded(plan, runtime=runtime) if plan.config.data.cache == "decoded" else None
 
 
-def _fit(plan: Plan, runtime: Runtime, model: nn.Module, step, data: ViewDataset, out: Path, desc: str) -> list[dict]:
+def _train(plan: Plan, runtime: Runtime, model: nn.Module, teacher, step, data: ViewDataset, out: Path, desc: str):
+    """Train, then evaluate and save; scalars and results go to the config's trackers (main process)."""
+    config = plan.config
+    folder = out if runtime.is_main else None
+    tracking = Tracking.named(config.train.loggers, folder, config.model_dump(mode="json"))
+    try:
+        history = _fit(plan, runtime, model, step, data, out, desc, tracking)
+        results = _finish(plan, runtime, out, model, teacher, history)
+        tracking.log_results(results)
+        return results
+    finally:
+        tracking.close()
+
+
+def _fit(
+    plan: Plan, runtime: Runtime, model: nn.Module, step, data: ViewDataset, out: Path, desc: str, tracking
+) -> list[dict]:
     config = plan.config
     t = config.train
 
@@ -153,7 +170,7 @@ def _fit(plan: Plan, runtime: Runtime, model: nn.Module, step, data: ViewDataset
         num_workers=config.data.num_workers,
         checkpoint=out / "checkpoint.pt",
         checkpoint_every=t.checkpoint_every,
-        log_dir=out,
+        tracking=tracking,
         progress=progress_enabled(config),
         desc=desc,
     )
@@ -207,8 +224,7 @@ def train_teacher(config, *, rerun: bool = False) -> dict[str, Any]:
             return {"loss": ce}
         return {"loss": ce + config.train.guidance.weight * term, "ce": ce, "guidance": term}
 
-    history = _fit(plan, runtime, model, step, train_view(plan, samples, decoded), out, desc=f"teacher {out.name}")
-    return _finish(plan, runtime, out, model, None, history)
+    return _train(plan, runtime, model, None, step, train_view(plan, samples, decoded), out, f"teacher {out.name}")
 
 
 def make_distiller(plan: Plan, teacher: nn.Module | None, student: nn.Module, student_forward=None) -> Distiller:
@@ -322,8 +338,7 @@ def distill(config, *, rerun: bool = False) -> dict[str, Any]:
         with runtime.autocast():
             return distiller(images, batch["label"].to(runtime.device), step=index, **replay)
 
-    history = _fit(plan, runtime, student, step, train_view(plan, samples, decoded), out, desc=f"distill {out.name}")
-    return _finish(plan, runtime, out, student, teacher, history)
+    return _train(plan, runtime, student, teacher, step, train_view(plan, samples, decoded), out, f"distill {out.name}")
 
 
 def _finish(plan: Plan, runtime: Runtime, out: Path, model, teacher, history) -> dict[str, Any]:

@@ -92,3 +92,14 @@ def register_weight_sources(register: Register) -> None:
 
     Called once, when the registry is first used.
     """
+
+
+@hookspec
+def register_trackers(register: Register) -> None:
+    """Register logging destinations that configs can name (``train.loggers``).
+
+    :param register: call ``register(cls)`` for each class; ``cls`` subclasses
+        :class:`e2kd.api.Tracker` (``start``, ``log_step``, ``log_epoch``, ``log_results``, ``close``).
+
+    Called once, when the registry is first used.
+    """

@@ -34,6 +34,7 @@ from .api import (
     ModelBuilder,
     PluginItem,
     Similarity,
+    Tracker,
     WeightSource,
 )
 from .errors import PluginError
@@ -53,6 +54,7 @@ KINDS: dict[str, tuple[str, type[PluginItem]]] = {
     "model": ("register_models", ModelBuilder),
     "dataset": ("register_datasets", Dataset),
     "weights": ("register_weight_sources", WeightSource),
+    "tracker": ("register_trackers", Tracker),
 }
 
 

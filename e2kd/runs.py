@@ -28,6 +28,7 @@ from .plan import Plan, plan_run
 from .registry import create, registry
 from .runtime import Runtime, is_main_process, runtime_of
 from .storage import atomic_write_json, atomic_write_text, describe_difference
+from .tracking import STATE_FILE
 from .weights import resolve as resolve_weights
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ VOLATILE_FIELDS = (
     ("train", "device"),
     ("train", "channels_last"),
     ("data", "num_workers"),
+    ("train", "loggers"),
 )
 
 
@@ -174,6 +176,7 @@ def prepare_run_dir(config: ExperimentConfig, *, rerun: bool = False) -> Path:
         for name in TRAINED_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        (out / STATE_FILE).unlink(missing_ok=True)  # a rerun is a new tracked run
     problem = _identity_problem(out, config)
     trained = (out / "model.pt").is_file() or (out / "checkpoint.pt").is_file()
     if problem is not None and trained:

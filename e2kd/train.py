@@ -1,10 +1,9 @@
 """A generic training loop: seeded resumable batches (split over processes), mixed precision,
-checkpoints every N steps with every RNG, exact resume, CSV / TensorBoard logs, a progress bar.
+checkpoints every N steps with every RNG, exact resume, logs to the configured trackers, a progress bar.
 Knows no method: ``step(batch, step_index)`` returns the losses."""
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import random
@@ -24,6 +23,7 @@ from .data.item_batches import ItemBatches
 from .errors import ModelError, TrainingError
 from .runtime import Runtime
 from .storage import atomic_torch_save
+from .tracking import Tracking
 
 StepFn = Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]
 LOSS_KEYS = ("loss", "kd", "explanation", "ce")
@@ -112,66 +112,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class TrainLog:
-    """Per-step and per-epoch scalars: ``steps.csv`` / ``epochs.csv`` in the run directory, and
-    TensorBoard event files under ``tensorboard/`` when the ``tensorboard`` package is installed."""
-
-    def __init__(self, folder: Path | None, *, resume_step: int = 0) -> None:
-        self.folder = folder
-        self.writer = None
-        if folder is None:
-            return
-        for name in ("steps.csv", "epochs.csv"):  # drop rows written after the checkpoint resumed from
-            path = folder / name
-            if path.is_file():
-                rows = list(csv.DictReader(path.open()))
-                key = "step" if name == "steps.csv" else "last_step"
-                kept = [r for r in rows if int(float(r[key])) <= resume_step]
-                if len(kept) != len(rows):
-                    self._write(path, kept, mode="w")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(
-                str(folder / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-            )
-        except (ImportError, ModuleNotFoundError):
-            self.writer = None
-
-    @staticmethod
-    def _write(path: Path, rows: list[dict], mode: str = "a") -> None:
-        if not rows:
-            if mode == "w":
-                path.unlink(missing_ok=True)
-            return
-        new = mode == "w" or not path.is_file()
-        with path.open(mode, newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-
-    def step(self, row: dict[str, float]) -> None:
-        if self.folder is not None:
-            self._write(self.folder / "steps.csv", [row])
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step":
-                    self.writer.add_scalar(f"step/{key}", value, int(row["step"]))
-
-    def epoch(self, row: dict[str, float]) -> None:
-        if self.folder is not None:
-            self._write(self.folder / "epochs.csv", [row])
-        if self.writer is not None:
-            for key, value in row.items():
-                if key not in ("epoch", "last_step"):
-                    self.writer.add_scalar(f"epoch/{key}", value, int(row["epoch"]))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -212,6 +152,7 @@ def fit(
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
     log_dir: str | Path | None = None,
+    tracking: Tracking | None = None,
     progress: bool = True,
     desc: str = "train",
 ) -> list[dict[str, float]]:
@@ -221,7 +162,9 @@ def fit(
     processes). With ``checkpoint`` set, the state — model, optimizer, scheduler, loss scaler,
     every RNG, epoch and position inside it — is written there atomically every
     ``checkpoint_every`` steps and at the end of each epoch, and a later call resumes from it
-    exactly (bit-identical with ``num_workers=0`` and deterministic kernels). The logged scalars
+    exactly (bit-identical with ``num_workers=0`` and deterministic kernels). Scalars go to
+    ``tracking`` (started here with the step resumed after; closed by its owner), else to the default
+    trackers in ``log_dir`` (steps.csv / epochs.csv; closed here), in the main process. The logged scalars
     are the means over processes (the global batch's); a loss that is not finite stops training
     with :class:`e2kd.errors.TrainingError` before the update, leaving the last checkpoint as it
     was. Returns the per-epoch means of every scalar ``step`` returns.
@@ -250,9 +193,10 @@ def fit(
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         epoch, position, history, sums = state["epoch"], state["position"], state["history"], state["sums"]
-    log = TrainLog(
-        Path(log_dir) if log_dir is not None and runtime.is_main else None, resume_step=epoch * per_epoch + position
-    )
+    owned = tracking is None
+    if tracking is None:
+        tracking = Tracking.named(None, Path(log_dir) if log_dir is not None and runtime.is_main else None)
+    tracking.start(resume_step=epoch * per_epoch + position)
     # a batch source (e.g. the device view), else the dataset's items through loader workers
     source = dataset if hasattr(dataset, "batches") else ItemBatches(dataset, num_workers=num_workers, seed=seed)
 
@@ -327,7 +271,7 @@ def fit(
             if runtime.device.type == "cuda":
                 row["gpu_memory_mb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
             tick = now
-            log.step(row)
+            tracking.log_step(row)
             bar.update(1)
             bar.set_postfix(
                 {
@@ -343,9 +287,10 @@ def fit(
         means = {k: v / batches for k, v in sums.items()}
         history.append({"epoch": epoch + 1, **means})
         share = {"data_wait_share": waited / spent} if spent > 0 else {}  # of the steps run in this process
-        log.epoch({"epoch": epoch + 1, "last_step": (epoch + 1) * per_epoch, **means, **share})
+        tracking.log_epoch({"epoch": epoch + 1, "last_step": (epoch + 1) * per_epoch, **means, **share})
         epoch, position, sums = epoch + 1, 0, {}
         save(epoch, 0)
     bar.close()
-    log.close()
+    if owned:
+        tracking.close()
     return history

@@ -447,7 +447,7 @@ def test_plugins_table_aligns_five_columns_and_lists_problems_of_the_kind(monkey
         (
             ["plugins", "--kind", "metrics"],
             "e2kd plugins: error: unknown choice 'metrics'; did you mean 'metric'? (known: "
-            "explainer, similarity, metric, model, dataset, weights)",
+            "explainer, similarity, metric, model, dataset, weights, tracker)",
         ),
         (["demo", "--speed"], "e2kd: error: unrecognized arguments: --speed (see e2kd --help)"),
         ([], "e2kd: error: the following arguments are required: command (see e2kd --help)"),

@@ -99,7 +99,14 @@ def test_run_identity_leaves_out_only_the_volatile_fields():
     config = load_config_dict(
         {
             "out_dir": "runs/x",
-            "train": {"progress": False, "checkpoint_every": 5, "device": "cpu", "channels_last": True, "epochs": 3},
+            "train": {
+                "progress": False,
+                "checkpoint_every": 5,
+                "device": "cpu",
+                "channels_last": True,
+                "epochs": 3,
+                "loggers": ["wandb"],
+            },
             "data": {"num_workers": 2},
         }
     )
@@ -110,6 +117,7 @@ def test_run_identity_leaves_out_only_the_volatile_fields():
         ("train", "checkpoint_every"),
         ("train", "device"),
         ("train", "channels_last"),
+        ("train", "loggers"),
         ("data", "num_workers"),
     ):
         assert key not in identity[section] and key in full[section]
@@ -120,6 +128,7 @@ def test_run_identity_leaves_out_only_the_volatile_fields():
         ("train", "checkpoint_every"),
         ("train", "device"),
         ("train", "channels_last"),
+        ("train", "loggers"),
         ("data", "num_workers"),
     ):
         del full[section][key]

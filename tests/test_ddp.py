@@ -195,7 +195,7 @@ def test_torchrun_train_teacher_and_distill(tmp_path):
         tmp_path / "s.yaml",
         {
             **TINY,
-            "train": train,
+            "train": {**train, "loggers": ["csv", "mlflow"]},
             "model": {"name": "small_resnet", "options": {"widths": [4, 4]}},
             "teacher": {**TINY["model"], "checkpoint": str(tmp_path / "t" / "model.pt")},
             "out_dir": str(tmp_path / "s"),
@@ -209,6 +209,13 @@ def test_torchrun_train_teacher_and_distill(tmp_path):
     # 18 training images, batch 3 per process, 2 processes: 9 per process -> 3 steps
     steps = list(csv.DictReader((tmp_path / "s" / "steps.csv").open()))
     assert [int(r["step"]) for r in steps] == [1, 2, 3]
+    # trackers log from the main process only: one MLflow run, each step once, with the global batch's loss
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [tracked] = client.search_runs([client.get_experiment_by_name("e2kd").experiment_id])
+    history = client.get_metric_history(tracked.info.run_id, "step/loss")
+    assert [(m.step, m.value) for m in history] == [(int(r["step"]), float(r["loss"])) for r in steps]
     # evaluation under torchrun: split over the processes, the main process writes; same values as one process
     before = json.loads((tmp_path / "s" / "metrics.json").read_text())["splits"]
     run = _torchrun("evaluate", str(tmp_path / "s"), "--out", str(tmp_path / "report"))

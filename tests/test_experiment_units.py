@@ -52,6 +52,7 @@ def loop(monkeypatch):
     calls = []
 
     def recording_fit(model, step, data, **kwargs):
+        kwargs["tracking"].start()  # as fit does
         calls.append(
             SimpleNamespace(
                 model=model,
@@ -190,12 +191,13 @@ def test_teacher_settings_reach_the_loop_and_the_trained_model_is_saved_and_eval
     (call,), (runtime,) = loop, runtimes
     out = tmp_path / "run"
     assert (call.epochs, call.batch_size, call.seed, call.num_workers, call.checkpoint_every) == (3, 2, 5, 1, 2)
-    assert (call.checkpoint, call.log_dir, call.progress, call.desc) == (
+    assert (call.checkpoint, call.tracking.folder, call.progress, call.desc) == (
         out / "checkpoint.pt",
         out,
         False,
         "teacher run",
     )
+    assert [t.name for t in call.tracking.trackers] == ["csv"] and call.tracking.started == []  # started, closed
     assert call.runtime is runtime and runtime.synced == [call.model]
     assert [(e.model, e.teacher, e.runtime) for e in evaluations] == [(call.model, None, runtime)]
     assert evaluations[0].samples_of is None  # (data.cache: none: the dataset's own samples)
@@ -551,7 +553,8 @@ def test_another_process_trains_but_writes_nothing(tmp_path, loop, runtimes, eva
     runtimes.rank = 1
     config = _config(tmp_path)
     results = experiment.train_teacher(config)
-    assert loop[0].log_dir == tmp_path / "run" and not (tmp_path / "run").exists()  # the main process makes it
+    assert not (tmp_path / "run").exists()  # the main process makes it
+    assert loop[0].tracking.folder is None and loop[0].tracking.trackers == []  # and logs
     assert results["history"] == HISTORY and runtimes[0].synced == [loop[0].model] and len(evaluations) == 1
 
 
@@ -593,6 +596,7 @@ def test_a_distillation_builds_each_item_once_and_checks_each_model_once(
         ("explainer", "gradcam"): 1,
         ("similarity", "cosine"): 1,
         ("metric", "accuracy"): 1,
+        ("tracker", "csv"): 1,
     }
     # the teacher and the student, once each
     student = [m for m in checked if m is loop[0].model]

@@ -455,7 +455,7 @@ def test_the_facade_builds_items_and_validates_with_the_default_source_and_path(
         registry_module.list_plugins("explainers")
     assert (
         str(err.value)
-        == "unknown plugin kind 'explainers' (known: explainer, similarity, metric, model, dataset, weights)"
+        == "unknown plugin kind 'explainers' (known: explainer, similarity, metric, model, dataset, weights, tracker)"
     )
 
 

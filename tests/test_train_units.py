@@ -17,7 +17,8 @@ from e2kd import train
 from e2kd.config import load_config_dict
 from e2kd.errors import ConfigError, ModelError, TrainingError
 from e2kd.runtime import Runtime, device_of, progress_enabled, runtime_of
-from e2kd.train import TrainLog, _load_checkpoint, rng_state, set_rng_state
+from e2kd.tracking import Tracking
+from e2kd.train import _load_checkpoint, rng_state, set_rng_state
 
 from .conftest import TINY
 
@@ -54,7 +55,7 @@ def test_a_resume_checkpoint_that_needs_unpickling_is_refused_in_one_line(tmp_pa
 
 
 class _Writer:
-    """Records what TrainLog hands TensorBoard."""
+    """Records what the tensorboard tracker hands TensorBoard."""
 
     made: list = []
 
@@ -79,30 +80,43 @@ def tensorboard(monkeypatch):
 
 
 def test_tensorboard_gets_every_scalar_but_the_counters_at_its_step(tmp_path, tensorboard):
-    log = TrainLog(tmp_path)
-    log.step({"step": 3, "epoch": 1, "loss": 0.5, "lr": 0.1})
-    log.epoch({"epoch": 2, "last_step": 8, "loss": 0.25})
+    log = Tracking.named(["tensorboard"], tmp_path)
+    log.start()
+    log.log_step({"step": 3, "epoch": 1, "loss": 0.5, "lr": 0.1})
+    log.log_epoch({"epoch": 2, "last_step": 8, "loss": 0.25})
+    log.log_results({"splits": {"test": {"accuracy": 0.75, "curve": [1, 2]}}})
     log.close()
     (writer,) = tensorboard
     assert writer.folder == str(tmp_path / "tensorboard") and writer.purge_step is None
-    assert writer.scalars == [("step/epoch", 1, 3), ("step/loss", 0.5, 3), ("step/lr", 0.1, 3), ("epoch/loss", 0.25, 2)]
+    assert writer.scalars == [
+        ("step/epoch", 1, 3),
+        ("step/loss", 0.5, 3),
+        ("step/lr", 0.1, 3),
+        ("epoch/loss", 0.25, 2),
+        ("test/accuracy", 0.75, 3),
+    ]
     assert writer.closed
-    resumed = TrainLog(tmp_path, resume_step=5)  # events after step 5 of the killed run are purged
-    assert resumed.writer.purge_step == 6
-    assert TrainLog(None).writer is None and len(tensorboard) == 2  # no run folder: no writer made
+    resumed = Tracking.named(["tensorboard"], tmp_path)
+    resumed.start(resume_step=5)  # events after step 5 of the killed run are purged
+    assert tensorboard[1].purge_step == 6
+    Tracking.named(["tensorboard"], None).start()  # no run folder (not the main process): no writer made
+    assert len(tensorboard) == 2
 
 
 def test_resuming_drops_the_log_rows_written_after_the_checkpoint(tmp_path):
-    log = TrainLog(tmp_path)
+    log = Tracking.named(["csv"], tmp_path)
+    log.start()
     for step in range(1, 7):
-        log.step({"step": step, "loss": step / 10})
-    log.epoch({"epoch": 1, "last_step": 3, "loss": 0.2})
-    log.epoch({"epoch": 2, "last_step": 6, "loss": 0.5})
-    TrainLog(tmp_path, resume_step=4)
+        log.log_step({"step": step, "loss": step / 10})
+    log.log_epoch({"epoch": 1, "last_step": 3, "loss": 0.2})
+    log.log_epoch({"epoch": 2, "last_step": 6, "loss": 0.5})
+    Tracking.named(["csv"], tmp_path).start(resume_step=4)
     steps = (tmp_path / "steps.csv").read_text().splitlines()
     assert steps == ["step,loss", "1,0.1", "2,0.2", "3,0.3", "4,0.4"]
     assert (tmp_path / "epochs.csv").read_text().splitlines() == ["epoch,last_step,loss", "1,3,0.2"]
-    TrainLog(tmp_path, resume_step=0)  # nothing kept: the files go, the next rows write a header again
+    Tracking.named(["csv"], tmp_path).start(
+        resume_step=0
+    )  # nothing kept: the files go, the next rows write a header again
     assert not (tmp_path / "steps.csv").exists() and not (tmp_path / "epochs.csv").exists()
 
 
@@ -474,7 +488,7 @@ def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch, half_se
 
     model = nn.Linear(1, 1)
     rows = []
-    monkeypatch.setattr(train.TrainLog, "step", lambda self, row: rows.append(row))
+    monkeypatch.setattr(train.Tracking, "log_step", lambda self, row: rows.append(row))
     train.fit(
         model,
         lambda b, i: {"loss": model(b["image"]).sum()},

@@ -1,0 +1,1 @@
+"""Built-in trackers: CSV files, TensorBoard, MLflow and Weights & Biases."""
