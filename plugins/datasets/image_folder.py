@@ -13,7 +13,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field
 
@@ -28,6 +27,7 @@ from e2kd.data.files import (
     per_split,
     require_dir,
 )
+from e2kd.data.subsets import per_class_draw
 from e2kd.errors import DataError
 
 HOLDOUT = "train_holdout"
@@ -98,24 +98,16 @@ class ImageFolder(Dataset):
     @cached_property
     def _train_draw(self) -> dict[str, list[tuple[Path, int]]]:
         """The seeded per-class draw: held-out images first, then the shots, never overlapping."""
-        by_class: dict[int, list[Path]] = {}
-        for path, label in self._folder_files("train"):
-            by_class.setdefault(label, []).append(path)
-        shots, hold = self.options.shots, self.options.holdout_per_class
-        chosen: dict[str, list[tuple[Path, int]]] = {"train": [], HOLDOUT: []}
-        for label, name in enumerate(self._class_index):
-            paths = by_class.get(label, [])
-            need = hold + (shots or 1)
-            if len(paths) < need:
-                raise DataError(
-                    f"{self.root / 'train' / name}: {len(paths)} images, fewer than holdout_per_class "
-                    f"+ shots = {need}; lower data.options.shots or holdout_per_class"
-                )
-            order = np.random.default_rng([self.seed, label]).permutation(len(paths))
-            take = order[hold:] if shots is None else order[hold : hold + shots]
-            chosen[HOLDOUT] += [(paths[i], label) for i in sorted(order[:hold])]
-            chosen["train"] += [(paths[i], label) for i in sorted(take)]
-        return chosen
+        files = self._folder_files("train")
+        held, train = per_class_draw(
+            [label for _, label in files],
+            self.class_names(),
+            shots=self.options.shots,
+            holdout=self.options.holdout_per_class,
+            seed=self.seed,
+            where=str(self.root / "train"),
+        )
+        return {"train": [files[i] for i in train], HOLDOUT: [files[i] for i in held]}
 
     @per_split
     def files(self, split: str) -> list[tuple[Path, int]]:
