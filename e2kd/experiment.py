@@ -32,6 +32,7 @@ from .runtime import Runtime, at_least_fp32, progress_enabled, runtime_of
 from .storage import atomic_torch_save, atomic_write_json, e2kd_cache_dir
 from .tracking import Tracking
 from .train import fit, make_optimizer, make_schedule
+from .weights import resolve as resolve_weights
 
 
 def train_view(plan: Plan, samples=None, decoded: DecodedCache | None = None) -> ViewDataset | DeviceView:
@@ -183,6 +184,18 @@ def _run_dir(plan: Plan, runtime: Runtime, rerun: bool = False) -> Path:
     return out
 
 
+def _weights_on_main_first(config, runtime: Runtime) -> None:
+    """Under torchrun, resolve the config's weight names on the main process first: it downloads
+    what is missing once, and the other processes then find the file in the cache."""
+    names = [
+        ref.checkpoint for ref in (config.model, config.teacher) if ref is not None and ref.checkpoint_path is None
+    ]
+    if runtime.world_size > 1 and any(names):
+        with runtime.main_first():
+            for name in filter(None, names):
+                resolve_weights(str(name))
+
+
 def train_teacher(config, *, rerun: bool = False) -> dict[str, Any]:
     """Train ``config.model`` on the labels (cross-entropy, or BCE for multi-label data).
 
@@ -192,6 +205,7 @@ def train_teacher(config, *, rerun: bool = False) -> dict[str, Any]:
     if (done := reused(config, rerun)) is not None:
         return done
     runtime = runtime_of(config)
+    _weights_on_main_first(config, runtime)
     plan = plan_run(config, "train-teacher")
     mixing, guidance, dataset = config.train.mixup is not None, plan.guidance, plan.dataset
     torch.manual_seed(config.seed)
@@ -310,6 +324,7 @@ def distill(config, *, rerun: bool = False) -> dict[str, Any]:
         return done
     plan = plan_run(config, "distill")
     runtime = runtime_of(config)
+    _weights_on_main_first(config, runtime)
     mixing, frozen, dataset = config.train.mixup is not None, plan.frozen, plan.dataset
     teacher = load_teacher(config, dataset)
     torch.manual_seed(config.seed)

@@ -252,3 +252,34 @@ def test_cli_fetch_and_compare(caches, capsys):
     torch.save(timm_resnet18(1).state_dict(), caches / "a.pth")
     assert main(["weights", "compare", f"hf-hub:{REPO}", str(caches / "a.pth")]) == 0
     assert capsys.readouterr().out.startswith("equal: 122 shared tensors, largest difference 0")
+
+
+def test_under_torchrun_the_main_process_resolves_weight_names_first(monkeypatch, tmp_path):
+    import contextlib
+
+    from e2kd import experiment
+
+    events = []
+
+    class Processes:
+        world_size = 2
+
+        @contextlib.contextmanager
+        def main_first(self):
+            events.append("main first")
+            yield
+            events.append("then the others")
+
+    monkeypatch.setattr(experiment, "resolve_weights", events.append)
+    config = load_config_dict(
+        {
+            "model": {"name": "small_resnet", "checkpoint": str(tmp_path / "start.pt")},  # a file: not resolved
+            "teacher": {"name": "timm", "options": {"arch": "resnet18"}, "checkpoint": f"hf-hub:{REPO}"},
+            "distill": {},
+        }
+    )
+    experiment._weights_on_main_first(config, Processes())
+    assert events == ["main first", f"hf-hub:{REPO}", "then the others"]
+    Processes.world_size = 1
+    experiment._weights_on_main_first(config, Processes())
+    assert len(events) == 3  # one process: resolved where the models are built
