@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 from torch import nn
 
+from . import __version__
 from .config import ExperimentConfig, dump_config, load_config
 from .data.augment import EVAL_RESIZE_RATIO
 from .errors import ConfigError, ModelError
-from .runs import _version
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
 
@@ -68,7 +68,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, force: boo
 def hub_config(config: ExperimentConfig, model: nn.Module, class_names: list[str], image_size: int) -> dict[str, Any]:
     """``config.json`` in timm's layout (``architecture``, ``num_classes``, ``pretrained_cfg``, ...)."""
     mean, std = _normalisation(model)
-    timm_arch = config.model.options.get("arch", "resnet18") if config.model.name == "timm" else None
+    timm_arch = _timm_arch(config)
     head = getattr(model, "pretrained_cfg", {}) or {}
     pretrained_cfg = {
         "input_size": [3, image_size, image_size],
@@ -88,7 +88,7 @@ def hub_config(config: ExperimentConfig, model: nn.Module, class_names: list[str
         "pretrained_cfg": pretrained_cfg,
         "label_names": class_names,
         "e2kd": {
-            "version": _version("e2kd"),
+            "version": __version__,
             "builder": config.model.name,
             "options": config.model.options,
             "inputs": "e2kd models take [0, 1] images; timm's takes them normalised with pretrained_cfg mean/std",
@@ -139,12 +139,13 @@ def model_card(config: ExperimentConfig, metrics: dict[str, Any], env: dict[str,
         **({"library_name": "timm"} if timm_student else {}),
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {run_name}", ""]
-    method = "e2KD" if config.distill is not None and config.teacher is not None else "supervised training"
-    lines += [
-        f"A student trained with e2kd {_version('e2kd')} ({method}; explanation-enhanced knowledge distillation, ",
-        "Parchami-Araghi et al., *Good Teachers Explain*, ECCV 2024).",
-        "",
-    ]
+    if config.teacher is None:
+        how = "trained on labels"
+    elif config.distill.lam > 0:
+        how = "distilled with e2KD, explanation-enhanced knowledge distillation (Good Teachers Explain, ECCV 2024)"
+    else:
+        how = "distilled with plain KD"
+    lines += [f"A model made with e2kd {__version__}: {how}.", ""]
     lines += ["## Load it", ""]
     if timm_student:
         lines += [
@@ -192,6 +193,15 @@ def model_card(config: ExperimentConfig, metrics: dict[str, Any], env: dict[str,
     if versions:
         lines += ["## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items() if v), ""]
     return "\n".join(lines)
+
+
+def _timm_arch(config: ExperimentConfig) -> str | None:
+    """The timm architecture of a student built by the ``timm`` builder (its validated options), else None."""
+    from .registry import registry
+
+    if config.model.name != "timm":
+        return None
+    return str(registry().validate_options("model", "timm", config.model.options).arch)  # type: ignore[attr-defined]
 
 
 def _normalisation(model: nn.Module) -> tuple[list[float], list[float]]:

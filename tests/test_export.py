@@ -68,7 +68,7 @@ def test_model_card_reports_metrics_config_and_version(finished_run, tmp_path):
     )
     assert f"| test_id | accuracy | {accuracy:.4g} |" in card and "| test_ood | accuracy |" in card
     assert "## Teacher\n\nNone (trained with labels)." in card
-    assert "arch: resnet18" in card and "e2kd 0.1.0" in card
+    assert "arch: resnet18" in card and "A model made with e2kd 0.1.0: trained on labels." in card
     assert 'timm.create_model("local-dir:THIS_FOLDER", pretrained=True)' in card
 
 
@@ -92,7 +92,9 @@ def test_card_names_the_teacher_by_name_and_hash(finished_run):
     card = model_card(config, {"test": {"accuracy": 0.5}}, env, "student")
     assert f"- weights: `timm:resnet34.tv_in1k` (revision `{'c' * 40}`)\n- SHA-256: `{'ab' * 32}`" in card
     assert "library_name" not in card and "timm.create_model" not in card  # an e2kd-only architecture
-    assert "e2KD" in card
+    assert "A model made with e2kd 0.1.0: distilled with e2KD, explanation-enhanced" in card
+    config.distill.lam = 0.0
+    assert "distilled with plain KD." in model_card(config, {}, env, "student")
 
 
 def test_export_refuses_what_it_cannot_do_in_one_line(finished_run, tmp_path, capsys, monkeypatch):
