@@ -162,3 +162,29 @@ def test_webdataset_mistakes_are_one_line(shards, tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 40)
     with pytest.raises(DataError, match=r"bad.tar: not a readable uncompressed WebDataset shard"):
         open_dataset("webdataset", {**base, "shards": {"train": str(tmp_path / "bad.tar")}}).samples("train")
+
+
+@pytest.mark.parametrize("kind", ["hf_datasets", "webdataset"])
+def test_the_contract_kit_passes(folder, saved, shards, kind):
+    from e2kd import testing
+
+    testing.check_dataset(open_dataset(kind, _options(kind, folder, saved, shards, holdout_per_class=1, shots=2)))
+
+
+def test_the_per_class_draw_by_hand():
+    import numpy as np
+
+    from e2kd.data.subsets import per_class_draw
+
+    labels = [0, 1, 0, 1, 0, 1, 1]  # class 0 at 0, 2, 4; class 1 at 1, 3, 5, 6
+    held, train = per_class_draw(labels, ["a", "b"], shots=1, holdout=2, seed=9, where="w")
+    order0, order1 = np.random.default_rng([9, 0]).permutation(3), np.random.default_rng([9, 1]).permutation(4)
+    zero, one = [0, 2, 4], [1, 3, 5, 6]
+    assert held == sorted(zero[i] for i in order0[:2]) + sorted(one[i] for i in order1[:2])
+    assert train == [zero[order0[2]], one[order1[2]]]
+    assert per_class_draw(labels, ["a", "b"], shots=None, holdout=0, seed=9, where="w") == ([], [0, 2, 4, 1, 3, 5, 6])
+    assert per_class_draw([0, 1], ["a", "b"], shots=None, holdout=0, seed=0, where="w") == ([], [0, 1])  # one each
+    with pytest.raises(DataError, match=r"^w/b: 3 images, fewer than holdout_per_class \+ shots = 4; lower"):
+        per_class_draw([0, 1, 1, 1, 0, 0, 0], ["a", "b"], shots=2, holdout=2, seed=0, where="w")
+    with pytest.raises(DataError, match=r"^w/c: 0 images, fewer than holdout_per_class \+ shots = 1"):
+        per_class_draw(labels, ["a", "b", "c"], shots=None, holdout=0, seed=0, where="w")

@@ -134,3 +134,185 @@ def test_push_uploads_the_folder_through_huggingface_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert push_to_hub(tmp_path, "me/student", private=True) == "https://huggingface.co/me/student"
     assert calls == [("create", "me/student", True, True), ("upload", str(tmp_path), "me/student")]
+
+
+def test_the_model_card_in_full():
+    """Every line of a card, written out by hand for a small distillation run."""
+    from e2kd.config import dump_config
+    from e2kd.export import model_card
+
+    config = load_config_dict(
+        {
+            "data": DATA,
+            "model": {"name": "timm", "options": {"arch": "resnet18"}},
+            "teacher": {"name": "timm", "options": {"arch": "resnet34"}, "checkpoint": "hf-hub:timm/resnet34.tv_in1k"},
+            "distill": {"lam": 2.0},
+        }
+    )
+    env = {
+        "packages": {"torch": "2.1", "timm": None},
+        "produced_by": {"checkpoints": {"teacher": "f" * 64}, "weights": {"teacher": {"revision": "r1"}}},
+    }
+    metrics = {"splits": {"val": {"accuracy": 0.123456, "agree": True, "curve": [1, 2]}}, "history": [{"loss": 1}]}
+    expected = "\n".join(
+        [
+            "---",
+            "tags:",
+            "- image-classification",
+            "- knowledge-distillation",
+            "- e2kd",
+            "- timm",
+            "library_name: timm",
+            "---",
+            "",
+            "# r18",
+            "",
+            "A model made with e2kd 0.1.0: distilled with e2KD, explanation-enhanced knowledge distillation "
+            "(Good Teachers Explain, ECCV 2024).",
+            "",
+            "## Load it",
+            "",
+            "```python",
+            "import timm",
+            'model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True)  # or "hf-hub:REPO" once pushed',
+            "# inputs normalised with pretrained_cfg mean/std (config.json)",
+            "```",
+            "",
+            "```python",
+            "from e2kd.export import load_exported",
+            'model = load_exported("THIS_FOLDER")  # takes [0, 1] images',
+            "```",
+            "",
+            "## Teacher",
+            "",
+            '- model: `timm` {"arch": "resnet34"}',
+            "- weights: `hf-hub:timm/resnet34.tv_in1k` (revision `r1`)",
+            f"- SHA-256: `{'f' * 64}`",
+            "",
+            "## Metrics",
+            "",
+            "| split | metric | value |",
+            "|---|---|---|",
+            "| val | accuracy | 0.1235 |",
+            "",
+            "## Config",
+            "",
+            "```yaml",
+            dump_config(config).strip(),
+            "```",
+            "",
+            "## Environment",
+            "",
+            "torch 2.1",
+            "",
+        ]
+    )
+    assert model_card(config, metrics, env, "r18") == expected
+    bare = model_card(config.model_copy(update={"teacher": None}), {}, {}, "r18")
+    assert "## Teacher\n\nNone (trained with labels).\n" in bare and "## Metrics\n\nNo metrics recorded.\n" in bare
+    assert "## Environment" not in bare
+    unrecorded = model_card(config, {}, {"produced_by": {}}, "r18")
+    assert "- weights: `hf-hub:timm/resnet34.tv_in1k`\n- SHA-256: not recorded\n" in unrecorded
+
+
+def test_config_json_in_full(finished_run, tmp_path):
+    folder = export_run(finished_run)  # the default folder: RUN/export
+    assert folder == finished_run / "export"
+    classes = load_run(finished_run).class_names
+    expected = {
+        "architecture": "resnet18",
+        "num_classes": 3,
+        "num_features": 512,
+        "model_args": {},
+        "pretrained_cfg": {
+            "input_size": [3, 32, 32],
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": pytest.approx([0.4, 0.5, 0.6]),
+            "std": pytest.approx([0.2, 0.3, 0.25]),
+            "num_classes": 3,
+            "first_conv": "conv1",
+            "classifier": "fc",
+        },
+        "label_names": classes,
+        "e2kd": {
+            "version": "0.1.0",
+            "builder": "timm",
+            "options": {"arch": "resnet18", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.25]},
+            "inputs": "e2kd models take [0, 1] images; timm's takes them normalised with pretrained_cfg mean/std",
+        },
+    }
+    text = (folder / "config.json").read_text()
+    assert json.loads(text) == expected and text == json.dumps(json.loads(text), indent=2) + "\n"
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    card = (folder / "README.md").read_text()
+    assert "\n# r18\n" in card and "- SHA-256" not in card  # the card names the run; no teacher
+    export_run(finished_run, tmp_path / "deep" / "er" / "out")  # missing parents are made
+    assert (tmp_path / "deep" / "er" / "out" / "model.safetensors").is_file()
+
+
+def test_a_student_of_an_e2kd_builder_exports_for_e2kds_loader(tmp_path):
+    from e2kd.export import hub_config
+
+    config = load_config_dict(
+        {
+            "seed": 3,
+            "data": DATA,
+            "model": {"name": "small_resnet", "options": {"widths": [4, 8]}},
+            "train": {"epochs": 1, "batch_size": 6, "progress": False},
+            "out_dir": str(tmp_path / "small"),
+        }
+    )
+    train_teacher(config)
+    folder = export_run(tmp_path / "small")
+    stored = json.loads((folder / "config.json").read_text())
+    assert stored["architecture"] == "small_resnet" and "model_args" not in stored
+    assert stored["pretrained_cfg"]["mean"] == [0.0, 0.0, 0.0] and stored["pretrained_cfg"]["std"] == [1.0, 1.0, 1.0]
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(load_exported(folder)(images), load_run(tmp_path / "small").model(images))
+    assert hub_config(config, load_exported(folder), ["a", "b", "c"], 32)["label_names"] == ["a", "b", "c"]
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 3}))
+    from e2kd.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"export: no e2kd section in config.json \(not exported by `e2kd export`\)$"):
+        load_exported(folder)
+
+
+def test_a_failed_export_leaves_neither_a_half_folder_nor_a_staging_one(finished_run, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    real = Path.write_bytes
+
+    def fail_on_card(self, data):
+        if self.name == "README.md":
+            raise OSError("disk full")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail_on_card)
+    with pytest.raises(OSError, match="disk full"):
+        export_run(finished_run, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_push_is_one_line_and_keeps_the_export(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from e2kd.export import push_to_hub
+
+    class Refused:
+        def create_repo(self, repo, private, exist_ok):
+            raise PermissionError("401 Unauthorized\nmore detail")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Refused)
+    with pytest.raises(ConfigError) as caught:
+        push_to_hub(tmp_path, "me/student")
+    assert str(caught.value) == (
+        f"--push me/student: the upload failed (PermissionError: 401 Unauthorized); the export in {tmp_path} is "
+        f"complete — log in (`hf auth login`) and push again"
+    )

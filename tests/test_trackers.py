@@ -177,3 +177,22 @@ def test_loggers_are_checked_at_load_and_do_not_change_a_runs_identity():
     plain = load_config_dict(TINY)
     logged = load_config_dict({**TINY, "train": {**TINY["train"], "loggers": ["csv", "wandb"]}})
     assert identity_digest(plain) == identity_digest(logged)
+
+
+def test_a_fresh_start_does_not_take_over_a_saved_tracked_run(tmp_path):
+    from e2kd.api import Tracker
+
+    seen = []
+
+    class Probe(Tracker):
+        name = "probe"
+        description = "records the state it starts with"
+
+        def start(self, run):
+            seen.append(dict(run.state))
+            run.state.setdefault("id", f"run{len(seen)}")
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"probe": {"id": "old"}}))
+    Tracking([Probe()], tmp_path).start(resume_step=0)  # a new run (--rerun, or the first start)
+    Tracking([Probe()], tmp_path).start(resume_step=1)  # resumed after its first step
+    assert seen == [{}, {"id": "run1"}]

@@ -283,3 +283,159 @@ def test_under_torchrun_the_main_process_resolves_weight_names_first(monkeypatch
     Processes.world_size = 1
     experiment._weights_on_main_first(config, Processes())
     assert len(events) == 3  # one process: resolved where the models are built
+
+
+def test_torch_hub_files_are_downloaded_when_allowed_and_fetched_again_when_damaged(caches, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    from e2kd.weights import torch_hub_file
+
+    state = timm_resnet18(6).state_dict()
+    source = hub_file(caches / "elsewhere", "resnet18", state)  # a good file, named by its own hash
+    url = f"https://example.org/weights/{source.name}"
+    calls = []
+
+    def download(url_, dst, progress):
+        calls.append((url_, Path(dst).parent.is_dir(), progress))
+        Path(dst).write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    path = caches / "torch" / "hub" / "checkpoints" / source.name
+    assert not path.parent.exists()
+    with pytest.raises(WeightsNotCached, match=rf"^{source.name} is not in torch.hub's cache {path.parent}$"):
+        torch_hub_file(url, download=False)
+    found = torch_hub_file(url, download=True)
+    assert (found.path, found.revision, found.origin) == (path, None, url) and calls == [(url, True, True)]
+    assert torch_hub_file(url, download=True).path == path and len(calls) == 1  # cached: not downloaded again
+    path.write_bytes(b"truncated")  # damaged: a download replaces it, the cache alone refuses it
+    with pytest.raises(ModelError, match="the download is incomplete or corrupt"):
+        torch_hub_file(url, download=False)
+    torch_hub_file(url, download=True)
+    assert path.read_bytes() == source.read_bytes() and len(calls) == 2
+    path.unlink()
+
+    def offline_download(url_, dst, progress):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline_download)
+    with pytest.raises(WeightsNotCached, match=rf"^{url} could not be fetched \(<urlopen error no route to host>\)$"):
+        torch_hub_file(url, download=True)
+
+
+def test_a_failed_download_names_the_fetch_command(caches, monkeypatch):
+    from e2kd_plugins.bcos import releases
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    seen = []
+
+    def fail(url, *, download):
+        seen.append(download)
+        raise WeightsNotCached(f"{url} could not be fetched (offline)")
+
+    monkeypatch.setattr(releases, "torch_hub_file", fail)
+    with pytest.raises(WeightsNotCached) as caught:
+        resolve("bcos-v2:resnet_34")
+    assert str(caught.value) == (
+        f"bcos-v2:resnet_34: {releases.RELEASE_URL}/resnet_34-a63425a03e.pth could not be fetched (offline); it could "
+        "not be downloaded — run `e2kd weights fetch bcos-v2:resnet_34` on a machine with internet (sharing HF_HOME "
+        "/ TORCH_HOME with this one)"
+    )
+    with pytest.raises(WeightsNotCached, match="; downloads are off"):
+        resolve("bcos-v2:resnet_34", download=False)
+    monkeypatch.setenv("E2KD_OFFLINE", " Yes ")
+    with pytest.raises(WeightsNotCached, match="; downloads are off"):
+        resolve("bcos-v2:resnet_34")
+    assert seen == [True, False, False]
+    with pytest.raises(ModelError, match=r"^'hf-hub: x' is not a weight name \(<source>:<spec>, e.g. hf-hub:timm/"):
+        resolve("hf-hub: x")
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"HF_HUB_CACHE": "~/hubcache", "HF_HOME": "/h"}, "~/hubcache"),
+        ({"HF_HOME": "/h", "XDG_CACHE_HOME": "/x"}, "/h/hub"),
+        ({"XDG_CACHE_HOME": "/x"}, "/x/huggingface/hub"),
+        ({}, "~/.cache/huggingface/hub"),
+    ],
+)
+def test_the_hub_cache_follows_huggingface_hubs_rule(monkeypatch, env, expected):
+    from e2kd.weights import hf_hub_cache
+
+    for var in ("HF_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert hf_hub_cache() == Path(expected).expanduser()
+
+
+def test_hub_answers_become_one_line_errors_and_fallbacks(caches, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from e2kd.weights import hf_hub_file
+
+    calls, answers = [], {}
+
+    def download(repo_id, filename, *, revision, cache_dir, local_files_only):
+        calls.append((filename, revision, local_files_only))
+        answer = answers[filename]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    bin_file = str(caches / "snap" / ("e" * 40) / "pytorch_model.bin")
+    for first in (LocalEntryNotFoundError("no"), EntryNotFoundError("no")):  # not cached / not in the repo
+        answers.update({"model.safetensors": first, "pytorch_model.bin": bin_file})
+        found = hf_hub_file(REPO, revision="v1", download=True)
+        assert (str(found.path), found.revision) == (bin_file, "e" * 40)
+    assert calls[-2:] == [("model.safetensors", "v1", False), ("pytorch_model.bin", "v1", False)]
+    hf_hub_file(REPO, revision=None, download=False)
+    assert calls[-1] == ("pytorch_model.bin", None, True)
+    answers["pytorch_model.bin"] = LocalEntryNotFoundError("no")
+    with pytest.raises(WeightsNotCached, match=rf"^{REPO}@v1 \(model.safetensors or pytorch_model.bin\) is not in"):
+        hf_hub_file(REPO, revision="v1", download=True)
+    import httpx
+
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/x"))
+    for error, message in (
+        (
+            RepositoryNotFoundError("x", response=response),
+            rf"^hf-hub:{REPO}: no such repository on the hub \(or it is private: `hf auth login`\)$",
+        ),
+        (RevisionNotFoundError("x", response=response), rf"^hf-hub:{REPO}: the hub has no revision 'v9'$"),
+        (HFValidationError("bad id"), rf"^hf-hub:{REPO}: not a hub repository id \(bad id\)$"),
+    ):
+        answers["model.safetensors"] = error
+        with pytest.raises(ModelError, match=message):
+            hf_hub_file(REPO, revision="v9", download=True)
+
+
+def test_lock_file_content_and_comparisons_at_the_edges(caches, tmp_path):
+    path = hub_snapshot(caches, REPO, "a" * 40, timm_resnet18(1).state_dict())
+    fetch([f"hf-hub:{REPO}"])
+    assert json.loads((caches / "e2kd-weights.lock").read_text()) == {
+        "version": 1,
+        "weights": {
+            f"hf-hub:{REPO}": {
+                "revision": "a" * 40,
+                "sha256": file_sha256(path),
+                "origin": f"https://huggingface.co/{REPO}",
+            }
+        },
+    }
+    torch.save({"empty": torch.zeros(0), "w": torch.zeros(3)}, tmp_path / "a.pth")
+    torch.save({"empty": torch.zeros(0), "w": torch.tensor([0.0, 0.25, 0.0])}, tmp_path / "b.pth")
+    result = compare(tmp_path / "a.pth", tmp_path / "b.pth")
+    assert result["differing"] == ["w"] and result["max_abs_difference"] == 0.25  # an empty tensor differs by 0
+    torch.save({"other": torch.zeros(2)}, tmp_path / "c.pth")
+    assert compare(tmp_path / "a.pth", tmp_path / "c.pth")["max_abs_difference"] == 0.0  # nothing shared
