@@ -150,7 +150,7 @@ def test_the_model_card_in_full():
         }
     )
     env = {
-        "packages": {"torch": "2.1", "timm": None},
+        "packages": {"torch": "2.1", "timm": None, "numpy": "2.0"},
         "produced_by": {"checkpoints": {"teacher": "f" * 64}, "weights": {"teacher": {"revision": "r1"}}},
     }
     metrics = {"splits": {"val": {"accuracy": 0.123456, "agree": True, "curve": [1, 2]}}, "history": [{"loss": 1}]}
@@ -203,15 +203,15 @@ def test_the_model_card_in_full():
             "",
             "## Environment",
             "",
-            "torch 2.1",
+            "torch 2.1, numpy 2.0",
             "",
         ]
     )
     assert model_card(config, metrics, env, "r18") == expected
     bare = model_card(config.model_copy(update={"teacher": None}), {}, {}, "r18")
-    assert "## Teacher\n\nNone (trained with labels).\n" in bare and "## Metrics\n\nNo metrics recorded.\n" in bare
+    assert "## Teacher\n\nNone (trained with labels).\n\n## Metrics\n\nNo metrics recorded.\n\n## Config\n" in bare
     assert "## Environment" not in bare
-    unrecorded = model_card(config, {}, {"produced_by": {}}, "r18")
+    unrecorded = model_card(config, {}, {}, "r18")  # an env.json without a record
     assert "- weights: `hf-hub:timm/resnet34.tv_in1k`\n- SHA-256: not recorded\n" in unrecorded
 
 
@@ -251,6 +251,8 @@ def test_config_json_in_full(finished_run, tmp_path):
         assert handle.metadata() == {"format": "pt"}
     card = (folder / "README.md").read_text()
     assert "\n# r18\n" in card and "- SHA-256" not in card  # the card names the run; no teacher
+    versions = json.loads((finished_run / "env.json").read_text())["packages"]
+    assert f"## Environment\n\ne2kd 0.1.0, torch {versions['torch']}, " in card  # read from the run's env.json
     export_run(finished_run, tmp_path / "deep" / "er" / "out")  # missing parents are made
     assert (tmp_path / "deep" / "er" / "out" / "model.safetensors").is_file()
 
@@ -316,3 +318,41 @@ def test_a_failed_push_is_one_line_and_keeps_the_export(tmp_path, monkeypatch):
         f"--push me/student: the upload failed (PermissionError: 401 Unauthorized); the export in {tmp_path} is "
         f"complete — log in (`hf auth login`) and push again"
     )
+
+
+def test_config_json_takes_the_timm_arch_and_kwargs_from_the_builders_options():
+    from e2kd.export import hub_config
+    from e2kd.models import build_model
+
+    options = {"arch": "resnet10t", "kwargs": {"drop_rate": 0.25}}
+    config = load_config_dict({"data": DATA, "model": {"name": "timm", "options": options}})
+    stored = hub_config(config, build_model("timm", options, 3), ["a", "b", "c"], 32)
+    assert stored["architecture"] == "resnet10t" and stored["model_args"] == {"drop_rate": 0.25}
+    assert stored["pretrained_cfg"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # the arch's own
+
+
+def test_push_names_its_commit_and_needs_huggingface_hub(tmp_path, monkeypatch):
+    import sys
+
+    import huggingface_hub
+
+    from e2kd.export import push_to_hub
+
+    commits = []
+
+    class Api:
+        def create_repo(self, repo, private, exist_ok):
+            pass
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            commits.append(commit_message)
+            raise PermissionError()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    with pytest.raises(ConfigError, match=r"^--push me/s: the upload failed \(PermissionError: \); the export in"):
+        push_to_hub(tmp_path, "me/s")
+    assert commits == ["e2kd export"]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ConfigError, match=r"^--push needs huggingface_hub \(pip install huggingface_hub\)$"):
+        push_to_hub(tmp_path, "me/s")

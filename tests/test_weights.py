@@ -247,6 +247,14 @@ def test_cli_fetch_and_compare(caches, capsys):
     out = capsys.readouterr().out
     assert f"hf-hub:{REPO} @ {'a' * 40}: {path} (SHA-256 {file_sha256(path)[:12]}…)" in out
     assert json.loads(lock.read_text())["weights"][f"hf-hub:{REPO}"]["sha256"] == file_sha256(path)
+    other = hub_snapshot(caches, "timm/resnet18.tv_in1k", "b" * 40, timm_resnet18(2).state_dict())
+    assert main(["weights", "fetch", "hf-hub:timm/resnet18.tv_in1k", "--lock", str(lock)]) == 0  # added to it
+    entries = json.loads(lock.read_text())["weights"]
+    assert {k: v["sha256"] for k, v in entries.items()} == {
+        f"hf-hub:{REPO}": file_sha256(path),
+        "hf-hub:timm/resnet18.tv_in1k": file_sha256(other),
+    }
+    assert not (caches / "e2kd-weights.lock").exists()  # the default lock is not touched
     assert main(["weights", "fetch", "hf-hub:timm/missing"]) == 2
     assert capsys.readouterr().err.startswith("e2kd: error: hf-hub:timm/missing: timm/missing (model.safetensors")
     torch.save(timm_resnet18(1).state_dict(), caches / "a.pth")
