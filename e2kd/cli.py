@@ -87,7 +87,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from .weights import compare, fetch, lock_path
+    from .weights import compare, fetch, known_names, lock_path
 
     if args.action == "fetch":
         lock = args.lock or lock_path()
@@ -95,6 +95,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
             revision = f" @ {w.revision}" if w.revision else ""
             print(f"{w.name}{revision}: {w.path} (SHA-256 {w.sha256[:12]}…)")
         print(f"lock file: {lock}")
+        return 0
+    if args.action == "list":
+        for name in known_names(args.names):
+            print(name)
         return 0
     if len(args.names) != 2:
         raise ConfigError("e2kd weights compare takes two weight files or names")
@@ -317,11 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("weights", help="fetch named weights into the libraries' caches and lock them; compare two")
-    p.add_argument(
-        "action", choices=["fetch", "compare"], help="fetch NAME...: download (or find) and lock; compare A B"
+    p = sub.add_parser(
+        "weights", help="fetch named weights into the libraries' caches and lock them; list names; compare two"
     )
-    p.add_argument("names", nargs="+", metavar="NAME", help="weight names (<source>:<spec>) or, for compare, files")
+    p.add_argument(
+        "action",
+        choices=["fetch", "list", "compare"],
+        help="fetch NAME...: download (or find) and lock; list SOURCE: the names a source knows; compare A B",
+    )
+    p.add_argument(
+        "names", nargs="+", metavar="NAME", help="weight names (<source>:<spec>); a source for list; files for compare"
+    )
     p.add_argument("--lock", type=Path, help="lock file to write (default: $E2KD_WEIGHTS_LOCK or ./e2kd-weights.lock)")
     p.add_argument("--json", action="store_true", help="compare: print the comparison as JSON")
     p.set_defaults(func=cmd_weights)

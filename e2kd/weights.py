@@ -134,6 +134,17 @@ def resolve(name: str, *, download: bool | None = None, locked: bool = True) -> 
     return ResolvedWeights(name, found.path, sha256, found.revision, found.origin)
 
 
+def known_names(sources: list[str]) -> list[str]:
+    """The weight names the given sources know by heart (``<source>:<spec>``; open-ended sources list none)."""
+    from .registry import create, list_plugins
+
+    known = sorted(i.name for i in list_plugins("weights"))
+    unknown = [s for s in sources if s not in known]
+    if unknown:
+        raise ModelError(f"unknown weight source {unknown[0]!r} (known: {', '.join(known)})")
+    return [f"{source}:{spec}" for source in sources for spec in create("weights", source).names()]
+
+
 def checkpoint_file(checkpoint: str | Path) -> Path:
     """The local file of a checkpoint given as a path or as a weight name."""
     return resolve(checkpoint).path if is_weight_name(checkpoint) else Path(checkpoint)

@@ -105,6 +105,9 @@ def test_samples_equal_the_image_folders(folder, saved, shards, kind, draw):
         assert len(got) == len(want) == {"train": 9 if draw else 15, "train_holdout": 3, "val": 6}[split]
         for i in range(len(want)):
             assert torch.equal(got[i]["image"], want[i]["image"]) and int(got[i]["label"]) == int(want[i]["label"])
+    identity = other.identity("val")
+    assert identity["split"] == "val" and identity != other.identity("train")
+    assert identity.get("num_rows", identity.get("num_samples")) == 6
     other_seed = open_dataset(_name(kind), _options(kind, folder, saved, shards, **draw), seed=5)
     if draw:  # another seed draws other shots, and the identity (cache fingerprints) says so
         assert other_seed.identity("train") != other.identity("train")
@@ -188,3 +191,105 @@ def test_the_per_class_draw_by_hand():
         per_class_draw([0, 1, 1, 1, 0, 0, 0], ["a", "b"], shots=2, holdout=2, seed=0, where="w")
     with pytest.raises(DataError, match=r"^w/c: 0 images, fewer than holdout_per_class \+ shots = 1"):
         per_class_draw(labels, ["a", "b", "c"], shots=None, holdout=0, seed=0, where="w")
+
+
+def test_hf_images_of_any_mode_or_undecoded_read_like_image_files(tmp_path):
+    from e2kd.data.files import read_image
+    from e2kd_plugins.datasets.hf_datasets import _pixels
+
+    g = torch.Generator().manual_seed(1)
+    for mode, channels in (("L", 1), ("RGBA", 4), ("P", 1)):
+        array = (torch.rand(9, 7, channels, generator=g) * 255).to(torch.uint8).numpy().squeeze()
+        image = Image.fromarray(array, "L" if channels == 1 else "RGBA").convert(mode)
+        path = tmp_path / f"{mode}.png"
+        image.save(path)
+        want = read_image(path)
+        assert want.shape == (3, 9, 7)
+        with Image.open(path) as opened:
+            assert torch.equal(_pixels(opened), want)
+        assert torch.equal(_pixels({"bytes": path.read_bytes(), "path": None}), want)
+        assert torch.equal(_pixels({"bytes": None, "path": str(path)}), want)
+
+
+def test_an_hf_label_column_without_names_needs_class_names(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    rows = datasets.Dataset.from_dict({"image": [{"bytes": _jpeg(0), "path": None}], "label": [1]}, features=features)
+    rows.save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(DataError, match=r"^data.options: column 'label' is not a ClassLabel; give class_names$"):
+        open_dataset("hf_datasets", {"path": str(tmp_path / "plain")})
+    named = open_dataset("hf_datasets", {"path": str(tmp_path / "plain"), "class_names": ["a", "b"]})
+    assert named.class_names() == ["a", "b"] and named.splits() == ("train",)
+
+
+def _tar(path: Path, members: dict[str, bytes], mode: str = "w") -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _jpeg(seed: int, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    import io
+
+    pixels = (torch.rand(10, 12, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8).numpy()
+    out = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(out, fmt)
+    return out.getvalue()
+
+
+def test_webdataset_keys_follow_the_first_dot_and_partial_samples_are_skipped(tmp_path):
+    from e2kd.data.files import read_image
+
+    shard = _tar(
+        tmp_path / "s.tar",
+        {
+            "dir/": None,  # a directory entry
+            "a/b/0001.left.png": _jpeg(1, "L", "PNG"),  # key a/b/0001, extension left.png (grayscale)
+            "a/b/0001.cls": b"1",
+            "a/b/0002.jpg": _jpeg(2),  # no label: not a sample
+            "README": b"no extension",
+            "a/b/0003.jpg": _jpeg(3),
+            "a/b/0003.cls": b" 0\n",
+        },
+    )
+    dataset = open_dataset(
+        "webdataset", {"shards": {"train": str(shard)}, "class_names": ["x", "y"], "image_keys": ["left.png", "jpg"]}
+    )
+    samples = dataset.samples("train")
+    assert len(samples) == 2 and [int(samples[i]["label"]) for i in range(2)] == [1, 0]
+    (tmp_path / "left.png").write_bytes(_jpeg(1, "L", "PNG"))
+    assert torch.equal(samples[0]["image"], read_image(tmp_path / "left.png"))  # grayscale made RGB, as files are
+    identity = dataset.identity("train")
+    assert identity["split"] == "train" and identity["num_samples"] == 2
+    _tar(shard, {"a/b/0009.jpg": _jpeg(3), "a/b/0009.cls": b"0", "a/b/0010.jpg": _jpeg(1), "a/b/0010.cls": b"1"})
+    rewritten = open_dataset("webdataset", {"shards": {"train": str(shard)}, "class_names": ["x", "y"]})
+    assert rewritten.identity("train")["samples_sha256"] != identity["samples_sha256"]  # same count, other samples
+    with pytest.raises(DataError, match=r"s.tar: no samples with an image \(png\) and a .cls label$"):
+        open_dataset(
+            "webdataset", {"shards": {"train": str(shard)}, "class_names": ["x", "y"], "image_keys": ["png"]}
+        ).samples("train")
+
+
+def test_webdataset_refuses_compressed_shards_and_names_an_undecodable_image(tmp_path):
+    members = {"k.jpg": _jpeg(1), "k.cls": b"0", "m.jpg": b"\xff\xd8 not really a jpeg", "m.cls": b"1"}
+    gz = _tar(tmp_path / "s.tar.gz", members, "w:gz")
+    with pytest.raises(DataError, match=r"s.tar.gz: not a readable uncompressed WebDataset shard \(ReadError: "):
+        open_dataset("webdataset", {"shards": {"train": str(gz)}, "class_names": ["x", "y"]}).samples("train")
+    plain = _tar(tmp_path / "s.tar", members)
+    samples = open_dataset("webdataset", {"shards": {"train": str(plain)}, "class_names": ["x", "y"]}).samples("train")
+    assert samples[0]["image"].shape == (3, 10, 12)
+    with pytest.raises(
+        DataError, match=rf"^{plain} \(offset \d+\): unreadable or truncated image \(UnidentifiedImageError: "
+    ):
+        samples[1]

@@ -7,6 +7,7 @@ import csv
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,9 @@ def test_a_resumed_run_logs_to_the_same_mlflow_run(tmp_path):
     first.close()
     again = Tracking.named([{"name": "mlflow", "options": {"tracking_uri": uri, "every": 2}}], folder, {"seed": 1})
     again.start(resume_step=4)
+    client = MlflowClient(uri)
+    assert client.get_run(json.loads((folder / STATE_FILE).read_text())["mlflow"]["run_id"]).info.status == "RUNNING"
+    before = time.time() * 1000
     again.log_step({"step": 6, "loss": 0.125})
     again.log_results({"splits": {"test": {"accuracy": 0.5, "explanation_similarity[similarity=ssim]": 0.25}}})
     again.close()
@@ -69,6 +73,7 @@ def test_a_resumed_run_logs_to_the_same_mlflow_run(tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("e2kd").experiment_id])
     history = client.get_metric_history(run.info.run_id, "step/loss")
     assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.25), (6, 0.125)]  # every second step
+    assert before - 1 <= history[-1].timestamp <= time.time() * 1000 + 1  # milliseconds since the epoch
     assert run.data.metrics["test/explanation_similarity_similarity_ssim_"] == 0.25  # a key MLflow accepts
 
 
@@ -126,7 +131,10 @@ def test_wandb_offline_writes_a_run_file_with_the_steps_and_results(tmp_path):
             summary.update({_key(item): json.loads(item.value_json) for item in r.summary.update})
     results = numbers(json.loads((out / "metrics.json").read_text())["splits"])
     assert {k: summary[k] for k in results} == pytest.approx(results)
-    [config] = [r.run.config for r in records if r.WhichOneof("record_type") == "run"]
+    assert not any("step/step" in h or "epoch/last_step" in h for h in history)  # counters are the axes, not values
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name, run.run_id) == ("e2kd", "run", run_id)
+    config = run.config
     logged_config = {item.key: json.loads(item.value_json) for item in config.update}
     assert logged_config["train"]["lr"] == 0.001 and logged_config["seed"] == 0
 
@@ -196,3 +204,54 @@ def test_a_fresh_start_does_not_take_over_a_saved_tracked_run(tmp_path):
     Tracking([Probe()], tmp_path).start(resume_step=0)  # a new run (--rerun, or the first start)
     Tracking([Probe()], tmp_path).start(resume_step=1)  # resumed after its first step
     assert seen == [{}, {"id": "run1"}]
+
+
+def test_mlflow_runs_share_a_store_and_start_over_when_theirs_is_gone(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the store when the options name none
+    config = {f"group{i}": {f"key{j}": j for j in range(30)} for i in range(8)}  # 240 parameters
+    config["long"] = "x" * 7000
+    ids = []
+    for name in ("a", "b"):  # two runs in one experiment: the second finds it
+        folder = tmp_path / name
+        folder.mkdir()
+        tracking = Tracking.named(["mlflow"], folder, config)
+        tracking.start(resume_step=3)  # nothing saved: a new MLflow run, which logs results at the step resumed from
+        tracking.log_results({"splits": {"val": {"accuracy": 0.5}}})
+        tracking.log_epoch({"epoch": 1, "last_step": 3, "loss": 0.2})
+        tracking.close()
+        ids.append(json.loads((folder / STATE_FILE).read_text())["mlflow"]["run_id"])
+    client = MlflowClient(uri)
+    run = client.get_run(ids[0])
+    assert len(run.data.params) == 241 and run.data.params["group7.key29"] == "29"
+    assert run.data.params["long"] == "x" * 6000  # MLflow's limit
+    assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "val/accuracy")] == [(3, 0.5)]
+    assert set(run.data.metrics) == {"val/accuracy", "epoch/loss"}  # the counters are axes, not metrics
+    (tmp_path / "a" / STATE_FILE).write_text(json.dumps({"mlflow": {"run_id": "0" * 32}}))  # a run the store lacks
+    tracking = Tracking.named(["mlflow"], tmp_path / "a", {})
+    tracking.start(resume_step=5)
+    tracking.close()
+    new_id = json.loads((tmp_path / "a" / STATE_FILE).read_text())["mlflow"]["run_id"]
+    assert new_id not in ("0" * 32, *ids) and client.get_run(new_id).info.status == "FINISHED"
+
+
+def test_wandb_resumes_its_run_and_records_tags(tmp_path):
+    folder = tmp_path / "w"
+    folder.mkdir()
+    options = {"name": "wandb", "options": {"tags": ["ablation"], "project": "p"}}
+    first = Tracking.named([options], folder, {"seed": 0})
+    first.start()
+    first.log_step({"step": 1, "loss": 1.0})
+    first.close()
+    saved = json.loads((folder / STATE_FILE).read_text())["wandb"]["id"]
+    again = Tracking.named([options], folder, {"seed": 0})
+    again.start(resume_step=1)
+    again.log_results({"splits": {"val": {"accuracy": 0.75}}})  # before any new step: at the step resumed from
+    again.close()
+    assert json.loads((folder / STATE_FILE).read_text())["wandb"]["id"] == saved
+    files = sorted((folder / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in files] == [f"run-{saved}.wandb"] * 2  # the same run, continued
+    [run] = [r.run for r in _wandb_records(files[0]) if r.WhichOneof("record_type") == "run"]
+    assert list(run.tags) == ["ablation"] and run.project == "p"

@@ -82,6 +82,7 @@ def tensorboard(monkeypatch):
 def test_tensorboard_gets_every_scalar_but_the_counters_at_its_step(tmp_path, tensorboard):
     log = Tracking.named(["tensorboard"], tmp_path)
     log.start()
+    log.log_results({"splits": {"val": {"accuracy": 0.25}}})  # before any step: at step 0
     log.log_step({"step": 3, "epoch": 1, "loss": 0.5, "lr": 0.1})
     log.log_epoch({"epoch": 2, "last_step": 8, "loss": 0.25})
     log.log_results({"splits": {"test": {"accuracy": 0.75, "curve": [1, 2]}}})
@@ -89,6 +90,7 @@ def test_tensorboard_gets_every_scalar_but_the_counters_at_its_step(tmp_path, te
     (writer,) = tensorboard
     assert writer.folder == str(tmp_path / "tensorboard") and writer.purge_step is None
     assert writer.scalars == [
+        ("val/accuracy", 0.25, 0),
         ("step/epoch", 1, 3),
         ("step/loss", 0.5, 3),
         ("step/lr", 0.1, 3),

@@ -447,3 +447,63 @@ def test_lock_file_content_and_comparisons_at_the_edges(caches, tmp_path):
     assert result["differing"] == ["w"] and result["max_abs_difference"] == 0.25  # an empty tensor differs by 0
     torch.save({"other": torch.zeros(2)}, tmp_path / "c.pth")
     assert compare(tmp_path / "a.pth", tmp_path / "c.pth")["max_abs_difference"] == 0.0  # nothing shared
+
+
+def test_sources_pass_the_revision_and_the_download_permission_on(caches, monkeypatch):
+    """hf-hub and timm names reach the hub with the locked or pinned revision, the tag's file name, and
+    whether a download is allowed; a repository id without an owner is one line."""
+    import huggingface_hub
+
+    calls = []
+
+    def download(repo_id, filename, *, revision, cache_dir, local_files_only):
+        calls.append((repo_id, filename, revision, local_files_only))
+        return str(caches / "snapshots" / "c0ffee" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    resolve_file = lambda name, **kw: resolve(name, **kw).path  # noqa: E731
+    monkeypatch.setattr("e2kd.weights.cached_file_sha256", lambda path: "0" * 64)
+    resolve_file(f"hf-hub:{REPO}@v2", download=True)
+    resolve_file("timm:resnet18.a1_in1k", download=False)
+    assert calls == [(REPO, "model.safetensors", "v2", False), (REPO, "model.safetensors", None, True)]
+    # the few tags timm loads from a URL are kept in torch.hub's folder
+    with pytest.raises(
+        WeightsNotCached,
+        match=r"^timm:vit_huge_patch16_gap_448.in1k_ijepa: IN1K-vit.h.16-448px-300e.pth.tar is not in torch.hub's cache",
+    ):
+        resolve("timm:vit_huge_patch16_gap_448.in1k_ijepa", download=False)
+    (caches / "e2kd-weights.lock").write_text(
+        json.dumps({"weights": {"timm:resnet18.a1_in1k": {"revision": "locked", "sha256": "0" * 64}}})
+    )
+    resolve_file("timm:resnet18.a1_in1k")
+    assert calls[-1] == (REPO, "model.safetensors", "locked", True)
+    with pytest.raises(ModelError, match=r"^hf-hub:resnet18: give the repository as ORG/NAME \(e.g. hf-hub:timm/"):
+        resolve("hf-hub:resnet18")
+
+
+def test_unknown_names_without_a_close_match_end_the_line_cleanly(caches):
+    with pytest.raises(ModelError) as caught:
+        resolve("torchvision:Nothing.LIKE_IT")
+    assert str(caught.value).endswith("(ENUM.MEMBER, e.g. ResNet34_Weights.IMAGENET1K_V1)")
+    with pytest.raises(ModelError) as caught:
+        resolve("bcos-v2:zzz")
+    assert str(caught.value) == f"bcos-v2:zzz: no B-cos-v2 release of that name (known: {', '.join(_releases())})"
+
+
+def _releases() -> list[str]:
+    from e2kd_plugins.bcos.releases import release_files
+
+    return list(release_files())
+
+
+def test_weights_list_prints_the_names_a_source_knows(capsys):
+    from e2kd.cli import main
+
+    assert main(["weights", "list", "bcos-v2", "hf-hub"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [f"bcos-v2:{n}" for n in _releases()] and "bcos-v2:resnet_34" in printed
+    assert "bcos-v2:densenet_121_long" in printed and len(printed) == 26
+    assert main(["weights", "list", "torchvision"]) == 0
+    assert "torchvision:ResNet34_Weights.IMAGENET1K_V1" in capsys.readouterr().out.split()
+    assert main(["weights", "list", "torchvisio"]) == 2
+    assert capsys.readouterr().err.startswith("e2kd: error: unknown weight source 'torchvisio' (known: bcos-v2,")

@@ -52,11 +52,8 @@ class TimmSource(WeightSource):
         if cfg is None or not (cfg.hf_hub_id or cfg.url):
             raise ModelError(f"timm:{spec}: timm has no pretrained weights of that name{_close(spec, self.names())}")
         if cfg.hf_hub_id:
-            files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else None
-            return hf_hub_file(
-                cfg.hf_hub_id, revision=revision, download=download, **({"filenames": files} if files else {})
-            )
-        return torch_hub_file(cfg.url, download=download)
+            return hf_hub_file(cfg.hf_hub_id, revision=revision, download=download)
+        return torch_hub_file(cfg.url, download=download)  # the few tags timm loads from a URL
 
     def names(self) -> list[str]:
         import timm
