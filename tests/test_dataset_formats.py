@@ -261,18 +261,22 @@ def test_webdataset_keys_follow_the_first_dot_and_partial_samples_are_skipped(tm
             "README": b"no extension",
             "a/b/0003.jpg": _jpeg(3),
             "a/b/0003.cls": b" 0\n",
+            "v1.2/0004.jpg": _jpeg(4),  # a dot in a folder's name is not the key's end
+            "v1.2/0004.cls": b"1",
         },
     )
     dataset = open_dataset(
         "webdataset", {"shards": {"train": str(shard)}, "class_names": ["x", "y"], "image_keys": ["left.png", "jpg"]}
     )
     samples = dataset.samples("train")
-    assert len(samples) == 2 and [int(samples[i]["label"]) for i in range(2)] == [1, 0]
+    assert len(samples) == 3 and [int(samples[i]["label"]) for i in range(3)] == [1, 0, 1]
     (tmp_path / "left.png").write_bytes(_jpeg(1, "L", "PNG"))
     assert torch.equal(samples[0]["image"], read_image(tmp_path / "left.png"))  # grayscale made RGB, as files are
     identity = dataset.identity("train")
-    assert identity["split"] == "train" and identity["num_samples"] == 2
-    _tar(shard, {"a/b/0009.jpg": _jpeg(3), "a/b/0009.cls": b"0", "a/b/0010.jpg": _jpeg(1), "a/b/0010.cls": b"1"})
+    assert identity["split"] == "train" and identity["num_samples"] == 3
+    with pytest.raises(DataError, match=r"^webdataset: no split 'val' \(known: train\)$"):
+        dataset.samples("val")
+    _tar(shard, {f"a/b/{k}.{e}": d for k in ("0009", "0010", "0011") for e, d in (("jpg", _jpeg(1)), ("cls", b"0"))})
     rewritten = open_dataset("webdataset", {"shards": {"train": str(shard)}, "class_names": ["x", "y"]})
     assert rewritten.identity("train")["samples_sha256"] != identity["samples_sha256"]  # same count, other samples
     with pytest.raises(DataError, match=r"s.tar: no samples with an image \(png\) and a .cls label$"):

@@ -48,6 +48,7 @@ def test_mlflow_store_holds_the_runs_steps_epochs_results_and_config(tmp_path):
     results = json.loads((out / "metrics.json").read_text())["splits"]
     assert {k: run.data.metrics[k] for k in numbers(results)} == numbers(results)
     assert run.data.params["train.lr"] == "0.001" and run.data.params["model.name"] == "small_resnet"
+    assert not {"step/step", "epoch/epoch", "epoch/last_step"} & set(run.data.metrics)  # counters are the axes
 
 
 def test_a_resumed_run_logs_to_the_same_mlflow_run(tmp_path):

@@ -465,13 +465,30 @@ def test_sources_pass_the_revision_and_the_download_permission_on(caches, monkey
     monkeypatch.setattr("e2kd.weights.cached_file_sha256", lambda path: "0" * 64)
     resolve_file(f"hf-hub:{REPO}@v2", download=True)
     resolve_file("timm:resnet18.a1_in1k", download=False)
-    assert calls == [(REPO, "model.safetensors", "v2", False), (REPO, "model.safetensors", None, True)]
+    resolve_file("timm:resnet18.a1_in1k", download=True)
+    assert calls == [
+        (REPO, "model.safetensors", "v2", False),
+        (REPO, "model.safetensors", None, True),
+        (REPO, "model.safetensors", None, False),
+    ]
     # the few tags timm loads from a URL are kept in torch.hub's folder
     with pytest.raises(
         WeightsNotCached,
         match=r"^timm:vit_huge_patch16_gap_448.in1k_ijepa: IN1K-vit.h.16-448px-300e.pth.tar is not in torch.hub's cache",
     ):
         resolve("timm:vit_huge_patch16_gap_448.in1k_ijepa", download=False)
+    import torch.hub
+
+    fetched = []
+
+    def download(url, dst, progress):
+        fetched.append(url)
+        Path(dst).write_bytes(b"weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    found = resolve("timm:vit_huge_patch16_gap_448.in1k_ijepa", download=True)
+    assert fetched == ["https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.16-448px-300e.pth.tar"]
+    assert found.path.read_bytes() == b"weights" and found.origin == fetched[0]
     (caches / "e2kd-weights.lock").write_text(
         json.dumps({"weights": {"timm:resnet18.a1_in1k": {"revision": "locked", "sha256": "0" * 64}}})
     )

@@ -48,11 +48,9 @@ class WandbTracker(Tracker):
             settings=wandb.Settings(console="off", silent=True),
         )
         run.state["id"] = self.run.id
-        self.last_step = run.resume_step
 
     def log_step(self, row: dict[str, float]) -> None:
-        self.last_step = int(row["step"])
-        self.run.log({f"step/{k}": v for k, v in row.items() if k != "step"}, step=self.last_step)
+        self.run.log({f"step/{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
     def log_epoch(self, row: dict[str, float]) -> None:
         # on the step axis (W&B's steps only increase): the epoch's means at its last step
