@@ -130,6 +130,17 @@ def test_torchvision_file_loads_into_the_timm_resnet(caches, monkeypatch):
     monkeypatch.setattr(torchvision.models, "get_weight", lambda name: weights)
     assert resolve("torchvision:ResNet18_Weights.IMAGENET1K_V1").path == path
     assert torch.equal(e2kd_logits("torchvision:ResNet18_Weights.IMAGENET1K_V1"), expected_logits(source))
+    # not cached and downloads allowed: torch.hub fetches it into its folder
+    data, fetched = path.read_bytes(), []
+    path.unlink()
+
+    def download(url, dst, progress):
+        fetched.append(url)
+        Path(dst).write_bytes(data)
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", download)
+    assert resolve("torchvision:ResNet18_Weights.IMAGENET1K_V1", download=True).path == path
+    assert fetched == [weights.url]
 
 
 def test_a_file_whose_name_hash_is_wrong_is_refused_in_one_line(caches):
