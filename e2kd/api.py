@@ -584,5 +584,6 @@ class Tracker(PluginItem):
     def log_results(self, results: dict[str, dict[str, Any]]) -> None:
         """The evaluation: split -> metric -> value (numbers; curves and lists may be skipped)."""
 
-    def close(self) -> None:
-        """Flush and release the destination."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and release the destination; ``failed``: training stopped on an error or an interrupt
+        (mark the tracked run so, not finished)."""

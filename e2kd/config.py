@@ -105,6 +105,11 @@ class ModelConfig(PluginRef):
         """The checkpoint as a local file when it is one (None for a weight name or no checkpoint)."""
         return self.checkpoint if isinstance(self.checkpoint, Path) else None
 
+    @property
+    def weight_name(self) -> str | None:
+        """The checkpoint when it is a weight name (``<source>:<spec>``), else None."""
+        return self.checkpoint if isinstance(self.checkpoint, str) else None
+
 
 #: Keys of the config format before datasets were plugins (``data: {num_classes: ...}``).
 _LEGACY_SYNTHETIC_KEYS = {"kind", "num_classes", "image_size", "train_per_class", "test_per_class", "bias"}

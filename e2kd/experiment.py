@@ -144,9 +144,11 @@ def _train(plan: Plan, runtime: Runtime, model: nn.Module, teacher, step, data: 
         history = _fit(plan, runtime, model, step, data, out, desc, tracking)
         results = _finish(plan, runtime, out, model, teacher, history)
         tracking.log_results(results)
-        return results
-    finally:
-        tracking.close()
+    except BaseException:
+        tracking.close(failed=True)  # a diverged, failed or interrupted run is not reported finished
+        raise
+    tracking.close()
+    return results
 
 
 def _fit(
@@ -187,13 +189,11 @@ def _run_dir(plan: Plan, runtime: Runtime, rerun: bool = False) -> Path:
 def _weights_on_main_first(config, runtime: Runtime) -> None:
     """Under torchrun, resolve the config's weight names on the main process first: it downloads
     what is missing once, and the other processes then find the file in the cache."""
-    names = [
-        ref.checkpoint for ref in (config.model, config.teacher) if ref is not None and ref.checkpoint_path is None
-    ]
-    if runtime.world_size > 1 and any(names):
+    names = [ref.weight_name for ref in (config.model, config.teacher) if ref is not None and ref.weight_name]
+    if runtime.world_size > 1 and names:
         with runtime.main_first():
-            for name in filter(None, names):
-                resolve_weights(str(name))
+            for name in names:
+                resolve_weights(name)
 
 
 def train_teacher(config, *, rerun: bool = False) -> dict[str, Any]:

@@ -80,8 +80,8 @@ def produced_by(config: ExperimentConfig) -> dict[str, Any]:
     for role, ref in (("model", config.model), ("teacher", config.teacher)):
         if ref is None or ref.checkpoint is None:
             continue
-        if ref.checkpoint_path is None:  # a weight name: the file it resolves to now, and its revision
-            resolved = resolve_weights(str(ref.checkpoint))
+        if ref.weight_name is not None:  # the file the name resolves to now, and its revision
+            resolved = resolve_weights(ref.weight_name)
             files[role], weights[role] = resolved.sha256, resolved.record()
         elif ref.checkpoint_path.is_file():
             files[role] = cached_file_sha256(ref.checkpoint_path)

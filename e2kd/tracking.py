@@ -69,10 +69,10 @@ class Tracking:
         for tracker in self.trackers:
             tracker.log_results(results.get("splits", {}))
 
-    def close(self) -> None:
-        """Close the trackers that were started (each once)."""
+    def close(self, failed: bool = False) -> None:
+        """Close the trackers that were started (each once); ``failed``: training did not finish."""
         while self.started:
-            self.started.pop().close()
+            self.started.pop().close(failed=failed)
 
 
 def numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:

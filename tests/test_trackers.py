@@ -256,3 +256,28 @@ def test_wandb_resumes_its_run_and_records_tags(tmp_path):
     assert [f.name for f in files] == [f"run-{saved}.wandb"] * 2  # the same run, continued
     [run] = [r.run for r in _wandb_records(files[0]) if r.WhichOneof("record_type") == "run"]
     assert list(run.tags) == ["ablation"] and run.project == "p"
+
+
+def test_a_run_that_fails_is_marked_failed_not_finished(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from e2kd import experiment
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(experiment, "_finish", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        _train(tmp_path, ["csv", "mlflow", "wandb"])
+    state = json.loads((tmp_path / "run" / STATE_FILE).read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(state["mlflow"]["run_id"]).info.status == "FAILED"
+    [run_file] = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    [exit_record] = [r.exit for r in _wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 1
+    monkeypatch.undo()
+    _train(tmp_path, ["csv", "mlflow", "wandb"], name="ok")
+    state = json.loads((tmp_path / "ok" / STATE_FILE).read_text())
+    assert client.get_run(state["mlflow"]["run_id"]).info.status == "FINISHED"
+    [run_file] = (tmp_path / "ok" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [r.exit.exit_code for r in _wandb_records(run_file) if r.WhichOneof("record_type") == "exit"] == [0]

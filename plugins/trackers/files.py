@@ -82,7 +82,7 @@ class TensorBoardTracker(Tracker):
         for key, value in numbers(results).items():
             self.writer.add_scalar(key, value, self.last_step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 

@@ -107,8 +107,8 @@ class MlflowTracker(Tracker):
 
         self._log(numbers(results), self.last_step, "")
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 @hookimpl

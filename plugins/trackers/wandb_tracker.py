@@ -62,8 +62,8 @@ class WandbTracker(Tracker):
 
         self.run.summary.update(numbers(results))
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 @hookimpl
