@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .api import WeightFile
+from .api import WeightFile, WeightSource
 from .checkpoints import check_hub_hash
 from .digests import cached_file_sha256
 from .errors import ConfigError, ModelError, PluginError, WeightsNotCached
@@ -100,20 +100,10 @@ def resolve(name: str, *, download: bool | None = None, locked: bool = True) -> 
     revision and refuse a file whose SHA-256 differs from the locked one (``e2kd weights fetch``
     passes False, as it rewrites the entry).
     """
-    from .registry import create
-
     match = _NAME.match(name)
     if match is None:
         raise ModelError(f"{name!r} is not a weight name (<source>:<spec>, e.g. hf-hub:timm/resnet34.tv_in1k)")
-    try:
-        source = create("weights", match["source"])
-    except PluginError:
-        from .registry import list_plugins
-
-        known = ", ".join(sorted(i.name for i in list_plugins("weights")))
-        raise ModelError(
-            f"{name}: unknown weight source {match['source']!r} (known: {known}; `e2kd plugins --kind weights`)"
-        ) from None
+    source = _source(match["source"], who=f"{name}: ")
     entry = read_lock().get(name) if locked else None
     download = not offline() if download is None else download
     try:
@@ -136,13 +126,20 @@ def resolve(name: str, *, download: bool | None = None, locked: bool = True) -> 
 
 def known_names(sources: list[str]) -> list[str]:
     """The weight names the given sources know by heart (``<source>:<spec>``; open-ended sources list none)."""
+    return [f"{source}:{spec}" for source in sources for spec in _source(source).names()]
+
+
+def _source(name: str, who: str = "") -> WeightSource:
+    """The registered weight source ``name``; a one-line error listing the known ones otherwise."""
     from .registry import create, list_plugins
 
-    known = sorted(i.name for i in list_plugins("weights"))
-    unknown = [s for s in sources if s not in known]
-    if unknown:
-        raise ModelError(f"unknown weight source {unknown[0]!r} (known: {', '.join(known)})")
-    return [f"{source}:{spec}" for source in sources for spec in create("weights", source).names()]
+    try:
+        return create("weights", name)
+    except PluginError:
+        known = ", ".join(sorted(i.name for i in list_plugins("weights")))
+        raise ModelError(
+            f"{who}unknown weight source {name!r} (known: {known}; `e2kd plugins --kind weights`)"
+        ) from None
 
 
 def checkpoint_file(checkpoint: str | Path) -> Path:
