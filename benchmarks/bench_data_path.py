@@ -12,7 +12,8 @@ per repeat, interleaved in alternating order; images/s is the median over repeat
   item, uint8 out) in ``--workers`` loader processes kept across epochs, float on ``--device``;
 - ``jpeg (by hand)``: torchvision ``ImageFolder`` + ``v2`` (``RandomResizedCrop``, flip, ``ToDtype``);
 - ``decoded + device view``: the decoded cache (built once, its build timed on its own) read by
-  :class:`e2kd.data.batch_views.DeviceView` — crops, flips and conversion per batch on ``--device``;
+  :class:`e2kd.data.batch_views.DeviceView` — crops, flips and conversion per batch on ``--device``
+  (and with one loader thread instead of two: how the view scales with threads on a CPU);
 - ``jpeg bytes, decoded + device view``: ``data.decode: device`` — the files' bytes gathered by the
   device view's threads, decoded on ``--device`` (nvJPEG on CUDA, one call per batch), then the view;
 - ``tensors + v2 per item (by hand)``: what a user writes with the same pre-resized uint8 images in
@@ -85,8 +86,10 @@ def drain(batches) -> int:
 
 def kernel_costs(batch_size: int, repeats: int = 5) -> dict:
     """Microseconds per image, on one core, of what the CPU device view does per image: the uint8
-    crop-and-resize kernel (a 256 x 341 channels-last image, a 200 x 270 crop, to 224 px) and the
-    conversion of a 224-px result to float into a batch already touched and into a fresh one."""
+    crop-and-resize kernel (a 256 x 341 channels-last image, a 200 x 270 crop, to 224 px) on the crop
+    as it lies in the image and on the crop copied out channels-last first (what the view does), and
+    the conversion of a 224-px result to float into a batch already touched (reused memory) and into a
+    fresh one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -102,9 +105,13 @@ def kernel_costs(batch_size: int, repeats: int = 5) -> dict:
                 fn()
             return round((time.perf_counter() - start) / repeats / per * 1e6, 1)
 
+        def resize(source: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.interpolate(source, size=(SIZE, SIZE), mode="bilinear")
+
         return {
-            "uint8_resized_crop": per_image(
-                lambda: torch.nn.functional.interpolate(crop, size=(SIZE, SIZE), mode="bilinear"), 1
+            "uint8_resized_crop_strided": per_image(lambda: resize(crop), 1),
+            "uint8_resized_crop_channels_last_copy": per_image(
+                lambda: resize(crop.contiguous(memory_format=torch.channels_last)), 1
             ),
             "to_float_touched_batch": per_image(lambda: touched.copy_(resized).mul_(1 / 255), batch_size),
             "to_float_fresh_batch": per_image(lambda: resized.float().mul_(1 / 255), batch_size),
@@ -130,13 +137,14 @@ def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
     cache = DecodedCache.open(cache_dir, fingerprint)
     device = torch.device(args.device)
     view = DeviceView(cache.samples(), kind="resized_crop_flip", image_size=SIZE, seed=0)
+    one_thread = DeviceView(cache.samples(), kind="resized_crop_flip", image_size=SIZE, seed=0, threads=1)
     epochs = {"n": 0}
 
-    def device_view():
-        sampler = EpochBatches(len(view), args.batch_size, seed=0)
+    def device_view(source: DeviceView = view):
+        sampler = EpochBatches(len(source), args.batch_size, seed=0)
         sampler.set_epoch(epochs["n"])
         epochs["n"] += 1
-        return view.batches(sampler, device)
+        return source.batches(sampler, device)
 
     jpeg = ItemBatches(split_view(dataset, "train", "train", uint8=True), num_workers=args.workers, seed=0)
 
@@ -162,6 +170,7 @@ def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
         "jpeg bytes, decoded + device view": device_decode,
         "jpeg (by hand)": lambda: DataLoader(hand_jpeg(root), args.batch_size, shuffle=True, num_workers=workers),
         "decoded + device view": device_view,
+        "decoded + device view, 1 thread": lambda: device_view(one_thread),
         "tensors + v2 per item (by hand)": lambda: DataLoader(
             HandTensors(cache), args.batch_size, shuffle=True, num_workers=workers
         ),
@@ -185,6 +194,9 @@ def measure(args: argparse.Namespace, root: Path, cache_dir: Path) -> dict:
         },
         "images_per_s": {k: round(v, 1) for k, v in rates.items()},
         "ratio_decoded_over_jpeg": round(rates["decoded + device view"] / rates["jpeg (e2kd)"], 2),
+        "ratio_two_threads_over_one": round(
+            rates["decoded + device view"] / rates["decoded + device view, 1 thread"], 2
+        ),
         "ratio_device_decode_over_jpeg": round(rates["jpeg bytes, decoded + device view"] / rates["jpeg (e2kd)"], 2),
         "ratio_jpeg_e2kd_over_hand": round(rates["jpeg (e2kd)"] / rates["jpeg (by hand)"], 3),
         "ratio_decoded_over_hand_tensors": round(

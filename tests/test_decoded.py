@@ -508,3 +508,7 @@ def test_the_default_folder_and_every_refusal_of_a_cache_in_one_line(folder, tmp
     empty = decoded_fingerprint({"dataset": "none"}, 8)
     build_decoded(tmp_path / "e", WithMasks().items[:0], empty, short_side=8, progress=False)
     assert len(DecodedCache.open(tmp_path / "e", empty)) == 0  # an empty split is a cache too
+    one = decoded_fingerprint({"dataset": "one"}, 8)
+    build_decoded(tmp_path / "o", WithMasks().items[:1], one, short_side=8, progress=False)
+    (alone,) = DecodedCache.open(tmp_path / "o", one).samples()  # and a split of one sample
+    assert int(alone["group"]) == 7 and int(alone["label"]) == 0 and alone["image"].shape == (3, 8, 12)

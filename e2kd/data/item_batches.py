@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
-from .prefetch import on_device_ahead
+from .prefetch import ReusedBuffers, on_device_ahead
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -81,11 +81,16 @@ class _EpochItems(TorchDataset):
         return self.dataset[index]
 
 
-def to_float_images(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch with a uint8 ``image`` as float in [0, 1] (on whatever device it is)."""
+def to_float_images(batch: dict[str, Any], host: ReusedBuffers | None = None) -> dict[str, Any]:
+    """The batch with a uint8 ``image`` as float in [0, 1] (on whatever device it is; on the CPU in
+    ``host``'s reused memory where given)."""
     image = batch.get("image")
     if torch.is_tensor(image) and image.dtype == torch.uint8:
-        batch = {**batch, "image": image.float().div_(255)}
+        if host is not None and image.device.type == "cpu":
+            floats = host.take(tuple(image.shape)).copy_(image)
+        else:
+            floats = image.float()
+        batch = {**batch, "image": floats.div_(255)}
     return batch
 
 
@@ -96,6 +101,7 @@ class ItemBatches:
         self.dataset, self.num_workers, self.seed = dataset, num_workers, seed
         self.generator = torch.Generator()
         self.loader: DataLoader | None = None
+        self._host_images = ReusedBuffers(keep=4)  # the batch ahead, the step's, the last one's
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -113,4 +119,4 @@ class ItemBatches:
             )
         self.generator.manual_seed(epoch_seed(self.seed, sampler.epoch))  # worker seeds of a fresh start
         for batch in on_device_ahead(iter(self.loader), device):
-            yield to_float_images(batch)
+            yield to_float_images(batch, self._host_images)

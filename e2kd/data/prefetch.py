@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from threading import Lock
 from typing import Any, TypeVar
 
 import torch
@@ -42,6 +43,50 @@ def loaded_ahead(load: Callable[[K], Batch], keys: Iterable[K], *, threads: int 
         finally:  # stopped early (an error in the step, a break): drop what was not started
             for future in pending:
                 future.cancel()
+
+
+def _storage_users(tensor: torch.Tensor) -> int | None:
+    """How many tensors (views, saved autograd inputs, NumPy arrays through their tensor) use
+    ``tensor``'s memory, or None where this torch cannot tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else int(count(tensor.untyped_storage()._cdata))
+
+
+class ReusedBuffers:
+    """Host tensors that are handed out again once nothing uses them any more.
+
+    A batch-sized tensor allocated afresh is new memory to the operating system, and filling it
+    costs a page fault per 4 KiB page: converting images into a fresh float batch took three times
+    as long as into one already touched on the 2-core VM measured (docs/performance.md, "The data
+    path"). :meth:`take` hands out an alias (a view of the whole
+    buffer), so every user of the batch — the alias itself, views of it, a graph that saved it —
+    holds the buffer's memory; a buffer is taken again only when none is left, which the storage's
+    use count tells. Up to ``keep`` buffers are kept; where none is free (or torch cannot count the
+    users) a fresh tensor is returned, so reuse never changes a value, only where it is written.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._held: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count with nobody else)
+        self._lock = Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` and ``dtype``, in reused memory where some is free."""
+        with self._lock:  # the check and the handing out must not interleave between threads
+            for buffer, alone in self._held:
+                if buffer.shape == shape and buffer.dtype == dtype and _storage_users(buffer) == alone:
+                    return buffer.view(shape)
+            fresh = torch.empty(shape, dtype=dtype)
+            alone = _storage_users(fresh)
+            if alone is None:
+                return fresh
+            if len(self._held) == self.keep:  # make room: drop a free buffer of another shape
+                free = [i for i, (b, a) in enumerate(self._held) if _storage_users(b) == a]
+                if not free:
+                    return fresh
+                del self._held[free[0]]
+            self._held.append((fresh, alone))
+            return fresh.view(shape)
 
 
 def _to(value: Any, device: torch.device) -> Any:
