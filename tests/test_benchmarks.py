@@ -184,11 +184,19 @@ def test_data_path_benchmark_smoke(tmp_path):
         "jpeg (e2kd)",
         "jpeg (by hand)",
         "decoded + device view",
+        "decoded + device view, 1 thread",
         "jpeg bytes, decoded + device view",
         "tensors + v2 per item (by hand)",
     }
     assert all(v > 0 for v in rates.values()) and result["decoded_cache"]["bytes"] > 0
+    assert set(result["cpu_kernel_us_per_image"]) == {
+        "uint8_resized_crop_strided",
+        "uint8_resized_crop_channels_last_copy",
+        "to_float_touched_batch",
+        "to_float_fresh_batch",
+    }
     assert all(v > 0 for v in result["cpu_kernel_us_per_image"].values())
+    assert result["ratio_two_threads_over_one"] > 0
 
 
 def test_view_parity_benchmark_smoke(tmp_path):
