@@ -1,6 +1,8 @@
 """Smoke tests: the benchmarks run end to end on tiny settings (timings are not checked)."""
 
 import json
+import os
+import runpy
 import statistics
 import subprocess
 import sys
@@ -246,3 +248,48 @@ def test_faithfulness_benchmark_smoke(tmp_path):
     assert set(result["metrics"]) == {"deletion_pixels", "deletion_patches", "mprt", "road"}
     assert all(row["values_equal"] and row["speedup"] > 0 for row in result["metrics"].values())
     assert result["pixels_per_step"] == 24  # <= 144 px / 4 steps, and 3 x 24 divides 144 (Quantus' rule)
+
+
+def _gpu_suite(tmp_path, *parts: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "results"), *parts],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_gpu_suite_passes_each_benchmark_options_it_has_and_tests_that_exist(tmp_path, monkeypatch, capsys):
+    """A lent GPU is rare: the suite's commands (printed by DRY_RUN) are checked here, so a misspelt
+    option or a renamed test file is found before device time is spent on it."""
+    run = _gpu_suite(tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    names = [line.split()[1] for line in lines if line.startswith("== ")]
+    assert names[-3:] == ["step_b256_bf16_cl_r34", "epoch_b256", "tests"] and len(names) == 11
+    commands = [line.split() for line in lines if not line.startswith("== ")]
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    checked = set()
+    for words in commands:
+        if "pytest" in words:
+            files = [w for w in words if w.startswith("tests/")]
+            assert files and all((ROOT / f).is_file() for f in files), files
+            continue
+        script = next(w for w in words if w.endswith(".py"))
+        monkeypatch.setattr(sys, "argv", [script, "--help"])
+        with pytest.raises(SystemExit):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        options = capsys.readouterr().out
+        for flag in (w for w in words[words.index(script) + 1 :] if w.startswith("--")):
+            assert f"{flag} " in options or f"{flag}\n" in options, (script, flag)
+        checked.add(Path(script).name)
+    assert checked == {"bench_distill_step.py", "bench_epoch.py", "bench_data_path.py"}
+
+
+def test_the_gpu_suite_runs_the_parts_named_and_refuses_others(tmp_path):
+    run = _gpu_suite(tmp_path, "tests", "data_path")
+    assert [line.split()[1] for line in run.stdout.splitlines() if line.startswith("== ")] == ["data_path", "tests"]
+    bad = _gpu_suite(tmp_path, "data")
+    assert bad.returncode == 2 and not bad.stdout
+    assert bad.stderr.strip() == "gpu_suite.sh: unknown part 'data' (known: steps epoch data_path epoch_b256 tests)"
