@@ -157,7 +157,7 @@ def test_malformed_yaml_names_line_and_column(tmp_path):
     path.write_text("seed: 1\ndistill:\n  lam: [1, 2\n")
     with pytest.raises(ConfigError) as err:
         read_config_file(path)
-    assert str(err.value).startswith(f"{path}: malformed YAML at line 4, column 1: ")
+    assert str(err.value) == f"{path}: malformed YAML at line 4, column 1: expected ',' or ']', but got '<stream end>'"
     path.write_text("")
     assert read_config_file(path) == {}
     path.write_text("- 1\n")
@@ -282,10 +282,13 @@ def test_yaml_that_cannot_even_be_read_is_one_line(tmp_path):
 
 
 def test_dump_keeps_the_schema_order_and_writes_paths_as_text(tmp_path):
-    config = load_config_dict({"model": {"name": "small_resnet", "checkpoint": str(tmp_path / "m.pt")}})
+    config = load_config_dict(
+        {"model": {"name": "small_resnet", "checkpoint": str(tmp_path / "m.pt")}, "out_dir": str(tmp_path / "o")}
+    )
     from e2kd.config import dump_config
 
     text = dump_config(config)
+    assert isinstance(config.out_dir, Path) and f"out_dir: {tmp_path / 'o'}" in text  # a Path field, as text
     assert text.splitlines()[0] == "seed: 0" and text.index("data:") < text.index("model:") < text.index("train:")
     assert f"checkpoint: {tmp_path / 'm.pt'}" in text
     identity = run_identity(config)
@@ -301,3 +304,13 @@ def test_a_digest_is_64_lowercase_hex_characters():
 
     assert _is_digest("0123456789abcdef" * 4)
     assert not any(_is_digest(v) for v in ("X" * 64, "A" * 64, "a" * 63, 64, None))
+
+
+def test_a_plugins_optional_path_option_is_made_absolute_like_a_required_one(tmp_path, monkeypatch):
+    """``hf_datasets``' ``path`` is ``Path | None``: given relative, it is resolved against the working
+    folder when the config is loaded, as ``image_folder``'s ``root`` (a plain ``Path``) is."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config_dict({"data": {"name": "hf_datasets", "options": {"path": "saved", "image_size": 32}}})
+    assert config.data.options == {"path": str(tmp_path / "saved"), "image_size": 32}
+    config = load_config_dict({"data": {"name": "image_folder", "options": {"root": "imgs"}}})
+    assert config.data.options["root"] == str(tmp_path / "imgs")

@@ -438,6 +438,7 @@ def test_the_facade_builds_items_and_validates_with_the_default_source_and_path(
         "synthetic", seed=3, num_classes=3, image_size=16, train_per_class=2, test_per_class=1
     )
     assert dataset.seed == 3 and dataset.num_classes == 3
+    assert registry_module.get_dataset("synthetic", num_classes=3, image_size=16).seed == 0  # the default seed
     with pytest.raises(PluginError) as err:
         registry_module.get_dataset("synthetic", num_clases=3)
     assert str(err.value).startswith(
@@ -451,6 +452,9 @@ def test_the_facade_builds_items_and_validates_with_the_default_source_and_path(
     with pytest.raises(PluginError) as err:
         registry_module.validate_options("similarity", "cosine", {"epz": 1}, source="cfg")
     assert str(err.value).startswith("cfg: options.epz: unknown key")
+    with pytest.raises(PluginError) as err:  # the registry's own method names the options the same way
+        registry_module.registry().validate_options("similarity", "cosine", {"epz": 1})
+    assert str(err.value).startswith("similarity 'cosine': options.epz: unknown key")
     with pytest.raises(PluginError) as err:
         registry_module.list_plugins("explainers")
     assert (

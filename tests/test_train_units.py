@@ -430,6 +430,79 @@ def test_the_loss_scalers_state_survives_a_resume(tmp_path):
     assert run(2, model, tmp_path / "split.pt") == whole != after_one
 
 
+class _Trackers:
+    """What fit tells its trackers (a stand-in for :class:`e2kd.tracking.Tracking`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.steps: list[dict] = []
+        self.epochs: list[dict] = []
+
+    def start(self, resume_step: int = 0) -> None:
+        self.calls.append(("start", resume_step))
+
+    def log_step(self, row: dict) -> None:
+        self.calls.append(("step", row["step"]))
+        self.steps.append(row)
+
+    def log_epoch(self, row: dict) -> None:
+        self.calls.append(("epoch", row["epoch"]))
+        self.epochs.append(row)
+
+    def close(self, failed: bool = False) -> None:
+        self.calls.append(("close", failed))
+
+
+def test_a_resume_continues_the_schedule_and_starts_the_trackers_after_the_steps_done(tmp_path, monkeypatch):
+    """Two epochs of three steps, the learning rate falling every step, a checkpoint every two steps,
+    the run stopped by an error in step 5 (index 4): resumed from the checkpoint after step 4 (epoch 2,
+    one step in), it logs steps 5 and 6 at the uninterrupted run's learning rates and ends with its
+    weight; its trackers are started after step 4 (a fresh run's after 0) and left open for the caller
+    who made them — fit closes only the trackers it made itself."""
+
+    def run(epochs, checkpoint, tracking, fail_at=None):
+        torch.manual_seed(0)
+        model = nn.Linear(1, 1)
+
+        def step(batch, index):
+            if index == fail_at:
+                raise RuntimeError("stopped")
+            return {"loss": (model(batch["image"]) - 1).pow(2).mean()}
+
+        train.fit(
+            model,
+            step,
+            _Recorded(),
+            epochs=epochs,
+            batch_size=4,
+            progress=False,
+            checkpoint=checkpoint,
+            checkpoint_every=2,
+            tracking=tracking,
+            optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01),
+            scheduler_fn=lambda opt, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)),
+        )
+        return model.weight.item()
+
+    whole = _Trackers()
+    weight = run(2, tmp_path / "whole.pt", whole)
+    assert whole.calls == [("start", 0), *[("step", i) for i in (1, 2, 3)], ("epoch", 1)] + [
+        *[("step", i) for i in (4, 5, 6)],
+        ("epoch", 2),
+    ]
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(2, tmp_path / "split.pt", _Trackers(), fail_at=4)
+    resumed = _Trackers()
+    assert run(2, tmp_path / "split.pt", resumed) == weight
+    assert resumed.calls == [("start", 4), ("step", 5), ("step", 6), ("epoch", 2)]
+    # (the rate a step logs is the one after its scheduler step: 0.01 / (1 + steps done))
+    assert [r["lr"] for r in resumed.steps] == [r["lr"] for r in whole.steps[4:]] == pytest.approx([0.01 / 6, 0.01 / 7])
+    made = _Trackers()  # the trackers fit makes itself (log_dir) are closed at the end
+    monkeypatch.setattr(train.Tracking, "named", classmethod(lambda cls, loggers, folder, config=None: made))
+    _fit(log_dir=tmp_path / "logs")
+    assert made.calls[0] == ("start", 0) and made.calls[-1] == ("close", False)
+
+
 @pytest.fixture
 def half_second_clock(monkeypatch):
     """The training loop's clock, 0.5 s later at each reading (the time module itself untouched)."""
@@ -470,7 +543,8 @@ def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp
         ("1", "3", "1.0", "2.0", "0.375"),
         ("2", "6", "4.0", "8.0", "0.375"),
     ]
-    # one batch an epoch: its mean is its value
+    # one batch an epoch: its mean is its value; the wait share of a 1-s epoch is there too (0.5 / 1)
+    recorded = _Trackers()
     one = train.fit(
         model,
         lambda b, i: step(b, i + 3),
@@ -478,9 +552,11 @@ def test_fit_logs_each_step_and_epoch_with_its_counters_means_and_throughput(tmp
         epochs=1,
         batch_size=4,
         progress=False,
+        tracking=recorded,
         optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.0),
     )
     assert one == [{"epoch": 1, "loss": 3.0, "kd": 6.0}]
+    assert recorded.epochs == [{"epoch": 1, "last_step": 1, "loss": 3.0, "kd": 6.0, "data_wait_share": 0.5}]
 
 
 def test_a_process_of_two_logs_the_global_batchs_throughput(monkeypatch, half_second_clock):
