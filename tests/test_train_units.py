@@ -398,6 +398,21 @@ def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_pa
     )
 
 
+def _resumable(model, step, epochs, checkpoint, *, lr, **kwargs):
+    """fit over _Recorded (12 samples, batches of 4) with SGD at ``lr``, resuming from ``checkpoint``."""
+    train.fit(
+        model,
+        step,
+        _Recorded(),
+        epochs=epochs,
+        batch_size=4,
+        progress=False,
+        checkpoint=checkpoint,
+        optimizer_fn=lambda p: torch.optim.SGD(p, lr=lr),
+        **kwargs,
+    )
+
+
 def test_the_loss_scalers_state_survives_a_resume(tmp_path):
     """fp16 on the CPU: a loss whose scaled gradient overflows at the initial scale (2^16) makes the
     scaler skip steps and halve its scale until it fits; a resumed run must keep the lowered scale (a
@@ -407,17 +422,7 @@ def test_the_loss_scalers_state_survives_a_resume(tmp_path):
         def step(batch, index):
             return {"loss": (model(batch["image"]) * 1e34).mean()}
 
-        train.fit(
-            model,
-            step,
-            _Recorded(),
-            epochs=epochs,
-            batch_size=4,
-            progress=False,
-            checkpoint=checkpoint,
-            runtime=Runtime(torch.device("cpu"), "fp16"),
-            optimizer_fn=lambda p: torch.optim.SGD(p, lr=1e-36),
-        )
+        _resumable(model, step, epochs, checkpoint, runtime=Runtime(torch.device("cpu"), "fp16"), lr=1e-36)
         return model.weight.item()
 
     torch.manual_seed(0)
@@ -469,17 +474,14 @@ def test_a_resume_continues_the_schedule_and_starts_the_trackers_after_the_steps
                 raise RuntimeError("stopped")
             return {"loss": (model(batch["image"]) - 1).pow(2).mean()}
 
-        train.fit(
+        _resumable(
             model,
             step,
-            _Recorded(),
-            epochs=epochs,
-            batch_size=4,
-            progress=False,
-            checkpoint=checkpoint,
+            epochs,
+            checkpoint,
+            lr=0.01,
             checkpoint_every=2,
             tracking=tracking,
-            optimizer_fn=lambda p: torch.optim.SGD(p, lr=0.01),
             scheduler_fn=lambda opt, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)),
         )
         return model.weight.item()
