@@ -99,6 +99,9 @@ def test_eval_batch_availability_needs_both_halves_of_a_pair():
     assert "explanations" not in one_map.available()
     images_only = EvalBatch(logits=logits, images=torch.zeros(2, 3, 4, 4))
     assert "model" not in images_only.available()
+    run, explain = (lambda x: logits), (lambda x, t: torch.zeros(2, 1, 4, 4))
+    assert "model" not in EvalBatch(logits=logits, explain=explain, forward=run).available()  # no images
+    assert "model" in EvalBatch(logits=logits, images=torch.zeros(2, 3, 4, 4), explain=explain, forward=run).available()
     multi = EvalBatch(logits=logits, labels=torch.zeros(2, 3))
     assert multi.available() == {"labels"}
 

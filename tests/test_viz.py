@@ -114,6 +114,48 @@ def test_curves_are_one_line_each_with_axis_labels(monkeypatch, tmp_path):
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("", "", "")
 
 
+def test_panels_side_by_side_keep_each_runs_colour_and_name_a_categorical_axis(monkeypatch, tmp_path):
+    """Two panels (a deletion curve and per-layer randomisation): one axes each, in order; a run keeps its
+    colour in every panel (colours by first appearance over all panels); a panel with ``xticks`` names
+    the positions 0, 1, ...; labels and titles only where given; a legend per panel."""
+    figures = _captured(monkeypatch)
+    path = viz.plot_panels(
+        [
+            {
+                "curves": {"teacher": ([0, 0.5, 1], [1.0, 0.5, 0.0]), "kd": ([0, 1], [0.9, 0.1])},
+                "xlabel": "removed",
+                "ylabel": "p",
+                "title": "deletion",
+            },
+            {
+                "curves": {"kd": ([0, 1, 2], [0.8, 0.4, 0.2]), "e2kd": ([0, 1, 2], [0.9, 0.3, 0.1])},
+                "xticks": ["fc", "l4", "l3"],
+            },
+        ],
+        tmp_path / "f.png",
+    )
+    assert path == tmp_path / "f.png"
+    left, right = figures[0].axes
+    assert [(line.get_label(), line.get_color()) for line in left.get_lines()] == [("teacher", "C0"), ("kd", "C1")]
+    assert [(line.get_label(), line.get_color()) for line in right.get_lines()] == [("kd", "C1"), ("e2kd", "C2")]
+    assert left.get_lines()[0].get_xydata().tolist() == [[0, 1], [0.5, 0.5], [1, 0]]
+    assert right.get_lines()[1].get_xydata().tolist() == [[0, 0.9], [1, 0.3], [2, 0.1]]
+    assert all(line.get_marker() == "o" for ax in (left, right) for line in ax.get_lines())
+    assert list(right.get_xticks()) == [0, 1, 2] and [t.get_text() for t in right.get_xticklabels()] == [
+        "fc",
+        "l4",
+        "l3",
+    ]
+    assert "fc" not in [t.get_text() for t in left.get_xticklabels()]
+    assert (left.get_xlabel(), left.get_ylabel(), left.get_title()) == ("removed", "p", "deletion")
+    assert (right.get_xlabel(), right.get_ylabel(), right.get_title()) == ("", "", "")
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["teacher", "kd"]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["kd", "e2kd"]
+    twelve = viz.plot_panels([{"curves": {f"r{i}": ([0], [i]) for i in range(12)}}], tmp_path / "g.png")
+    assert twelve == tmp_path / "g.png"  # more runs than colours: the colours repeat
+    assert [line.get_color() for line in figures[1].axes[0].get_lines()][9:] == ["C9", "C0", "C1"]
+
+
 def test_paired_differences_are_dots_with_their_mean_as_a_bar_coloured_by_verdict(monkeypatch, tmp_path):
     figures = _captured(monkeypatch)
     viz.plot_paired(
