@@ -90,7 +90,8 @@ def prepare_decoded(
     plan: Plan, split: str | None = None, *, force: bool = False, runtime: Runtime | None = None
 ) -> DecodedCache:
     """Build (or resume, or reuse) the decoded cache of ``split`` (default: the training split) and
-    open it verified. Under several processes the main process builds it while the others wait."""
+    open it. Under several processes the main process builds it while the others wait, and only the
+    main process hashes its bytes on opening."""
     config, dataset = plan.config, plan.dataset
     split = split or dataset.train_split
     short_side = config.data.short_side or default_short_side(dataset.image_size)
@@ -109,7 +110,9 @@ def prepare_decoded(
                 progress=progress,
                 force=force,
             )
-    return DecodedCache.open(root, fingerprint, progress=progress)
+    # the main process hashes every chunk (a damaged cache stops it, and torchrun stops the others);
+    # the others check the index and the sizes only, instead of each reading the whole cache again
+    return DecodedCache.open(root, fingerprint, checksum=runtime.is_main, progress=progress)
 
 
 def prepare(config, *, force: bool = False) -> dict[str, DecodedCache]:

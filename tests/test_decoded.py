@@ -512,3 +512,33 @@ def test_the_default_folder_and_every_refusal_of_a_cache_in_one_line(folder, tmp
     build_decoded(tmp_path / "o", WithMasks().items[:1], one, short_side=8, progress=False)
     (alone,) = DecodedCache.open(tmp_path / "o", one).samples()  # and a split of one sample
     assert int(alone["group"]) == 7 and int(alone["label"]) == 0 and alone["image"].shape == (3, 8, 12)
+
+
+def test_only_the_main_process_hashes_the_cache_the_others_check_its_sizes(folder, tmp_path, monkeypatch):
+    """Under torchrun every process opens the cache the main one built: the main process hashes every
+    chunk, the others (process 1 of 2 here, its barriers stubbed) hash nothing but still refuse a
+    truncated cache in one line."""
+    from e2kd import experiment
+    from e2kd.data import decoded as decoded_module
+    from e2kd.plan import plan_run
+    from e2kd.runtime import Runtime
+
+    plan = plan_run(_config(folder, tmp_path, "m", cache="decoded", cache_dir=str(tmp_path / "cache")), "prepare")
+    main, other = Runtime(torch.device("cpu")), Runtime(torch.device("cpu"), rank=1, world_size=2)
+    monkeypatch.setattr(Runtime, "barrier", lambda self: None)
+    experiment.prepare_decoded(plan, runtime=main)  # built
+    hashed = []
+    sha256 = decoded_module._sha256
+    monkeypatch.setattr(decoded_module, "_sha256", lambda *args: hashed.append(args[1]) or sha256(*args))
+    verified = experiment.prepare_decoded(plan, runtime=main)
+    starts = [0]
+    for chunk in verified.index["chunks"][:-1]:
+        starts.append(starts[-1] + chunk["bytes"])
+    assert hashed == starts and len(starts) >= 1
+    hashed.clear()
+    opened = experiment.prepare_decoded(plan, runtime=other)
+    assert hashed == [] and torch.equal(opened.sizes, verified.sizes) and len(opened) == len(verified) > 0
+    pixels = verified.root / PIXELS
+    pixels.write_bytes(pixels.read_bytes()[:-1])
+    with pytest.raises(CacheError, match="truncated or resized"):
+        experiment.prepare_decoded(plan, runtime=other)
