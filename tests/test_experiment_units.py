@@ -625,3 +625,76 @@ def test_the_cache_records_the_precision_the_teacher_ran_at(tmp_path, teacher_fi
     config = _student_config(tmp_path, teacher_file(), train={"precision": "bf16"}, distill={"teacher_mode": "frozen"})
     cache = experiment.precompute(config)
     assert cache.index["fingerprint"]["preprocessing"]["precision"] == "bf16"
+
+
+def _folder_plan(tmp_path, **data):
+    """A plan over a tiny JPEG folder (2 classes, 3 training images each), image size 16, seed 7."""
+    from e2kd.data.miniature import write_image_folder
+
+    root = tmp_path / "imgs"
+    if not root.is_dir():
+        write_image_folder(root, ["a", "b"], {"train": 3, "val": 1})
+    config = _config(
+        tmp_path,
+        seed=7,
+        data={"name": "image_folder", "options": {"root": str(root), "image_size": 16}, **data},
+        train={"color_jitter": 0.2},
+    )
+    return plan_run(config, "train-teacher")
+
+
+def test_the_view_runs_per_batch_from_a_cache_or_device_decoding_and_per_item_otherwise(tmp_path):
+    from e2kd.data.batch_views import DeviceView
+
+    plan = _folder_plan(tmp_path)
+    plain = _folder_plan(tmp_path)
+    plain.config.train.color_jitter = 0.0
+    items = experiment.train_view(plain)  # per item in the loader workers, uint8 until the device
+    assert not isinstance(items, DeviceView) and items[0]["image"].dtype == torch.uint8
+    assert experiment.train_view(plan)[0]["image"].dtype == torch.float32  # (colour jitter works in float)
+    cached = SimpleNamespace(samples=lambda: "the cache's samples")
+    view = experiment.train_view(plan, decoded=cached)
+    assert isinstance(view, DeviceView) and view.samples == "the cache's samples" and not view.encoded
+    assert (view.kind, view.image_size, view.color_jitter, view.num_classes, view.seed) == (
+        plan.dataset.default_augment,
+        16,
+        0.2,
+        2,
+        7,
+    )
+    files = experiment.train_view(_folder_plan(tmp_path, decode="device"))
+    assert isinstance(files, DeviceView) and files.encoded and len(files) == 6
+    assert files.samples[0]["image"].dim() == 1  # the file's bytes
+    flipped = _folder_plan(tmp_path)
+    flipped.config.train.augment = "flip"
+    assert experiment.train_view(flipped, decoded=cached).kind == "flip"
+
+
+def test_decoded_caches_are_prepared_with_the_runs_runtime_force_and_progress(tmp_path, monkeypatch):
+    from e2kd.data.decoded import decoded_fingerprint, default_root
+
+    plan = _folder_plan(tmp_path, cache="decoded", cache_dir=str(tmp_path / "cache"))
+    built, opened = [], []
+    monkeypatch.setattr(experiment, "build_decoded", lambda root, samples, fp, **kw: built.append((root, fp, kw)))
+    monkeypatch.setattr(
+        experiment.DecodedCache, "open", lambda root, fp, **kw: opened.append((root, fp, kw)) or "cache"
+    )
+    monkeypatch.setattr(experiment, "progress_enabled", lambda config: "progress of the config")
+    assert experiment.prepare_decoded(plan, "val", force=True) == "cache"
+    fingerprint = decoded_fingerprint(plan.dataset.identity("val"), 18)  # 16 px: a short side of 16·256/224
+    root = default_root(fingerprint, tmp_path / "cache")
+    assert built == [
+        (root, fingerprint, {"short_side": 18, "num_workers": 0, "progress": "progress of the config", "force": True})
+    ]
+    assert opened == [(root, fingerprint, {"checksum": True, "progress": "progress of the config"})]
+    recorded, cache = [], SimpleNamespace(samples=lambda: "the split's samples")
+    monkeypatch.setattr(
+        experiment, "prepare_decoded", lambda plan, split=None, **kw: recorded.append((split, kw)) or cache
+    )
+    run = Runtime(torch.device("cpu"))
+    assert experiment._decoded(plan, run) is cache and recorded[-1] == (None, {"runtime": run})
+    assert experiment._eval_samples(plan, run)("val") == "the split's samples"
+    assert recorded[-1] == ("val", {"runtime": run})
+    recorded.clear()
+    experiment.prepare(plan.config, force=True)  # `e2kd prepare --force`: every split's cache rebuilt
+    assert recorded == [("train", {"force": True}), ("val", {"force": True})]
